@@ -1,0 +1,82 @@
+"""The one place that decides launch configurations (block sizes, warps) for every kernel.
+
+Two targets: "gpu" (NVIDIA heuristics) and "interp" (Triton's interpreter, where each program instance
+costs ~milliseconds of Python/NumPy overhead whatever its size, so blocks are as large as memory allows).
+`target()` follows the interpreter switch; `use_target("gpu")` overrides it, e.g. to compile ahead of time
+for sm_90 on a CPU machine with the configs the GPU path would choose.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import triton
+
+from fusednn._backend import interpreting
+
+_forced: list[str] = []
+
+
+def target() -> str:
+    """"gpu" or "interp": whose launch configs to use now."""
+    if _forced:
+        return _forced[-1]
+    return "interp" if interpreting() else "gpu"
+
+
+@contextlib.contextmanager
+def use_target(name: str) -> Iterator[None]:
+    """Choose launch configs for `name` ("gpu" | "interp") inside the block."""
+    if name not in ("gpu", "interp"):
+        raise ValueError(f"launch-config target must be 'gpu' or 'interp', got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """next_power_of_2(n) clamped to [lo, hi]."""
+    p = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(p, hi) if hi is not None else p
+
+
+def gemm(M: int, N: int, K: int) -> dict:
+    """Tiles for a GEMM-shaped kernel (implicit-GEMM conv included): out[M, N] = A[M, K] @ B[K, N].
+
+    Every tile side is >= 16 because tl.dot on NVIDIA (triton 3.6) refuses smaller operands.
+    """
+    if target() == "interp":
+        bm = pow2(M, 16, 1024)
+        bn = pow2(N, 16, 128)
+        bk = pow2(K, 16, 256)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    bm = 64 if M >= 4096 else 32 if M >= 512 else 16
+    bm = max(bm, 16)
+    bn = pow2(N, 16, 64)
+    bk = pow2(K, 16, 32)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+
+
+def elementwise(n: int) -> dict:
+    """Block for a 1-D pointwise kernel over n elements."""
+    if target() == "interp":
+        return dict(BLOCK=pow2(n, 16, 1 << 16), num_warps=4)
+    return dict(BLOCK=1024, num_warps=4)
+
+
+def rows(n_rows: int, row_len: int) -> dict:
+    """Tiles for a kernel that reduces each of n_rows rows of row_len elements (softmax, losses, norms)."""
+    bc = pow2(row_len, 16)
+    if target() == "interp":
+        return dict(BLOCK_R=pow2(n_rows, 1, max(1, (1 << 16) // bc)), BLOCK_C=bc, num_warps=4)
+    return dict(BLOCK_R=max(1, min(pow2(n_rows), 4096 // bc)), BLOCK_C=bc, num_warps=4)
+
+
+def reduce_cols(n_rows: int, n_cols: int) -> dict:
+    """Tiles for a deterministic column reduction (bias gradients, batch-norm statistics): each program
+    owns BLOCK_C columns and walks all rows in BLOCK_R steps, in a fixed order."""
+    if target() == "interp":
+        return dict(BLOCK_R=pow2(n_rows, 16, 4096), BLOCK_C=pow2(n_cols, 16, 256), num_warps=4)
+    return dict(BLOCK_R=64, BLOCK_C=pow2(n_cols, 16, 64), num_warps=4)

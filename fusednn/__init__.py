@@ -1,0 +1,11 @@
+"""fusednn: trace a PyTorch model, fuse conv/linear chains, run it through generated Triton kernels."""
+from __future__ import annotations
+
+from fusednn import _backend
+
+_backend.setup()  # before any @triton.jit runs: picks Triton's interpreter on CPU-only machines
+
+from fusednn.errors import CompileError, FusednnError, InputMismatchError, UnsupportedOpError  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["CompileError", "FusednnError", "InputMismatchError", "UnsupportedOpError", "__version__"]

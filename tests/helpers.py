@@ -1,0 +1,2 @@
+"""Helpers imported by tests."""
+from tests.conftest import rel_err  # noqa: F401
