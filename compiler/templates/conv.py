@@ -1,0 +1,344 @@
+"""Template for the conv_relu_pool stem: conv2d (+bias) (+activation) (+non-overlapping pool) forward.
+
+The generated kernel is an implicit-GEMM convolution after Triton's matmul tutorial: rows are output
+positions (pool windows when a pool is fused), columns are one group's output channels, and the reduction
+runs over that group's (c, r, s) flattened into one axis, so a 1-channel input still fills BLOCK_K. The
+epilogue (bias, activation, pool) runs on the fp32 accumulator in registers; a fused pool evaluates the
+conv tile once per window offset (a static loop) and reduces across them, so the full-size activation is
+never written unless `save_act` asks for it (avg pool with an activation needs it for backward).
+
+Shapes are baked into the generated text as constexpr arguments of the launch, so the source reads with
+its shapes; block sizes come from `configs.gemm` when `launch` runs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fusednn.compiler.source import Source, header as file_header
+
+_BACKWARD = "kernels/conv_relu_pool.py"
+
+ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
+POOLS = ("none", "max", "avg")
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class ConvSpec:
+    """One fused conv2d [+bias] [+activation] [+non-overlapping pool] forward kernel.
+
+    Args:
+        N, C, H, W: input shape; K, R, S: filters [K, C // groups, R, S].
+        stride, padding, dilation: (h, w) pairs (an int means both); padding is explicit zeros.
+        groups: C and K are split into this many groups (groups == C is depthwise).
+        bias: whether the conv adds a bias [K].
+        act: one of ACTS; act_param: leaky_relu's negative slope.
+        pool: one of POOLS; pool_k: window == stride, no padding, floor mode.
+        save_act: also write the full-size activation a = act(z) [N, K, OH, OW].
+        precision: "ieee" (exact fp32 tl.dot) or "tf32".
+        name: the kernel's name; header: the file's comment header (compiler.source.header).
+        labels: the IR labels of the stages present, in order: conv2d, then act, then pool.
+    """
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    act: str = "none"
+    act_param: float = 0.0
+    pool: str = "none"
+    pool_k: int = 1
+    save_act: bool = False
+    precision: str = "ieee"
+    name: str = "fnn_conv"
+    header: str = ""
+    labels: tuple[str, ...] = ("%1 conv2d",)
+
+    def __post_init__(self) -> None:
+        for f in ("stride", "padding", "dilation"):
+            object.__setattr__(self, f, _pair(getattr(self, f)))
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if not self.header:
+            object.__setattr__(self, "header", file_header(self.name, list(self.labels), [], _BACKWARD))
+        if self.C % self.groups or self.K % self.groups:
+            raise ValueError(f"ConvSpec {self.name}: groups={self.groups} must divide C={self.C} and K={self.K}")
+        if self.act not in ACTS or self.pool not in POOLS or self.precision not in ("ieee", "tf32"):
+            raise ValueError(f"ConvSpec {self.name}: act {self.act!r} / pool {self.pool!r} / precision "
+                             f"{self.precision!r} not in {ACTS} / {POOLS} / ('ieee', 'tf32')")
+        oh, ow = self.out_hw
+        if oh < 1 or ow < 1:
+            raise ValueError(f"ConvSpec {self.name}: empty conv output {oh}x{ow}")
+        if self.pool != "none" and (self.pool_k < 1 or min(self.pooled_hw) < 1):
+            raise ValueError(f"ConvSpec {self.name}: pool_k={self.pool_k} does not fit conv output {oh}x{ow}")
+        n_stages = 1 + (self.act != "none") + (self.pool != "none")
+        if len(self.labels) != n_stages:
+            raise ValueError(f"ConvSpec {self.name}: {n_stages} stages but labels {self.labels}")
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """The conv output (OH, OW)."""
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return ((self.H + 2 * ph - dh * (self.R - 1) - 1) // sh + 1,
+                (self.W + 2 * pw - dw * (self.S - 1) - 1) // sw + 1)
+
+    @property
+    def pooled_hw(self) -> tuple[int, int]:
+        """The kernel's y spatial shape: (PH, PW) after the floor-mode pool, else (OH, OW)."""
+        oh, ow = self.out_hw
+        return (oh // self.pool_k, ow // self.pool_k) if self.pool != "none" else (oh, ow)
+
+
+def _temp(label: str, fallback: str) -> str:
+    """The temporary named after an IR label: "%2 relu" -> relu_2."""
+    m = re.match(r"\s*%(\w+)\s+([A-Za-z_]\w*)", label)
+    return f"{m.group(2)}_{m.group(1)}" if m else fallback
+
+
+def _act_lines(act: str, z: str, out: str) -> list[str]:
+    """Activation of the fp32 tile `z` into `out`; NaN propagates as in torch."""
+    if act == "relu":
+        return [f"{out} = tl.where({z} < 0.0, 0.0, {z})  # where, not maximum: keeps NaN as torch.relu"]
+    if act == "leaky_relu":
+        return [f"{out} = tl.where({z} < 0.0, {z} * ACT_PARAM, {z})"]
+    if act == "sigmoid":
+        return [f"e = tl.exp(-tl.abs({z}))  # exp of a non-positive number never overflows",
+                f"{out} = tl.where({z} >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))"]
+    if act == "tanh":
+        return [f"e = tl.exp(-2.0 * tl.abs({z}))",
+                f"{out} = tl.where({z} < 0.0, (e - 1.0) / (1.0 + e), (1.0 - e) / (1.0 + e))"]
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def generate(spec: ConvSpec) -> str:
+    """The complete source of the kernel file for `spec`: header, the @triton.jit kernel, `launch`."""
+    pooled = spec.pool != "none"
+    act = spec.act != "none"
+    conv_t = _temp(spec.labels[0], "z")
+    act_t = _temp(spec.labels[1], "a") if act else conv_t
+    pool_t = _temp(spec.labels[-1], "p") if pooled else act_t
+    OH, OW = spec.out_hw
+    PH, PW = spec.pooled_hw
+    # With save_act a fused pool also visits the partial windows past the floor-mode output, so `a` is
+    # written everywhere; those rows store no y.
+    partial = pooled and spec.save_act and (OH % spec.pool_k or OW % spec.pool_k)
+    rows_h, rows_w = ("WIN_H", "WIN_W") if partial else ("PH", "PW") if pooled else ("OH", "OW")
+    ri, rj = ("ph", "pw") if pooled else ("oh", "ow")
+
+    src = Source()
+    src.writelines(spec.header)
+    src.writelines("""
+        from __future__ import annotations
+
+        import triton
+        import triton.language as tl
+
+        from fusednn.compiler import configs
+        from fusednn.launch import launch as launch_kernel
+    """)
+    src.writeline()
+    src.writeline()
+
+    # ---- the kernel signature: only the buffers this variant touches
+    ptrs = [("x_ptr", "input [N, C, H, W]"), ("w_ptr", "filters [K, C // GROUPS, R, S]")]
+    if spec.bias:
+        ptrs.append(("b_ptr", "bias [K]"))
+    ptrs.append(("y_ptr", "pooled output [N, K, PH, PW]" if pooled else "output [N, K, OH, OW]"))
+    if spec.pool == "max":
+        ptrs.append(("idx_ptr", "uint8 [N, K, PH, PW]: window offset dh * POOL_K + dw of each max"))
+    if spec.save_act:
+        ptrs.append(("a_ptr", "activation before the pool [N, K, OH, OW], saved for backward"))
+    consts = [
+        ("N, C, H, W", "input shape"),
+        ("K, R, S, GROUPS", "filters"),
+        ("STRIDE_H, STRIDE_W, PAD_H, PAD_W", "stride, zero padding"),
+        ("DIL_H, DIL_W", "dilation"),
+        ("OH, OW", "conv output"),
+    ]
+    if pooled:
+        consts.append(("POOL_K, PH, PW", "pool window (== stride) and pooled output"))
+    if partial:
+        consts.append(("WIN_H, WIN_W", "pool windows visited, partial ones included (for a)"))
+    if spec.act == "leaky_relu":
+        consts.append(("ACT_PARAM", "negative slope"))
+    consts += [("BLOCK_M, BLOCK_N, BLOCK_K", ""), ("PRECISION", '"ieee" or "tf32"')]
+    src.writeline("@triton.jit")
+    src.writeline(f"def {spec.name}(")
+    with src.indent():
+        for p, doc in ptrs:
+            src.writeline(f"{p},  # {doc}")
+        for names, doc in consts:
+            line = ", ".join(f"{c}: tl.constexpr" for c in names.split(", ")) + ","
+            src.writeline(f"{line}  # {doc}" if doc else line)
+    src.writeline("):")
+
+    with src.indent():
+        src.writelines(f"""
+            # Implicit GEMM, one group g per program along axis 2:
+            #   rows     m = (n, {ri}, {rj})  {'pool windows' if pooled else 'output positions'}
+            #   columns  j = k            the group's K // GROUPS output channels
+            #   reduce   q = (c, r, s)    the group's C // GROUPS * R * S taps, one axis so that a
+            #                             1-channel input still fills BLOCK_K
+            CG: tl.constexpr = C // GROUPS
+            KG: tl.constexpr = K // GROUPS
+            CRS: tl.constexpr = CG * R * S
+            pid_m = tl.program_id(0)
+            pid_n = tl.program_id(1)
+            g = tl.program_id(2)
+
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            n = offs_m // ({rows_h} * {rows_w})
+            {ri} = (offs_m // {rows_w}) % {rows_h}
+            {rj} = offs_m % {rows_w}
+            m_ok = offs_m < N * {rows_h} * {rows_w}
+            offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            j_ok = offs_j < KG
+            k = g * KG + offs_j  # output channel
+            offs_q = tl.arange(0, BLOCK_K)
+        """)
+        if spec.bias:
+            src.writeline("bias = tl.load(b_ptr + k, mask=j_ok, other=0.0)")
+        src.writeline()
+
+        if pooled:
+            if spec.pool == "max":
+                src.writelines(f"""
+                    # {spec.labels[0]} is evaluated once per offset (dh, dw) of the pool window and
+                    # {spec.labels[-1]} keeps the running max and where it was
+                    {pool_t} = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+                    win = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+                """)
+            else:
+                src.writelines(f"""
+                    # {spec.labels[0]} is evaluated once per offset (dh, dw) of the pool window and
+                    # {spec.labels[-1]} sums the window
+                    {pool_t} = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                """)
+            src.writeline("for dh in tl.static_range(POOL_K):")
+            with src.indent():
+                src.writeline("for dw in tl.static_range(POOL_K):")
+                with src.indent():
+                    src.writelines("""
+                        oh = ph * POOL_K + dh
+                        ow = pw * POOL_K + dw
+                    """)
+                    _conv_body(src, spec, conv_t, act_t, pool_t, partial)
+        else:
+            _conv_body(src, spec, conv_t, act_t, pool_t, partial)
+        src.writeline()
+
+        y_h, y_w = ("PH", "PW") if pooled else ("OH", "OW")
+        src.writeline(f"y_off = ((n[:, None] * K + k[None, :]) * {y_h} + {ri}[:, None]) * {y_w} + {rj}[:, None]")
+        if partial:
+            src.writeline("y_ok = (m_ok & (ph < PH) & (pw < PW))[:, None] & j_ok[None, :]  # full windows only")
+        else:
+            src.writeline("y_ok = m_ok[:, None] & j_ok[None, :]")
+        if spec.pool == "avg":
+            src.writeline(f"tl.store(y_ptr + y_off, {pool_t} / (POOL_K * POOL_K), mask=y_ok)")
+        else:
+            src.writeline(f"tl.store(y_ptr + y_off, {pool_t}, mask=y_ok)")
+        if spec.pool == "max":
+            src.writeline("tl.store(idx_ptr + y_off, win.to(tl.uint8), mask=y_ok)")
+        if spec.save_act and not pooled:
+            src.writeline(f"tl.store(a_ptr + y_off, {act_t}, mask=y_ok)")
+    src.writeline()
+    src.writeline()
+    _launch_fn(src, spec, rows_h, rows_w, partial)
+    return src.getvalue()
+
+
+def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str, partial: bool) -> None:
+    """The GEMM main loop at conv positions (oh, ow), then bias, activation, the save of a and the pool."""
+    ok = "conv_ok" if partial else "m_ok"
+    if partial:
+        src.writeline("conv_ok = m_ok & (oh < OH) & (ow < OW)")
+    src.writelines(f"""
+        # {spec.labels[0]}
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for q0 in range(0, CRS, BLOCK_K):
+            q = q0 + offs_q
+            q_ok = q < CRS
+            c = g * CG + q // (R * S)  # input channel
+            ih = oh[:, None] * STRIDE_H - PAD_H + ((q // S) % R)[None, :] * DIL_H
+            iw = ow[:, None] * STRIDE_W - PAD_W + (q % S)[None, :] * DIL_W
+            x_ok = {ok}[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=x_ok, other=0.0)
+            # w is [K, CG * R * S] row-major: the (c, r, s) taps of channel k are contiguous
+            w_tile = tl.load(w_ptr + k[None, :] * CRS + q[:, None], mask=q_ok[:, None] & j_ok[None, :], other=0.0)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+        {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
+    """)
+    if spec.act != "none":
+        src.writeline(f"# {spec.labels[1]}")
+        for line in _act_lines(spec.act, conv_t, act_t):
+            src.writeline(line)
+    if spec.save_act and spec.pool != "none":
+        src.writelines(f"""
+            # saved for backward: under an average pool every position needs its own act'
+            a_off = ((n[:, None] * K + k[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+            tl.store(a_ptr + a_off, {act_t}, mask={ok}[:, None] & j_ok[None, :])
+        """)
+    if spec.pool == "max":
+        src.writelines(f"""
+            # {spec.labels[-1]}: a strict > keeps the first max in scan order; a NaN always takes over,
+            # as in torch (so the last NaN of a window is the one recorded)
+            take = ({act_t} > {pool_t}) | ({act_t} != {act_t})
+            {pool_t} = tl.where(take, {act_t}, {pool_t})
+            win = tl.where(take, dh * POOL_K + dw, win)
+        """)
+    elif spec.pool == "avg":
+        src.writelines(f"""
+            # {spec.labels[-1]}
+            {pool_t} += {act_t}
+        """)
+
+
+def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: bool) -> None:
+    """The plain `launch(x, w, b, y, idx, a)` that picks tiles and launches the kernel once."""
+    OH, OW = spec.out_hw
+    PH, PW = spec.pooled_hw
+    dims = {"OH": OH, "OW": OW, "PH": PH, "PW": PW,
+            "WIN_H": -(-OH // spec.pool_k), "WIN_W": -(-OW // spec.pool_k)}
+    rows = spec.N * dims[rows_h] * dims[rows_w]
+    kg = spec.K // spec.groups
+    crs = spec.C // spec.groups * spec.R * spec.S
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    args = ["x", "w"] + (["b"] if spec.bias else []) + ["y"]
+    args += (["idx"] if spec.pool == "max" else []) + (["a"] if spec.save_act else [])
+    meta = [f"N={spec.N}, C={spec.C}, H={spec.H}, W={spec.W}, K={spec.K}, R={spec.R}, S={spec.S}, "
+            f"GROUPS={spec.groups},",
+            f"STRIDE_H={sh}, STRIDE_W={sw}, PAD_H={ph}, PAD_W={pw}, DIL_H={dh}, DIL_W={dw}, "
+            f"OH={OH}, OW={OW},"]
+    if spec.pool != "none":
+        meta.append(f"POOL_K={spec.pool_k}, PH={PH}, PW={PW},")
+    if partial:
+        meta.append(f"WIN_H={dims['WIN_H']}, WIN_W={dims['WIN_W']},")
+    if spec.act == "leaky_relu":
+        meta.append(f"ACT_PARAM={float(spec.act_param)!r},")
+    meta.append(f'PRECISION="{spec.precision}", **cfg,')
+    stages = ", ".join(spec.labels)
+    src.writelines(f'''
+        def launch(x, w, b, y, idx, a):
+            """{stages}: one launch; buffers this variant does not use are None and not passed."""
+            # GEMM view: M = {rows} rows, N = {kg} channels per group, K = {crs} taps
+            cfg = configs.gemm({rows}, {kg}, {crs})
+            grid = (triton.cdiv({rows}, cfg["BLOCK_M"]), triton.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
+            launch_kernel(
+                {spec.name}, grid, {", ".join(args)},
+    ''')
+    with src.indent(), src.indent():
+        for line in meta:
+            src.writeline(line)
+    with src.indent():
+        src.writeline(")")
