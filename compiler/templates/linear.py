@@ -1,0 +1,197 @@
+"""The linear_relu forward template: y[M, N] = act(x[M, K] @ w[N, K]ᵀ + b) as one tiled Triton GEMM.
+
+Modelled on Triton's 03-matrix-multiplication tutorial: grouped program order, fp32 accumulator, and the
+bias + activation epilogue applied while the accumulator is still fp32 in registers. Shapes, bias and
+activation are fixed per spec, so the generated file holds only the code of the stages present.
+Backward: kernels/linear_relu.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fusednn.compiler.source import Source
+
+ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
+PRECISIONS = ("ieee", "tf32")
+
+# Activation epilogues, one expression of the linear stage's value `{z}`. Both nonlinear branches use
+# tl.where(z < 0, ...) rather than tl.maximum: on the GPU tl.maximum drops NaN, torch propagates it.
+# tanh has no core Triton op; the form below is overflow-free (e = exp(-2|z|) <= 1) and exact in the
+# tails, with an absolute error of a few ulp near 0.
+_EPILOGUES = {
+    "relu": ["{v} = tl.where({z} < 0.0, 0.0, {z})"],
+    "leaky_relu": ["{v} = tl.where({z} < 0.0, {z} * {slope}, {z})"],
+    "sigmoid": ["{v} = tl.sigmoid({z})"],
+    "tanh": [
+        "e = tl.exp(-2.0 * tl.abs({z}))",
+        "t = (1.0 - e) / (1.0 + e)",
+        "{v} = tl.where({z} < 0.0, -t, t)",
+    ],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LinearSpec:
+    """One fused linear (+bias) (+activation) kernel: what `generate` needs to write it.
+
+    labels: IR labels of the stages present, linear first, e.g. ("%7 linear", "%8 relu");
+    act_param: negative slope of leaky_relu (ignored by other activations);
+    precision: "ieee" (exact fp32 tl.dot) or "tf32".
+    """
+
+    name: str
+    header: str
+    labels: tuple[str, ...]
+    M: int
+    N: int
+    K: int
+    bias: bool
+    act: str
+    act_param: float
+    precision: str
+
+
+def _check(spec: LinearSpec) -> None:
+    if spec.act not in ACTS:
+        raise ValueError(f"{spec.name}: act must be one of {ACTS}, got {spec.act!r}")
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"{spec.name}: precision must be one of {PRECISIONS}, got {spec.precision!r}")
+    if min(spec.M, spec.N, spec.K) < 1:
+        raise ValueError(f"{spec.name}: M, N, K must be >= 1, got {spec.M}, {spec.N}, {spec.K}")
+    stages = 1 if spec.act == "none" else 2
+    if len(spec.labels) != stages:
+        raise ValueError(f"{spec.name}: expected {stages} labels (linear, then act), got {spec.labels}")
+    if spec.act == "leaky_relu" and not spec.act_param >= 0.0:
+        raise ValueError(f"{spec.name}: leaky_relu needs negative_slope >= 0, got {spec.act_param}")
+    if not spec.name.isidentifier():
+        raise ValueError(f"kernel name must be a Python identifier, got {spec.name!r}")
+
+
+def _var(label: str) -> str:
+    """The Python name of an IR value: "%7 linear" -> "v7"."""
+    return "v" + re.sub(r"\W", "_", label.split()[0].lstrip("%"))
+
+
+def generate(spec: LinearSpec) -> str:
+    """The text of a Python file with the Triton kernel `spec.name` and its `launch(x, w, b, y)`."""
+    _check(spec)
+    z = _var(spec.labels[0])
+    s = Source()
+    s.writelines(spec.header)
+    s.writelines(
+        f"""
+        from __future__ import annotations
+
+        import triton
+        import triton.language as tl
+
+        from fusednn.compiler import configs
+        from fusednn.launch import launch as _launch
+
+        M, N, K = {spec.M}, {spec.N}, {spec.K}
+        # Programs walk output tiles in groups of GROUP_M rows so that neighbours share w tiles in L2
+        # (the tutorial's swizzle); an ordering choice, not a tile size.
+        GROUP_M = 8
+
+
+        @triton.jit
+        def {spec.name}(
+        """
+    )
+    with s.indent():
+        s.writeline("x_ptr,  # [M, K] input activations")
+        s.writeline("w_ptr,  # [N, K] weight, nn.Linear layout (y = x @ w.T)")
+        if spec.bias:
+            s.writeline("b_ptr,  # [N] bias")
+        s.writelines(
+            """
+            y_ptr,  # [M, N] output
+            M, N, K,
+            stride_xm, stride_xk,
+            stride_wn, stride_wk,
+            stride_ym, stride_yn,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+            """
+        )
+    s.writeline("):")
+    with s.indent():
+        s.writelines(
+            """
+            pid = tl.program_id(axis=0)
+            num_pid_m = tl.cdiv(M, BLOCK_M)
+            num_pid_n = tl.cdiv(N, BLOCK_N)
+            num_pid_in_group = GROUP_M * num_pid_n
+            group_id = pid // num_pid_in_group
+            first_pid_m = group_id * GROUP_M
+            group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+            pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+            pid_n = (pid % num_pid_in_group) // group_size_m
+
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_k = tl.arange(0, BLOCK_K)
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            # w is [N, K]; reading it through these strides gives the [BLOCK_K, BLOCK_N] tile of w.T
+            wt_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            """
+        )
+        s.writeline()
+        s.writeline(f"# {spec.labels[0]}")
+        s.writelines(
+            """
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                k_left = K - k * BLOCK_K  # masks the K remainder: its zeros add nothing
+                x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+                wt = tl.load(wt_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+                acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                wt_ptrs += BLOCK_K * stride_wk
+            """
+        )
+        if spec.bias:
+            s.writeline("b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)")
+            s.writeline(f"{z} = acc + b[None, :]")
+        else:
+            s.writeline(f"{z} = acc")
+        out = z
+        if spec.act != "none":
+            out = _var(spec.labels[1])
+            s.writeline()
+            s.writeline(f"# {spec.labels[1]}")
+            for line in _EPILOGUES[spec.act]:
+                s.writeline(line.format(v=out, z=z, slope=repr(float(spec.act_param))))
+        s.writeline()
+        s.writelines(
+            f"""
+            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            tl.store(y_ptrs, {out}, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+            """
+        )
+    what = "x @ w.T + b" if spec.bias else "x @ w.T"
+    if spec.act != "none":
+        what = f"{spec.act}({what})"
+    b_check = "b is not None and b.shape == (N,)" if spec.bias else "b is None"
+    b_pass = "b, " if spec.bias else ""
+    s.writeline()
+    s.writeline()
+    s.writelines(
+        f"""
+        def launch(x, w, b, y):
+            \"\"\"y[M, N] = {what}, x [M, K], w [N, K]{', b [N]' if spec.bias else ', b None'}: fp32, contiguous.\"\"\"
+            if not (x.shape == (M, K) and w.shape == (N, K) and y.shape == (M, N) and {b_check}):
+                shapes = [None if t is None else tuple(t.shape) for t in (x, w, b, y)]
+                raise ValueError(f"{spec.name}: launch(x, w, b, y) got shapes {{shapes}}; built for M={{M}} N={{N}} K={{K}}")
+            cfg = configs.gemm(M, N, K)
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+            _launch(
+                {spec.name}, grid,
+                x, w, {b_pass}y, M, N, K,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+                GROUP_M=GROUP_M, PRECISION={spec.precision!r}, **cfg,
+            )
+        """
+    )
+    return s.getvalue()

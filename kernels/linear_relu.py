@@ -1,0 +1,211 @@
+"""Backward of the fused linear (+bias) (+activation) stem: dx, dw and db as Triton GEMMs.
+
+Forward (generated from compiler/templates/linear.py): y[M, N] = act(x[M, K] @ w[N, K]ᵀ + b).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusednn.compiler import configs
+from fusednn.launch import launch
+
+ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
+PRECISIONS = ("ieee", "tf32")
+
+# VJP.  z = x @ wᵀ + b,  y = act(z),  upstream gradient dy = ∂L/∂y, all [M, N] except x [M, K], w [N, K].
+#
+#   dz[m, n] = dy[m, n] · act'(z[m, n])       elementwise; act' is read from the saved y, not z:
+#              relu        y <= 0 ? 0 : 1     (derivative 0 at z = 0: torch's rule)
+#              leaky_relu  y > 0 ? 1 : slope  (slope >= 0, so y > 0 exactly when z > 0; z = 0 gets slope)
+#              sigmoid     y (1 − y)
+#              tanh        1 − y²
+#              none        1
+#   dx[m, k] = Σ_n dz[m, n] w[n, k]           dx = dz @ w     [M, K]   (reduce over N)
+#   dw[n, k] = Σ_m dz[m, n] x[m, k]           dw = dzᵀ @ x    [N, K]   (reduce over M)
+#   db[n]    = Σ_m dz[m, n]                   column sums of dz
+#
+# dz is never stored: each kernel recomputes its tile of it from dy and y in the GEMM prologue, which costs
+# a second read of dy and y instead of a write and a read of dz. dw and db share one walk over M, and each
+# program walks M in ascending tile order on its own, so both are reduced in a fixed order (no atomics) and
+# two backward passes give bit-identical gradients.
+
+
+@triton.jit
+def _linear_relu_dz(
+    dy_ptr,  # [M, N] upstream gradient
+    y_ptr,  # [M, N] forward output y = act(z), same strides as dy; None when ACT == "none"
+    offs,  # element offsets of the tile in dy and y
+    mask,
+    slope,  # leaky_relu negative slope
+    ACT: tl.constexpr,
+):
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    if ACT == "relu":
+        # y <= 0 rather than not y > 0: a NaN output passes its gradient on, as torch's threshold_backward
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        dz = tl.where(y <= 0.0, 0.0, dz)
+    elif ACT == "leaky_relu":
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        dz = tl.where(y > 0.0, dz, dz * slope)
+    elif ACT == "sigmoid":
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        dz = dz * (y * (1.0 - y))
+    elif ACT == "tanh":
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        dz = dz * (1.0 - y * y)
+    return dz
+
+
+@triton.jit
+def _linear_relu_bwd_dx_kernel(
+    dy_ptr,  # [M, N] upstream gradient
+    y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
+    w_ptr,  # [N, K] weight
+    dx_ptr,  # [M, K] out: input gradient
+    M, N, K,
+    slope,
+    stride_dym, stride_dyn,  # of dy and of y
+    stride_wn, stride_wk,
+    stride_dxm, stride_dxk,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # One program per [BLOCK_M, BLOCK_K] tile of dx; the GEMM reduces over N.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + offs_n
+        mask_mn = (offs_m[:, None] < M) & (cols[None, :] < N)
+        dz = _linear_relu_dz(
+            dy_ptr, y_ptr, offs_m[:, None] * stride_dym + cols[None, :] * stride_dyn, mask_mn, slope, ACT
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=(cols[:, None] < N) & (offs_k[None, :] < K), other=0.0,
+        )
+        acc = tl.dot(dz, w, acc, input_precision=PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _linear_relu_bwd_dw_kernel(
+    dy_ptr,  # [M, N] upstream gradient
+    y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
+    x_ptr,  # [M, K] forward input
+    dw_ptr,  # [N, K] out: weight gradient (None unless HAS_DW)
+    db_ptr,  # [N] out: bias gradient (None unless HAS_DB)
+    M, N, K,
+    slope,
+    stride_dym, stride_dyn,  # of dy and of y
+    stride_xm, stride_xk,
+    stride_dwn, stride_dwk,
+    ACT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # One program per [BLOCK_N, BLOCK_K] tile of dw; the GEMM reduces over M, walked in ascending order.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + offs_m
+        # dzᵀ tile [BLOCK_N, BLOCK_M], read transposed straight from dy and y
+        mask_nm = (offs_n[:, None] < N) & (rows[None, :] < M)
+        dzt = _linear_relu_dz(
+            dy_ptr, y_ptr, rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn, mask_nm, slope, ACT
+        )
+        if HAS_DW:
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=(rows[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+            )
+            acc = tl.dot(dzt, x, acc, input_precision=PRECISION)
+        if HAS_DB:
+            db += tl.sum(dzt, axis=1)
+    if HAS_DW:
+        dw_ptrs = dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+        tl.store(dw_ptrs, acc, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    if HAS_DB:
+        if pid_k == 0:  # every K-tile program of this pid_n holds the same sums; one writes them
+            tl.store(db_ptr + offs_n, db, mask=offs_n < N)
+
+
+def linear_relu_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    act: str,
+    act_param: float,
+    needs_dx: bool,
+    needs_dw: bool,
+    needs_db: bool,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dx, dw, db) of y = act(x @ w.T + b), freshly allocated; None where not needed.
+
+    Args:
+        dy: [M, N] upstream gradient.  x: [M, K] forward input.  w: [N, K] weight.
+        y: [M, N] forward output act(z), read for act'; may be None when act == "none".
+        act: "none" | "relu" | "leaky_relu" | "sigmoid" | "tanh";  act_param: leaky_relu's slope (>= 0).
+        precision: "ieee" (exact fp32 tl.dot) or "tf32".
+    """
+    if act not in ACTS:
+        raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"linear_relu_backward: precision must be one of {PRECISIONS}, got {precision!r}")
+    if act == "leaky_relu" and not act_param >= 0.0:
+        raise ValueError(f"linear_relu_backward: leaky_relu needs negative_slope >= 0, got {act_param}")
+    M, K = x.shape
+    N = w.shape[0]
+    if act == "none":
+        y = None  # act' = 1: the kernels never read y
+    elif y is None:
+        raise ValueError(f"linear_relu_backward: act={act!r} needs the forward output y")
+    elif y.stride() != dy.stride():
+        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
+    if not (dy.shape == (M, N) and w.shape == (N, K) and (y is None or y.shape == (M, N))):
+        raise ValueError(
+            f"linear_relu_backward: shapes dy {tuple(dy.shape)}, x {tuple(x.shape)}, w {tuple(w.shape)}, "
+            f"y {None if y is None else tuple(y.shape)} do not fit y[M, N] = act(x[M, K] @ w[N, K].T)"
+        )
+    slope = float(act_param) if act == "leaky_relu" else 0.0
+    dx = dw = db = None
+    if needs_dx:
+        dx = torch.empty((M, K), device=x.device, dtype=torch.float32)
+        cfg = configs.gemm(M, K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
+        launch(
+            _linear_relu_bwd_dx_kernel, grid,
+            dy, y, w, dx, M, N, K, slope,
+            dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), dx.stride(0), dx.stride(1),
+            ACT=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"],
+            PRECISION=precision, num_warps=cfg["num_warps"],
+        )
+    if needs_dw or needs_db:
+        dw = torch.empty((N, K), device=x.device, dtype=torch.float32) if needs_dw else None
+        db = torch.empty((N,), device=x.device, dtype=torch.float32) if needs_db else None
+        cfg = configs.gemm(N, K, M)  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
+        # Without dw, one program per N tile is enough for db.
+        grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]) if needs_dw else 1)
+        launch(
+            _linear_relu_bwd_dw_kernel, grid,
+            dy, y, x, dw, db, M, N, K, slope,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), K, 1,  # dw is fresh: contiguous
+            ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db,
+            BLOCK_N=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_K"],
+            PRECISION=precision, num_warps=cfg["num_warps"],
+        )
+    return dx, dw, db
