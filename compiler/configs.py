@@ -80,3 +80,13 @@ def reduce_cols(n_rows: int, n_cols: int) -> dict:
     if target() == "interp":
         return dict(BLOCK_R=pow2(n_rows, 16, 4096), BLOCK_C=pow2(n_cols, 16, 256), num_warps=4)
     return dict(BLOCK_R=64, BLOCK_C=pow2(n_cols, 16, 64), num_warps=4)
+
+
+def split_k(tiles: int, steps: int) -> int:
+    """Slices for a deterministic split-K reduction (weight gradients): `steps` BLOCK_K steps over
+    `tiles` output tiles are cut into this many slices, each writing a partial tile that a second pass
+    adds up in a fixed order (no atomics)."""
+    if target() == "interp":
+        return 1  # a program costs the interpreter ~ms whatever its size: one pass over the rows is cheapest
+    # at least 8 steps a slice (the partial tiles cost a round trip), about 2 waves on a 132-SM H100
+    return max(1, min(steps // 8, -(-264 // max(tiles, 1))))

@@ -5,7 +5,9 @@ from fusednn import _backend
 
 _backend.setup()  # before any @triton.jit runs: picks Triton's interpreter on CPU-only machines
 
+from fusednn.api import CompiledFunction, CompiledModule, compile  # noqa: E402
 from fusednn.errors import CompileError, FusednnError, InputMismatchError, UnsupportedOpError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["CompileError", "FusednnError", "InputMismatchError", "UnsupportedOpError", "__version__"]
+__all__ = ["compile", "CompiledModule", "CompiledFunction", "CompileError", "FusednnError", "InputMismatchError",
+           "UnsupportedOpError", "__version__"]

@@ -1,0 +1,421 @@
+"""The ops registry: every op fusednn knows, defined once.
+
+Each `OpDef` gives the op's name, its kind (what codegen and fusion do with it), the torch calls that
+trace to it with a parser that turns such a call into (tensor inputs, attributes), and its torch reference
+implementation. The reference serves three purposes: `backend="reference"` runs it, the tests compare
+kernels with it, and the shape rule is the reference evaluated on meta tensors (`infer`), so a shape
+rule can never disagree with torch.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fusednn.compiler.ir import TensorType
+from fusednn.errors import CompileError, UnsupportedOpError
+
+Tensor = torch.Tensor
+Parsed = tuple[list[Any], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class OpDef:
+    """One op: name, kind, torch reference `ref(inputs, attrs)`, and the torch calls that trace to it.
+
+    kind: "conv" | "linear" | "act" | "arith" | "pool" | "softmax" | "loss" | "norm" | "dropout" |
+    "view" | "counter". n_tensor_inputs: how many of the parsed inputs are tensors (the rest are None).
+    """
+
+    name: str
+    kind: str
+    ref: Callable[[list[Any], dict[str, Any]], Tensor]
+    parse: Callable[..., Parsed]
+    torch_fns: tuple[Any, ...]
+    doc: str
+
+
+REGISTRY: dict[str, OpDef] = {}
+_BY_FN: dict[Any, OpDef] = {}
+
+
+def op(name: str, kind: str, torch_fns: Sequence[Any], parse: Callable[..., Parsed], doc: str):
+    """Register the decorated function as the torch reference of op `name`."""
+
+    def deco(ref):
+        d = OpDef(name, kind, ref, parse, tuple(torch_fns), doc)
+        REGISTRY[name] = d
+        for fn in torch_fns:
+            _BY_FN[fn] = d
+        return ref
+
+    return deco
+
+
+def lookup(fn: Any) -> OpDef | None:
+    """The OpDef a torch callable traces to, or None."""
+    try:
+        return _BY_FN.get(fn)
+    except TypeError:  # unhashable callables
+        return None
+
+
+def supported_ops() -> str:
+    """One line per op: name and the torch calls that reach it (for error messages and docs)."""
+    return "\n".join(f"  {d.name:<20} {d.doc}" for d in REGISTRY.values())
+
+
+def infer(opname: str, in_types: Sequence[TensorType | None], attrs: dict[str, Any]) -> TensorType:
+    """The op's output type: its torch reference evaluated on meta tensors."""
+    metas = [None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta") for t in in_types]
+    with torch.no_grad():
+        out = REGISTRY[opname].ref(metas, attrs)
+    return TensorType(tuple(out.shape), out.dtype)
+
+
+# -- argument binding ----------------------------------------------------------------------------
+def binder(signature: str) -> Callable[..., dict[str, Any]]:
+    """A function (args, kwargs) -> {name: value} for a Python-style signature string."""
+    sig = inspect.signature(eval(f"lambda {signature}: None"))  # noqa: S307 - constant strings only
+
+    def bind(args, kwargs):
+        b = sig.bind(*args, **kwargs)
+        b.apply_defaults()
+        return dict(b.arguments)
+
+    return bind
+
+
+def pair(v: Any, what: str) -> tuple[int, int]:
+    """An int or a 1-/2-sequence of ints as an (h, w) pair."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    if len(v) == 1:
+        return (v[0], v[0])
+    if len(v) != 2:
+        raise CompileError(f"{what} must be an int or a pair of ints, got {v}")
+    return v  # type: ignore[return-value]
+
+
+def _scalar_or_tensor(b: Any) -> tuple[list[Any], dict[str, Any]]:
+    if isinstance(b, Tensor):
+        return [b], {}
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        return [None], {"scalar": float(b)}
+    raise UnsupportedOpError(f"expected a tensor or a number, got {type(b).__name__}")
+
+
+# -- convolution and linear ----------------------------------------------------------------------
+_conv_args = binder("input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1")
+
+
+def _parse_conv2d(*args, **kwargs) -> Parsed:
+    a = _conv_args(args, kwargs)
+    w = a["weight"]
+    stride, dilation = pair(a["stride"], "stride"), pair(a["dilation"], "dilation")
+    pad = a["padding"]
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0, 0)
+        elif pad == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            totals = [dilation[i] * (w.shape[2 + i] - 1) for i in range(2)]
+            if any(t % 2 for t in totals):
+                raise UnsupportedOpError(
+                    f"padding='same' with an even effective kernel {tuple(w.shape[2:])} (dilation {dilation}) pads "
+                    "asymmetrically; fusednn supports symmetric padding only: pad explicitly with F.pad")
+            pad = (totals[0] // 2, totals[1] // 2)
+        else:
+            raise ValueError(f"padding must be 'same', 'valid' or ints, got {pad!r}")
+    return [a["input"], w, a["bias"]], dict(
+        stride=stride, padding=pair(pad, "padding"), dilation=dilation, groups=int(a["groups"]))
+
+
+@op("conv2d", "conv", [F.conv2d], _parse_conv2d, "F.conv2d, nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups)")
+def conv2d(t, a):
+    return F.conv2d(t[0], t[1], t[2], a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+_linear_args = binder("input, weight, bias=None")
+
+
+def _parse_linear(*args, **kwargs) -> Parsed:
+    a = _linear_args(args, kwargs)
+    return [a["input"], a["weight"], a["bias"]], {}
+
+
+@op("linear", "linear", [F.linear], _parse_linear, "F.linear, nn.Linear (any leading dims)")
+def linear(t, a):
+    return F.linear(t[0], t[1], t[2])
+
+
+# -- activations ---------------------------------------------------------------------------------
+def _parse_unary(*args, **kwargs) -> Parsed:
+    return [args[0] if args else kwargs["input"]], {}
+
+
+_leaky_args = binder("input, negative_slope=0.01, inplace=False")
+
+
+def _parse_leaky(*args, **kwargs) -> Parsed:
+    a = _leaky_args(args, kwargs)
+    return [a["input"]], {"negative_slope": float(a["negative_slope"])}
+
+
+@op("relu", "act", [F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_], _parse_unary,
+    "F.relu, torch.relu, x.relu(), nn.ReLU (inplace too)")
+def relu(t, a):
+    return F.relu(t[0])
+
+
+@op("leaky_relu", "act", [F.leaky_relu, Tensor.leaky_relu if hasattr(Tensor, "leaky_relu") else F.leaky_relu],
+    _parse_leaky, "F.leaky_relu, nn.LeakyReLU")
+def leaky_relu(t, a):
+    return F.leaky_relu(t[0], a["negative_slope"])
+
+
+def _parse_prelu(*args, **kwargs) -> Parsed:
+    a = binder("input, weight")(args, kwargs)
+    return [a["input"], a["weight"]], {}
+
+
+@op("prelu", "act", [F.prelu], _parse_prelu, "F.prelu, nn.PReLU")
+def prelu(t, a):
+    return F.prelu(t[0], t[1])
+
+
+@op("sigmoid", "act", [torch.sigmoid, F.sigmoid, Tensor.sigmoid], _parse_unary, "torch.sigmoid, nn.Sigmoid")
+def sigmoid(t, a):
+    return torch.sigmoid(t[0])
+
+
+@op("tanh", "act", [torch.tanh, F.tanh, Tensor.tanh], _parse_unary, "torch.tanh, nn.Tanh")
+def tanh(t, a):
+    return torch.tanh(t[0])
+
+
+# -- softmax ---------------------------------------------------------------------------------------
+_softmax_args = binder("input, dim=None, _stacklevel=3, dtype=None")
+
+
+def _parse_softmax(*args, **kwargs) -> Parsed:
+    a = _softmax_args(args, kwargs)
+    x = a["input"]
+    if a["dim"] is None:
+        raise CompileError("softmax without dim is ambiguous: pass dim explicitly")
+    if a["dtype"] is not None:
+        raise UnsupportedOpError("softmax(dtype=...) is not supported")
+    return [x], {"dim": int(a["dim"]) % x.dim()}
+
+
+@op("softmax", "softmax", [F.softmax, torch.softmax, Tensor.softmax], _parse_softmax, "F.softmax, nn.Softmax (any dim)")
+def softmax(t, a):
+    return F.softmax(t[0], a["dim"])
+
+
+@op("log_softmax", "softmax", [F.log_softmax, torch.log_softmax, Tensor.log_softmax], _parse_softmax,
+    "F.log_softmax, nn.LogSoftmax (any dim)")
+def log_softmax(t, a):
+    return F.log_softmax(t[0], a["dim"])
+
+
+# -- pooling ---------------------------------------------------------------------------------------
+_maxpool_args = binder("input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False")
+_avgpool_args = binder("input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None")
+
+
+def _parse_max_pool(*args, **kwargs) -> Parsed:
+    a = _maxpool_args(args, kwargs)
+    if a["return_indices"]:
+        raise UnsupportedOpError("max_pool2d(return_indices=True) is not supported")
+    k = pair(a["kernel_size"], "kernel_size")
+    s = k if a["stride"] is None or a["stride"] == [] or a["stride"] == () else pair(a["stride"], "stride")
+    return [a["input"]], dict(kernel=k, stride=s, padding=pair(a["padding"], "padding"),
+                              dilation=pair(a["dilation"], "dilation"), ceil_mode=bool(a["ceil_mode"]))
+
+
+def _parse_avg_pool(*args, **kwargs) -> Parsed:
+    a = _avgpool_args(args, kwargs)
+    k = pair(a["kernel_size"], "kernel_size")
+    s = k if a["stride"] is None or a["stride"] == [] or a["stride"] == () else pair(a["stride"], "stride")
+    d = a["divisor_override"]
+    return [a["input"]], dict(kernel=k, stride=s, padding=pair(a["padding"], "padding"),
+                              ceil_mode=bool(a["ceil_mode"]), count_include_pad=bool(a["count_include_pad"]),
+                              divisor_override=None if d is None else int(d))
+
+
+@op("max_pool2d", "pool", [F.max_pool2d, torch.max_pool2d], _parse_max_pool,
+    "F.max_pool2d, nn.MaxPool2d (kernel, stride, padding, dilation, ceil_mode)")
+def max_pool2d(t, a):
+    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+@op("avg_pool2d", "pool", [F.avg_pool2d], _parse_avg_pool,
+    "F.avg_pool2d, nn.AvgPool2d (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)")
+def avg_pool2d(t, a):
+    return F.avg_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                        a["divisor_override"])
+
+
+def _parse_adaptive(*args, **kwargs) -> Parsed:
+    a = binder("input, output_size, return_indices=False")(args, kwargs)
+    if a["return_indices"]:
+        raise UnsupportedOpError("adaptive_max_pool2d(return_indices=True) is not supported")
+    x, size = a["input"], a["output_size"]
+    size = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    size = tuple(int(x.shape[-2 + i]) if s is None else int(s) for i, s in enumerate(size))
+    return [x], {"output_size": size}
+
+
+@op("adaptive_avg_pool2d", "pool", [F.adaptive_avg_pool2d], _parse_adaptive, "F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d")
+def adaptive_avg_pool2d(t, a):
+    return F.adaptive_avg_pool2d(t[0], a["output_size"])
+
+
+@op("adaptive_max_pool2d", "pool", [F.adaptive_max_pool2d], _parse_adaptive, "F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d")
+def adaptive_max_pool2d(t, a):
+    return F.adaptive_max_pool2d(t[0], a["output_size"])
+
+
+# -- shape ops: all become reshape with a concrete shape ----------------------------------------------
+def _parse_reshape(*args, **kwargs) -> Parsed:
+    # The concrete target shape is the traced call's result shape; the tracer fills attrs["shape"].
+    return [args[0]], {}
+
+
+@op("reshape", "view",
+    [Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.squeeze, torch.squeeze,
+     Tensor.unsqueeze, torch.unsqueeze],
+    _parse_reshape, "x.view, x.reshape, torch.flatten/x.flatten/nn.Flatten, squeeze, unsqueeze")
+def reshape(t, a):
+    return t[0].reshape(a["shape"])
+
+
+# -- dropout and batch norm --------------------------------------------------------------------------
+_dropout_args = binder("input, p=0.5, training=True, inplace=False")
+
+
+def _parse_dropout(*args, **kwargs) -> Parsed:
+    a = _dropout_args(args, kwargs)
+    p = float(a["p"])
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return [a["input"]], {"p": p, "training": bool(a["training"])}
+
+
+@op("dropout", "dropout", [F.dropout], _parse_dropout, "F.dropout, nn.Dropout (train and eval)")
+def dropout(t, a):
+    return F.dropout(t[0], a["p"], a["training"])
+
+
+_bn_args = binder("input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05")
+
+
+def _parse_batch_norm(*args, **kwargs) -> Parsed:
+    a = _bn_args(args, kwargs)
+    if a["training"] and a["running_mean"] is not None and a["momentum"] is None:
+        raise UnsupportedOpError("batch_norm with momentum=None (cumulative moving average) is not supported")
+    return [a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"]], dict(
+        training=bool(a["training"]), momentum=float(a["momentum"] or 0.0), eps=float(a["eps"]))
+
+
+@op("batch_norm", "norm", [F.batch_norm], _parse_batch_norm,
+    "F.batch_norm, nn.BatchNorm1d/2d (train, with running-stat update, and eval)")
+def batch_norm(t, a):
+    return F.batch_norm(t[0], t[1], t[2], t[3], t[4], a["training"], a["momentum"], a["eps"])
+
+
+def _parse_counter(*args, **kwargs) -> Parsed:
+    a = binder("input, other, alpha=1")(args, kwargs)
+    return [a["input"]], {"by": int(a["other"]) * int(a["alpha"])}
+
+
+@op("count_", "counter", [], _parse_counter, "buffer.add_(1) on an integer buffer (BatchNorm's num_batches_tracked)")
+def count_(t, a):
+    return t[0].add_(a["by"])
+
+
+# -- arithmetic --------------------------------------------------------------------------------------
+def _parse_binary(*args, **kwargs) -> Parsed:
+    a = binder("input, other, alpha=1")(args, kwargs)
+    x, y = a["input"], a["other"]
+    if not isinstance(x, Tensor):  # reflected forms: 2 * x
+        x, y = y, x
+    ins, attrs = _scalar_or_tensor(y)
+    if a["alpha"] != 1:
+        attrs["alpha"] = float(a["alpha"])
+    return [x] + ins, attrs
+
+
+def _parse_rsub(*args, **kwargs) -> Parsed:
+    raise UnsupportedOpError("reflected subtraction (number - tensor) is not supported; write -(x - number)")
+
+
+@op("add", "arith", [torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_],
+    _parse_binary, "x + y, torch.add (same shapes or a number)")
+def add(t, a):
+    y = t[1] if t[1] is not None else a["scalar"]
+    return torch.add(t[0], y, alpha=a.get("alpha", 1))
+
+
+@op("sub", "arith", [torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__isub__, Tensor.sub_],
+    _parse_binary, "x - y, torch.sub (same shapes or a number)")
+def sub(t, a):
+    y = t[1] if t[1] is not None else a["scalar"]
+    return torch.sub(t[0], y, alpha=a.get("alpha", 1))
+
+
+@op("mul", "arith", [torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_],
+    _parse_binary, "x * y, torch.mul (same shapes or a number)")
+def mul(t, a):
+    y = t[1] if t[1] is not None else a["scalar"]
+    return torch.mul(t[0], y)
+
+
+# -- losses ------------------------------------------------------------------------------------------
+_ce_args = binder("input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
+                  "reduction='mean', label_smoothing=0.0")
+_point_loss_args = binder("input, target, size_average=None, reduce=None, reduction='mean', weight=None")
+
+
+def _parse_cross_entropy(*args, **kwargs) -> Parsed:
+    a = _ce_args(args, kwargs)
+    if a["weight"] is not None or a["label_smoothing"] or a["size_average"] is not None or a["reduce"] is not None:
+        raise UnsupportedOpError("cross_entropy supports reduction and ignore_index only "
+                                 "(no class weights, label_smoothing, size_average or reduce)")
+    if a["input"].dim() != 2 or a["target"].dim() != 1 or a["target"].dtype != torch.int64:
+        raise UnsupportedOpError("cross_entropy supports logits [N, C] with int64 class targets [N] only")
+    return [a["input"], a["target"]], dict(reduction=a["reduction"], ignore_index=int(a["ignore_index"]))
+
+
+def _parse_point_loss(*args, **kwargs) -> Parsed:
+    a = _point_loss_args(args, kwargs)
+    if a["size_average"] is not None or a["reduce"] is not None or a["weight"] is not None:
+        raise UnsupportedOpError("only reduction= is supported for mse_loss / l1_loss")
+    if tuple(a["input"].shape) != tuple(a["target"].shape):
+        raise UnsupportedOpError("mse_loss / l1_loss with broadcasting shapes is not supported")
+    return [a["input"], a["target"]], dict(reduction=a["reduction"])
+
+
+@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy, "F.cross_entropy (reduction, ignore_index)")
+def cross_entropy(t, a):
+    return F.cross_entropy(t[0], t[1], reduction=a["reduction"], ignore_index=a["ignore_index"])
+
+
+@op("mse_loss", "loss", [F.mse_loss], _parse_point_loss, "F.mse_loss (reduction)")
+def mse_loss(t, a):
+    return F.mse_loss(t[0], t[1], reduction=a["reduction"])
+
+
+@op("l1_loss", "loss", [F.l1_loss], _parse_point_loss, "F.l1_loss (reduction)")
+def l1_loss(t, a):
+    return F.l1_loss(t[0], t[1], reduction=a["reduction"])
+
+
+# Ops whose result is their input (no node): contiguity and identity calls.
+ALIASES = (Tensor.contiguous,)

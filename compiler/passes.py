@@ -1,0 +1,159 @@
+"""Graph passes: canonicalise, fuse, eliminate dead code. Each pass is Graph -> Graph (in place).
+
+The pipeline is one readable list, `pipeline(fuse)`. Fusion rules are patterns over single-user chains
+(after torch.fx's `fuse()`): a rule refuses to fuse when an intermediate value has another user or is a
+graph output, since the fused kernel never writes the intermediate to memory.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fusednn.compiler.ir import Graph, Node, Value
+
+log = logging.getLogger("fusednn")
+
+Pass = Callable[[Graph], Graph]
+
+# Activations a conv/linear epilogue can apply. All are monotone non-decreasing (leaky_relu with a
+# non-negative slope), so act(max(z)) = max(act(z)) and the backward can read act' from the pooled output.
+EPILOGUE_ACTS = ("relu", "leaky_relu", "sigmoid", "tanh")
+SIDE_EFFECT_OPS = ("count_",)
+
+
+def _replace_uses(graph: Graph, old: Value, new: Value) -> None:
+    for n in graph.nodes:
+        if any(v is old for v in n.inputs):
+            n.inputs = tuple(new if v is old else v for v in n.inputs)
+    graph.outputs = [new if v is old else v for v in graph.outputs]
+
+
+def canonicalize(graph: Graph) -> Graph:
+    """Drop identity ops (eval-mode or p=0 dropout, reshape to the same shape); fold reshape chains."""
+    keep: list[Node] = []
+    producer: dict[Value, Node] = {}
+    for n in graph.nodes:
+        x = n.inputs[0] if n.inputs else None
+        identity = (n.op == "dropout" and (not n.attrs["training"] or n.attrs["p"] == 0.0)) or (
+            n.op == "reshape" and x is not None and x.type.shape == n.out.type.shape)
+        if identity and x is not None and n.out not in graph.outputs:
+            _replace_uses(graph, n.out, x)
+            continue
+        if n.op == "reshape" and x in producer and producer[x].op == "reshape":
+            n.inputs = (producer[x].inputs[0],)
+        keep.append(n)
+        producer[n.out] = n
+    graph.nodes = keep
+    return dce(graph)
+
+
+def _has_side_effects(n: Node) -> bool:
+    if n.op in SIDE_EFFECT_OPS:
+        return True
+    return n.op == "batch_norm" and n.attrs["training"] and n.inputs[1] is not None
+
+
+def dce(graph: Graph) -> Graph:
+    """Remove nodes whose results nothing reads (side-effecting nodes stay)."""
+    live = set(graph.outputs)
+    kept: list[Node] = []
+    for n in reversed(graph.nodes):
+        if n.out in live or _has_side_effects(n):
+            kept.append(n)
+            live.update(v for v in n.inputs if v is not None)
+    graph.nodes = kept[::-1]
+    return graph
+
+
+# -- fusion ---------------------------------------------------------------------------------------------
+def _sole_user(graph: Graph, v: Value, users: dict) -> Node | None:
+    """The only node reading v, or None when v has several users or is a graph output."""
+    us = users.get(v, [])
+    return us[0] if len(us) == 1 and us[0] is not None else None
+
+
+def _epilogue_act(n: Node | None) -> bool:
+    if n is None or n.op not in EPILOGUE_ACTS:
+        return False
+    return n.op != "leaky_relu" or n.attrs["negative_slope"] >= 0.0
+
+
+def fusable_pool(n: Node | None) -> bool:
+    """A pool the conv template reduces in its epilogue: square, non-overlapping, unpadded, floor mode."""
+    if n is None or n.op not in ("max_pool2d", "avg_pool2d"):
+        return False
+    a = n.attrs
+    k = a["kernel"]
+    ok = k[0] == k[1] and tuple(a["stride"]) == tuple(k) and tuple(a["padding"]) == (0, 0) and not a["ceil_mode"]
+    if n.op == "max_pool2d":
+        ok = ok and tuple(a["dilation"]) == (1, 1)
+    else:
+        ok = ok and a["divisor_override"] is None
+    return ok and k[0] <= 15  # the window offset must fit the 1-byte argmax
+
+
+def _fuse_chain(graph: Graph, head: Node, stem: str, users: dict, allow_pool: bool) -> Node | None:
+    """Grow head -> [act] -> [pool] along sole users; return the fused node or None when nothing fuses."""
+    chain = [head]
+    nxt = _sole_user(graph, head.out, users)
+    act = None
+    if _epilogue_act(nxt):
+        act = nxt
+        chain.append(nxt)
+        nxt = _sole_user(graph, nxt.out, users)
+    pool = None
+    if allow_pool and fusable_pool(nxt):
+        pool = nxt
+        chain.append(nxt)
+    if len(chain) == 1:
+        return None
+    attrs = dict(head.attrs)
+    attrs["act"] = act.op if act else "none"
+    if act is not None and act.op == "leaky_relu":
+        attrs["act_param"] = act.attrs["negative_slope"]
+    if pool is not None:
+        attrs["pool"] = "max" if pool.op == "max_pool2d" else "avg"
+        attrs["pool_k"] = pool.attrs["kernel"][0]
+    tag = ["bias"] if head.inputs[2] is not None else []
+    if act is not None:
+        tag.append(act.op)
+    if pool is not None:
+        tag.append(f"{pool.op}({pool.attrs['kernel'][0]},{pool.attrs['stride'][0]})")
+    return Node(stem, head.inputs, attrs, chain[-1].out, module=head.module, source=head.source,
+                absorbed=tuple(chain), tag=",".join(tag))
+
+
+def fuse(graph: Graph) -> Graph:
+    """conv2d -> [act] -> [pool] becomes conv_relu_pool; linear -> [act] becomes linear_relu."""
+    users = graph.users()
+    absorbed: set[int] = set()
+    out: list[Node] = []
+    for n in graph.nodes:
+        if id(n) in absorbed:
+            continue
+        fused = None
+        if n.op == "conv2d":
+            fused = _fuse_chain(graph, n, "conv_relu_pool", users, allow_pool=True)
+        elif n.op == "linear":
+            fused = _fuse_chain(graph, n, "linear_relu", users, allow_pool=False)
+        if fused is not None:
+            absorbed.update(id(a) for a in fused.absorbed)
+            out.append(fused)
+        else:
+            out.append(n)
+    graph.nodes = out
+    return graph
+
+
+def pipeline(fuse_ops: bool) -> list[Pass]:
+    """The pass list a compile runs, in order."""
+    return [canonicalize, fuse, dce] if fuse_ops else [canonicalize, dce]
+
+
+def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:
+    """Run passes in order; FUSEDNN_DEBUG>=1 logs the IR after each."""
+    for p in passes:
+        graph = p(graph)
+        if debug:
+            log.warning("fusednn: IR after %s:\n%s", p.__name__, graph)
+    return graph

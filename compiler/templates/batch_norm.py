@@ -1,0 +1,191 @@
+"""Forward template for batch norm over x viewed as contiguous [N, C, inner] (inner = H*W, or 1 for [N, C]).
+
+A channel's statistics run over its M = N*inner values. With batch statistics (training, or no running
+stats) each program owns BLOCK_C channels and walks all M rows itself, in a fixed order, three times:
+sum (mean), sum of squared deviations (two-pass variance: no E[x²] − E[x]² cancellation), normalise.
+Everything is deterministic and the whole op is one launch. With running statistics (eval) the op is
+pointwise per channel and the grid also splits the rows. Backward: kernels/batch_norm.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fusednn.compiler.source import Source
+
+
+@dataclass(frozen=True, slots=True)
+class BatchNormSpec:
+    """batch_norm of [N, C, inner] with torch's BatchNorm semantics (momentum is a float, not None)."""
+
+    name: str
+    header: str
+    labels: tuple[str, ...]
+    N: int
+    C: int
+    inner: int
+    training: bool
+    momentum: float = 0.1
+    eps: float = 1e-5
+    affine: bool = True
+    track_running_stats: bool = True
+
+    @property
+    def batch_stats(self) -> bool:
+        """Normalise with the batch's statistics: in training, and always without running stats (as torch)."""
+        return self.training or not self.track_running_stats
+
+
+# The row loop shared by every pass: row r is (n, i) = (r // INNER, r % INNER); channel c sits at stride INNER.
+_TILE = """
+rows = r0 + tl.arange(0, BLOCK_R)
+offs = ((rows // INNER) * (C * INNER) + rows % INNER)[:, None] + chans[None, :] * INNER
+mask = (rows < M)[:, None] & c_ok[None, :]
+x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+"""
+
+
+def generate(spec: BatchNormSpec) -> str:
+    """The text of a kernel file defining `spec.name` and
+    `launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd)`."""
+    M = spec.N * spec.inner
+    if spec.batch_stats and M < 2:
+        # torch raises the same: the unbiased variance of one value is undefined
+        raise ValueError(f"batch_norm in training needs more than 1 value per channel, got input "
+                         f"[{spec.N}, {spec.C}, {spec.inner}]")
+    update = spec.training and spec.track_running_stats
+    use_running = not spec.batch_stats
+    params = ["x_ptr,  # [N, C, INNER] input, contiguous"]
+    args = ["x"]
+    if spec.affine:
+        params += ["w_ptr,  # [C] weight (gamma)", "b_ptr,  # [C] bias (beta)"]
+        args += ["weight", "bias"]
+    if update or use_running:
+        what = "updated in place" if update else "read"
+        params += [f"rmean_ptr,  # [C] running mean, {what}",
+                   f"rvar_ptr,  # [C] running (unbiased) variance, {what}"]
+        args += ["running_mean", "running_var"]
+    params += ["y_ptr,  # [N, C, INNER] output",
+               "mean_ptr,  # [C] mean used, saved for backward",
+               "invstd_ptr,  # [C] 1/sqrt(var + eps) used, saved for backward"]
+    args += ["y", "save_mean", "save_invstd"]
+    params += [f"{p}: tl.constexpr," for p in ("N", "C", "INNER", "EPS")]
+    if update:
+        params.append("MOMENTUM: tl.constexpr,")
+    params += ["BLOCK_R: tl.constexpr,", "BLOCK_C: tl.constexpr,"]
+
+    s = Source()
+    s.writelines(spec.header)
+    s.writelines(
+        """
+        from __future__ import annotations
+
+        import triton
+        import triton.language as tl
+
+        from fusednn.compiler import configs
+        from fusednn.launch import launch as run_kernel
+        """
+    )
+    s.writeline()
+    s.writeline()
+    s.writeline("@triton.jit")
+    s.writeline(f"def {spec.name}(")
+    with s.indent():
+        for p in params:
+            s.writeline(p)
+    s.writeline("):")
+    with s.indent():
+        s.writelines(
+            """
+            M = N * INNER
+            chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_ok = chans < C
+            """
+        )
+        for label in spec.labels:
+            s.writeline(f"# {label}")
+        if use_running:
+            _emit_eval(s, spec)
+        else:
+            _emit_train(s, spec, update)
+    s.writeline()
+    s.writeline()
+    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd):")
+    with s.indent():
+        mode = "running" if use_running else "batch"
+        s.writeline(f'"""batch_norm of [{spec.N}, {spec.C}, {spec.inner}] with {mode} statistics into y, '
+                    f'save_mean, save_invstd."""')
+        s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C})")
+        rows_grid = f'triton.cdiv({M}, cfg["BLOCK_R"])' if use_running else "1"
+        s.writeline(f'grid = ({rows_grid}, triton.cdiv({spec.C}, cfg["BLOCK_C"]))')
+        meta = f"N={spec.N}, C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
+        if update:
+            meta += f", MOMENTUM={spec.momentum!r}"
+        s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, **cfg)")
+    return s.getvalue()
+
+
+def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
+    """Batch statistics: grid (1, channel blocks); each program walks all M rows three times."""
+    s.writeline("acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)")
+    s.writeline("for r0 in range(0, M, BLOCK_R):")
+    with s.indent():
+        s.writelines(_TILE)
+        s.writeline("acc += x")
+    s.writeline("mean = tl.sum(acc, axis=0) / M")
+    s.writeline("# second pass: squared deviations from the mean (accurate where E[x²] − E[x]² cancels)")
+    s.writeline("acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)")
+    s.writeline("for r0 in range(0, M, BLOCK_R):")
+    with s.indent():
+        s.writelines(_TILE)
+        s.writeline("d = tl.where(mask, x - mean[None, :], 0.0)")
+        s.writeline("acc += d * d")
+    s.writelines(
+        """
+        var = tl.sum(acc, axis=0) / M  # biased: what normalises
+        invstd = 1.0 / tl.sqrt(var + EPS)
+        tl.store(mean_ptr + chans, mean, mask=c_ok)
+        tl.store(invstd_ptr + chans, invstd, mask=c_ok)
+        """
+    )
+    if update:
+        s.writelines(
+            """
+            # running stats exactly as torch: running_var takes the unbiased variance
+            rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0)
+            rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0)
+            tl.store(rmean_ptr + chans, (1.0 - MOMENTUM) * rm + MOMENTUM * mean, mask=c_ok)
+            tl.store(rvar_ptr + chans, (1.0 - MOMENTUM) * rv + MOMENTUM * (var * M / (M - 1)), mask=c_ok)
+            """
+        )
+    y = _emit_scale(s, spec)
+    s.writeline("for r0 in range(0, M, BLOCK_R):")
+    with s.indent():
+        s.writelines(_TILE)
+        s.writeline(f"tl.store(y_ptr + offs, {y}, mask=mask)")
+
+
+def _emit_eval(s: Source, spec: BatchNormSpec) -> None:
+    """Running statistics: pointwise per channel; grid (row blocks, channel blocks), no loop."""
+    s.writelines(
+        """
+        mean = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0)
+        invstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + chans, mask=c_ok, other=1.0) + EPS)
+        if tl.program_id(0) == 0:  # the first row block saves what backward needs
+            tl.store(mean_ptr + chans, mean, mask=c_ok)
+            tl.store(invstd_ptr + chans, invstd, mask=c_ok)
+        """
+    )
+    y = _emit_scale(s, spec)
+    s.writeline("r0 = tl.program_id(0) * BLOCK_R")
+    s.writelines(_TILE)
+    s.writeline(f"tl.store(y_ptr + offs, {y}, mask=mask)")
+
+
+def _emit_scale(s: Source, spec: BatchNormSpec) -> str:
+    """Emit the per-channel affine factors; return the expression of y over a tile x."""
+    if not spec.affine:
+        return "(x - mean[None, :]) * invstd[None, :]"
+    s.writeline("scale = invstd * tl.load(w_ptr + chans, mask=c_ok, other=0.0)")
+    s.writeline("shift = tl.load(b_ptr + chans, mask=c_ok, other=0.0)")
+    return "(x - mean[None, :]) * scale[None, :] + shift[None, :]"

@@ -1,0 +1,197 @@
+"""Template: a chain of elementwise ops (activations, prelu, add/mul/sub) fused into one 1-D Triton kernel.
+
+Every tensor value has `numel` elements except prelu weights (`channels` elements, broadcast over an
+[outer, channels, inner] view). Each step becomes one line named after its IR value, under its label
+comment; only `spec.outputs` are written to memory. Backward: kernels/activation.py.
+"""
+from __future__ import annotations
+
+import keyword
+import math
+from dataclasses import dataclass
+
+from fusednn.compiler.source import Source
+
+UNARY = ("relu", "leaky_relu", "sigmoid", "tanh")
+BINARY = ("add", "mul", "sub")
+OPS = UNARY + BINARY + ("prelu",)
+
+_SYMBOL = {"add": "+", "mul": "*", "sub": "-"}
+# Names the generated kernel and launcher use themselves; IR values must not shadow them.
+_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", "_tanh", "_sigmoid",
+             "_configs", "_launch", "launch"}
+
+
+@dataclass(frozen=True, slots=True)
+class PwStep:
+    """One elementwise op: `out = op(*args)`.
+
+    Args:
+        label: the IR node's label comment, e.g. "%4 relu".
+        out: the value's name (a Python identifier), e.g. "v4".
+        op: one of OPS.
+        args: value names (str) or Python float scalars; prelu takes (x, weight input name).
+        param: leaky_relu's negative slope.
+        channels, inner: prelu's weight layout: element i uses weight[(i // inner) % channels].
+    """
+
+    label: str
+    out: str
+    op: str
+    args: tuple
+    param: float = 0.0
+    channels: int = 1
+    inner: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PointwiseSpec:
+    """A fused elementwise chain: launch(*inputs, *outputs) over `numel` elements."""
+
+    name: str
+    header: str
+    numel: int
+    inputs: tuple[str, ...]
+    steps: tuple[PwStep, ...]
+    outputs: tuple[str, ...]
+
+
+def _literal(v: float, where: str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: scalar must be a finite float, got {v!r}")
+    return repr(float(v))
+
+
+def _prelu_weights(spec: PointwiseSpec) -> dict[str, int]:
+    """Prelu weight inputs and their element counts (channels)."""
+    return {s.args[1]: s.channels for s in spec.steps if s.op == "prelu" and len(s.args) == 2}
+
+
+def _check(spec: PointwiseSpec) -> None:
+    """Reject specs that would generate wrong or non-compiling code (a compiler bug, not a user error)."""
+    if not isinstance(spec.numel, int) or not 0 <= spec.numel < 2**31:
+        raise ValueError(f"{spec.name}: numel must be an int in [0, 2**31), got {spec.numel!r}")
+    weights = _prelu_weights(spec)
+    for s in spec.steps:
+        if s.op == "prelu" and len(s.args) == 2 and weights.get(s.args[1]) != s.channels:
+            raise ValueError(f"{spec.name}: prelu weight {s.args[1]!r} is used with different channel counts")
+    names = [*spec.inputs, *(s.out for s in spec.steps)]
+    taken = set(_RESERVED) | {spec.name}
+    for n in names:
+        if not (isinstance(n, str) and n.isidentifier()) or keyword.iskeyword(n) or n in taken:
+            raise ValueError(f"{spec.name}: value name {n!r} is not a free Python identifier")
+        taken.add(n)
+    # Derived names (pointers, prelu weight temporaries) must not collide with value names either.
+    for n in [f"{v}_ptr" for v in (*spec.inputs, *spec.outputs)] + [
+            f"{s.out}_w" for s in spec.steps if s.op == "prelu"]:
+        if n in taken:
+            raise ValueError(f"{spec.name}: generated name {n!r} collides with a value name")
+        taken.add(n)
+    defined = {n for n in spec.inputs if n not in weights}
+    for s in spec.steps:
+        where = f"{spec.name} step {s.label!r}"
+        if s.op not in OPS:
+            raise ValueError(f"{where}: unknown op {s.op!r} (known: {', '.join(OPS)})")
+        nargs = 1 if s.op in UNARY else 2
+        if len(s.args) != nargs:
+            raise ValueError(f"{where}: {s.op} takes {nargs} argument(s), got {s.args!r}")
+        tensors = [a for a in s.args if isinstance(a, str)]
+        for a in tensors:
+            if a in weights and not (s.op == "prelu" and a == s.args[1]):
+                raise ValueError(f"{where}: {a!r} is a prelu weight and cannot be used as a full tensor")
+            if a not in defined and not (s.op == "prelu" and a == s.args[1] and a in spec.inputs):
+                raise ValueError(f"{where}: argument {a!r} is not an input or an earlier step")
+        if s.op in UNARY or s.op == "prelu":
+            if len(tensors) != nargs:
+                raise ValueError(f"{where}: {s.op} takes tensor arguments, got {s.args!r}")
+        elif not tensors:
+            raise ValueError(f"{where}: {s.op} needs at least one tensor argument, got {s.args!r}")
+        for a in s.args:
+            if not isinstance(a, str):
+                _literal(a, where)
+        if s.op == "leaky_relu":
+            _literal(s.param, where)
+        if s.op == "prelu" and not (isinstance(s.channels, int) and isinstance(s.inner, int)
+                                    and s.channels >= 1 and s.inner >= 1):
+            raise ValueError(f"{where}: prelu needs channels >= 1 and inner >= 1")
+        defined.add(s.out)
+    steps = {s.out for s in spec.steps}
+    if len(set(spec.outputs)) != len(spec.outputs) or not set(spec.outputs) <= steps:
+        raise ValueError(f"{spec.name}: outputs {spec.outputs!r} must be distinct step values")
+
+
+def _expr(s: PwStep) -> list[str]:
+    """The line(s) computing step `s` (the last one assigns s.out)."""
+    arg = [a if isinstance(a, str) else _literal(a, s.label) for a in s.args]
+    if s.op == "relu":
+        return [f"{s.out} = tl.where({arg[0]} < 0, 0.0, {arg[0]})  # NaN passes through, as torch"]
+    if s.op == "leaky_relu":
+        return [f"{s.out} = tl.where({arg[0]} > 0, {arg[0]}, {arg[0]} * {_literal(s.param, s.label)})"]
+    if s.op == "sigmoid":
+        return [f"{s.out} = _sigmoid({arg[0]})"]
+    if s.op == "tanh":
+        return [f"{s.out} = _tanh({arg[0]})"]
+    if s.op == "prelu":
+        x, w = arg
+        if s.channels == 1:
+            load = f"{s.out}_w = tl.load({w}_ptr)  # one weight for every element"
+        else:
+            idx = "offs" if s.inner == 1 else f"(offs // {s.inner})"
+            load = f"{s.out}_w = tl.load({w}_ptr + {idx} % {s.channels}, mask=mask)  # weight of the channel"
+        return [load, f"{s.out} = tl.where({x} > 0, {x}, {s.out}_w * {x})"]
+    return [f"{s.out} = {arg[0]} {_SYMBOL[s.op]} {arg[1]}"]
+
+
+def generate(spec: PointwiseSpec) -> str:
+    """The source of a module defining kernel `spec.name` and `launch(*inputs, *outputs)`."""
+    _check(spec)
+    weights = _prelu_weights(spec)
+    labels = {s.out: s.label for s in spec.steps}
+    src = Source()
+    for line in spec.header.rstrip("\n").splitlines():
+        src.writeline(line)
+    src.writelines("""
+        import triton
+        import triton.language as tl
+
+        from fusednn.compiler import configs as _configs
+        from fusednn.kernels.activation import _sigmoid, _tanh
+        from fusednn.launch import launch as _launch
+
+
+        @triton.jit
+    """)
+    src.writeline(f"def {spec.name}(")
+    with src.indent():
+        for n in spec.inputs:
+            what = f"[{weights[n]}] prelu weight" if n in weights else f"[{spec.numel}] input"
+            src.writeline(f"{n}_ptr,  # {what} {n}")
+        for n in spec.outputs:
+            src.writeline(f"{n}_ptr,  # [{spec.numel}] output of {labels[n]}")
+        src.writeline("numel,")
+        src.writeline("BLOCK: tl.constexpr,")
+    src.writeline("):")
+    with src.indent():
+        src.writeline("pid = tl.program_id(0)")
+        src.writeline("offs = pid * BLOCK + tl.arange(0, BLOCK)")
+        src.writeline("mask = offs < numel")
+        for n in spec.inputs:
+            if n not in weights:
+                src.writeline(f"{n} = tl.load({n}_ptr + offs, mask=mask)")
+        for s in spec.steps:
+            src.writeline(f"# {s.label}")
+            for line in _expr(s):
+                src.writeline(line)
+        for n in spec.outputs:
+            src.writeline(f"tl.store({n}_ptr + offs, {n}, mask=mask)")
+    src.writeline()
+    src.writeline()
+    params = ", ".join((*spec.inputs, *spec.outputs))
+    src.writeline(f"def launch({params}):")
+    with src.indent():
+        src.writeline(f'"""Run {spec.name} over {spec.numel} elements; outputs are preallocated '
+                      f'contiguous tensors."""')
+        src.writeline(f"meta = _configs.elementwise({spec.numel})")
+        src.writeline(f'_launch({spec.name}, (triton.cdiv({spec.numel}, meta["BLOCK"]),), {params}, '
+                      f'{spec.numel}, **meta)')
+    return src.getvalue()

@@ -1,0 +1,235 @@
+"""The tracer: run a module or function once on meta tensors and record every torch call into a Graph.
+
+Recording happens under a `TorchFunctionMode`, so ordinary Python in `forward` (a loop over `x.size()[1:]`,
+`x.view(-1, n)`) runs as written with concrete shapes. Parameters and buffers are swapped for meta
+tensors for the duration of the trace (torch's `_reparametrize_module`), recognised by identity, and
+become named graph inputs; nothing of the user's module is changed, no real compute runs, no RNG is used
+and no running statistic moves.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+import fusednn
+from fusednn.compiler import ops
+from fusednn.compiler.ir import Graph, Node, TensorType, Value
+from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
+
+_SKIP_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (torch, fusednn, sys.modules["fusednn.compiler"], sys.modules["fusednn.compiler.ops"])
+) + (os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py",)
+
+
+def user_location() -> str:
+    """file:line of the innermost stack frame outside torch and fusednn: the user's call."""
+    f = sys._getframe(1)
+    while f is not None:
+        fname = f.f_code.co_filename
+        if not fname.startswith(_SKIP_DIRS) and not fname.startswith("<frozen"):
+            return f"{os.path.basename(fname)}:{f.f_lineno}"
+        f = f.f_back
+    return "?"
+
+
+def _op_phrase(name: str, module: str, where: str) -> str:
+    m = f" in module '{module}'" if module else " at the top level"
+    return f"{name}{m} ({where})"
+
+
+class _Recorder(TorchFunctionMode):
+    """Records registered torch calls as Nodes; everything returning non-tensors passes through."""
+
+    def __init__(self, values: dict[int, Value], keep: list[Any]):
+        super().__init__()
+        self.values = values
+        self.keep = keep  # keeps traced tensors alive so their ids stay unique
+        self.nodes: list[Node] = []
+        self.module_stack: list[str] = []
+
+    def value_of(self, t: Any, opname: str, where: str) -> Value | None:
+        if t is None:
+            return None
+        v = self.values.get(id(t))
+        if v is None:
+            raise UnsupportedOpError(
+                f"{_op_phrase(opname, self.module, where)} reads a tensor that is neither an input, a parameter, "
+                "a buffer nor the result of a traced op (e.g. a tensor created inside forward, or a parameter of a "
+                "module fusednn did not see); pass it as an input or register it as a buffer")
+        return v
+
+    @property
+    def module(self) -> str:
+        return self.module_stack[-1] if self.module_stack else ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in ops.ALIASES:
+            out = func(*args, **kwargs)
+            if id(args[0]) in self.values:
+                self.values[id(out)] = self.values[id(args[0])]
+                self.keep.append(out)
+            return out
+        d = ops.lookup(func)
+        if d is None:
+            out = func(*args, **kwargs)
+            touches = any(isinstance(a, torch.Tensor) and id(a) in self.values for a in pytree.tree_leaves((args, kwargs)))
+            if touches and any(isinstance(o, torch.Tensor) for o in pytree.tree_leaves(out)):
+                name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+                raise UnsupportedOpError(
+                    f"unsupported op {name}{' in module ' + repr(self.module) if self.module else ''} "
+                    f"({user_location()}). fusednn traces these ops (docs/IR.md):\n{ops.supported_ops()}")
+            return out
+        where = user_location()
+        try:
+            tensors, attrs = d.parse(*args, **kwargs)
+        except (CompileError, ValueError, TypeError) as e:
+            raise type(e)(f"{_op_phrase(d.name, self.module, where)}: {e}") from None
+        try:
+            out = func(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError) as e:
+            shapes = ", ".join(str(list(t.shape)) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+            raise InputMismatchError(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
+        ins = tuple(self.value_of(t, d.name, where) for t in tensors)
+        opname = d.name
+        if d.name == "add" and ins[0] is not None and ins[0].kind == "buffer" and not ins[0].type.dtype.is_floating_point:
+            opname, attrs = "count_", {"by": int(attrs.get("scalar", 1) * attrs.get("alpha", 1))}
+            ins = ins[:1]
+        if d.kind == "view":
+            attrs = {"shape": tuple(out.shape)}
+        result = Value("?", TensorType(tuple(out.shape), out.dtype))
+        self.nodes.append(Node(opname, ins, attrs, result, module=self.module, source=where))
+        self.values[id(out)] = result
+        self.keep.append(out)
+        return out
+
+
+def _modules_of(fn: Callable) -> list[tuple[str, torch.nn.Module]]:
+    """nn.Modules a plain function closes over or names as globals, with the names it uses for them."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return found
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            obj = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(obj, torch.nn.Module):
+            found.append((name, obj))
+    for name in code.co_names:
+        obj = fn.__globals__.get(name)
+        if isinstance(obj, torch.nn.Module):
+            found.append((name, obj))
+    seen, unique = set(), []
+    for name, m in found:
+        if id(m) not in seen:
+            seen.add(id(m))
+            unique.append((name, m))
+    return unique
+
+
+def input_names(fn: Callable, n: int) -> list[str]:
+    """Names for the n positional inputs: the forward's/function's parameter names where it has them."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        params = [p for p in inspect.signature(target).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params[:n]]
+    return names + [f"x{i}" for i in range(len(names), n)]
+
+
+def trace(fn: Callable, *example_inputs: Any, name: str | None = None) -> Graph:
+    """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph."""
+    if isinstance(fn, torch.nn.Module):
+        mods = [("", fn)]
+        gname = name or type(fn).__name__
+    else:
+        mods = _modules_of(fn)
+        gname = name or (fn.__name__ if getattr(fn, "__name__", "<lambda>") != "<lambda>" else "fn")
+
+    values: dict[int, Value] = {}
+    keep: list[Any] = []
+    graph_inputs: list[Value] = []
+    meta_inputs = []
+    for nm, x in zip(input_names(fn, len(example_inputs)), example_inputs):
+        if isinstance(x, torch.Tensor):
+            m = torch.empty(x.shape, dtype=x.dtype, device="meta")
+            v = Value(nm, TensorType(tuple(x.shape), x.dtype), "input")
+            values[id(m)] = v
+            keep.append(m)
+            graph_inputs.append(v)
+            meta_inputs.append(m)
+        else:
+            meta_inputs.append(x)
+
+    # Meta stand-ins for every parameter and buffer, under their qualified names.
+    params: list[Value] = []
+    replacements: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
+    names_of: dict[int, str] = {}
+    for prefix, mod in mods:
+        pre = prefix + "." if prefix else ""
+        for mname, sub in mod.named_modules(remove_duplicate=False):
+            names_of.setdefault(id(sub), (pre + mname).rstrip("."))
+        swap: dict[str, torch.Tensor] = {}
+        by_id: dict[int, torch.Tensor] = {}
+        for kind, items in (("param", mod.named_parameters(remove_duplicate=False)),
+                            ("buffer", mod.named_buffers(remove_duplicate=False))):
+            for pname, t in items:
+                if t is None:
+                    continue
+                if id(t) not in by_id:
+                    m = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    by_id[id(t)] = m
+                    v = Value(pre + pname, TensorType(tuple(t.shape), t.dtype), kind)
+                    values[id(m)] = v
+                    keep.append(m)
+                    params.append(v)
+                swap[pname] = by_id[id(t)]
+        replacements.append((mod, swap))
+
+    rec = _Recorder(values, keep)
+
+    def pre_hook(module, _inputs):
+        rec.module_stack.append(names_of.get(id(module), type(module).__name__))
+
+    def post_hook(module, _inputs, _output):
+        rec.module_stack.pop()
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
+             torch.nn.modules.module.register_module_forward_hook(post_hook)]
+    try:
+        with contextlib.ExitStack() as stack:
+            for mod, swap in replacements:
+                stack.enter_context(_reparametrize_module(mod, swap))
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.random.fork_rng(devices=[]))  # meta dropout still draws a seed
+            stack.enter_context(rec)
+            out = fn(*meta_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    leaves, spec = pytree.tree_flatten(out)
+    outputs = []
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor) or id(leaf) not in values:
+            raise UnsupportedOpError(f"{gname} returns {type(leaf).__name__} that fusednn did not trace; "
+                                     "outputs must be tensors computed from the inputs")
+        outputs.append(values[id(leaf)])
+    used = {id(v) for n in rec.nodes for v in n.inputs if v is not None} | {id(v) for v in outputs}
+    graph = Graph(gname, graph_inputs + [p for p in params if id(p) in used], rec.nodes, outputs, spec)
+    for i, n in enumerate(graph.nodes, 1):
+        n.out.name = str(i)
+    return graph
