@@ -44,8 +44,9 @@ def test_mixed_model_traces_train_and_eval_modes():
 def test_tracing_leaves_module_parameters_buffers_mode_and_rng_untouched():
     m = Mixed()
     before = copy.deepcopy(m.state_dict())
+    x = torch.randn(2, 3, 16, 16)
     rng = torch.get_rng_state()
-    trace(m, torch.randn(2, 3, 16, 16))
+    trace(m, x)
     assert m.training
     assert torch.equal(torch.get_rng_state(), rng)
     after = m.state_dict()
