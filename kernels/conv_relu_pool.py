@@ -1,0 +1,321 @@
+"""Backward of the conv_relu_pool stem: conv2d (+bias) (+activation) (+non-overlapping pool).
+
+The forward kernel is generated (compiler/templates/conv.py). Its backward is two implicit GEMMs, dx and
+dw (db rides along with dw), whose dz operand is made tile by tile by one shared prologue from the pooled
+gradient dy, the 1-byte argmax idx and the activation's output: the full-size gradient never touches memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusednn.compiler import configs
+from fusednn.launch import launch
+
+# VJP of  z = conv2d(x, w) + b,  a = act(z),  y = pool(a)   (P = pool_k, per group g of channels):
+#
+#   z[n,k,oh,ow] = b[k] + sum_{c,r,s} x[n,c, oh*SH - PAD_H + r*DH, ow*SW - PAD_W + s*DW] * w[k,c,r,s]
+#                  (x is zero outside [0,H) x [0,W); c runs over the C/groups channels of k's group)
+#   max pool: y[n,k,ph,pw] = a[n,k, ph*P + i, pw*P + j] at the window offset idx[n,k,ph,pw] = i*P + j
+#   avg pool: y[n,k,ph,pw] = 1/P^2 * sum_{i,j} a[n,k, ph*P + i, pw*P + j]
+#
+# Given dy:
+#   da[n,k,oh,ow] = dy[n,k, oh//P, ow//P] * [idx == (oh%P)*P + ow%P]      (max pool)
+#                 = dy[n,k, oh//P, ow//P] / P^2                            (avg pool)
+#                 = 0 where oh >= PH*P or ow >= PW*P                       (floor mode dropped them)
+#   dz = da * act'(z), act' read from the activation's output o = act(z):
+#        relu: o > 0 (0 at z == 0, torch's choice)   leaky_relu: o > 0 ? 1 : slope
+#        sigmoid: o (1 - o)                           tanh: 1 - o^2
+#     Every act is monotone non-decreasing, so under max pool o at the argmax is y itself; under avg pool
+#     every position needs its own o: the full-size a saved by the forward (save_act).
+#   db[k]       = sum_{n,oh,ow} dz[n,k,oh,ow]
+#   dw[k,c,r,s] = sum_{n,oh,ow} dz[n,k,oh,ow] * x[n,c, oh*SH - PAD_H + r*DH, ow*SW - PAD_W + s*DW]
+#               = (dz^T [K, N*OH*OW] @ im2col(x) [N*OH*OW, C/g*R*S]) per group
+#   dx[n,c,h,w] = sum_{k,r,s} dz[n,k,oh,ow] * w[k,c,r,s]  where h + PAD_H - r*DH = oh*SH and
+#                 w + PAD_W - s*DW = ow*SW for integers oh in [0,OH), ow in [0,OW)
+#               = (gather(dz) [N*H*W, K/g*R*S] @ w [K/g*R*S, C/g]) per group: the transposed conv
+#
+# Determinism: every dw/db element is summed by one program over its rows in a fixed order; split-K (GPU)
+# writes per-slice partials that a second kernel adds in slice order. No atomics anywhere.
+
+
+@triton.jit
+def _conv_relu_pool_dz(
+    dy_ptr,  # upstream gradient [N, K, PH, PW] (pooled) or [N, K, OH, OW] (no pool)
+    idx_ptr,  # uint8 [N, K, PH, PW]: window offset of each max (max pool)
+    y_ptr,  # forward output, shaped as dy: act' under max pool or no pool
+    a_ptr,  # full-size act(z) [N, K, OH, OW]: act' under avg pool
+    slope,  # leaky_relu's negative slope
+    n, k, oh, ow,  # conv-output coordinates of the tile (broadcastable integer tensors)
+    ok,  # the tile's mask: coordinates inside the conv output
+    K: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
+):
+    """The GEMM prologue shared by dx and dw: dz at conv positions (n, k, oh, ow), zero where masked."""
+    if POOL == "none":
+        off = ((n * K + k) * OH + oh) * OW + ow
+        dz = tl.load(dy_ptr + off, mask=ok, other=0.0)
+        if ACT != "none":
+            o = tl.load(y_ptr + off, mask=ok, other=0.0)
+    else:
+        ph = oh // POOL_K
+        pw = ow // POOL_K
+        inside = ok & (ph < PH) & (pw < PW)
+        p_off = ((n * K + k) * PH + ph) * PW + pw
+        dz = tl.load(dy_ptr + p_off, mask=inside, other=0.0)
+        if POOL == "max":
+            win = tl.load(idx_ptr + p_off, mask=inside, other=0).to(tl.int32)
+            hit = inside & (win == (oh - ph * POOL_K) * POOL_K + (ow - pw * POOL_K))
+            dz = tl.where(hit, dz, 0.0)
+            if ACT != "none":
+                o = tl.load(y_ptr + p_off, mask=hit, other=0.0)
+        else:
+            dz = dz / (POOL_K * POOL_K)
+            if ACT != "none":
+                o = tl.load(a_ptr + ((n * K + k) * OH + oh) * OW + ow, mask=inside, other=0.0)
+    if ACT == "relu":
+        dz = tl.where(o > 0.0, dz, 0.0)
+    elif ACT == "leaky_relu":
+        dz = tl.where(o > 0.0, dz, dz * slope)
+    elif ACT == "sigmoid":
+        dz = dz * o * (1.0 - o)
+    elif ACT == "tanh":
+        dz = dz * (1.0 - o * o)
+    return dz
+
+
+@triton.jit
+def _conv_relu_pool_bwd_dx_kernel(
+    dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
+    w_ptr,  # filters [K, C // GROUPS, R, S]
+    dx_ptr,  # out: input gradient [N, C, H, W]
+    slope,  # leaky_relu's negative slope
+    N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Implicit GEMM of the transposed conv, one group g per program along axis 2:
+    #   rows     m = (n, ih, iw)  input positions
+    #   columns  j = c            the group's C // GROUPS input channels
+    #   reduce   q = (k, r, s)    the group's K // GROUPS * R * S taps; a tap reaches (ih, iw) only from
+    #                             the conv position it was applied at, when that position exists
+    CG: tl.constexpr = C // GROUPS
+    KG: tl.constexpr = K // GROUPS
+    KRS: tl.constexpr = KG * R * S
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = offs_m // (H * W)
+    ih = (offs_m // W) % H
+    iw = offs_m % W
+    m_ok = offs_m < N * H * W
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = offs_j < CG
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for q0 in range(0, KRS, BLOCK_K):
+        q = q0 + tl.arange(0, BLOCK_K)
+        q_ok = q < KRS
+        k = g * KG + q // (R * S)
+        rs = q % (R * S)
+        th = ih[:, None] + PAD_H - (rs // S)[None, :] * DIL_H  # == oh * STRIDE_H when the tap hits
+        tw = iw[:, None] + PAD_W - (rs % S)[None, :] * DIL_W
+        oh = th // STRIDE_H
+        ow = tw // STRIDE_W
+        hit = (m_ok[:, None] & q_ok[None, :] & (th >= 0) & (tw >= 0)
+               & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < OH) & (ow < OW))
+        dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], k[None, :], oh, ow, hit,
+                                K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+        # w viewed as [K, CG, R * S]: row k, channel c, tap (r, s)
+        w_tile = tl.load(w_ptr + (k[:, None] * CG + offs_j[None, :]) * (R * S) + rs[:, None],
+                         mask=q_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = tl.dot(dz, w_tile, acc, input_precision=PRECISION)
+    c = g * CG + offs_j
+    dx_off = ((n[:, None] * C + c[None, :]) * H + ih[:, None]) * W + iw[:, None]
+    tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _conv_relu_pool_bwd_dw_kernel(
+    dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
+    x_ptr,  # input [N, C, H, W]
+    dw_ptr,  # out: [SPLIT, K, C // GROUPS * R * S] weight-gradient partials, one per row slice
+    db_ptr,  # out: [SPLIT, K] bias-gradient partials
+    slope,  # leaky_relu's negative slope
+    N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
+    SPLIT: tl.constexpr, SLICE: tl.constexpr,  # row slices and rows per slice (a multiple of BLOCK_K)
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # GEMM dz^T @ im2col(x), one (group g, row slice) per program along axis 2:
+    #   rows     i = k            the group's K // GROUPS output channels
+    #   columns  j = (c, r, s)    the group's C // GROUPS * R * S taps
+    #   reduce   m = (n, oh, ow)  conv positions of this slice, in order; db is the row sum of dz, done
+    #                             on the same tiles by the programs of column 0
+    CG: tl.constexpr = C // GROUPS
+    KG: tl.constexpr = K // GROUPS
+    CRS: tl.constexpr = CG * R * S
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2) // SPLIT
+    part = tl.program_id(2) % SPLIT
+
+    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_ok = offs_i < KG
+    k = g * KG + offs_i
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = offs_j < CRS
+    c = g * CG + offs_j // (R * S)
+    r = (offs_j // S) % R
+    s = offs_j % S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for m0 in range(part * SLICE, (part + 1) * SLICE, BLOCK_K):
+        m = m0 + tl.arange(0, BLOCK_K)
+        m_ok = m < N * OH * OW
+        n = m // (OH * OW)
+        oh = (m // OW) % OH
+        ow = m % OW
+        dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[None, :], k[:, None], oh[None, :],
+                                ow[None, :], i_ok[:, None] & m_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+        if COMPUTE_DB:
+            db_acc += tl.sum(dz, axis=1)
+        if COMPUTE_DW:
+            ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :] * DIL_H
+            iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :] * DIL_W
+            x_ok = m_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=x_ok, other=0.0)
+            acc = tl.dot(dz, x_tile, acc, input_precision=PRECISION)
+    if COMPUTE_DW:
+        dw_off = (part * K + k[:, None]) * CRS + offs_j[None, :]
+        tl.store(dw_ptr + dw_off, acc, mask=i_ok[:, None] & j_ok[None, :])
+    if COMPUTE_DB:
+        if pid_n == 0:  # every column of programs has the same db; the first one writes it
+            tl.store(db_ptr + part * K + k, db_acc, mask=i_ok)
+
+
+@triton.jit
+def _conv_relu_pool_bwd_sum_splits_kernel(
+    part_ptr,  # [SPLIT, L] partial sums
+    out_ptr,  # out: [L]
+    L,  # elements per slice
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The second pass of split-K: slice partials added in slice order, so the sum is the same every run.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for p in range(1, SPLIT):
+        acc += tl.load(part_ptr + p * L + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=ok)
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out = part.sum(0) in slice order (the deterministic second pass of split-K)."""
+    n = out.numel()
+    cfg = configs.elementwise(n)
+    launch(_conv_relu_pool_bwd_sum_splits_kernel, (triton.cdiv(n, cfg["BLOCK"]),), part, out, n,
+           SPLIT=part.shape[0], **cfg)
+
+
+def conv_relu_pool_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor | None,
+    idx: torch.Tensor | None,
+    a: torch.Tensor | None,
+    *,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    groups: int,
+    act: str,
+    act_param: float,
+    pool: str,
+    pool_k: int,
+    out_hw: tuple[int, int],
+    needs_dx: bool,
+    needs_dw: bool,
+    needs_db: bool,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dx, dw, db) of y = pool(act(conv2d(x, w) + b)) given dy; freshly allocated, None where not needed.
+
+    Args:
+        dy: gradient of the forward output: pooled [N, K, PH, PW], or [N, K, OH, OW] when pool == "none".
+        x, w: the forward's input [N, C, H, W] and filters [K, C // groups, R, S].
+        y: the forward output (act' under max pool or no pool; may be None when act == "none").
+        idx: uint8 window offsets of the maxima [N, K, PH, PW] (max pool only, else None).
+        a: the saved full-size act(z) [N, K, OH, OW] (avg pool with an activation only, else None).
+        stride, padding, dilation, groups: the conv's; act, act_param, pool, pool_k: the fused epilogue's.
+        out_hw: the conv output (OH, OW).
+        needs_dx, needs_dw, needs_db: which gradients to compute.
+        precision: "ieee" or "tf32", for tl.dot.
+    """
+    (sh, sw), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
+    N, C, H, W = x.shape
+    K, CG, R, S = w.shape
+    OH, OW = out_hw
+    P = pool_k if pool != "none" else 1
+    PH, PW = OH // P, OW // P
+    if (OH, OW) != ((H + 2 * pad_h - dil_h * (R - 1) - 1) // sh + 1, (W + 2 * pad_w - dil_w * (S - 1) - 1) // sw + 1):
+        raise ValueError(f"conv_relu_pool_backward: out_hw {out_hw} does not match x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if tuple(dy.shape) != (N, K, PH, PW) or CG * groups != C:
+        raise ValueError(f"conv_relu_pool_backward: dy {tuple(dy.shape)} / w {tuple(w.shape)} do not fit "
+                         f"x {tuple(x.shape)}, groups={groups}, pool {pool} {P}")
+    act_src = a if pool == "avg" else y  # where act' is read from
+    if (pool == "max" and idx is None) or (act != "none" and act_src is None):
+        raise ValueError(f"conv_relu_pool_backward: act {act} with pool {pool} needs "
+                         f"{'idx' if idx is None else 'a (save_act)' if pool == 'avg' else 'y'}")
+    # Buffers a variant does not read are stood in for by dy: the constexpr branches never touch them.
+    bufs = (dy, idx if idx is not None else dy, y if y is not None else dy, a if a is not None else dy)
+    meta = dict(N=N, C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,
+                PAD_H=pad_h, PAD_W=pad_w, DIL_H=dil_h, DIL_W=dil_w, OH=OH, OW=OW, PH=PH, PW=PW,
+                ACT=act, POOL=pool, POOL_K=P, PRECISION=precision)
+    KG = K // groups
+    dx = dw = db = None
+
+    if needs_dx:
+        dx = torch.empty_like(x)
+        cfg = configs.gemm(N * H * W, CG, KG * R * S)
+        grid = (triton.cdiv(N * H * W, cfg["BLOCK_M"]), triton.cdiv(CG, cfg["BLOCK_N"]), groups)
+        launch(_conv_relu_pool_bwd_dx_kernel, grid, *bufs, w, dx, float(act_param or 0.0), **meta, **cfg)
+
+    if needs_dw or needs_db:
+        rows, crs = N * OH * OW, CG * R * S
+        cfg = configs.gemm(KG, crs, rows)
+        tiles_m, tiles_n = triton.cdiv(KG, cfg["BLOCK_M"]), triton.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
+        steps = triton.cdiv(rows, cfg["BLOCK_K"])
+        split = configs.split_k(tiles_m * tiles_n * groups, steps)
+        slice_rows = triton.cdiv(steps, split) * cfg["BLOCK_K"]
+        split = triton.cdiv(rows, slice_rows)  # no empty slice
+        dw_part = torch.empty((split, K, crs) if needs_dw else (0,), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=torch.float32)
+        launch(_conv_relu_pool_bwd_dw_kernel, (tiles_m, tiles_n, groups * split), *bufs, x, dw_part, db_part,
+               float(act_param or 0.0), **meta, SPLIT=split, SLICE=slice_rows, COMPUTE_DW=needs_dw,
+               COMPUTE_DB=needs_db, **cfg)
+        if needs_dw:
+            dw = dw_part.view(w.shape) if split == 1 else torch.empty_like(w)
+            if split > 1:
+                _sum_splits(dw_part, dw)
+        if needs_db:
+            db = db_part.view(K) if split == 1 else torch.empty((K,), device=x.device, dtype=torch.float32)
+            if split > 1:
+                _sum_splits(db_part, db)
+    return dx, dw, db
