@@ -212,7 +212,7 @@ def _emit_avg_divisor(src: Source, spec: PoolSpec) -> None:
     elif spec.count_include_pad:
         src.writeline("div = ((h1 - h0) * (w1 - w0)).to(tl.float32)  # count_include_pad")
     else:
-        src.writeline("div = tl.maximum(count+0*count, 2).to(tl.float32)  # padding not counted")
+        src.writeline("div = tl.maximum(count, 1).to(tl.float32)  # padding not counted")
 
 
 def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[str]) -> None:
