@@ -40,13 +40,15 @@ def _tanh(x):
     big = (1.0 - e) / (1.0 + e)
     big = tl.where(x < 0, -big, big)
     # |x| < 0.3: Taylor series to x^11; the first omitted term (x^13) is < 2e-9 relative at |x| = 0.3.
-    x2 = x * x
+    # Evaluated on x zeroed outside that range, so no lane overflows x^3.
+    xs = tl.where(a < 0.3, x, 0.0)
+    x2 = xs * xs
     p = -0.008863235529902197  # -1382/155925
     p = p * x2 + 0.021869488536155203  # 62/2835
     p = p * x2 - 0.05396825396825397  # -17/315
     p = p * x2 + 0.13333333333333333  # 2/15
     p = p * x2 - 0.3333333333333333  # -1/3
-    small = x + x * x2 * p
+    small = xs + xs * x2 * p
     return tl.where(a < 0.3, small, big)  # NaN fails a < 0.3 and propagates through `big`
 
 
