@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fusednn.compiler.ir import TensorType
-from fusednn.errors import CompileError, UnsupportedOpError
+from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 Tensor = torch.Tensor
 Parsed = tuple[list[Any], dict[str, Any]]
@@ -115,7 +115,16 @@ _conv_args = binder("input, weight, bias=None, stride=1, padding=0, dilation=1, 
 
 def _parse_conv2d(*args, **kwargs) -> Parsed:
     a = _conv_args(args, kwargs)
-    w = a["weight"]
+    x, w = a["input"], a["weight"]
+    groups = int(a["groups"])
+    if x.dim() not in (3, 4):
+        raise InputMismatchError(f"expected a 4-D input [N, C, H, W] (or 3-D unbatched), got shape {list(x.shape)}")
+    if x.shape[-3] != w.shape[1] * groups:
+        raise InputMismatchError(
+            f"expected input with {w.shape[1] * groups} channels (weight {list(w.shape)}, groups={groups}), "
+            f"got input of shape {list(x.shape)} with {x.shape[-3]} channels")
+    if x.dtype != w.dtype:
+        raise InputMismatchError(f"input dtype {x.dtype} does not match weight dtype {w.dtype}")
     stride, dilation = pair(a["stride"], "stride"), pair(a["dilation"], "dilation")
     pad = a["padding"]
     if isinstance(pad, str):
@@ -132,8 +141,7 @@ def _parse_conv2d(*args, **kwargs) -> Parsed:
             pad = (totals[0] // 2, totals[1] // 2)
         else:
             raise ValueError(f"padding must be 'same', 'valid' or ints, got {pad!r}")
-    return [a["input"], w, a["bias"]], dict(
-        stride=stride, padding=pair(pad, "padding"), dilation=dilation, groups=int(a["groups"]))
+    return [x, w, a["bias"]], dict(stride=stride, padding=pair(pad, "padding"), dilation=dilation, groups=groups)
 
 
 @op("conv2d", "conv", [F.conv2d], _parse_conv2d, "F.conv2d, nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups)")
@@ -146,6 +154,11 @@ _linear_args = binder("input, weight, bias=None")
 
 def _parse_linear(*args, **kwargs) -> Parsed:
     a = _linear_args(args, kwargs)
+    x, w = a["input"], a["weight"]
+    if x.dim() == 0 or x.shape[-1] != w.shape[1]:
+        raise InputMismatchError(f"expected input [..., {w.shape[1]}] (weight {list(w.shape)}), got shape {list(x.shape)}")
+    if x.dtype != w.dtype:
+        raise InputMismatchError(f"input dtype {x.dtype} does not match weight dtype {w.dtype}")
     return [a["input"], a["weight"], a["bias"]], {}
 
 

@@ -14,5 +14,9 @@ class UnsupportedOpError(CompileError):
     """The traced model calls an op fusednn has no rule for."""
 
 
-class InputMismatchError(FusednnError, ValueError):
-    """An input does not fit the compiled model (rank, channels, dtype, device, size)."""
+class InputMismatchError(FusednnError, ValueError, RuntimeError):
+    """An input does not fit the compiled model (rank, channels, dtype, device, size).
+
+    It is both a ValueError and a RuntimeError, so code that catches torch's error for the same bad input
+    (torch raises RuntimeError for most shape mismatches) keeps working.
+    """
