@@ -1,0 +1,331 @@
+"""The backward plan: from the (fused) forward graph, in reverse, each node's hand-written backward kernels
+and the few forward tensors they read.
+
+What each pattern saves (and nothing more):
+  conv_relu_pool  x, w, the pooled output y (for act'), a 1-byte argmax per pooled element (max pool);
+                  with avg pool and an activation, the full-size activation (act' cannot come from the mean)
+  linear_relu     x, w, the output y (for act')
+  relu/sigmoid/tanh  the output; leaky_relu, prelu: the input (and prelu's weight); mul: the other operand
+  max pools       the int32 flat argmax per output; avg pools: nothing
+  softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
+  batch_norm      x, weight, the per-channel mean and 1/std
+  dropout         the seed (the mask is regenerated from (seed, index))
+Gradients of values with several users are summed (`accumulate_`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fusednn.compiler.codegen import Env, softmax_dims
+from fusednn.compiler.ir import Graph, Node, Value
+
+Grads = list[torch.Tensor | None]
+Vjp = Callable[[Node, Env, torch.Tensor, list[bool], str], Grads]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """How one op differentiates: the launcher it calls, what it reads from the forward, the VJP."""
+
+    kernels: tuple[str, ...]
+    saves: Callable[[Node], list[Value | str]]  # Values (inputs/outputs) and extra keys ("idx", "lse", ...)
+    vjp: Vjp
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+# -- VJPs, one per kernel family ---------------------------------------------------------------------
+def _conv_saves(n: Node) -> list[Value | str]:
+    act, pool = n.attrs.get("act", "none"), n.attrs.get("pool", "none")
+    out: list[Value | str] = [n.inputs[0], n.inputs[1]]
+    if act != "none" and pool != "avg":
+        out.append(n.out)
+    if pool == "max":
+        out.append("idx")
+    if pool == "avg" and act != "none":
+        out.append("act")
+    return out
+
+
+def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
+
+    x, w, b = n.inputs
+    a = n.attrs
+    xt = env.values[x]
+    H, W = x.type.shape[-2:]
+    R, S = w.type.shape[-2:]
+    OH = (H + 2 * a["padding"][0] - a["dilation"][0] * (R - 1) - 1) // a["stride"][0] + 1
+    OW = (W + 2 * a["padding"][1] - a["dilation"][1] * (S - 1) - 1) // a["stride"][1] + 1
+    y = env.values.get(n.out)
+    dx, dw, db = conv_relu_pool_backward(
+        _as4d(dy), _as4d(xt.contiguous()), env.values[w].contiguous(), None if y is None else _as4d(y),
+        env.extra.get((n.out, "idx")), env.extra.get((n.out, "act")),
+        stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+        act=a.get("act", "none"), act_param=a.get("act_param", 0.0), pool=a.get("pool", "none"),
+        pool_k=a.get("pool_k", 1), out_hw=(OH, OW), needs_dx=needs[0], needs_dw=needs[1],
+        needs_db=b is not None and needs[2], precision=precision)
+    if dx is not None and xt.dim() == 3:
+        dx = dx.squeeze(0)
+    return [dx, dw, db]
+
+
+def _linear_saves(n: Node) -> list[Value | str]:
+    return [n.inputs[0], n.inputs[1]] + ([n.out] if n.attrs.get("act", "none") != "none" else [])
+
+
+def _linear_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.linear_relu import linear_relu_backward
+
+    x, w, b = n.inputs
+    K = w.type.shape[1]
+    Nout = w.type.shape[0]
+    xt = env.values[x].contiguous().reshape(-1, K)
+    y = env.values.get(n.out)
+    dx, dw, db = linear_relu_backward(
+        dy.reshape(-1, Nout), xt, env.values[w].contiguous(), None if y is None else y.reshape(-1, Nout),
+        act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), needs_dx=needs[0],
+        needs_dw=needs[1], needs_db=b is not None and needs[2], precision=precision)
+    return [None if dx is None else dx.reshape(x.type.shape), dw, db]
+
+
+def _act_saves(n: Node) -> list[Value | str]:
+    return [n.inputs[0]] if n.op == "leaky_relu" else [n.out]
+
+
+def _act_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.activation import activation_backward
+
+    saved = env.values[n.inputs[0]] if n.op == "leaky_relu" else env.values[n.out]
+    return [activation_backward(dy, saved.contiguous(), act=n.op, act_param=n.attrs.get("negative_slope", 0.0))]
+
+
+def _prelu_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.activation import prelu_backward
+
+    x, w = n.inputs
+    shape = x.type.shape
+    inner = 1
+    for s in shape[2:]:
+        inner *= s
+    dx, dw = prelu_backward(dy, env.values[x].contiguous(), env.values[w].contiguous(), channels=w.type.numel,
+                            inner=inner, needs_dx=needs[0], needs_dw=needs[1])
+    return [dx, None if dw is None else dw.reshape(w.type.shape)]
+
+
+def _arith_saves(n: Node) -> list[Value | str]:
+    if n.op != "mul":
+        return []
+    return [v for v in n.inputs if v is not None]
+
+
+def _arith_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.activation import mul_backward
+
+    x, y = n.inputs
+    alpha = n.attrs.get("alpha", 1.0)
+    if n.op == "mul":
+        other = env.values[y].contiguous() if y is not None else n.attrs["scalar"]
+        gx = mul_backward(dy, other) if needs[0] else None
+        gy = mul_backward(dy, env.values[x].contiguous()) if y is not None and needs[1] else None
+        return [gx, gy]
+    sign = -alpha if n.op == "sub" else alpha
+    gy = None
+    if y is not None and needs[1]:
+        gy = dy if sign == 1.0 else mul_backward(dy, sign)
+    return [dy if needs[0] else None, gy]
+
+
+def _pool_saves(n: Node) -> list[Value | str]:
+    return ["idx"] if "max" in n.op else []
+
+
+def _pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.pool import adaptive_pool2d_backward, pool2d_backward
+
+    x = n.inputs[0]
+    shape4 = (1,) * (4 - len(x.type.shape)) + x.type.shape
+    kind = "max" if "max" in n.op else "avg"
+    idx = env.extra.get((n.out, "idx"))
+    if n.op.startswith("adaptive"):
+        dx = adaptive_pool2d_backward(_as4d(dy), idx, kind=kind, x_shape=shape4)
+    else:
+        a = n.attrs
+        dx = pool2d_backward(_as4d(dy), idx, kind=kind, x_shape=shape4, kernel=a["kernel"], stride=a["stride"],
+                             padding=a["padding"], dilation=a.get("dilation", (1, 1)), ceil_mode=a["ceil_mode"],
+                             count_include_pad=a.get("count_include_pad", False),
+                             divisor_override=a.get("divisor_override"))
+    return [dx.reshape(x.type.shape)]
+
+
+def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.softmax import softmax_backward
+
+    outer, D, inner = softmax_dims(n.inputs[0].type.shape, n.attrs["dim"])
+    return [softmax_backward(dy, env.values[n.out], outer=outer, D=D, inner=inner, log=n.op == "log_softmax")]
+
+
+def _loss_saves(n: Node) -> list[Value | str]:
+    return list(n.inputs) + (["lse"] if n.op == "cross_entropy" else [])
+
+
+def _loss_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.losses import cross_entropy_backward, point_loss_backward
+
+    x, t = n.inputs
+    red = n.attrs["reduction"]
+    if n.op == "cross_entropy":
+        g = cross_entropy_backward(dy, env.values[x].contiguous(), env.values[t].contiguous(),
+                                   env.extra[(n.out, "lse")], reduction=red, ignore_index=n.attrs["ignore_index"])
+        return [g, None]
+    dx, dt = point_loss_backward(dy, env.values[x].contiguous(), env.values[t].contiguous(),
+                                 kind="mse" if n.op == "mse_loss" else "l1", reduction=red,
+                                 needs_dx=needs[0], needs_dt=needs[1])
+    return [dx, dt]
+
+
+def _bn_saves(n: Node) -> list[Value | str]:
+    return [n.inputs[0]] + ([n.inputs[3]] if n.inputs[3] is not None else []) + ["mean", "invstd"]
+
+
+def _bn_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.batch_norm import batch_norm_backward
+
+    x, rm, rv, w, b = n.inputs
+    dx, dw, db = batch_norm_backward(
+        dy, env.values[x].contiguous(), None if w is None else env.values[w],
+        env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")], training=n.attrs["training"] or rm is None,
+        needs_dx=needs[0], needs_dweight=w is not None and needs[3], needs_dbias=b is not None and needs[4])
+    return [dx, None, None, dw, db]
+
+
+def _dropout_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.dropout import dropout_backward
+
+    return [dropout_backward(dy, env.extra[(n.out, "seed")], p=n.attrs["p"])]
+
+
+def _reshape_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    return [dy.reshape(n.inputs[0].type.shape)]
+
+
+_NONE: Callable[[Node], list[Value | str]] = lambda n: []  # noqa: E731
+_CONV = Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp)
+_LINEAR = Rule(("linear_relu_backward",), _linear_saves, _linear_vjp)
+_ACT = Rule(("activation_backward",), _act_saves, _act_vjp)
+_ARITH = Rule(("mul_backward",), _arith_saves, _arith_vjp)
+_POOL = Rule(("pool2d_backward",), _pool_saves, _pool_vjp)
+_APOOL = Rule(("adaptive_pool2d_backward",), _pool_saves, _pool_vjp)
+_LOSS = Rule(("point_loss_backward",), _loss_saves, _loss_vjp)
+RULES: dict[str, Rule] = {
+    "conv2d": _CONV, "conv_relu_pool": _CONV, "linear": _LINEAR, "linear_relu": _LINEAR,
+    "relu": _ACT, "leaky_relu": _ACT, "sigmoid": _ACT, "tanh": _ACT,
+    "prelu": Rule(("prelu_backward",), lambda n: list(n.inputs), _prelu_vjp),
+    "add": _ARITH, "sub": _ARITH, "mul": _ARITH,
+    "max_pool2d": _POOL, "avg_pool2d": _POOL, "adaptive_avg_pool2d": _APOOL, "adaptive_max_pool2d": _APOOL,
+    "softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
+    "log_softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
+    "cross_entropy": Rule(("cross_entropy_backward",), _loss_saves, _loss_vjp),
+    "mse_loss": _LOSS, "l1_loss": _LOSS,
+    "batch_norm": Rule(("batch_norm_backward",), _bn_saves, _bn_vjp),
+    "dropout": Rule(("dropout_backward",), lambda n: ["seed"], _dropout_vjp),
+    "reshape": Rule((), _NONE, _reshape_vjp),
+}
+NON_DIFFERENTIABLE = ("count_",)
+
+
+class BackwardPlan:
+    """The reverse schedule of a graph: which nodes run which backward kernels, reading what."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self._needs_cache: dict[tuple[bool, ...], dict[Value, bool]] = {}
+
+    def saved(self) -> tuple[set[Value], set[tuple[Value, str]]]:
+        """Forward values and extra tensors the backward reads: all that a forward saves."""
+        vals: set[Value] = set()
+        extra: set[tuple[Value, str]] = set()
+        for n in self.graph.nodes:
+            if n.op in NON_DIFFERENTIABLE:
+                continue
+            for s in RULES[n.op].saves(n):
+                if isinstance(s, str):
+                    extra.add((n.out, s))
+                else:
+                    vals.add(s)
+        return vals, extra
+
+    def requires_grad(self, input_needs: tuple[bool, ...]) -> dict[Value, bool]:
+        """Which values carry a gradient, given which graph inputs need one."""
+        cached = self._needs_cache.get(input_needs)
+        if cached is None:
+            cached = {v: nd for v, nd in zip(self.graph.inputs, input_needs)}
+            for n in self.graph.nodes:
+                diff = n.op not in NON_DIFFERENTIABLE and n.out.type.dtype.is_floating_point
+                cached[n.out] = diff and any(cached.get(v, False) for v in n.inputs if v is not None)
+            self._needs_cache[input_needs] = cached
+        return cached
+
+    def run(self, env: Env, grads: dict[Value, torch.Tensor], input_needs: tuple[bool, ...],
+            precision: str) -> list[torch.Tensor | None]:
+        """Propagate output gradients back to the graph inputs; returns one gradient per graph input."""
+        from fusednn.kernels.activation import accumulate_
+
+        need = self.requires_grad(input_needs)
+        owned: set[int] = set()  # gradients fusednn allocated (safe to accumulate into in place)
+        for n in reversed(self.graph.nodes):
+            dy = grads.pop(n.out, None)
+            if dy is None or n.op in NON_DIFFERENTIABLE or not need.get(n.out, False):
+                continue
+            needs = [v is not None and need.get(v, False) for v in n.inputs]
+            outs = RULES[n.op].vjp(n, env, dy.contiguous(), needs, precision)
+            for v, g in zip(n.inputs, outs):
+                if v is None or g is None or not need.get(v, False):
+                    continue
+                prev = grads.get(v)
+                if prev is None:
+                    grads[v] = g
+                    if g is not dy:
+                        owned.add(id(g))
+                elif id(prev) in owned:
+                    accumulate_(prev, g.contiguous())
+                else:
+                    g = g.clone() if g is dy else g
+                    accumulate_(g, prev.contiguous())
+                    grads[v] = g
+                    owned.add(id(g))
+        return [grads.get(v) for v in self.graph.inputs]
+
+    def format(self) -> str:
+        """The plan as text (written by dump() as backward.ir)."""
+        vals, extra = self.saved()
+        lines = [f"backward {self.graph.name} {{"]
+        for n in reversed(self.graph.nodes):
+            if n.op in NON_DIFFERENTIABLE:
+                continue
+            rule = RULES[n.op]
+            ins = [f"d{v}" for v in n.inputs if v is not None and v.type.dtype.is_floating_point]
+            reads = [str(s) if not isinstance(s, str) else f"{s}(%{n.out.name})" for s in rule.saves(n)]
+            call = ", ".join(rule.kernels) or "view"
+            lines.append(f"  {', '.join(ins) or '-'} = {call}(d{n.out}; saved: {', '.join(reads) or '-'})"
+                         f"  # {n.label()}")
+        lines.append("  saved: " + ", ".join(sorted([str(v) for v in vals]) + sorted(f"{k}(%{v.name})" for v, k in extra)))
+        lines.append("}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def plan(graph: Graph) -> BackwardPlan:
+    """Build the backward plan of a forward graph."""
+    for n in graph.nodes:
+        if n.op not in RULES and n.op not in NON_DIFFERENTIABLE:
+            raise NotImplementedError(f"no backward rule for {n.op}")
+    return BackwardPlan(graph)
+

@@ -1,0 +1,332 @@
+"""Code generation: lower each node of a (fused) graph to one generated Triton kernel and its launch.
+
+For every node, a template in `compiler/templates/` turns a spec (concrete shapes and attributes) into
+the text of one kernel file with a header that names the IR nodes it implements and its backward file;
+the text is written to the content-hashed cache and imported (`compiler.source.load`). A `Step` holds
+the kernel and a closure that runs it on the tensors of one call. Reshapes of contiguous tensors are
+views and BatchNorm's num_batches_tracked counter is bookkeeping: neither launches a kernel.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from fusednn.compiler import source
+from fusednn.compiler.ir import Graph, Node, Value
+from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
+
+log = logging.getLogger("fusednn")
+
+# The hand-written backward file of every op / pattern stem.
+BACKWARD_FILE = {
+    "conv2d": "kernels/conv_relu_pool.py", "conv_relu_pool": "kernels/conv_relu_pool.py",
+    "linear": "kernels/linear_relu.py", "linear_relu": "kernels/linear_relu.py",
+    "relu": "kernels/activation.py", "leaky_relu": "kernels/activation.py", "sigmoid": "kernels/activation.py",
+    "tanh": "kernels/activation.py", "prelu": "kernels/activation.py", "add": "kernels/activation.py",
+    "sub": "kernels/activation.py", "mul": "kernels/activation.py",
+    "max_pool2d": "kernels/pool.py", "avg_pool2d": "kernels/pool.py", "adaptive_avg_pool2d": "kernels/pool.py",
+    "adaptive_max_pool2d": "kernels/pool.py", "softmax": "kernels/softmax.py", "log_softmax": "kernels/softmax.py",
+    "cross_entropy": "kernels/losses.py", "mse_loss": "kernels/losses.py", "l1_loss": "kernels/losses.py",
+    "batch_norm": "kernels/batch_norm.py", "dropout": "kernels/dropout.py",
+}
+
+
+@dataclass
+class Kernel:
+    """One generated kernel file: its name, source text and the imported module (with `launch`)."""
+
+    name: str
+    source: str
+    module: ModuleType
+
+
+@dataclass
+class Env:
+    """The tensors of one call: values by IR Value, and extra tensors/ints a backward needs by key."""
+
+    values: dict[Value, torch.Tensor] = field(default_factory=dict)
+    extra: dict[tuple[Value, str], Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One node's forward: the kernel it launches (None for views) and how to run it on an Env."""
+
+    node: Node
+    kernel: Kernel | None
+    run: Callable[[Env], None]
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def _labels(n: Node) -> tuple[str, ...]:
+    return tuple(a.label() for a in (n.absorbed or (n,)))
+
+
+def _modules(n: Node) -> list[str]:
+    return [a.module or a.op for a in (n.absorbed or (n,))]
+
+
+def _emit(n: Node, gen: Callable[..., str], spec_cls: type, **fields: Any) -> Kernel:
+    name = f"fnn_{n.op}_{n.out.name}"
+    header = source.header(name, list(_labels(n)), _modules(n), BACKWARD_FILE[n.op])
+    text = gen(spec_cls(name=name, header=header, labels=_labels(n), **fields))
+    return Kernel(name, text, source.load(text, name))
+
+
+def _empty(v: Value, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(v.type.shape, dtype=v.type.dtype, device=like.device)
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    """Unbatched [C, H, W] inputs run as a batch of one."""
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+def _c(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+# -- one lowering per kernel family --------------------------------------------------------------------
+def _lower_conv(n: Node, precision: str) -> Step:
+    x, w, b = n.inputs
+    N, C, H, W = (1,) * (4 - len(x.type.shape)) + x.type.shape
+    K, _, R, S = w.type.shape
+    a = n.attrs
+    act, pool_kind, pool_k = a.get("act", "none"), a.get("pool", "none"), a.get("pool_k", 1)
+    save_act = pool_kind == "avg" and act != "none"
+    k = _emit(n, conv.generate, conv.ConvSpec, N=N, C=C, H=H, W=W, K=K, R=R, S=S, stride=a["stride"],
+              padding=a["padding"], dilation=a["dilation"], groups=a["groups"], bias=b is not None, act=act,
+              act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
+              precision=precision)
+
+    def run(env: Env) -> None:
+        xt = _as4d(_c(env.values[x]))
+        y = _empty(n.out, xt)
+        idx = aout = None
+        if pool_kind == "max":
+            idx = torch.empty(_as4d(y).shape, dtype=torch.uint8, device=xt.device)
+            env.extra[(n.out, "idx")] = idx
+        if save_act:
+            OH = (H + 2 * a["padding"][0] - a["dilation"][0] * (R - 1) - 1) // a["stride"][0] + 1
+            OW = (W + 2 * a["padding"][1] - a["dilation"][1] * (S - 1) - 1) // a["stride"][1] + 1
+            aout = torch.empty((N, K, OH, OW), dtype=y.dtype, device=y.device)
+            env.extra[(n.out, "act")] = aout
+        k.module.launch(xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_linear(n: Node, precision: str) -> Step:
+    x, w, b = n.inputs
+    Nout, K = w.type.shape
+    M = _numel(x.type.shape[:-1])
+    k = _emit(n, linear.generate, linear.LinearSpec, M=M, N=Nout, K=K, bias=b is not None,
+              act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision)
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x]).reshape(M, K)
+        y = _empty(n.out, xt)
+        k.module.launch(xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(M, Nout))
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_pointwise(n: Node, precision: str) -> Step:
+    x = n.inputs[0]
+    shape = x.type.shape
+    args: list[Any] = ["x"]
+    inputs = ["x"]
+    channels = inner = 1
+    if n.op == "prelu":
+        args.append("weight")
+        inputs.append("weight")
+        channels = n.inputs[1].type.numel
+        inner = _numel(shape[2:]) if len(shape) > 1 else 1
+    elif n.op in ("add", "sub", "mul"):
+        if n.inputs[1] is not None:
+            if n.inputs[1].type.shape != shape:
+                raise NotImplementedError(f"{n.op} of shapes {list(shape)} and {list(n.inputs[1].type.shape)}")
+            args.append("other")
+            inputs.append("other")
+        else:
+            args.append(float(n.attrs["scalar"]))
+    alpha = n.attrs.get("alpha", 1.0)
+    steps = []
+    if alpha != 1.0 and n.inputs[1] is not None:
+        steps.append(pointwise.PwStep(f"{n.label()} (alpha)", "other_alpha", "mul", ("other", float(alpha))))
+        args[1] = "other_alpha"
+    elif alpha != 1.0:
+        args[1] = float(args[1]) * alpha
+    param = n.attrs.get("negative_slope", 0.0)
+    steps.append(pointwise.PwStep(n.label(), f"v{n.out.name}", n.op, tuple(args), param, channels, inner))
+    name = f"fnn_{n.op}_{n.out.name}"
+    header = source.header(name, [n.label()], _modules(n), BACKWARD_FILE[n.op])
+    spec = pointwise.PointwiseSpec(name=name, header=header, numel=_numel(shape), inputs=tuple(inputs),
+                                   steps=tuple(steps), outputs=(f"v{n.out.name}",))
+    text = pointwise.generate(spec)
+    k = Kernel(name, text, source.load(text, name))
+    tensor_inputs = [v for v in n.inputs if v is not None]
+
+    def run(env: Env) -> None:
+        ins = [_c(env.values[v]) for v in tensor_inputs]
+        y = _empty(n.out, ins[0])
+        k.module.launch(*ins, y)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_pool(n: Node, precision: str) -> Step:
+    x = n.inputs[0]
+    N, C, H, W = (1,) * (4 - len(x.type.shape)) + x.type.shape
+    OH, OW = n.out.type.shape[-2:]
+    kind = "max" if "max" in n.op else "avg"
+    if n.op.startswith("adaptive"):
+        k = _emit(n, pool.generate, pool.AdaptivePoolSpec, kind=kind, N=N, C=C, H=H, W=W, OH=OH, OW=OW)
+    else:
+        a = n.attrs
+        k = _emit(n, pool.generate, pool.PoolSpec, kind=kind, N=N, C=C, H=H, W=W, OH=OH, OW=OW,
+                  kernel=a["kernel"], stride=a["stride"], padding=a["padding"], dilation=a.get("dilation", (1, 1)),
+                  ceil_mode=a["ceil_mode"], count_include_pad=a.get("count_include_pad", False),
+                  divisor_override=a.get("divisor_override"))
+
+    def run(env: Env) -> None:
+        xt = _as4d(_c(env.values[x]))
+        y = _empty(n.out, xt)
+        idx = None
+        if kind == "max":
+            idx = torch.empty((N, C, OH, OW), dtype=torch.int32, device=xt.device)
+            env.extra[(n.out, "idx")] = idx
+        k.module.launch(xt, _as4d(y), idx)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def softmax_dims(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
+    """A tensor seen as [outer, D, inner] around `dim`."""
+    return _numel(shape[:dim]), shape[dim], _numel(shape[dim + 1:])
+
+
+def _lower_softmax(n: Node, precision: str) -> Step:
+    x = n.inputs[0]
+    outer, D, inner = softmax_dims(x.type.shape, n.attrs["dim"])
+    k = _emit(n, softmax.generate, softmax.SoftmaxSpec, outer=outer, D=D, inner=inner, log=n.op == "log_softmax")
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x])
+        y = _empty(n.out, xt)
+        k.module.launch(xt, y)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_loss(n: Node, precision: str) -> Step:
+    x, t = n.inputs
+    red = n.attrs["reduction"]
+    if n.op == "cross_entropy":
+        N, C = x.type.shape
+        k = _emit(n, losses.generate, losses.CrossEntropySpec, N=N, C=C, reduction=red,
+                  ignore_index=n.attrs["ignore_index"])
+    else:
+        k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
+                  kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
+
+    def run(env: Env) -> None:
+        xt, tt = _c(env.values[x]), _c(env.values[t])
+        loss = _empty(n.out, xt)
+        if n.op == "cross_entropy":
+            lse = torch.empty(xt.shape[0], dtype=torch.float32, device=xt.device)
+            env.extra[(n.out, "lse")] = lse
+            k.module.launch(xt, tt, loss, lse)
+        else:
+            k.module.launch(xt, tt, loss)
+        env.values[n.out] = loss
+
+    return Step(n, k, run)
+
+
+def _lower_batch_norm(n: Node, precision: str) -> Step:
+    x, rm, rv, w, b = n.inputs
+    shape = x.type.shape
+    N, C, inner = shape[0], shape[1], _numel(shape[2:])
+    training = n.attrs["training"] or rm is None
+    k = _emit(n, batch_norm.generate, batch_norm.BatchNormSpec, N=N, C=C, inner=inner, training=training,
+              momentum=n.attrs["momentum"], eps=n.attrs["eps"], affine=w is not None,
+              track_running_stats=rm is not None)
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x])
+        y = _empty(n.out, xt)
+        mean = torch.empty(C, dtype=torch.float32, device=xt.device)
+        invstd = torch.empty_like(mean)
+        env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
+        get = lambda v: None if v is None else env.values[v]  # noqa: E731  (running stats update in place)
+        k.module.launch(xt, get(w), get(b), get(rm), get(rv), y, mean, invstd)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_dropout(n: Node, precision: str) -> Step:
+    x = n.inputs[0]
+    k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"])
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x])
+        y = _empty(n.out, xt)
+        # The mask is a function of (seed, index): draw the seed from torch's CPU RNG, so
+        # torch.manual_seed makes runs repeatable, and keep it for the backward.
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        env.extra[(n.out, "seed")] = seed
+        k.module.launch(xt, y, seed)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_reshape(n: Node, precision: str) -> Step:
+    def run(env: Env) -> None:
+        env.values[n.out] = env.values[n.inputs[0]].reshape(n.attrs["shape"])  # a view when contiguous
+
+    return Step(n, None, run)
+
+
+def _lower_counter(n: Node, precision: str) -> Step:
+    def run(env: Env) -> None:
+        env.values[n.out] = env.values[n.inputs[0]].add_(n.attrs["by"])  # BatchNorm's batch counter
+
+    return Step(n, None, run)
+
+
+LOWER: dict[str, Callable[[Node, str], Step]] = {
+    "conv2d": _lower_conv, "conv_relu_pool": _lower_conv, "linear": _lower_linear, "linear_relu": _lower_linear,
+    "relu": _lower_pointwise, "leaky_relu": _lower_pointwise, "sigmoid": _lower_pointwise,
+    "tanh": _lower_pointwise, "prelu": _lower_pointwise, "add": _lower_pointwise, "sub": _lower_pointwise,
+    "mul": _lower_pointwise, "max_pool2d": _lower_pool, "avg_pool2d": _lower_pool,
+    "adaptive_avg_pool2d": _lower_pool, "adaptive_max_pool2d": _lower_pool, "softmax": _lower_softmax,
+    "log_softmax": _lower_softmax, "cross_entropy": _lower_loss, "mse_loss": _lower_loss, "l1_loss": _lower_loss,
+    "batch_norm": _lower_batch_norm, "dropout": _lower_dropout, "reshape": _lower_reshape, "count_": _lower_counter,
+}
+
+
+def lower(graph: Graph, precision: str, debug: int = 0) -> list[Step]:
+    """One Step per node, generating and loading each node's kernel."""
+    steps = []
+    for n in graph.nodes:
+        step = LOWER[n.op](n, precision)
+        if step.kernel is not None and debug >= 4:
+            log.warning("fusednn: generated %s:\n%s", step.kernel.name, step.kernel.source)
+        steps.append(step)
+    return steps

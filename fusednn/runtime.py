@@ -1,0 +1,130 @@
+"""The runtime: run a compiled graph's generated forward kernels and its backward plan under autograd.
+
+One `torch.autograd.Function` wraps the whole graph: its forward runs every generated kernel and saves
+only what the backward plan reads; its backward runs the plan's hand-written kernels and returns a
+gradient for every graph input (user inputs, parameters), so `loss.backward()` fills `param.grad` and
+accumulates as torch does. Under `torch.no_grad()` / `inference_mode()` nothing is saved.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fusednn import launch
+from fusednn.compiler import autodiff, codegen
+from fusednn.compiler.codegen import Env
+from fusednn.compiler.ir import Graph
+from fusednn.errors import InputMismatchError
+
+log = logging.getLogger("fusednn")
+
+
+class _GraphFunction(torch.autograd.Function):
+    """forward: the generated kernels of one graph; backward: its backward plan."""
+
+    @staticmethod
+    def forward(ctx, exe: "TritonExecutable", *tensors: torch.Tensor):  # type: ignore[override]
+        env = exe.forward(tensors)
+        vals, extra = exe.saved_keys
+        ctx.exe = exe
+        ctx.val_keys = [v for v in vals if v in env.values]
+        ctx.extra_keys = [k for k in extra if isinstance(env.extra.get(k), torch.Tensor)]
+        ctx.extra_ints = {k: env.extra[k] for k in extra if k in env.extra and not isinstance(env.extra[k], torch.Tensor)}
+        ctx.save_for_backward(*[env.values[v] for v in ctx.val_keys], *[env.extra[k] for k in ctx.extra_keys])
+        outs = [env.values[v] for v in exe.graph.outputs]
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        exe: TritonExecutable = ctx.exe
+        saved = ctx.saved_tensors
+        nv = len(ctx.val_keys)
+        env = Env(dict(zip(ctx.val_keys, saved[:nv])), dict(zip(ctx.extra_keys, saved[nv:])))
+        env.extra.update(ctx.extra_ints)
+        g = {}
+        for v, d in zip(exe.graph.outputs, grads):
+            if d is not None and v.type.dtype.is_floating_point:
+                g[v] = d if v not in g else g[v] + d
+        with launch.recording() as rec:
+            out = exe.plan.run(env, g, tuple(ctx.needs_input_grad[1:]), exe.precision)
+        exe.last_backward = rec
+        return (None, *out)
+
+
+class TritonExecutable:
+    """A graph lowered to generated Triton kernels, with its backward plan."""
+
+    def __init__(self, graph: Graph, options: Any) -> None:
+        from fusednn.api import debug_level
+
+        self.graph = graph
+        self.precision = options.precision
+        self.debug = debug_level()
+        self.steps = codegen.lower(graph, options.precision, self.debug)
+        self.plan = autodiff.plan(graph)
+        self.saved_keys = self.plan.saved()
+        self.last_forward: list[launch.Launch] = []
+        self.last_backward: list[launch.Launch] = []
+
+    def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
+        env = Env(dict(zip(self.graph.inputs, tensors)))
+        with launch.recording() as rec:
+            for step in self.steps:
+                with launch.tagged(step.node.label()):
+                    step.run(env)
+        self.last_forward = rec
+        if self.debug >= 2:
+            log.warning("fusednn: forward launches:\n%s", summary(rec))
+        return env
+
+    def _check(self, tensors: list[torch.Tensor]) -> None:
+        for v, t in zip(self.graph.inputs, tensors):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                raise InputMismatchError(
+                    f"fusednn's Triton kernels compute in float32; {v.kind} '{v.name}' is {t.dtype}. "
+                    "Convert the model and inputs with .float(), or use backend='reference'")
+
+    def __call__(self, user: list[torch.Tensor], named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        tensors = list(user) + [named[v.name] for v in self.graph.inputs if v.kind != "input"]
+        self._check(tensors)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return list(_GraphFunction.apply(self, *tensors))
+        env = self.forward(tuple(tensors))
+        return [env.values[v] for v in self.graph.outputs]
+
+    def stats(self) -> dict:
+        """Kernel groups, launches and bytes per forward and backward (from the last call)."""
+        kernels = [s.kernel.name for s in self.steps if s.kernel is not None]
+        return {
+            "groups": len(kernels),
+            "kernels": kernels,
+            "forward": launch_stats(self.last_forward),
+            "backward": launch_stats(self.last_backward),
+        }
+
+
+def launch_stats(launches: list[launch.Launch]) -> dict:
+    """Totals and a per-kernel breakdown of launches and bytes moved."""
+    per: dict[str, dict] = {}
+    for r in launches:
+        name = launch.kernel_name(r.kernel)
+        e = per.setdefault(name, {"launches": 0, "bytes": 0, "implements": r.tag})
+        e["launches"] += 1
+        e["bytes"] += r.bytes
+    return {"launches": len(launches), "bytes": sum(r.bytes for r in launches), "per_kernel": per}
+
+
+def summary(launches: list[launch.Launch]) -> str:
+    """A per-kernel table of a launch list (FUSEDNN_DEBUG=2)."""
+    counts = Counter(launch.kernel_name(r.kernel) for r in launches)
+    lines = [f"  {'kernel':<40} {'launches':>8} {'bytes':>12}"]
+    by = launch_stats(launches)["per_kernel"]
+    for name in counts:
+        lines.append(f"  {name:<40} {by[name]['launches']:>8} {by[name]['bytes']:>12}")
+    return "\n".join(lines)
