@@ -17,6 +17,9 @@ from fusednn.launch import launch
 # rows whose target is not ignore_index); ignored rows get g_n = 0. So dx_{n,c} = g_n (e^{x − lse} − onehot).
 # "mean" needs count, which the forward does not save: one small program counts the targets in a fixed
 # order and writes g = dloss / count, then the dx kernel reads it.
+# Precision: lse is saved in fp32, so for logits near 1e4 it is off by up to half an ulp (~5e-4) and
+# e^{x − lse} by as much relatively. That error is one factor e^{−δ} common to the whole row, so the kernel
+# renormalises, softmax = e^{x − lse} / Σ e^{x − lse}, which cancels it (and x − lse ≤ 0 cannot overflow).
 
 
 @triton.jit
@@ -55,7 +58,7 @@ def _cross_entropy_bwd_dx_kernel(
     row_ok = rows < N
     mask = row_ok[:, None] & (cols[None, :] < C)
     offs = rows[:, None] * C + cols[None, :]
-    x = tl.load(logits_ptr + offs, mask=mask, other=0.0)
+    x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     t = tl.load(target_ptr + rows, mask=row_ok, other=IGNORE_INDEX)
     if PER_ROW:
@@ -63,7 +66,8 @@ def _cross_entropy_bwd_dx_kernel(
     else:
         g = tl.load(g_ptr)
     g = tl.where(t != IGNORE_INDEX, g, 0.0)
-    p = tl.exp(x - lse[:, None])
+    e = tl.exp(x - lse[:, None])
+    p = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
     onehot = cols[None, :] == t[:, None]
     dx = g[:, None] * (p - onehot.to(tl.float32))
     tl.store(dx_ptr + offs, dx, mask=mask)
