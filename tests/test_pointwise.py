@@ -227,6 +227,17 @@ def test_prelu_dweight_is_deterministic_and_matches_torch(target):
     assert rel_err(runs[0][1], w64.grad) <= TOL
 
 
+@pytest.mark.parametrize("scale", [1e-4, 0.2, 20.0])
+def test_tanh_and_sigmoid_stay_accurate_for_tiny_and_large_inputs(scale):
+    # Near 0, tanh = (1 - e)/(1 + e) with e = exp(-2|x|) would lose everything to cancellation
+    # (relative error 6e-4 at |x| = 1e-4); large |x| must saturate without overflow.
+    x = torch.randn(1001) * scale
+    out = pointwise([PwStep("%1 tanh", "v1", "tanh", ("x",)), PwStep("%2 sigmoid", "v2", "sigmoid", ("x",))],
+                    {"x": x}, ["v1", "v2"], x.shape)
+    assert rel_err(out["v1"], torch.tanh(x.double())) <= TOL
+    assert rel_err(out["v2"], torch.sigmoid(x.double())) <= TOL
+
+
 UNARY_REFS = {
     "relu": (lambda x: torch.relu(x), lambda dy, x, y: activation_backward(dy, y, act="relu")),
     "leaky_relu": (lambda x: F.leaky_relu(x, SLOPE),
