@@ -1,0 +1,306 @@
+"""conv_relu_pool: the generated forward (compiler/templates/conv.py) and the hand-written backward
+(kernels/conv_relu_pool.py) against torch in float64: y, idx, a, dx, dw and db, over torch's conv cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusednn  # noqa: F401  (before any kernel is defined: picks the interpreter on CPU-only machines)
+from fusednn.compiler import configs
+from fusednn.compiler.source import header, load
+from fusednn.compiler.templates.conv import ConvSpec, generate
+from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
+from fusednn.launch import kernel_name, recording
+from tests.helpers import rel_err
+
+TOL = 1e-5
+SLOPE = 0.1
+ACTS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+def make_spec(**kw) -> ConvSpec:
+    """A ConvSpec with IR-style labels for the stages present; save_act where backward needs it."""
+    act, pool = kw.get("act", "none"), kw.get("pool", "none")
+    labels = ("%1 conv2d",) + ((f"%2 {act}",) if act != "none" else ()) + ((f"%3 {pool}_pool2d",) if pool != "none" else ())
+    kw.setdefault("save_act", pool == "avg" and act != "none")
+    kw.setdefault("act_param", SLOPE)
+    name = kw.pop("name", "fnn_conv_relu_pool_test")
+    return ConvSpec(name=name, header=header(name, list(labels), ["conv"], "kernels/conv_relu_pool.py"),
+                    labels=labels, **kw)
+
+
+def make_inputs(spec: ConvSpec, gen: torch.Generator | None = None):
+    """x, w (scaled like torch's default init, so activations do not saturate), b or None."""
+    cg = spec.C // spec.groups
+    x = torch.randn(spec.N, spec.C, spec.H, spec.W, generator=gen)
+    w = torch.randn(spec.K, cg, spec.R, spec.S, generator=gen) / (cg * spec.R * spec.S) ** 0.5
+    b = torch.randn(spec.K, generator=gen) if spec.bias else None
+    return x, w, b
+
+
+def forward(spec: ConvSpec, x, w, b):
+    """Generate, load and launch the kernel; returns (y, idx, a) with None for buffers it does not write."""
+    mod = load(generate(spec), spec.name)
+    OH, OW = spec.out_hw
+    y = torch.empty(spec.N, spec.K, *spec.pooled_hw)
+    idx = torch.empty(y.shape, dtype=torch.uint8) if spec.pool == "max" else None
+    a = torch.empty(spec.N, spec.K, OH, OW) if spec.save_act else None
+    mod.launch(x, w, b, y, idx, a)
+    return y, idx, a
+
+
+def backward(spec: ConvSpec, dy, x, w, y, idx, a, needs_dx=True, needs_dw=True, needs_db=None):
+    return conv_relu_pool_backward(
+        dy, x, w, y, idx, a, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+        groups=spec.groups, act=spec.act, act_param=spec.act_param, pool=spec.pool, pool_k=spec.pool_k,
+        out_hw=spec.out_hw, needs_dx=needs_dx, needs_dw=needs_dw,
+        needs_db=spec.bias if needs_db is None else needs_db)
+
+
+def reference(spec: ConvSpec, x, w, b, dy):
+    """torch in float64: y, the pool's window offsets, a = act(z), and dx, dw, db for upstream dy."""
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    bd = b.double().requires_grad_() if b is not None else None
+    z = F.conv2d(xd, wd, bd, spec.stride, spec.padding, spec.dilation, spec.groups)
+    a = ACTS[spec.act](z)
+    win = None
+    if spec.pool == "max":
+        y, flat = F.max_pool2d(a, spec.pool_k, return_indices=True)
+        OW, P = spec.out_hw[1], spec.pool_k
+        ph = torch.arange(y.shape[2]).view(-1, 1)
+        pw = torch.arange(y.shape[3]).view(1, -1)
+        win = (flat // OW - ph * P) * P + (flat % OW - pw * P)  # flat index in the plane -> window offset
+    elif spec.pool == "avg":
+        y = F.avg_pool2d(a, spec.pool_k)
+    else:
+        y = a
+    grads = torch.autograd.grad(y, [xd, wd] + ([bd] if bd is not None else []), dy.double())
+    return dict(y=y.detach(), win=win, a=a.detach(), dx=grads[0], dw=grads[1], db=grads[2] if b is not None else None)
+
+
+def check_against_torch(spec: ConvSpec, gen: torch.Generator | None = None) -> None:
+    """Forward (y, idx, a) and every gradient (dx, dw, db) within TOL of float64 torch."""
+    x, w, b = make_inputs(spec, gen)
+    y, idx, a = forward(spec, x, w, b)
+    dy = torch.randn(y.shape, generator=gen)
+    ref = reference(spec, x, w, b, dy)
+    assert rel_err(y, ref["y"]) <= TOL
+    if idx is not None:
+        assert torch.equal(idx.long(), ref["win"])
+    if a is not None:
+        assert rel_err(a, ref["a"]) <= TOL
+    dx, dw, db = backward(spec, dy, x, w, y, idx, a)
+    assert rel_err(dx, ref["dx"]) <= TOL
+    assert rel_err(dw, ref["dw"]) <= TOL
+    if spec.bias:
+        assert rel_err(db, ref["db"]) <= TOL
+    else:
+        assert db is None
+
+
+CASES = {
+    # name: ConvSpec fields; every case checks the forward and all gradients
+    "lenet_conv1": dict(N=2, C=1, H=12, W=12, K=6, R=5, S=5, act="relu", pool="max", pool_k=2),
+    "stride_2_max_pool_remainder": dict(N=2, C=3, H=11, W=11, K=4, R=3, S=3, stride=2, act="relu", pool="max",
+                                        pool_k=2),
+    "stride_3x2_sigmoid": dict(N=2, C=2, H=12, W=9, K=3, R=3, S=2, stride=(3, 2), act="sigmoid"),
+    "padding_2_tanh_avg_pool_3": dict(N=1, C=3, H=7, W=8, K=4, R=3, S=3, padding=2, act="tanh", pool="avg",
+                                      pool_k=3),
+    "padding_2x1_leaky_max_pool_3": dict(N=2, C=2, H=9, W=7, K=5, R=3, S=3, padding=(2, 1), act="leaky_relu",
+                                         pool="max", pool_k=3),
+    "dilation_2x3": dict(N=2, C=3, H=11, W=12, K=4, R=3, S=3, dilation=(2, 3), act="relu"),
+    "groups_2": dict(N=2, C=4, H=9, W=9, K=6, R=3, S=3, groups=2, act="relu", pool="max", pool_k=2),
+    "depthwise": dict(N=2, C=4, H=10, W=9, K=4, R=3, S=3, groups=4, padding=1, act="tanh", pool="max", pool_k=2),
+    "depthwise_multiplier_2": dict(N=1, C=3, H=8, W=9, K=6, R=2, S=2, groups=3, act="sigmoid", pool="avg",
+                                   pool_k=2),
+    "kernel_3x2_leaky_avg": dict(N=2, C=3, H=10, W=9, K=4, R=3, S=2, act="leaky_relu", pool="avg", pool_k=2),
+    "no_bias": dict(N=2, C=3, H=9, W=10, K=5, R=3, S=3, bias=False, act="relu", pool="max", pool_k=2),
+    "batch_1_odd": dict(N=1, C=3, H=7, W=5, K=3, R=3, S=1, padding=(1, 0), act="relu", pool="max", pool_k=2),
+    "no_act_avg_pool": dict(N=2, C=2, H=11, W=10, K=3, R=2, S=3, pool="avg", pool_k=2),
+    "no_act_no_pool": dict(N=2, C=3, H=6, W=7, K=4, R=3, S=3, stride=(1, 2), padding=1),
+    "no_act_max_pool_3": dict(N=2, C=2, H=10, W=11, K=3, R=2, S=2, pool="max", pool_k=3),
+    "save_act_max_pool_partial_windows": dict(N=2, C=2, H=9, W=8, K=3, R=3, S=2, act="sigmoid", pool="max",
+                                              pool_k=2, save_act=True),
+    "save_act_no_pool": dict(N=1, C=2, H=6, W=6, K=3, R=3, S=3, act="tanh", save_act=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv_relu_pool_grad_matches_torch(case):
+    check_against_torch(make_spec(**CASES[case]))
+
+
+def test_conv_relu_pool_max_pool_tie_grad_matches_torch():
+    """Constant input: every window ties; the first max in scan order gets the gradient, as in torch.
+
+    Dyadic weights keep every conv output exact in fp32, so the ties are real ties in both."""
+    spec = make_spec(N=2, C=2, H=9, W=10, K=4, R=3, S=3, act="relu", pool="max", pool_k=2)
+    x = torch.full((spec.N, spec.C, spec.H, spec.W), 0.5)
+    w = torch.randint(-4, 5, (spec.K, spec.C, spec.R, spec.S)).float() / 8
+    b = torch.randint(-4, 5, (spec.K,)).float() / 4
+    y, idx, a = forward(spec, x, w, b)
+    dy = torch.randn(y.shape)
+    ref = reference(spec, x, w, b, dy)
+    assert torch.equal(y.double(), ref["y"])
+    assert torch.equal(idx.long(), ref["win"]) and (idx == 0).all()
+    dx, dw, db = backward(spec, dy, x, w, y, idx, a)
+    for out, name in ((dx, "dx"), (dw, "dw"), (db, "db")):
+        assert rel_err(out, ref[name]) <= TOL, name
+
+
+def test_conv_max_pool_nan_wins_as_in_torch():
+    """A NaN in the input makes its windows' max NaN, with torch's window offset (the last NaN)."""
+    spec = make_spec(N=1, C=2, H=8, W=8, K=3, R=2, S=2, pool="max", pool_k=2)
+    x, w, b = make_inputs(spec)
+    x[0, 1, 3, 4] = float("nan")
+    y, idx, _ = forward(spec, x, w, b)
+    ref = reference(spec, x, w, b, torch.zeros(y.shape))
+    nan = torch.isnan(ref["y"])
+    assert nan.any() and torch.equal(torch.isnan(y), nan)
+    assert rel_err(y[~nan], ref["y"][~nan]) <= TOL
+    assert torch.equal(idx.long(), ref["win"])
+
+
+def test_conv_relu_pool_split_k_grad_matches_torch_and_is_deterministic():
+    """GPU launch configs (small tiles, dw/db split over row slices plus a fixed-order second pass), run
+    in the interpreter: gradients match torch and two runs are bit-identical."""
+    spec = make_spec(N=2, C=3, H=18, W=18, K=4, R=3, S=3, act="relu", pool="max", pool_k=2)
+    x, w, b = make_inputs(spec)
+    y, idx, a = forward(spec, x, w, b)
+    dy = torch.randn(y.shape)
+    ref = reference(spec, x, w, b, dy)
+    with configs.use_target("gpu"), recording() as launches:
+        dx, dw, db = backward(spec, dy, x, w, y, idx, a)
+    assert "_conv_relu_pool_bwd_sum_splits_kernel" in {kernel_name(r.kernel) for r in launches}
+    for out, name in ((dx, "dx"), (dw, "dw"), (db, "db")):
+        assert rel_err(out, ref[name]) <= TOL, name
+    with configs.use_target("gpu"):
+        _, dw2, db2 = backward(spec, dy, x, w, y, idx, a, needs_dx=False)
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)
+
+
+def test_conv_relu_pool_dw_db_bit_identical_across_runs():
+    spec = make_spec(N=2, C=4, H=10, W=11, K=6, R=3, S=3, groups=2, act="tanh", pool="avg", pool_k=2)
+    x, w, b = make_inputs(spec)
+    y, idx, a = forward(spec, x, w, b)
+    dy = torch.randn(y.shape)
+    _, dw1, db1 = backward(spec, dy, x, w, y, idx, a, needs_dx=False)
+    _, dw2, db2 = backward(spec, dy, x, w, y, idx, a, needs_dx=False)
+    assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
+
+
+def test_conv_relu_pool_computes_only_the_gradients_asked_for():
+    """needs_* flags: None where not needed, the rest as when everything is asked for; db alone works."""
+    spec = make_spec(N=2, C=2, H=8, W=9, K=3, R=3, S=3, act="leaky_relu", pool="max", pool_k=2)
+    x, w, b = make_inputs(spec)
+    y, idx, a = forward(spec, x, w, b)
+    dy = torch.randn(y.shape)
+    ref = reference(spec, x, w, b, dy)
+    dx, dw, db = backward(spec, dy, x, w, y, idx, a, needs_dx=False, needs_dw=False, needs_db=True)
+    assert dx is None and dw is None and rel_err(db, ref["db"]) <= TOL
+    dx, dw, db = backward(spec, dy, x, w, y, idx, a, needs_dx=True, needs_dw=False, needs_db=False)
+    assert dw is None and db is None and rel_err(dx, ref["dx"]) <= TOL
+
+
+def test_conv_relu_pool_backward_rejects_missing_saved_tensors():
+    spec = make_spec(N=1, C=1, H=6, W=6, K=2, R=3, S=3, act="relu", pool="max", pool_k=2)
+    x, w, b = make_inputs(spec)
+    y, idx, a = forward(spec, x, w, b)
+    with pytest.raises(ValueError, match="idx"):
+        backward(spec, torch.ones_like(y), x, w, y, None, a)
+    with pytest.raises(ValueError, match="out_hw"):
+        conv_relu_pool_backward(torch.ones_like(y), x, w, y, idx, a, stride=1, padding=0, dilation=1, groups=1,
+                                act="relu", act_param=0.0, pool="max", pool_k=2, out_hw=(5, 4), needs_dx=True,
+                                needs_dw=True, needs_db=True)
+
+
+def test_conv_generated_source_starts_with_header_and_labels_each_stage():
+    spec = make_spec(N=2, C=1, H=12, W=12, K=6, R=5, S=5, act="relu", pool="max", pool_k=2,
+                     name="fnn_conv_relu_pool_0")
+    text = generate(spec)
+    assert text.startswith(spec.header)
+    assert text.startswith("# fusednn generated kernel fnn_conv_relu_pool_0\n")
+    for label in spec.labels:
+        assert f"# {label}" in text
+    assert "def fnn_conv_relu_pool_0(" in text and "def launch(x, w, b, y, idx, a):" in text
+    # temporaries named after the IR values, shapes baked in as constexpr arguments of the launch
+    assert "relu_2 = " in text and "max_pool2d_3 = " in text
+    assert "N=2, C=1, H=12, W=12, K=6, R=5, S=5" in text
+    compile(text, spec.name, "exec")
+
+
+def test_conv_spec_rejects_inconsistent_fields():
+    with pytest.raises(ValueError, match="groups"):
+        make_spec(N=1, C=3, H=8, W=8, K=4, R=3, S=3, groups=2)
+    with pytest.raises(ValueError, match="labels"):
+        ConvSpec(N=1, C=1, H=8, W=8, K=2, R=3, S=3, act="relu", labels=("%1 conv2d",))
+    with pytest.raises(ValueError, match="pool_k"):
+        make_spec(N=1, C=1, H=4, W=4, K=2, R=3, S=3, pool="max", pool_k=3)
+
+
+@st.composite
+def conv_cases(draw):
+    """Small conv+act+pool hyper-parameters whose conv output fits the pool window."""
+    groups = draw(st.sampled_from([1, 2]))
+    kw = dict(N=draw(st.integers(1, 2)), C=groups * draw(st.integers(1, 2)), K=groups * draw(st.integers(1, 3)),
+              H=draw(st.integers(3, 11)), W=draw(st.integers(3, 11)), R=draw(st.integers(1, 3)),
+              S=draw(st.integers(1, 3)), groups=groups,
+              stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+              padding=(draw(st.integers(0, 2)), draw(st.integers(0, 1))),
+              dilation=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+              bias=draw(st.booleans()), act=draw(st.sampled_from(list(ACTS))),
+              pool=draw(st.sampled_from(["none", "max", "avg"])), pool_k=draw(st.integers(2, 3)))
+    (sh, sw), (ph, pw), (dh, dw) = kw["stride"], kw["padding"], kw["dilation"]
+    oh = (kw["H"] + 2 * ph - dh * (kw["R"] - 1) - 1) // sh + 1
+    ow = (kw["W"] + 2 * pw - dw * (kw["S"] - 1) - 1) // sw + 1
+    need = kw["pool_k"] if kw["pool"] != "none" else 1
+    if kw["pool"] == "none":
+        kw["pool_k"] = 1
+    return kw, oh >= need and ow >= need, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conv_cases())
+def test_conv_relu_pool_grad_matches_torch_hypothesis(case):
+    kw, fits, seed = case
+    if not fits:  # an empty conv output or a pool window larger than it: not a kernel input
+        with pytest.raises(ValueError):
+            make_spec(**kw)
+        return
+    check_against_torch(make_spec(**kw), torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.aot
+def test_conv_relu_pool_kernels_compile_for_sm90():
+    """LeNet conv1 at batch 64 with the GPU launch configs: the generated forward and every backward kernel
+    (split-K dw/db included) go through Triton's real compiler for sm_90, which the interpreter never runs."""
+    aot = pytest.importorskip("fusednn.aot")
+    reason = aot.unavailable_reason(90)
+    if reason is not None:
+        pytest.skip(f"cannot compile for sm_90 here: {reason}")
+    spec = make_spec(N=64, C=1, H=32, W=32, K=6, R=5, S=5, act="relu", pool="max", pool_k=2,
+                     name="fnn_conv_relu_pool_aot")
+    mod = load(generate(spec), spec.name)
+    x, w, b = make_inputs(spec)
+    y = torch.empty(spec.N, spec.K, *spec.pooled_hw)
+    idx = torch.empty(y.shape, dtype=torch.uint8)
+
+    def step():
+        mod.launch(x, w, b, y, idx, None)
+        backward(spec, y, x, w, y, idx, None)
+
+    launches = aot.collect(step)
+    names = {kernel_name(r.kernel) for r in launches}
+    assert names == {spec.name, "_conv_relu_pool_bwd_dx_kernel", "_conv_relu_pool_bwd_dw_kernel",
+                     "_conv_relu_pool_bwd_sum_splits_kernel"}
+    compiled = aot.compile_launches(launches)
+    assert {c.resources.kernel for c in compiled} == names
