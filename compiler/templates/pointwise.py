@@ -69,6 +69,8 @@ def _prelu_weights(spec: PointwiseSpec) -> dict[str, int]:
 
 def _check(spec: PointwiseSpec) -> None:
     """Reject specs that would generate wrong or non-compiling code (a compiler bug, not a user error)."""
+    if not spec.name.isidentifier() or keyword.iskeyword(spec.name):
+        raise ValueError(f"kernel name {spec.name!r} is not a Python identifier")
     if not isinstance(spec.numel, int) or not 0 <= spec.numel < 2**31:
         raise ValueError(f"{spec.name}: numel must be an int in [0, 2**31), got {spec.numel!r}")
     weights = _prelu_weights(spec)
