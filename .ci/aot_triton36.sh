@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv-triton36"
-PY=${PYTHON:-python3}
+# the torch wheel on disk is cp311
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 # torch 2.13.0: pip picks the CPU build shipped on this machine's disk (checked below: never a CUDA build).
 PINS="torch==2.13.0 triton==3.6.0 numpy pytest hypothesis"
 KEY=$({ cat pyproject.toml; echo "$PINS"; } | sha256sum | cut -c1-16)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -48,6 +49,8 @@ log = logging.getLogger("fusednn")
 # Launch keywords that are compile options, not kernel parameters (the JIT takes them the same way).
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl",
                 "launch_cooperative_grid", "debug")
+
+_WORKER_TIMEOUT_S = 1800  # ~1 s per kernel; a hung ptxas must not hang CI
 
 _TORCH_TO_TRITON = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -115,6 +118,7 @@ def _is_jit(kernel: Any) -> bool:
     return isinstance(kernel, JITFunction)
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable_reason(arch: int = 90) -> str | None:
     """Why compiling for sm_<arch> cannot work here, or None when it can (Triton's NVIDIA backend and tools)."""
     try:
@@ -437,8 +441,12 @@ def _compile_in_subprocess(jobs: Sequence[Job]) -> list[Compiled | str]:
     with tempfile.TemporaryDirectory(prefix="fusednn-aot-") as tmp:
         jobs_path, results_path = Path(tmp) / "jobs.pkl", Path(tmp) / "results.pkl"
         jobs_path.write_bytes(pickle.dumps(list(jobs)))
-        proc = subprocess.run([sys.executable, "-m", "fusednn.aot", "--worker", str(jobs_path), str(results_path)],
-                              env=env, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "fusednn.aot", "--worker", str(jobs_path), str(results_path)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AotCompileError(f"the AOT compile worker ran past {_WORKER_TIMEOUT_S} s on "
+                                  f"{len(jobs)} kernels") from None
         if proc.returncode != 0 or not results_path.exists():
             names = ", ".join(sorted({j.name for j in jobs}))
             raise AotCompileError(f"the AOT compile worker for {names} failed (exit {proc.returncode}):\n"
@@ -492,14 +500,31 @@ def _stems(compiled: Sequence[Compiled]) -> list[str]:
     return [c.name if counts[c.name] == 1 else f"{c.name}-{c.variant}" for c in compiled]
 
 
+def _differences(compiled: Sequence[Compiled]) -> list[str]:
+    """Per kernel, the constexprs/options that tell its variants apart ("" for a kernel compiled once)."""
+    def knobs(c: Compiled) -> dict:
+        return {**dict(c.job.constexprs), **dict(c.job.options), "div16": ",".join(c.job.divisible) or "-"}
+
+    by_name: dict[str, list[dict]] = collections.defaultdict(list)
+    for c in compiled:
+        by_name[c.name].append(knobs(c))
+    out = []
+    for c in compiled:
+        mine, all_ = knobs(c), by_name[c.name]
+        keys = [k for k in mine if len(all_) > 1 and any(d.get(k) != mine[k] for d in all_)]
+        out.append(" ".join(f"{k}={mine[k]}" for k in keys))
+    return out
+
+
 def report_table(compiled: Sequence[Compiled]) -> str:
     """A fixed-width table, one row per compiled kernel (variant), of the resources it uses."""
-    head = ["kernel"] + [h for h, _ in _COLUMNS]
-    rows = [[stem] + [str(getattr(c.resources, f)) for _, f in _COLUMNS]
-            for stem, c in zip(_stems(compiled), compiled)]
+    head = ["kernel"] + [h for h, _ in _COLUMNS] + ["variant"]
+    rows = [[stem] + [str(getattr(c.resources, f)) for _, f in _COLUMNS] + [diff]
+            for stem, c, diff in zip(_stems(compiled), compiled, _differences(compiled))]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-             for r in [head, *rows]]
+    last = len(head) - 1
+    lines = ["  ".join(v.ljust(w) if i in (0, last) else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+             .rstrip() for r in [head, *rows]]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,11 @@ interpreter they compile in one subprocess per call.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -106,6 +111,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, bl
     meta = dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
     launch(_matmul_kernel, (triton.cdiv(M, block_m), triton.cdiv(N, 32)), a, b, c, M, N, K, PRECISION=precision,
            **meta)
+
+
+def cli_program() -> None:
+    """What `python -m fusednn.aot tests.test_aot:cli_program` records: two specialisations of one kernel."""
+    relu_copy(torch.empty(100), torch.empty(100))
+    relu_copy(torch.empty(4096), torch.empty(4096))
 
 
 def _by_name_and(compiled: list[aot.Compiled], name: str, **constexprs) -> aot.Compiled:
@@ -250,3 +261,18 @@ def test_triton36_rejects_dot_with_8_wide_operand():
         aot.compile_launch(launches[0])
     msg = str(err.value)
     assert "_matmul_kernel" in msg and "K >= 16" in msg
+
+
+def test_cli_writes_reports_for_what_a_function_launches(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    # TRITON_INTERPRET=0: the CLI compiles in-process (the fixture above covers the worker subprocess)
+    env = dict(os.environ, PYTHONPATH=str(root), TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "fusednn.aot", "tests.test_aot:cli_program", "-o", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 launches, 2 distinct kernels" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("_relu_copy_kernel-")]
+    # n = 100 and n = 4096: only the latter is specialised as a multiple of 16
+    assert [r.split()[-1] for r in rows] == ["div16=x_ptr,y_ptr", "div16=x_ptr,y_ptr,n"]
+    assert (tmp_path / "resources.txt").read_text().splitlines()[1:] == proc.stdout.splitlines()[1:]
+    assert len(list(tmp_path.glob("_relu_copy_kernel-*.ptx"))) == 2
