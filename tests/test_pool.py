@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fusednn.compiler.source import header, load
@@ -166,7 +166,7 @@ def test_adaptive_pool_forward_argmax_and_grad_match_torch(kind, shape, out_hw):
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_max_pool_nan_propagates_like_torch(adaptive):
     x = torch.randn(1, 2, 7, 8)
-    x[0, 0, 3, 4] = float("nan")  # in four overlapping 3x3/stride-2 windows
+    x[0, 0, 3, 3] = float("nan")  # in four overlapping 3x3/stride-2 windows
     x[0, 1, 0, 0] = float("nan")  # in a padded corner window
     if adaptive:
         y, idx = run_adaptive(x, "max", (3, 3))
@@ -256,6 +256,23 @@ def test_pool_backward_rejects_mismatched_gradient():
         pool2d_backward(torch.randn_like(y), None, **meta)
 
 
+def _window_reads_input(size, k, s, p, d, ceil_mode):
+    """Whether every pooling window along one dimension holds at least one input position."""
+    out = pool_out_size(size, k, s, p, d, ceil_mode)
+    return all(any(0 <= o * s - p + i * d < size for i in range(k)) for o in range(out))
+
+
+def test_max_pool_window_wholly_in_padding_gets_no_gradient():
+    # H=1, kernel 2, dilation 2, padding 1: the one window reads rows -1 and 1, both padding. torch gives
+    # -inf with index 1 (past the plane; its backward writes there); ours gives -inf with index -1, and dx 0.
+    x = torch.randn(1, 2, 1, 3)
+    y, idx, meta = run_pool(x, "max", kernel=(2, 1), padding=(1, 0), dilation=(2, 1), stride=1)
+    ref = F.max_pool2d(x.double(), (2, 1), 1, (1, 0), (2, 1))
+    assert torch.equal(y, ref.float()) and bool((y == float("-inf")).all())
+    assert bool((idx == -1).all())
+    assert torch.equal(pool2d_backward(torch.randn_like(y), idx, **meta), torch.zeros_like(x))
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_pool_configs_match_torch(data):
@@ -267,9 +284,37 @@ def test_random_pool_configs_match_torch(data):
     H = data.draw(st.integers(max(1, d[0] * (k[0] - 1) + 1 - 2 * p[0]), 9), label="H")
     W = data.draw(st.integers(max(1, d[1] * (k[1] - 1) + 1 - 2 * p[1]), 9), label="W")
     opts = dict(kernel=k, stride=s, padding=p, ceil_mode=data.draw(st.booleans(), label="ceil_mode"))
+    # torch's index for a dilated window that lies wholly in padding points outside the window (see
+    # test_max_pool_window_wholly_in_padding_gets_no_gradient); every other window is compared
+    assume(all(_window_reads_input(n, k[a], s[a], p[a], d[a], opts["ceil_mode"]) for a, n in enumerate((H, W))))
     if kind == "max":
         opts["dilation"] = d
     else:
         opts["count_include_pad"] = data.draw(st.booleans(), label="count_include_pad")
         opts["divisor_override"] = data.draw(st.sampled_from([None, 1, 3]), label="divisor_override")
     check_pool(torch.randn(data.draw(st.integers(1, 2), label="N"), 2, H, W), kind, **opts)
+
+
+@pytest.mark.aot
+def test_pool_kernels_compile_for_sm90_without_spills():
+    from fusednn import aot
+
+    reason = aot.unavailable_reason(90)
+    if reason is not None:
+        pytest.skip(f"cannot compile for sm_90 here: {reason}")
+
+    def program():
+        x = torch.empty(4, 8, 33, 30)
+        for kind, opts in [("max", dict(kernel=3, stride=2, padding=1, dilation=2, ceil_mode=True)),
+                           ("avg", dict(kernel=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+                           ("avg", dict(kernel=(3, 2), stride=1, padding=1, count_include_pad=True)),
+                           ("avg", dict(kernel=2, divisor_override=3))]:
+            y, idx, meta = run_pool(x, kind, **opts)
+            pool2d_backward(y, idx, **meta)
+        for kind in ("max", "avg"):
+            y, idx = run_adaptive(x, kind, (5, 7))
+            adaptive_pool2d_backward(y, idx, kind=kind, x_shape=tuple(x.shape))
+
+    compiled = aot.compile_launches(aot.collect(program))
+    assert len(compiled) == 12
+    assert not [c.name for c in compiled if c.resources.spills]

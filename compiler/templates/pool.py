@@ -8,7 +8,9 @@ loops have constant trip counts. The backward kernels are hand-written in kernel
 Semantics follow torch's reference kernels exactly:
 - max: padding reads as -inf; a value replaces the running max when it is strictly greater or NaN
   (so the first of equal maxima wins and NaN propagates); idx starts at the window's first in-bounds
-  position, so a window of -inf still points at a real input element.
+  position, so a window of -inf still points at a real input element. One deliberate difference: a
+  dilated window that lies wholly in padding (torch allows it) gives -inf with idx -1, where torch's
+  index points past the window and its backward writes there.
 - avg: the divisor is `divisor_override` if given, else the window clipped to the padded input
   (count_include_pad; a ceil_mode window hanging past the padding is clipped) or to the input itself.
 - adaptive: output o covers input [floor(o*H/OH), ceil((o+1)*H/OH)).
