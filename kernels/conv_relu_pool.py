@@ -274,15 +274,18 @@ def conv_relu_pool_backward(
     OH, OW = out_hw
     P = pool_k if pool != "none" else 1
     PH, PW = OH // P, OW // P
-    if (OH, OW) != ((H + 2 * pad_h - dil_h * (R - 1) - 1) // sh + 1, (W + 2 * pad_w - dil_w * (S - 1) - 1) // sw + 1):
-        raise ValueError(f"conv_relu_pool_backward: out_hw {out_hw} does not match x {tuple(x.shape)}, w {tuple(w.shape)}")
+    conv_hw = ((H + 2 * pad_h - dil_h * (R - 1) - 1) // sh + 1, (W + 2 * pad_w - dil_w * (S - 1) - 1) // sw + 1)
+    if (OH, OW) != conv_hw:
+        raise ValueError(f"conv_relu_pool_backward: out_hw {out_hw} is not the conv output {conv_hw} of "
+                         f"x {tuple(x.shape)}, w {tuple(w.shape)}")
     if tuple(dy.shape) != (N, K, PH, PW) or CG * groups != C:
         raise ValueError(f"conv_relu_pool_backward: dy {tuple(dy.shape)} / w {tuple(w.shape)} do not fit "
                          f"x {tuple(x.shape)}, groups={groups}, pool {pool} {P}")
-    act_src = a if pool == "avg" else y  # where act' is read from
-    if (pool == "max" and idx is None) or (act != "none" and act_src is None):
+    if pool == "max" and idx is None:
+        raise ValueError("conv_relu_pool_backward: max pool needs idx, the forward's argmax offsets")
+    if act != "none" and (a if pool == "avg" else y) is None:  # where act' is read from
         raise ValueError(f"conv_relu_pool_backward: act {act} with pool {pool} needs "
-                         f"{'idx' if idx is None else 'a (save_act)' if pool == 'avg' else 'y'}")
+                         f"{'a (forward with save_act)' if pool == 'avg' else 'y'}")
     # Buffers a variant does not read are stood in for by dy: the constexpr branches never touch them.
     bufs = (dy, idx if idx is not None else dy, y if y is not None else dy, a if a is not None else dy)
     meta = dict(N=N, C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,

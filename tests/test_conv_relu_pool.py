@@ -30,7 +30,8 @@ ACTS = {
 def make_spec(**kw) -> ConvSpec:
     """A ConvSpec with IR-style labels for the stages present; save_act where backward needs it."""
     act, pool = kw.get("act", "none"), kw.get("pool", "none")
-    labels = ("%1 conv2d",) + ((f"%2 {act}",) if act != "none" else ()) + ((f"%3 {pool}_pool2d",) if pool != "none" else ())
+    labels = ("%1 conv2d",) + ((f"%2 {act}",) if act != "none" else ())
+    labels += (f"%3 {pool}_pool2d",) if pool != "none" else ()
     kw.setdefault("save_act", pool == "avg" and act != "none")
     kw.setdefault("act_param", SLOPE)
     name = kw.pop("name", "fnn_conv_relu_pool_test")
@@ -217,6 +218,9 @@ def test_conv_relu_pool_backward_rejects_missing_saved_tensors():
     y, idx, a = forward(spec, x, w, b)
     with pytest.raises(ValueError, match="idx"):
         backward(spec, torch.ones_like(y), x, w, y, None, a)
+    avg = make_spec(N=1, C=1, H=6, W=6, K=2, R=3, S=3, act="tanh", pool="avg", pool_k=2)
+    with pytest.raises(ValueError, match="save_act"):
+        backward(avg, torch.ones_like(y), x, w, y, None, None)
     with pytest.raises(ValueError, match="out_hw"):
         conv_relu_pool_backward(torch.ones_like(y), x, w, y, idx, a, stride=1, padding=0, dilation=1, groups=1,
                                 act="relu", act_param=0.0, pool="max", pool_k=2, out_hw=(5, 4), needs_dx=True,
