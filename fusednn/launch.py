@@ -46,12 +46,17 @@ def tensor_bytes(args: tuple) -> int:
     return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
 
 
-def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
-    """Launch `kernel[grid](*args, **meta)` unless the grid is empty; record it for observers."""
+def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **meta: Any) -> None:
+    """Launch `kernel[grid](*args, **meta)` unless the grid is empty; record it for observers.
+
+    nbytes: the bytes the kernel must move, when the tensor arguments do not say it (e.g. a multi-tensor
+    kernel that receives a table of addresses); by default the sum of the tensor arguments' sizes.
+    """
     grid = tuple(int(g) for g in grid)
     if any(g <= 0 for g in grid):
         return
-    rec = Launch(kernel, grid, args, meta, tensor_bytes(args), _tags[-1] if _tags else "")
+    moved = tensor_bytes(args) if nbytes is None else int(nbytes)
+    rec = Launch(kernel, grid, args, meta, moved, _tags[-1] if _tags else "")
     execute = True
     for r in _recorders:
         r.launches.append(rec)

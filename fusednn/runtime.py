@@ -12,7 +12,6 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fusednn import launch
 from fusednn.compiler import autodiff, codegen
@@ -40,8 +39,12 @@ class _GraphFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # autograd enables grad in backward only for create_graph=True
+            raise RuntimeError(
+                "fusednn: double backward (create_graph=True, or torch.autograd.grad of a gradient) is not supported: "
+                "fusednn's backward kernels are not themselves differentiable. Compile with backend='reference' "
+                "for higher-order gradients.")
         exe: TritonExecutable = ctx.exe
         saved = ctx.saved_tensors
         nv = len(ctx.val_keys)

@@ -210,6 +210,9 @@ def sgd_step(
         tuple(int(f) for f in firsts) if use_momentum else (0,) * len(params),
         cfg["BLOCK"],
     )
+    # Bytes the update must move: read p and g, write p; with momentum also read and write the buffer.
+    moved = sum(numels) * params[0].element_size() * (5 if use_momentum else 3)
+    moved += sum(r.numel() * r.element_size() for r in rows if isinstance(r, torch.Tensor))
     launch(
         _sgd_step_kernel,
         (n_chunks,),
@@ -222,5 +225,6 @@ def sgd_step(
         WEIGHT_DECAY=weight_decay != 0,
         MOMENTUM=use_momentum,
         NESTEROV=bool(nesterov),
+        nbytes=moved,
         **cfg,
     )
