@@ -28,23 +28,21 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import logging
 import os
 import pickle
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from fusednn.errors import CompileError, FusednnError
 from fusednn.launch import Launch, kernel_name, recording
-
-log = logging.getLogger("fusednn")
 
 # Launch keywords that are compile options, not kernel parameters (the JIT takes them the same way).
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl",
@@ -118,7 +116,7 @@ def _is_jit(kernel: Any) -> bool:
     return isinstance(kernel, JITFunction)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unavailable_reason(arch: int = 90) -> str | None:
     """Why compiling for sm_<arch> cannot work here, or None when it can (Triton's NVIDIA backend and tools)."""
     try:
@@ -130,7 +128,8 @@ def unavailable_reason(arch: int = 90) -> str | None:
         if not path.is_file() or not os.access(path, os.X_OK):
             return f"{name} not found at {path} (triton's wheel normally ships it)"
     try:
-        out = subprocess.run([str(_tool("ptxas")), "--help"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([str(_tool("ptxas")), "--help"], check=False, capture_output=True, text=True,
+                             timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"ptxas does not run: {e}"
     if f"sm_{arch}" not in out:
@@ -330,7 +329,7 @@ class Resources:
 
 
 def _run_tool(name: str, *args: str) -> str:
-    proc = subprocess.run([str(_tool(name)), *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(_tool(name)), *args], check=False, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise AotCompileError(f"{name} {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
     return proc.stdout
@@ -355,7 +354,7 @@ def read_resources(cubin: bytes, kernel: str, num_warps: int, shared: int) -> Re
                      opcodes=tuple(sorted(opcodes.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Compiled:
     """One kernel compiled for the target: its IR, PTX, cubin and what it uses."""
 
@@ -370,6 +369,7 @@ class Compiled:
 
     @property
     def variant(self) -> str:
+        """The job's short specialisation id (used in file names when a kernel has several)."""
         return self.job.variant
 
 
@@ -394,6 +394,7 @@ def _import_kernel(job: Job) -> Any:
     if job.qualname != job.name:
         raise AotCompileError(f"kernel {job.name} in {job.file} is not defined at module level; AOT re-imports "
                               "kernels by module and name")
+
     def same_file(m: Any) -> bool:
         return os.path.realpath(getattr(m, "__file__", None) or "") == job.file
 
@@ -443,7 +444,8 @@ def _compile_in_subprocess(jobs: Sequence[Job]) -> list[Compiled | str]:
         jobs_path.write_bytes(pickle.dumps(list(jobs)))
         cmd = [sys.executable, "-m", "fusednn.aot", "--worker", str(jobs_path), str(results_path)]
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S)
+            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
+                                  timeout=_WORKER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise AotCompileError(f"the AOT compile worker ran past {_WORKER_TIMEOUT_S} s on "
                                   f"{len(jobs)} kernels") from None
@@ -466,7 +468,7 @@ def compile_launches(launches: Sequence[Launch], arch: int = 90) -> list[Compile
     recs = unique(launches, arch)
     jobs = [job_of(r, arch) for r in recs]
     native = [i for i, r in enumerate(recs) if _is_jit(r.kernel)]
-    remote = [i for i in range(len(recs)) if i not in set(native)]
+    remote = [i for i, r in enumerate(recs) if not _is_jit(r.kernel)]
     results: list[Compiled | str] = [""] * len(recs)
     for i, res in zip(native, _compile_in_process([jobs[i] for i in native], [recs[i].kernel for i in native])):
         results[i] = res
