@@ -77,9 +77,9 @@ def load(text: str, name: str) -> ModuleType:
     """Write `text` to the cache (named by its content hash) and import it; reuse it when already there."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     key = f"{name}_{digest}"
-    if key in _loaded:
-        return _loaded[key]
     path = cache_dir() / f"{key}.py"
+    if str(path) in _loaded and path.exists():
+        return _loaded[str(path)]
     if not path.exists() or path.read_text() != text:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
@@ -91,5 +91,5 @@ def load(text: str, name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[modname] = module
     spec.loader.exec_module(module)
-    _loaded[key] = module
+    _loaded[str(path)] = module
     return module

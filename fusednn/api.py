@@ -174,11 +174,12 @@ class _Compiled:
         """Groups, launches per forward/backward and bytes each kernel must move, for the last signature."""
         return self._last().executable.stats()
 
-    def dump(self, directory: str) -> list[str]:
-        """Write IR before/after fusion, kernel sources, backward plan, stats and a graph picture."""
+    def dump(self, directory: str, aot: bool = True) -> list[str]:
+        """Write IR before/after fusion, kernel sources, backward plan, stats, a graph picture and (aot=True)
+        each kernel's TTIR, PTX and sm_90 resource report; returns the paths written (see fusednn/dump.py)."""
         from fusednn.dump import dump
 
-        return dump(self._last(), directory)
+        return dump(self._last(), directory, self._tensors(), aot=aot)
 
 
 class CompiledModule(_Compiled, torch.nn.Module):

@@ -1,0 +1,105 @@
+"""`compiled.dump(dir)`: everything fusednn did to a model, as files a person can read.
+
+    traced.ir        the IR as traced (with each node's file:line)
+    fused.ir         the IR after the pass pipeline (fused groups list what they absorbed)
+    backward.ir      the backward plan: each node's hand-written kernels and what it saved
+    kernels/<name>.py  every generated forward kernel, as imported
+    graph.dot        the fused graph for Graphviz (graph.svg too when `dot` is on PATH)
+    stats.json       groups, launches and bytes per forward and backward, per kernel
+    aot/             per kernel of a training step (forward and backward): Triton's TTIR, PTX and a
+                     resource report for sm_90, compiled ahead of time (on a CPU machine too);
+                     resources.txt is the summary table
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusednn.errors import CompileError
+
+log = logging.getLogger("fusednn")
+
+
+def _example(v: Any, named: dict[str, torch.Tensor]) -> torch.Tensor:
+    if v.kind != "input":
+        return named[v.name].detach().clone()
+    shape, dtype = v.type.shape, v.type.dtype
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def training_launches(spec: Any, named: dict[str, torch.Tensor]) -> list:
+    """The launches of one forward and backward of `spec`, recorded (not run) with the GPU's launch configs."""
+    from fusednn import launch
+    from fusednn.compiler import configs
+    from fusednn.runtime import _GraphFunction
+
+    exe = spec.executable
+    device = next((t.device for t in named.values()), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[]), launch.recording(execute=False) as rec, configs.use_target("gpu"):
+        ins = [_example(v, named).to(device) for v in spec.graph.inputs]
+        ins = [t.requires_grad_() if t.is_floating_point() else t for t in ins]
+        outs = [o for o in _GraphFunction.apply(exe, *ins) if o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return rec
+
+
+def _write(path: Path, text: str, written: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    written.append(str(path))
+
+
+def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None, aot: bool = True) -> list[str]:
+    """Write the dump of one compiled specialisation into `directory`; returns the paths written."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ".write-test").touch()
+        (d / ".write-test").unlink()
+    except OSError as e:
+        raise CompileError(f"fusednn.dump: cannot write to {directory}: {e.strerror or e}") from None
+    written: list[str] = []
+    _write(d / "traced.ir", spec.traced.format(locations=True) + "\n", written)
+    _write(d / "fused.ir", spec.graph.format(locations=True) + "\n", written)
+    _write(d / "graph.dot", spec.graph.to_dot(), written)
+    if shutil.which("dot"):
+        svg = d / "graph.svg"
+        subprocess.run(["dot", "-Tsvg", str(d / "graph.dot"), "-o", str(svg)], check=False, capture_output=True)
+        if svg.exists():
+            written.append(str(svg))
+    exe = spec.executable
+    stats = exe.stats()
+    stats["options"] = {"fuse": spec.options.fuse, "backend": spec.options.backend, "precision": spec.options.precision}
+    if hasattr(exe, "plan"):
+        _write(d / "backward.ir", exe.plan.format() + "\n", written)
+        for step in exe.steps:
+            if step.kernel is not None:
+                _write(d / "kernels" / f"{step.kernel.name}.py", step.kernel.source, written)
+        if aot and named is not None:
+            stats["resources"] = _aot(spec, named, d / "aot", written)
+    _write(d / "stats.json", json.dumps(stats, indent=2, default=str) + "\n", written)
+    return written
+
+
+def _aot(spec: Any, named: dict[str, torch.Tensor], out: Path, written: list[str]) -> Any:
+    """TTIR, PTX and resource reports for every kernel of a training step; a reason string when unavailable."""
+    from fusednn import aot
+
+    reason = aot.unavailable_reason()
+    if reason:
+        log.warning("fusednn.dump: no ahead-of-time reports: %s", reason)
+        return f"unavailable: {reason}"
+    launches = aot.unique(training_launches(spec, named))
+    compiled = aot.compile_launches(launches)
+    paths = aot.write_reports(compiled, out)
+    written.extend(str(p) for p in paths)
+    return [dataclasses.asdict(c.resources) for c in compiled]
