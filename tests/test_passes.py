@@ -1,0 +1,87 @@
+"""Passes: how many kernel groups a model becomes, when fusion is refused, and overlapping pools."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusednn
+from fusednn.compiler import passes
+from fusednn.compiler.trace import trace
+from tests.helpers import rel_err
+from tests.models import LeNet, Mixed
+
+
+def _ops(model, x, fuse=True):
+    return [n.op for n in passes.run(trace(model, x), passes.pipeline(fuse)).nodes]
+
+
+def test_lenet_groups_fused_and_unfused():
+    x = torch.randn(2, 1, 32, 32)
+    assert _ops(LeNet(), x) == ["conv_relu_pool", "conv_relu_pool", "reshape", "linear_relu", "linear_relu", "linear"]
+    assert len(_ops(LeNet(), x, fuse=False)) == 12
+
+
+def test_eval_dropout_is_removed_and_train_dropout_kept():
+    m = Mixed()
+    assert "dropout" in _ops(m, torch.randn(2, 3, 16, 16))
+    assert "dropout" not in _ops(m.eval(), torch.randn(2, 3, 16, 16))
+
+
+def test_fusion_refused_when_an_intermediate_has_another_user():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3)
+
+        def forward(self, x):
+            z = F.relu(self.conv(x))
+            return F.max_pool2d(z, 2), z  # the relu output is also returned
+
+    ops = _ops(Branch(), torch.randn(1, 2, 10, 10))
+    assert ops == ["conv_relu_pool", "max_pool2d"]  # conv+relu fuse; the pool cannot absorb a shared value
+
+
+def test_linear_then_activation_with_two_users_stays_apart():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return torch.tanh(h) + h
+
+    assert _ops(Two(), torch.randn(2, 3)) == ["linear", "tanh", "add"]
+
+
+class ConvPool(nn.Module):
+    def __init__(self, k, s, act=F.relu):
+        super().__init__()
+        self.conv, self.k, self.s, self.act = nn.Conv2d(3, 5, 3, padding=1), k, s, act
+
+    def forward(self, x):
+        return F.max_pool2d(self.act(self.conv(x)), self.k, self.s)
+
+
+@pytest.mark.parametrize("k, s, fused", [(2, 2, True), (3, 3, True), (3, 1, False), (3, 2, False)])
+def test_only_non_overlapping_pools_fuse_and_both_forms_match_torch(k, s, fused):
+    m = ConvPool(k, s)
+    x = torch.randn(2, 3, 11, 11)
+    ops = _ops(m, x)
+    assert ops == (["conv_relu_pool"] if fused else ["conv_relu_pool", "max_pool2d"])
+    ref = copy.deepcopy(m).double()
+    c = fusednn.compile(m)
+    xx = x.clone().requires_grad_()
+    xr = x.double().requires_grad_()
+    y, yr = c(xx), ref(xr)
+    assert rel_err(y, yr) <= 1e-5
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g.double())
+    assert rel_err(xx.grad, xr.grad) <= 1e-5
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5
