@@ -166,6 +166,11 @@ class _Compiled:
         """The IR after the pass pipeline (fused unless compiled with fuse=False)."""
         return self._last().graph
 
+    def kernels(self) -> dict[str, str]:
+        """The generated kernel sources of the most recent specialisation, by kernel name."""
+        steps = getattr(self._last().executable, "steps", [])
+        return {s.kernel.name: s.kernel.source for s in steps if s.kernel is not None}
+
     @property
     def specializations(self) -> int:
         return len(self._fnn_cache)
