@@ -27,7 +27,7 @@ else
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q torch==2.13.0
-    "$VENV/bin/python" - <<'EOF'
+    "$VENV/bin/python" -W ignore - <<'EOF'
 import sys, torch
 if torch.version.cuda is not None:
     sys.exit(f"aot_triton36: pip installed a CUDA build of torch ({torch.__version__}); expected the CPU build")
