@@ -189,9 +189,8 @@ def test_collect_runs_nothing_and_picks_gpu_configs():
     launches = aot.collect(relu_copy, x, y)
     assert torch.equal(y, torch.zeros(300))  # recorded, not executed
     assert len(launches) == 1
-    with configs.use_target("gpu"):
+    with configs.use_target("gpu"):  # the GPU's block, whatever this process would pick for itself
         assert launches[0].meta == configs.elementwise(300)
-    assert launches[0].meta["BLOCK"] == 1024  # the GPU block, not the interpreter's pow2(300)
 
 
 def test_signature_follows_the_jit_specialisation():
