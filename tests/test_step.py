@@ -1,0 +1,170 @@
+"""fusednn.step.train_step: a whole training step as one callable; on CUDA one CUDA-graph replay.
+
+CPU: the step with a compiled LeNet and fusednn's SGD tracks float64 torch step by step; gradients stay in
+the same tensors (set_to_none=False semantics); nested launch recording. GPU (marked, skipped on CPU): the
+graph replay matches the eager step step by step, re-captures when the lr changes, refuses a new shape.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusednn
+from fusednn.optim import SGD
+from fusednn.step import record_launches, train_step
+from tests.helpers import rel_err
+from tests.models import LeNet
+
+TOL = 1e-5
+
+
+def _batch(n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 1, 32, 32, device=device), torch.randint(0, 10, (n,), device=device)
+
+
+def _ref_step(ref: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    opt.zero_grad()
+    loss = F.cross_entropy(ref(x.double()), t)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def test_train_step_with_compiled_lenet_and_fusednn_sgd_tracks_float64_torch():
+    net = LeNet()
+    ref = copy.deepcopy(net).double()
+    step = train_step(fusednn.compile(net), F.cross_entropy, SGD(net.parameters(), lr=0.05, momentum=0.9))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for i in range(3):
+        x, t = _batch(5)
+        loss = step(x, t)
+        loss_ref = _ref_step(ref, ref_opt, x, t)
+        assert loss.grad_fn is None and rel_err(loss, loss_ref) <= TOL, i
+        for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+            assert rel_err(p.grad, q.grad) <= TOL, (i, name)
+            assert rel_err(p, q) <= TOL, (i, name)
+    assert not step.graphed and step.calls == 3
+
+
+def test_train_step_with_loss_inside_the_compiled_function_matches_float64_torch():
+    net = LeNet()
+    ref = copy.deepcopy(net).double()
+    fn = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y), fuse=False)
+    step = train_step(fn, None, SGD(net.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for i in range(2):
+        x, t = _batch(3)
+        assert rel_err(step(x, t), _ref_step(ref, ref_opt, x, t)) <= TOL, i
+        for p, q in zip(net.parameters(), ref.parameters()):
+            assert rel_err(p, q) <= TOL, i
+
+
+def test_train_step_zeroes_grads_in_place_so_grad_tensors_persist():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10))
+    step = train_step(net, F.cross_entropy, torch.optim.SGD(net.parameters(), lr=0.1))
+    step(*_batch(4))
+    ptrs = [p.grad.data_ptr() for p in net.parameters()]
+    x, t = _batch(4)
+    probe = copy.deepcopy(net)  # the weights this step starts from, with the previous step's grads
+    probe.zero_grad(set_to_none=True)
+    F.cross_entropy(probe(x), t).backward()
+    step(x, t)
+    assert [p.grad.data_ptr() for p in net.parameters()] == ptrs
+    for p, q in zip(net.parameters(), probe.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-6  # this batch's gradient alone: zeroed, not accumulated
+
+
+def test_train_step_refuses_cuda_graph_for_cpu_tensors_and_short_warmup():
+    net = LeNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        train_step(net, F.cross_entropy, opt, cuda_graph=True)(*_batch(2))
+    with pytest.raises(ValueError, match="warmup"):
+        train_step(net, F.cross_entropy, opt, warmup=1)
+
+
+def test_record_launches_counts_the_whole_step_around_the_runtimes_own_recordings():
+    net = LeNet()
+    c = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y))
+    step = train_step(c, None, SGD(net.parameters(), lr=0.1, momentum=0.9))
+    with record_launches() as outer:
+        with record_launches() as rec:
+            step(*_batch(2))
+    # 5 forward groups + cross-entropy, its 2 backward kernels, LeNet's 9, one SGD launch
+    assert len(rec) == 18 and outer == rec
+    s = c.stats()
+    assert s["forward"]["launches"] == 6 and s["backward"]["launches"] == 11  # the runtime's lists stay its own
+    assert all(r is not None for r in rec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: the CUDA-graph path
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pair(make_model, fuse: bool | None, loss_inside: bool):
+    """Two identical (step, net) pairs from the same initial weights: eager and CUDA graph."""
+    base = make_model().cuda()
+    out = []
+    for graph in (False, True):
+        net = copy.deepcopy(base)
+        if fuse is None:  # plain torch eager model with torch's foreach SGD
+            model, opt = net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, foreach=True)
+        else:
+            model = fusednn.compile((lambda n: lambda x, y: F.cross_entropy(n(x), y))(net), fuse=fuse) \
+                if loss_inside else fusednn.compile(net, fuse=fuse)
+            opt = SGD(net.parameters(), lr=0.05, momentum=0.9)
+        out.append((train_step(model, None if loss_inside else F.cross_entropy, opt, cuda_graph=graph), net, opt))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse,loss_inside", [(True, False), (False, False), (True, True)])
+def test_cuda_graph_replay_matches_eager_steps_bit_for_bit_with_fusednn(fuse, loss_inside):
+    (eager, net_e, _), (graph, net_g, _) = _pair(LeNet, fuse, loss_inside)
+    for i in range(7):  # 3 warm-up steps, the capture, then replays
+        x, t = _batch(7, "cuda")
+        a, b = eager(x, t).item(), graph(x, t).item()
+        assert a == b, (i, a, b)  # same kernels, same order, fixed-order reductions: bit-identical
+        assert all(torch.equal(p, q) for p, q in zip(net_e.parameters(), net_g.parameters())), i
+    assert graph.graphed and graph.captures == 1 and len(graph.launches) > 0
+    assert not eager.graphed
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager_steps_with_torch_model_and_foreach_sgd():
+    (eager, net_e, _), (graph, net_g, _) = _pair(LeNet, None, False)
+    for i in range(6):
+        x, t = _batch(9, "cuda")
+        a, b = eager(x, t), graph(x, t)
+        assert rel_err(b, a) <= TOL, i  # cuDNN's weight-gradient sums may run in another order
+        assert all(rel_err(q, p) <= TOL for p, q in zip(net_e.parameters(), net_g.parameters())), i
+    assert graph.captures == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graph_recaptures_with_a_warning_when_the_lr_changes(caplog):
+    (eager, net_e, opt_e), (graph, net_g, opt_g) = _pair(LeNet, True, False)
+    batches = [_batch(5, "cuda") for _ in range(8)]
+    with caplog.at_level(logging.WARNING, logger="fusednn"):
+        for i, (x, t) in enumerate(batches):
+            if i == 5:  # after two replays of the first capture
+                for opt in (opt_e, opt_g):
+                    opt.param_groups[0]["lr"] = 0.01
+            assert eager(x, t).item() == graph(x, t).item(), i
+    assert graph.captures == 2
+    assert sum("re-capturing" in r.getMessage() for r in caplog.records) == 1
+    assert all(torch.equal(p, q) for p, q in zip(net_e.parameters(), net_g.parameters()))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_refuses_a_new_batch_shape_and_returns_one_static_loss_tensor():
+    (_, _, _), (graph, _, _) = _pair(LeNet, True, False)
+    losses = [graph(*_batch(4, "cuda")) for _ in range(5)]
+    assert losses[3] is losses[4]  # replays write the captured loss tensor
+    with pytest.raises(ValueError, match="fixed shapes"):
+        graph(*_batch(3, "cuda"))
