@@ -27,9 +27,10 @@ PRECISIONS = ("ieee", "tf32")
 #   db[n]    = Σ_m dz[m, n]                   column sums of dz
 #
 # dz is never stored: each kernel recomputes its tile of it from dy and y in the GEMM prologue, which costs
-# a second read of dy and y instead of a write and a read of dz. dw and db share one walk over M, and each
-# program walks M in ascending tile order on its own, so both are reduced in a fixed order (no atomics) and
-# two backward passes give bit-identical gradients.
+# a second read of dy and y instead of a write and a read of dz. dw and db share one walk over M. On the
+# GPU, when the [N, K] tiles alone are too few to fill it, M is cut into SPLIT fixed slices whose parts a
+# second kernel adds in slice order. Every sum thus runs in a fixed order (no atomics): two backward passes
+# give bit-identical gradients.
 
 
 @triton.jit
@@ -99,27 +100,31 @@ def _linear_relu_bwd_dw_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
     x_ptr,  # [M, K] forward input
-    dw_ptr,  # [N, K] out: weight gradient (None unless HAS_DW)
-    db_ptr,  # [N] out: bias gradient (None unless HAS_DB)
+    dw_ptr,  # [SPLIT, N, K] out: per M slice, its part of the weight gradient (None unless HAS_DW)
+    db_ptr,  # [SPLIT, N] out: per M slice, its part of the bias gradient (None unless HAS_DB)
     M, N, K,
+    m_per_split,  # rows of M per slice, a multiple of BLOCK_M
     slope,
     stride_dym, stride_dyn,  # of dy and of y
     stride_xm, stride_xk,
-    stride_dwn, stride_dwk,
+    stride_part,  # between the parts of consecutive slices, in dw_ptr and db_ptr alike
     ACT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One program per [BLOCK_N, BLOCK_K] tile of dw; the GEMM reduces over M, walked in ascending order.
+    # One program per [BLOCK_N, BLOCK_K] tile of dw and slice of M; it walks its slice in ascending order.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
+    m_lo = pid_s * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + offs_m
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rows = m0 + offs_m  # slices end on BLOCK_M boundaries, so rows < M is the only mask needed
         # dzᵀ tile [BLOCK_N, BLOCK_M], read transposed straight from dy and y
         mask_nm = (offs_n[:, None] < N) & (rows[None, :] < M)
         dzt = _linear_relu_dz(
@@ -134,11 +139,26 @@ def _linear_relu_bwd_dw_kernel(
         if HAS_DB:
             db += tl.sum(dzt, axis=1)
     if HAS_DW:
-        dw_ptrs = dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+        dw_ptrs = dw_ptr + pid_s * stride_part + offs_n[:, None] * K + offs_k[None, :]
         tl.store(dw_ptrs, acc, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
     if HAS_DB:
-        if pid_k == 0:  # every K-tile program of this pid_n holds the same sums; one writes them
-            tl.store(db_ptr + offs_n, db, mask=offs_n < N)
+        if pid_k == 0:  # every K-tile program of this (pid_n, pid_s) holds the same sums; one writes them
+            tl.store(db_ptr + pid_s * stride_part + offs_n, db, mask=offs_n < N)
+
+
+@triton.jit
+def _linear_relu_bwd_dw_reduce_kernel(
+    part_ptr,  # [SPLIT, L] per-slice parts of dw and db
+    out_ptr,  # [L] out: their sum
+    L,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT):  # slices in ascending order: the same sum on every run
+        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
 
 
 def linear_relu_backward(
@@ -155,6 +175,8 @@ def linear_relu_backward(
     precision: str = "ieee",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dx, dw, db) of y = act(x @ w.T + b), freshly allocated; None where not needed.
+
+    dw and db are contiguous views of one fresh buffer.
 
     Args:
         dy: [M, N] upstream gradient.  x: [M, K] forward input.  w: [N, K] weight.
@@ -174,13 +196,13 @@ def linear_relu_backward(
         y = None  # act' = 1: the kernels never read y
     elif y is None:
         raise ValueError(f"linear_relu_backward: act={act!r} needs the forward output y")
-    elif y.stride() != dy.stride():
-        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
     if not (dy.shape == (M, N) and w.shape == (N, K) and (y is None or y.shape == (M, N))):
         raise ValueError(
             f"linear_relu_backward: shapes dy {tuple(dy.shape)}, x {tuple(x.shape)}, w {tuple(w.shape)}, "
             f"y {None if y is None else tuple(y.shape)} do not fit y[M, N] = act(x[M, K] @ w[N, K].T)"
         )
+    if y is not None and y.stride() != dy.stride():
+        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
     slope = float(act_param) if act == "leaky_relu" else 0.0
     dx = dw = db = None
     if needs_dx:
@@ -195,17 +217,33 @@ def linear_relu_backward(
             PRECISION=precision, num_warps=cfg["num_warps"],
         )
     if needs_dw or needs_db:
-        dw = torch.empty((N, K), device=x.device, dtype=torch.float32) if needs_dw else None
-        db = torch.empty((N,), device=x.device, dtype=torch.float32) if needs_db else None
         cfg = configs.gemm(N, K, M)  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
-        # Without dw, one program per N tile is enough for db.
-        grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]) if needs_dw else 1)
+        bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)  # db alone: one program per N tile
+        # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
+        # interpreter). Each slice writes its own part; a second kernel adds the parts in slice order.
+        steps = triton.cdiv(M, bm)
+        per_split = triton.cdiv(steps, configs.split_k(tiles[0] * tiles[1], steps))
+        split = triton.cdiv(steps, per_split)  # no empty slice
+        n_dw = N * K if needs_dw else 0
+        length = n_dw + (N if needs_db else 0)  # dw and db share one buffer, [dw | db]
+        parts = torch.empty((split, length), device=x.device, dtype=torch.float32)
         launch(
-            _linear_relu_bwd_dw_kernel, grid,
-            dy, y, x, dw, db, M, N, K, slope,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), K, 1,  # dw is fresh: contiguous
-            ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db,
-            BLOCK_N=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_K"],
+            _linear_relu_bwd_dw_kernel, (*tiles, split),
+            dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
+            M, N, K, per_split * bm, slope,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), length,
+            ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
             PRECISION=precision, num_warps=cfg["num_warps"],
         )
+        out = parts[0]
+        if split > 1:
+            out = torch.empty((length,), device=x.device, dtype=torch.float32)
+            ecfg = configs.elementwise(length)
+            launch(
+                _linear_relu_bwd_dw_reduce_kernel, (triton.cdiv(length, ecfg["BLOCK"]),),
+                parts, out, length, SPLIT=split, **ecfg,
+            )
+        dw = out[:n_dw].view(N, K) if needs_dw else None
+        db = out[n_dw:] if needs_db else None
     return dx, dw, db
