@@ -14,7 +14,7 @@ from fusednn.launch import launch
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
 PRECISIONS = ("ieee", "tf32")
 
-# VJP.  z = x @ wᵀ + b,  y = act(z),  upstream gradient dy = ∂L/∂y, all [M, N] except x [M, K], w [N, K].
+# VJP.  z = x @ wᵀ + b,  y = act(z),  dy = ∂L/∂y;  z, y, dy are [M, N], x is [M, K], w is [N, K].
 #
 #   dz[m, n] = dy[m, n] · act'(z[m, n])       elementwise; act' is read from the saved y, not z:
 #              relu        y <= 0 ? 0 : 1     (derivative 0 at z = 0: torch's rule)
@@ -42,6 +42,7 @@ def _linear_relu_dz(
     slope,  # leaky_relu negative slope
     ACT: tl.constexpr,
 ):
+    """The GEMM prologue of both backward kernels: a tile of dz = dy * act'(z), act' read from y."""
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0)
     if ACT == "relu":
         # y <= 0 rather than not y > 0: a NaN output passes its gradient on, as torch's threshold_backward
@@ -219,7 +220,8 @@ def linear_relu_backward(
     if needs_dw or needs_db:
         cfg = configs.gemm(N, K, M)  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
         bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)  # db alone: one program per N tile
+        # db alone needs one program per N tile
+        tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)
         # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
         # interpreter). Each slice writes its own part; a second kernel adds the parts in slice order.
         steps = triton.cdiv(M, bm)

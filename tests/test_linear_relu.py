@@ -200,7 +200,8 @@ def test_linear_relu_backward_launches_only_what_is_needed(needs):
     with recording() as launches:
         part = linear_relu_backward(dy, x, w, y, act="relu", act_param=0.0,
                                     needs_dx=needs[0], needs_dw=needs[1], needs_db=needs[2])
-    expected = ["_linear_relu_bwd_dx_kernel"] * needs[0] + ["_linear_relu_bwd_dw_kernel"] * (needs[1] or needs[2])
+    expected = (["_linear_relu_bwd_dx_kernel"] * needs[0]
+                + ["_linear_relu_bwd_dw_kernel"] * (needs[1] or needs[2]))
     assert [kernel_name(l.kernel) for l in launches] == expected
     for wanted, got, ref in zip(needs, part, full):
         if wanted:
