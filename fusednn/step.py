@@ -61,6 +61,10 @@ def record_launches() -> Iterator[list[_launch.Launch]]:
             out.extend(r for r in rec if r is not sentinel)
 
 
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
@@ -107,25 +111,21 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Run one training step on batch (x, y); returns the loss (the static loss tensor when replaying)."""
-        use_graph = x.is_cuda if self.cuda_graph is None else self.cuda_graph
-        if use_graph and not (x.is_cuda and torch.cuda.is_available()):
-            raise ValueError(f"train_step: cuda_graph=True needs CUDA tensors, got x on {x.device}")
         self.calls += 1
-        if not use_graph:
-            return self.eager(x, y)
-        if self.graph is None and self.calls <= self.warmup:
-            return self._warm(x, y)
-        if self.graph is None:
-            self._capture(x, y)
-        else:
+        if self.graph is not None:
             self._check_batch(x, y)
             if self._changed():
                 self._recapture_notice()
                 self._capture(x, y)
-        self._x.copy_(x)  # type: ignore[union-attr]
-        self._y.copy_(y)  # type: ignore[union-attr]
-        self.graph.replay()  # type: ignore[union-attr]
-        return self._loss  # type: ignore[return-value]
+            return self._replay(x, y)
+        if not (_on_cuda(x) if self.cuda_graph is None else self.cuda_graph):
+            return self.eager(x, y)
+        if not (_on_cuda(x) and torch.cuda.is_available()):
+            raise ValueError(f"train_step: cuda_graph=True needs CUDA tensors, got x on {x.device}")
+        if self.calls <= self.warmup:
+            return self._warm(x, y)
+        self._capture(x, y)
+        return self._replay(x, y)
 
     @property
     def graphed(self) -> bool:
@@ -144,6 +144,8 @@ class TrainStep:
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self._x is None:
             self._x, self._y = torch.empty_like(x), torch.empty_like(y)  # outside the graph's memory pool
+        self._x.copy_(x)  # not read by the capture, but a real batch is the safe thing to capture on
+        self._y.copy_(y)
         self.graph = None  # free the previous graph's memory pool before capturing anew
         graph = torch.cuda.CUDAGraph()
         with record_launches() as rec:
@@ -154,6 +156,12 @@ class TrainStep:
         mods = list(self.model.modules()) if isinstance(self.model, torch.nn.Module) else []
         self._modes = [(m, m.training) for m in mods]
         self.captures += 1
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._x.copy_(x)  # type: ignore[union-attr]
+        self._y.copy_(y)  # type: ignore[union-attr]
+        self.graph.replay()  # type: ignore[union-attr]
+        return self._loss  # type: ignore[return-value]
 
     def _changed(self) -> bool:
         return (any(_frozen(g[k]) != v for g, k, v in self._captured)

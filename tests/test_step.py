@@ -6,6 +6,7 @@ graph replay matches the eager step step by step, re-captures when the lr change
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fusednn
+from fusednn import step as step_mod
 from fusednn.optim import SGD
 from fusednn.step import record_launches, train_step
 from tests.helpers import rel_err
@@ -99,6 +101,104 @@ def test_record_launches_counts_the_whole_step_around_the_runtimes_own_recording
     s = c.stats()
     assert s["forward"]["launches"] == 6 and s["backward"]["launches"] == 11  # the runtime's lists stay its own
     assert all(r is not None for r in rec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graph path's control flow on the CPU, with CUDA's stream and graph calls faked: a fake capture runs
+# the step and then undoes it (a real capture runs nothing), a fake replay runs the step on the static
+# buffers and writes the captured loss tensor. What this cannot check (the CUDA calls) the GPU tests do.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _FakeCuda:
+    def __init__(self) -> None:
+        self.step = None  # the TrainStep whose graph is faked
+
+    def _tensors(self) -> list[torch.Tensor]:
+        opt = self.step.optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return params + [p.grad for p in params if p.grad is not None] + state
+
+    @contextlib.contextmanager
+    def graph(self, g):
+        live = self._tensors()
+        saved = [t.detach().clone() for t in live]
+        yield
+        with torch.no_grad():
+            for t, c in zip(live, saved):
+                t.copy_(c)
+
+    def replay(self) -> None:
+        s = self.step
+        s._loss.copy_(s.eager(s._x, s._y))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = _FakeCuda()
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            fake.replay()
+
+    monkeypatch.setattr(step_mod, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+    return fake
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def test_graph_path_warms_up_captures_once_then_replays_like_eager_steps(fake_cuda, caplog):
+    base = _mlp()
+    nets = [copy.deepcopy(base) for _ in range(2)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets]
+    eager = train_step(nets[0], F.cross_entropy, opts[0], cuda_graph=False)
+    graph = fake_cuda.step = train_step(nets[1], F.cross_entropy, opts[1], cuda_graph=True)
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="fusednn"):
+        for i in range(9):
+            if i == 6:  # a schedule's lr change: the graph holds the old lr as a constant
+                for opt in opts:
+                    opt.param_groups[0]["lr"] = 0.02
+            x, t = _batch(4)
+            a, b = eager(x, t), graph(x, t)
+            assert a.item() == b.item(), i
+            assert graph.captures == (0 if i < 3 else 1 if i < 6 else 2), i
+            losses.append(b)
+            assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters())), i
+    assert losses[3] is losses[5] and losses[2] is not losses[3]  # replays return the captured loss tensor
+    assert sum("re-capturing" in r.getMessage() for r in caplog.records) == 1
+    nets[1].eval()  # train/eval mode is part of what was captured
+    graph(*_batch(4))
+    assert graph.captures == 3
+    with pytest.raises(ValueError, match="fixed shapes"):
+        graph(*_batch(5))
+
+
+def test_graph_path_keeps_the_fusednn_launches_of_the_capture(fake_cuda):
+    net = LeNet()
+    c = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y))
+    step = fake_cuda.step = train_step(c, None, SGD(net.parameters(), lr=0.1, momentum=0.9), warmup=2)
+    x, t = _batch(2)
+    for _ in range(3):
+        step(x, t)
+    assert step.graphed and step.captures == 1
+    assert len(step.launches) == 18  # forward, loss, backward and SGD of the captured step
 
 
 # ---------------------------------------------------------------------------------------------------
