@@ -113,6 +113,7 @@ def batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor 
     N, C = x.shape[0], x.shape[1]
     inner = x.numel() // max(N * C, 1)
     M = N * inner
+    dy = dy.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     dx = torch.empty_like(x) if needs_dx else None
     dw = db = None
     cfg = configs.reduce_cols(M, C)

@@ -124,7 +124,7 @@ def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, target: to
     """
     N, C = logits.shape
     dx = torch.empty_like(logits)
-    g = dloss
+    g = dloss.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     if reduction == "mean":
         g = torch.empty(1, device=logits.device, dtype=torch.float32)
         block = configs.elementwise(N)["BLOCK"]
@@ -154,6 +154,7 @@ def point_loss_backward(dloss: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *
     dt = torch.empty_like(t) if needs_dt else None
     if not (needs_dx or needs_dt):
         return dx, dt
+    dloss = dloss.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     numel = x.numel()
     inv_count = 1.0 / numel if reduction == "mean" and numel else 1.0
     cfg = configs.elementwise(numel)

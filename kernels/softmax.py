@@ -57,6 +57,7 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, *, outer: int, D: int, i
         outer, D, inner: the [outer, D, inner] view of the tensor; the softmax runs over D.
     Returns dx, a new tensor shaped like y.
     """
+    dy = dy.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     dx = torch.empty_like(y)
     n_rows = outer * inner
     cfg = configs.rows(n_rows, D)

@@ -154,6 +154,14 @@ def test_point_loss_backward_returns_only_the_grads_asked_for(needs_dx, needs_dt
         assert rel_err(dt, t64.grad) <= TOL
 
 
+def test_point_loss_backward_accepts_an_expanded_upstream_gradient():
+    # loss(reduction="none").sum().backward() hands the backward a stride-0 view of one number
+    x, t = torch.randn(3, 7), torch.randn(3, 7)
+    dloss = torch.randn(()).expand(3, 7)
+    dx, _ = point_loss_backward(dloss, x, t, kind="mse", reduction="none", needs_dx=True, needs_dt=False)
+    assert rel_err(dx, 2 * (x.double() - t.double()) * dloss.double()) <= TOL
+
+
 def test_point_loss_sum_is_deterministic():
     x, t = torch.randn(5000), torch.randn(5000)
     assert torch.equal(run_point_loss(x, t, "mse", "sum"), run_point_loss(x, t, "mse", "sum"))

@@ -2,7 +2,8 @@
 
 A channel's statistics run over its M = N*inner values. With batch statistics (training, or no running
 stats) each program owns BLOCK_C channels and walks all M rows itself, in a fixed order, three times:
-sum (mean), sum of squared deviations (two-pass variance: no E[x²] − E[x]² cancellation), normalise.
+sum (mean), sums of deviations and their squares (corrected two-pass mean and variance: no
+E[x²] − E[x]² cancellation), normalise.
 Everything is deterministic and the whole op is one launch. With running statistics (eval) the op is
 pointwise per channel and the grid also splits the rows. Backward: kernels/batch_norm.py.
 """
@@ -133,16 +134,25 @@ def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
         s.writelines(_TILE)
         s.writeline("acc += x")
     s.writeline("mean = tl.sum(acc, axis=0) / M")
-    s.writeline("# second pass: squared deviations from the mean (accurate where E[x²] − E[x]² cancels)")
-    s.writeline("acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)")
-    s.writeline("for r0 in range(0, M, BLOCK_R):")
+    s.writelines(
+        """
+        # second pass: deviations d from that mean, Σd² (no E[x²] − E[x]² cancellation) and Σd, which
+        # corrects the mean for the rounding of the first sum (corrected two-pass, Chan, Golub & LeVeque)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        acc_d = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, M, BLOCK_R):
+        """
+    )
     with s.indent():
         s.writelines(_TILE)
         s.writeline("d = tl.where(mask, x - mean[None, :], 0.0)")
         s.writeline("acc += d * d")
+        s.writeline("acc_d += d")
     s.writelines(
         """
-        var = tl.sum(acc, axis=0) / M  # biased: what normalises
+        sum_d = tl.sum(acc_d, axis=0)
+        mean += sum_d / M
+        var = (tl.sum(acc, axis=0) - sum_d * sum_d / M) / M  # biased: what normalises
         invstd = 1.0 / tl.sqrt(var + EPS)
         tl.store(mean_ptr + chans, mean, mask=c_ok)
         tl.store(invstd_ptr + chans, invstd, mask=c_ok)

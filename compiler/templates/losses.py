@@ -1,9 +1,9 @@
 """Forward templates for losses: cross-entropy over [N, C] logits, and pointwise mse / l1 losses.
 
 Reduced losses ("mean", "sum") are summed by a single program that walks the rows (elements) in a fixed
-order: the loss is bit-identical from run to run (no atomics) and the whole loss is one launch. Losses
-come after the last layer, where N is a batch (tens to thousands of rows), so one program is not the
-bottleneck. Backward: kernels/losses.py.
+order: the loss is bit-identical from run to run (no atomics) and the whole loss is one launch. That suits
+a loss over one batch of logits; for inputs of millions of elements a two-stage reduction (per-program
+partial sums, then a fixed-order sum of those) would use more of the GPU. Backward: kernels/losses.py.
 """
 from __future__ import annotations
 
