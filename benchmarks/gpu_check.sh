@@ -2,7 +2,7 @@
 # One pass of GPU checks and benchmarks on a machine with an NVIDIA GPU and no network, whose python3
 # already has torch and triton:  bash benchmarks/gpu_check.sh OUTDIR
 #
-# Phases (each under `timeout`, carved from one 470 s deadline; a failed phase is reported, the next runs):
+# Phases (each under `timeout`, carved from one 460 s deadline; a failed phase is reported, the next runs):
 #   env        nvidia-smi, python/torch/triton versions          -> OUTDIR/env.log, OUTDIR/nvidia-smi.txt
 #   install    pip install --no-deps --no-build-isolation -e .   -> OUTDIR/install.log
 #              (if that fails or does not import: a flat copy of the package in a temp dir, run from there)
@@ -20,7 +20,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 PY=${PYTHON:-python3}
-TOTAL=${GPU_CHECK_TOTAL_S:-470}  # the whole script ends within 8 minutes
+TOTAL=${GPU_CHECK_TOTAL_S:-460}  # phases end by then; the summary adds at most 30 s: within 8 minutes
 START=$(date +%s)
 PHASES=()
 
@@ -137,12 +137,13 @@ fi
 {
     echo
     echo "== gpu_check $(date -u +%FT%TZ), $(($(date +%s) - START)) s, repo $REPO @ $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    if [ "$CUDA" = 1 ]; then echo "device: $(grep '^gpu ' "$OUT/env.log" | head -n 1)"; else echo "device: no CUDA device (CPU run: GPU parts skipped)"; fi
     printf '%s\n' "${PHASES[@]}"
     if [ -f "$OUT/tests.log" ]; then
         echo "tests: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/tests.log" | tail -n 1)"
     fi
-    timeout 30 "$PY" benchmarks/run.py --summarize "$OUT"/bench_*/bench.json --full >"$OUT/tables.txt" 2>&1
-    timeout 30 "$PY" benchmarks/run.py --summarize "$OUT"/bench_*/bench.json 2>/dev/null ||
+    timeout 15 "$PY" benchmarks/run.py --summarize "$OUT"/bench_*/bench.json --full >"$OUT/tables.txt" 2>&1
+    timeout 15 "$PY" benchmarks/run.py --summarize "$OUT"/bench_*/bench.json 2>/dev/null ||
         echo "(no benchmark results to summarise)"
 } | tee "$OUT/summary.txt"
 exit 0
