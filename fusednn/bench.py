@@ -185,6 +185,46 @@ def profile_step(call: Callable, data: list, device: torch.device, n: int = PROF
             "per_kernel": table}
 
 
+def _first_steps(v: Variant, base: nn.Module, precision: str, data: list, check_steps: int) -> tuple[Callable, dict]:
+    """Build variant `v`, time its first step (compilation) apart, run the checked steps, count launches."""
+    call, step = build(v, base, precision)
+    t0 = time.perf_counter()
+    losses = [call(*data[0]).item()]
+    r: dict = {"status": "ok", "compile_s": time.perf_counter() - t0}
+    for i in range(1, check_steps):
+        with record_launches() as rec:  # the last one, a steady-state step, is the one counted
+            losses.append(call(*data[i % N_BATCHES]).item())
+    if v.kind == "fusednn":
+        st = launch_stats(step.launches if v.graph else rec)  # a replay launches nothing through fusednn
+        r.update(launches_per_step=st["launches"], bytes_per_step=st["bytes"],
+                 launch_source="fusednn.launch.recording", kernels=st["per_kernel"])
+    r["losses"] = losses
+    return call, r
+
+
+def _time_interleaved(live: dict[str, Callable], out: dict, data: list, device: torch.device,
+                      steps: int, trials: int) -> dict[str, list[float]]:
+    """ms per step of every live variant in each of `trials` rounds; the order rotates every round."""
+    times: dict[str, list[float]] = {n: [] for n in live}
+    for t in range(trials):
+        names = list(live)
+        k = t % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            try:
+                call = live[name]
+                _sync(device)
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    call(*data[i % N_BATCHES])
+                _sync(device)
+                times[name].append((time.perf_counter() - t0) * 1e3 / steps)
+            except Exception as e:
+                log.exception("bench: %s failed while timed", name)
+                out[name].update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+                del live[name]
+    return times
+
+
 def run_config(model: str, batch: int, precision: str, device: torch.device, names: Sequence[str], *,
                steps: int, trials: int, check_steps: int, warmup_steps: int) -> dict:
     """Benchmark every variant in `names` on one (batch size, precision); see the module docstring."""
@@ -193,7 +233,8 @@ def run_config(model: str, batch: int, precision: str, device: torch.device, nam
     data = [(torch.randn(batch, *INPUT, device=device), torch.randint(0, 10, (batch,), device=device))
             for _ in range(N_BATCHES)]
     res: dict = {"batch": batch, "precision": precision, **step_cost(base, batch), "variants": {}}
-    out, live = res["variants"], {}
+    out: dict[str, dict] = res["variants"]
+    live: dict[str, Callable] = {}
     with torch_precision(precision):
         for name in names:
             v = VARIANTS[name]
@@ -202,60 +243,34 @@ def run_config(model: str, batch: int, precision: str, device: torch.device, nam
                 out[name] = {"status": "skipped", "reason": reason}
                 continue
             try:
-                call, step = build(v, base, precision)
-                t0 = time.perf_counter()
-                losses = [call(*data[0]).item()]
-                out[name] = {"status": "ok", "compile_s": time.perf_counter() - t0}
-                for i in range(1, check_steps):
-                    with record_launches() as rec:  # the last one, a steady-state step, is counted
-                        losses.append(call(*data[i % N_BATCHES]).item())
-                if v.kind == "fusednn":
-                    st = launch_stats(step.launches if v.graph else rec)  # a replay launches nothing through fusednn
-                    out[name].update(launches_per_step=st["launches"], bytes_per_step=st["bytes"],
-                                     launch_source="fusednn.launch.recording", kernels=st["per_kernel"])
-                out[name]["losses"] = losses
-                live[name] = call
+                live[name], out[name] = _first_steps(v, base, precision, data, check_steps)
+                for i in range(warmup_steps):  # not timed
+                    live[name](*data[i % N_BATCHES])
             except Exception as e:  # one broken variant must not sink the others
                 log.exception("bench: %s failed at batch %d (%s)", name, batch, precision)
                 out[name] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
-        for name, call in list(live.items()):  # warm-up, not timed
-            for i in range(warmup_steps):
-                call(*data[i % N_BATCHES])
+                live.pop(name, None)
         _sync(device)
-        times: dict[str, list[float]] = {n: [] for n in live}
-        for t in range(trials):
-            order = list(live)[t % max(len(live), 1):] + list(live)[:t % max(len(live), 1)]
-            for name in order:
-                if name not in live:
-                    continue
-                try:
-                    call = live[name]
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for i in range(steps):
-                        call(*data[i % N_BATCHES])
-                    _sync(device)
-                    times[name].append((time.perf_counter() - t0) * 1e3 / steps)
-                except Exception as e:
-                    log.exception("bench: %s failed while timed", name)
-                    out[name].update(status="error", error=f"{type(e).__name__}: {e}"[:500])
-                    del live[name]
+        times = _time_interleaved(live, out, data, device, steps, trials)
         for name, call in live.items():
             ms = statistics.median(times[name])
             out[name].update(ms_per_step=ms, trials_ms=times[name], images_per_s=batch / ms * 1e3)
             if device.type == "cuda":
-                try:
-                    prof = profile_step(call, data, device)
-                except Exception as e:
-                    prof = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
-                if VARIANTS[name].kind != "fusednn":
-                    prof.pop("per_kernel", None)
-                    if "gpu_kernels_per_step" in prof:
-                        out[name].update(launches_per_step=prof["gpu_kernels_per_step"] + prof["gpu_memops_per_step"],
-                                         launch_source="torch.profiler (device kernels + memcpy/memset)")
-                out[name].update(prof)
+                out[name].update(_profiled(name, call, data, device))
     _compare(res)
     return res
+
+
+def _profiled(name: str, call: Callable, data: list, device: torch.device) -> dict:
+    try:
+        prof = profile_step(call, data, device)
+    except Exception as e:
+        return {"profile_error": f"{type(e).__name__}: {e}"[:300]}
+    if VARIANTS[name].kind != "fusednn":  # torch's launches are what the profiler saw
+        del prof["per_kernel"]
+        prof.update(launches_per_step=prof["gpu_kernels_per_step"] + prof["gpu_memops_per_step"],
+                    launch_source="torch.profiler (device kernels + memcpy/memset)")
+    return prof
 
 
 def _compare(res: dict) -> None:
