@@ -198,6 +198,8 @@ def _first_steps(v: Variant, base: nn.Module, precision: str, data: list, check_
         st = launch_stats(step.launches if v.graph else rec)  # a replay launches nothing through fusednn
         r.update(launches_per_step=st["launches"], bytes_per_step=st["bytes"],
                  launch_source="fusednn.launch.recording", kernels=st["per_kernel"])
+    else:  # torch's launches are counted by the profiler on a GPU; its bytes are not known
+        r.update(launches_per_step=None, bytes_per_step=None, launch_source=None)
     r["losses"] = losses
     return call, r
 
