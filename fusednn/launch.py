@@ -25,7 +25,7 @@ class Launch:
     tag: str = ""
 
 
-@dataclass
+@dataclass(eq=False)  # recorders are removed by identity: two empty ones must not compare equal
 class _Recorder:
     execute: bool
     launches: list[Launch] = field(default_factory=list)
