@@ -34,11 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
+from fusednn import launch
 from fusednn._backend import default_device, interpreting
 from fusednn.models import MODELS
 from fusednn.optim import SGD
 from fusednn.runtime import launch_stats
-from fusednn.step import TrainStep, record_launches, train_step
+from fusednn.step import TrainStep, train_step
 
 log = logging.getLogger("fusednn")
 
@@ -192,7 +193,7 @@ def _first_steps(v: Variant, base: nn.Module, precision: str, data: list, check_
     losses = [call(*data[0]).item()]
     r: dict = {"status": "ok", "compile_s": time.perf_counter() - t0}
     for i in range(1, check_steps):
-        with record_launches() as rec:  # the last one, a steady-state step, is the one counted
+        with launch.recording() as rec:  # the last one, a steady-state step, is the one counted
             losses.append(call(*data[i % N_BATCHES]).item())
     if v.kind == "fusednn":
         st = launch_stats(step.launches if v.graph else rec)  # a replay launches nothing through fusednn

@@ -32,33 +32,14 @@ The returned loss is the graph's static output tensor: the next call overwrites 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from fusednn import launch as _launch
 
 log = logging.getLogger("fusednn")
-
-
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[_launch.Launch]]:
-    """`fusednn.launch.recording()` that may enclose the runtime's own recordings.
-
-    launch.recording() removes its recorder from the active list by equality (a dataclass __eq__ over the
-    launches seen), so an outer recorder whose list equals an inner one's is removed in its place. A
-    sentinel unique to this block, kept first in the list, makes ours unequal to every other.
-    """
-    sentinel = object()
-    with _launch.recording() as rec:
-        rec.append(sentinel)  # type: ignore[arg-type]
-        out: list[_launch.Launch] = []
-        try:
-            yield out
-        finally:
-            out.extend(r for r in rec if r is not sentinel)
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
@@ -148,7 +129,7 @@ class TrainStep:
         self._y.copy_(y)
         self.graph = None  # free the previous graph's memory pool before capturing anew
         graph = torch.cuda.CUDAGraph()
-        with record_launches() as rec:
+        with _launch.recording() as rec:
             with torch.cuda.graph(graph):  # capture records kernels, runs nothing: the caller replays
                 loss = self.eager(self._x, self._y)
         self.graph, self._loss, self.launches = graph, loss, rec  # the records hold every tensor the graph reads

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import fusednn
 from fusednn import step as step_mod
 from fusednn.optim import SGD
-from fusednn.step import record_launches, train_step
+from fusednn.launch import recording
+from fusednn.step import train_step
 from tests.helpers import rel_err
 from tests.models import LeNet
 
@@ -89,12 +90,12 @@ def test_train_step_refuses_cuda_graph_for_cpu_tensors_and_short_warmup():
         train_step(net, F.cross_entropy, opt, warmup=1)
 
 
-def test_record_launches_counts_the_whole_step_around_the_runtimes_own_recordings():
+def test_recording_counts_the_whole_step_around_the_runtimes_own_recordings():
     net = LeNet()
     c = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y))
     step = train_step(c, None, SGD(net.parameters(), lr=0.1, momentum=0.9))
-    with record_launches() as outer:
-        with record_launches() as rec:
+    with recording() as outer:
+        with recording() as rec:
             step(*_batch(2))
     # 5 forward groups + cross-entropy, its 2 backward kernels, LeNet's 9, one SGD launch
     assert len(rec) == 18 and outer == rec
