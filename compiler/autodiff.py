@@ -10,7 +10,8 @@ What each pattern saves (and nothing more):
   softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
   batch_norm      x, weight, the per-channel mean and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
-Gradients of values with several users are summed (`accumulate_`).
+Gradients of values with several users are summed (`accumulate_`). A node with nothing to compute (batch
+0, `codegen.empty_node`) launches nothing and gives zero gradients, as torch does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from fusednn.compiler.codegen import Env, softmax_dims
+from fusednn.compiler.codegen import Env, empty_node, softmax_dims
 from fusednn.compiler.ir import Graph, Node, Value
 
 Grads = list[torch.Tensor | None]
@@ -198,7 +199,7 @@ def _bn_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: s
 
     x, rm, rv, w, b = n.inputs
     dx, dw, db = batch_norm_backward(
-        dy, env.values[x].contiguous(), None if w is None else env.values[w],
+        dy, env.values[x].contiguous(), None if w is None else env.values[w].contiguous(),
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")], training=n.attrs["training"] or rm is None,
         needs_dx=needs[0], needs_dweight=w is not None and needs[3], needs_dbias=b is not None and needs[4])
     return [dx, None, None, dw, db]
@@ -283,7 +284,11 @@ class BackwardPlan:
             if dy is None or n.op in NON_DIFFERENTIABLE or not need.get(n.out, False):
                 continue
             needs = [v is not None and need.get(v, False) for v in n.inputs]
-            outs = RULES[n.op].vjp(n, env, dy.contiguous(), needs, precision)
+            if empty_node(n):  # batch 0: nothing flows back; parameters get zeros, as in torch
+                outs = [torch.zeros(v.type.shape, dtype=v.type.dtype, device=dy.device) if nd else None
+                        for v, nd in zip(n.inputs, needs)]
+            else:
+                outs = RULES[n.op].vjp(n, env, dy.contiguous(), needs, precision)
             for v, g in zip(n.inputs, outs):
                 if v is None or g is None or not need.get(v, False):
                     continue

@@ -4,7 +4,12 @@ For every node, a template in `compiler/templates/` turns a spec (concrete shape
 the text of one kernel file with a header that names the IR nodes it implements and its backward file;
 the text is written to the content-hashed cache and imported (`compiler.source.load`). A `Step` holds
 the kernel and a closure that runs it on the tensors of one call. Reshapes of contiguous tensors are
-views and BatchNorm's num_batches_tracked counter is bookkeeping: neither launches a kernel.
+views and BatchNorm's num_batches_tracked counter is bookkeeping: neither launches a kernel. Kernel
+inputs are made contiguous here (`_c`: a no-op for contiguous tensors, so parameters are read in place).
+
+Before any template runs, `check` refuses what the kernels cannot take, on IR types alone: a value of
+2**31 elements or more (32-bit offsets) and dtypes other than float32. A node with nothing to compute
+(batch 0) launches nothing (`empty_node`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 from fusednn.compiler import source
 from fusednn.compiler.ir import Graph, Node, Value
 from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
+from fusednn.errors import CompileError, InputMismatchError
 
 log = logging.getLogger("fusednn")
 
@@ -272,8 +278,15 @@ def _lower_batch_norm(n: Node, precision: str) -> Step:
         mean = torch.empty(C, dtype=torch.float32, device=xt.device)
         invstd = torch.empty_like(mean)
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
-        get = lambda v: None if v is None else env.values[v]  # noqa: E731  (running stats update in place)
-        k.module.launch(xt, get(w), get(b), get(rm), get(rv), y, mean, invstd)
+        get = lambda v: None if v is None else env.values[v]  # noqa: E731
+        # The kernel updates the running statistics in place: a strided buffer is updated through a
+        # contiguous copy that is written back, so the user's buffer object keeps the new values.
+        stats = [get(rm), get(rv)]
+        work = [_c(t) for t in stats]
+        k.module.launch(xt, _c(get(w)), _c(get(b)), *work, y, mean, invstd)
+        for t, c in zip(stats, work):
+            if c is not t:
+                t.copy_(c)
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -321,11 +334,73 @@ LOWER: dict[str, Callable[[Node, str], Step]] = {
 }
 
 
+# -- what the kernels cannot take: checked on IR types before any template runs ------------------------
+MAX_NUMEL = 2**31 - 1  # kernels index with 32-bit offsets
+# Integer operands a kernel reads as integers: class targets, BatchNorm's batch counter.
+_INT_OPERANDS = {"cross_entropy": (1,), "count_": (0,)}
+
+
+def where(n: Node) -> str:
+    """`conv2d in module 'conv1' (net.py:12)`: how error messages name a node (a fused node by its head)."""
+    head = n.absorbed[0] if n.absorbed else n
+    mod = f" in module '{head.module}'" if head.module else " at the top level"
+    return f"{head.op}{mod}" + (f" ({head.source})" if head.source else "")
+
+
+def check(graph: Graph) -> None:
+    """Raise before code generation when a value does not fit the kernels: 2**31 elements or more
+    (CompileError: 32-bit offsets) or a dtype other than float32 (InputMismatchError)."""
+    for n in graph.nodes:
+        for v in [v for v in n.inputs if v is not None] + [a.out for a in n.absorbed or (n,)]:
+            if v.type.numel > MAX_NUMEL:
+                role = "read" if v in n.inputs else "produced"
+                raise CompileError(
+                    f"%{v.name} : {v.type} has {v.type.numel} elements (shape {list(v.type.shape)}), {role} by "
+                    f"{where(n)}; fusednn's kernels use 32-bit offsets, so a tensor may have at most 2**31 - 1 "
+                    "elements: split the batch or the input")
+        if not empty_node(n) and any(v is not None and v.type.numel == 0 for v in n.inputs):
+            raise CompileError(f"{where(n)} reduces over an empty operand ({', '.join(map(str, n.inputs))} : "
+                               f"{', '.join(str(v.type) for v in n.inputs if v is not None)}) to a non-empty "
+                               f"{n.out.type}; fusednn does not support this")
+        if n.op in ("reshape",):
+            continue
+        for i, v in enumerate(n.inputs):
+            if v is None or i in _INT_OPERANDS.get(n.op, ()) or v.type.dtype == torch.float32:
+                continue
+            raise InputMismatchError(
+                f"{where(n)}: fusednn's Triton kernels compute in float32, but its operand %{v.name} is {v.type}. "
+                "Convert the model and its inputs with .float(), or compile with backend='reference'")
+
+
+_LOSSES = ("cross_entropy", "mse_loss", "l1_loss")
+
+
+def empty_node(n: Node) -> bool:
+    """A node with nothing to compute (batch 0): an empty result, or a loss over empty operands.
+    It launches nothing, and its backward gives zeros (nothing in it depends on any operand)."""
+    return n.out.type.numel == 0 or (n.op in _LOSSES and n.inputs[0].type.numel == 0)
+
+
+def _lower_empty(n: Node, precision: str) -> Step:
+    """Zero elements to compute: an empty result, or what torch gives for an empty reduction (a loss is
+    nan for 'mean', 0 for 'sum'), from the registry's reference on the empty operands. No kernel."""
+    from fusednn.reference import run_node
+
+    def run(env: Env) -> None:
+        vals = {v: env.values[v] for v in n.inputs if v is not None}
+        with torch.no_grad():
+            env.values[n.out] = run_node(n, vals)
+
+    return Step(n, None, run)
+
+
 def lower(graph: Graph, precision: str, debug: int = 0) -> list[Step]:
-    """One Step per node, generating and loading each node's kernel."""
+    """One Step per node, generating and loading each node's kernel (after `check`)."""
+    check(graph)
     steps = []
     for n in graph.nodes:
-        step = LOWER[n.op](n, precision)
+        lower_node = _lower_empty if empty_node(n) and n.op != "count_" else LOWER[n.op]
+        step = lower_node(n, precision)
         if step.kernel is not None and debug >= 4:
             log.warning("fusednn: generated %s:\n%s", step.kernel.name, step.kernel.source)
         steps.append(step)

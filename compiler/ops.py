@@ -126,13 +126,18 @@ def _parse_conv2d(*args, **kwargs) -> Parsed:
     if x.dtype != w.dtype:
         raise InputMismatchError(f"input dtype {x.dtype} does not match weight dtype {w.dtype}")
     stride, dilation = pair(a["stride"], "stride"), pair(a["dilation"], "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or groups < 1:
+        # checked here: on meta tensors torch itself fails with a ZeroDivisionError
+        raise CompileError(f"stride {stride}, dilation {dilation} and groups {groups} must be positive")
+    if w.shape[0] % groups:
+        raise CompileError(f"groups={groups} must divide the {w.shape[0]} output channels of weight {list(w.shape)}")
     pad = a["padding"]
     if isinstance(pad, str):
         if pad == "valid":
             pad = (0, 0)
         elif pad == "same":
-            if stride != (1, 1):
-                raise ValueError("padding='same' is not supported for strided convolutions")
+            if stride != (1, 1):  # torch's F.conv2d raises RuntimeError here, as CompileError is
+                raise CompileError(f"padding='same' is not supported for strided convolutions (stride {stride})")
             totals = [dilation[i] * (w.shape[2 + i] - 1) for i in range(2)]
             if any(t % 2 for t in totals):
                 raise UnsupportedOpError(
@@ -141,7 +146,16 @@ def _parse_conv2d(*args, **kwargs) -> Parsed:
             pad = (totals[0] // 2, totals[1] // 2)
         else:
             raise ValueError(f"padding must be 'same', 'valid' or ints, got {pad!r}")
-    return [x, w, a["bias"]], dict(stride=stride, padding=pair(pad, "padding"), dilation=dilation, groups=groups)
+    pad = pair(pad, "padding")
+    if min(pad) < 0:
+        raise CompileError(f"padding {pad} must be non-negative")
+    for i, side in enumerate(("height", "width")):
+        eff, padded = dilation[i] * (w.shape[2 + i] - 1) + 1, x.shape[-2 + i] + 2 * pad[i]
+        if eff > padded:
+            raise InputMismatchError(
+                f"kernel {list(w.shape[2:])} (dilation {dilation}, effective {side} {eff}) is larger than the padded "
+                f"input {side} {padded} (input {list(x.shape)}, padding {pad})")
+    return [x, w, a["bias"]], dict(stride=stride, padding=pad, dilation=dilation, groups=groups)
 
 
 @op("conv2d", "conv", [F.conv2d], _parse_conv2d, "F.conv2d, nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups)")
@@ -242,22 +256,40 @@ _maxpool_args = binder("input, kernel_size, stride=None, padding=0, dilation=1, 
 _avgpool_args = binder("input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None")
 
 
+def _check_pool(x: Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int]) -> None:
+    """torch's pool rules, checked before the meta call so the message can say which window and input."""
+    if x.dim() not in (3, 4):
+        raise InputMismatchError(f"expected a 4-D input [N, C, H, W] (or 3-D unbatched), got shape {list(x.shape)}")
+    if min(k) < 1 or min(s) < 1 or min(d) < 1:
+        raise CompileError(f"kernel {k}, stride {s} and dilation {d} must be positive")
+    if min(p) < 0 or any(p[i] > ((k[i] - 1) * d[i] + 1) // 2 for i in range(2)):
+        raise CompileError(f"padding {p} must be non-negative and at most half the effective kernel "
+                           f"{tuple((k[i] - 1) * d[i] + 1 for i in range(2))}")
+
+
+def _pool_stride(a: dict, k: tuple[int, int]) -> tuple[int, int]:
+    return k if a["stride"] is None or a["stride"] == [] or a["stride"] == () else pair(a["stride"], "stride")
+
+
 def _parse_max_pool(*args, **kwargs) -> Parsed:
     a = _maxpool_args(args, kwargs)
     if a["return_indices"]:
         raise UnsupportedOpError("max_pool2d(return_indices=True) is not supported")
     k = pair(a["kernel_size"], "kernel_size")
-    s = k if a["stride"] is None or a["stride"] == [] or a["stride"] == () else pair(a["stride"], "stride")
-    return [a["input"]], dict(kernel=k, stride=s, padding=pair(a["padding"], "padding"),
-                              dilation=pair(a["dilation"], "dilation"), ceil_mode=bool(a["ceil_mode"]))
+    s, p, d = _pool_stride(a, k), pair(a["padding"], "padding"), pair(a["dilation"], "dilation")
+    _check_pool(a["input"], k, s, p, d)
+    return [a["input"]], dict(kernel=k, stride=s, padding=p, dilation=d, ceil_mode=bool(a["ceil_mode"]))
 
 
 def _parse_avg_pool(*args, **kwargs) -> Parsed:
     a = _avgpool_args(args, kwargs)
     k = pair(a["kernel_size"], "kernel_size")
-    s = k if a["stride"] is None or a["stride"] == [] or a["stride"] == () else pair(a["stride"], "stride")
+    s, p = _pool_stride(a, k), pair(a["padding"], "padding")
+    _check_pool(a["input"], k, s, p, (1, 1))
     d = a["divisor_override"]
-    return [a["input"]], dict(kernel=k, stride=s, padding=pair(a["padding"], "padding"),
+    if d is not None and int(d) == 0:
+        raise CompileError("divisor_override must be non-zero")
+    return [a["input"]], dict(kernel=k, stride=s, padding=p,
                               ceil_mode=bool(a["ceil_mode"]), count_include_pad=bool(a["count_include_pad"]),
                               divisor_override=None if d is None else int(d))
 

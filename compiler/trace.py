@@ -46,6 +46,11 @@ def _op_phrase(name: str, module: str, where: str) -> str:
     return f"{name}{m} ({where})"
 
 
+def _shapes(args: Any) -> str:
+    """The shapes of the tensors among a call's arguments, for error messages: "[2, 3, 8, 8], [4, 3, 3, 3]"."""
+    return ", ".join(str(list(t.shape)) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)) or "-"
+
+
 class _Recorder(TorchFunctionMode):
     """Records registered torch calls as Nodes; everything returning non-tensors passes through."""
 
@@ -90,14 +95,14 @@ class _Recorder(TorchFunctionMode):
                     f"({user_location()}). fusednn traces these ops (docs/IR.md):\n{ops.supported_ops()}")
             return out
         where = user_location()
+        shapes = _shapes((args, kwargs))
         try:
             tensors, attrs = d.parse(*args, **kwargs)
         except (CompileError, ValueError, TypeError) as e:
-            raise type(e)(f"{_op_phrase(d.name, self.module, where)}: {e}") from None
+            raise type(e)(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
         try:
             out = func(*args, **kwargs)
-        except (RuntimeError, ValueError, IndexError) as e:
-            shapes = ", ".join(str(list(t.shape)) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
             raise InputMismatchError(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
         ins = tuple(self.value_of(t, d.name, where) for t in tensors)
         opname = d.name

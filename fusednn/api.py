@@ -3,7 +3,14 @@ signature, cached.
 
 A compiled module *is* the user's module as far as torch is concerned: it shares the original's
 parameter, buffer and submodule dictionaries, so `state_dict()` keys are the original's, optimizers see
-the same Parameter objects and `train()`/`eval()` reach the same submodules.
+the same Parameter objects and `train()`/`eval()` reach the same submodules. Parameters and buffers are
+looked up by name at every call, so `load_state_dict`, in-place edits and `.to()` reach the next call.
+
+A specialisation's key (`_signature`) is every input's and parameter's shape, dtype, device,
+requires_grad and layout (contiguous, channels_last or the strides), other arguments by repr, and each
+submodule's train/eval mode and settings (`extra_repr`: a stride or slope changed after compile).
+A new key compiles once, logged at INFO with what changed; past `max_specializations` a warning lists
+what keeps changing.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fusednn.compiler import passes
+from fusednn.compiler.codegen import where
 from fusednn.compiler.ir import Graph
 from fusednn.compiler.trace import trace
 from fusednn.errors import CompileError, InputMismatchError
@@ -48,8 +56,9 @@ class Options:
 class Specialization:
     """One compiled input signature: the traced graph, the transformed graph and its executable."""
 
-    def __init__(self, fn: Callable, example: tuple, options: Options, modules: list[torch.nn.Module]):
+    def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor]):
         self.traced = trace(fn, *example)
+        _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
         g = passes.run(copy.deepcopy(self.traced, {id(self.traced.out_spec): self.traced.out_spec}), passes.pipeline(options.fuse), debug=debug_level() >= 1)
         self.graph: Graph = g
         self.options = options
@@ -70,29 +79,124 @@ class Specialization:
         return pytree.tree_unflatten(flat, self.graph.out_spec)
 
 
-def _signature(args: tuple, modules: list[torch.nn.Module]) -> tuple:
-    sig = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            sig.append(("T", tuple(a.shape), a.dtype, a.device, a.requires_grad, a.is_contiguous()))
-        else:
-            sig.append(("C", repr(a)))
-    modes = tuple(m.training for root in modules for m in root.modules())
-    return tuple(sig) + (modes,)
+def _check_devices(graph: Graph, user: list[torch.Tensor], tensors: dict[str, torch.Tensor], backend: str) -> None:
+    """Every op reads tensors on one device, and (Triton) a device its kernels can run on."""
+    dev: dict[Any, torch.device] = dict(zip(graph.user_inputs, (t.device for t in user)))
+    dev.update((v, tensors[v.name].device) for v in graph.inputs if v.kind != "input")
+    for n in graph.nodes:
+        ins = [v for v in n.inputs if v is not None and v in dev]
+        devices = {dev[v] for v in ins}
+        if len(devices) > 1:
+            ops = ", ".join(f"%{v.name} : {v.type} on {dev[v]}" for v in ins)
+            raise InputMismatchError(f"{where(n)}: operands on different devices ({ops}); "
+                                     "move the model and its inputs to one device (model.to(device), x.to(device))")
+        if devices:
+            dev[n.out] = devices.pop()
+    if backend == "triton":
+        from fusednn._backend import interpreting
+
+        ok = {"cuda"} | ({"cpu"} if interpreting() else set())
+        for v, d in dev.items():
+            if d.type not in ok:
+                raise InputMismatchError(f"%{v.name} : {v.type} is on {d}; fusednn's Triton kernels run on "
+                                         f"{' or '.join(sorted(ok))} here")
 
 
-def _describe_change(old: tuple, new: tuple, names: list[str]) -> str:
+# -- the specialisation key -------------------------------------------------------------------------
+_FIELDS = ("shape", "dtype", "device", "requires_grad", "layout")
+
+
+def layout(t: torch.Tensor) -> str:
+    """contiguous, channels_last, or the strides (expanded dims show stride 0)."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strides [" + ",".join(map(str, t.stride())) + "]"
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device, t.requires_grad, layout(t))
+
+
+def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]]) -> tuple:
+    """What a specialisation is compiled for: every input's and parameter's shape, dtype, device,
+    requires_grad and layout, other arguments by repr, and each submodule's mode and settings."""
+    sig: list[tuple] = [(i, _tensor_key(a) if isinstance(a, torch.Tensor) else ("value", repr(a)))
+                        for i, a in enumerate(args)]
+    sig += [(name, _tensor_key(t)) for name, t in tensors.items()]
+    sig += [(("module", name), ("train" if m.training else "eval", m.extra_repr())) for name, m in modules]
+    return tuple(sig)
+
+
+def _fmt(field: str, v: Any) -> str:
+    if field == "shape":
+        return "[" + ",".join(map(str, v)) + "]"
+    if field == "dtype":
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
+def _label(key: Any, names: list[str]) -> str:
+    if isinstance(key, int):
+        return names[key] if key < len(names) else f"argument {key}"
+    if isinstance(key, tuple):
+        return f"module '{key[1]}'" if key[1] else "the module"
+    return key
+
+
+def _field_changes(key: Any, old: tuple, new: tuple) -> list[str]:
+    """The changed fields of one signature entry: ["shape [4,3] -> [2,3]", ...]."""
+    if isinstance(key, tuple):  # a module: mode, then settings (its extra_repr)
+        out = [f"mode {old[0]} -> {new[0]}"] if old[0] != new[0] else []
+        return out + ([f"{old[1] or '-'} -> {new[1] or '-'}"] if old[1] != new[1] else [])
+    if old[0] == "value" or new[0] == "value":
+        return [f"{old[-1]} -> {new[-1]}"]
+    return [f"{f} {_fmt(f, a)} -> {_fmt(f, b)}" for f, a, b in zip(_FIELDS, old, new) if a != b]
+
+
+def _describe_change(old: tuple | None, new: tuple, names: list[str]) -> str:
+    """What differs between two signatures: `x: shape [64,1,32,32] -> [16,1,32,32]; x: layout ...`; entries
+    with the same change are listed together (`conv1.weight, conv1.bias and 4 more: dtype ...`)."""
+    if old is None:
+        return "first call"
+    a, b = dict(old), dict(new)
+    by_change: dict[str, list[str]] = {}
+    for key, fields in b.items():
+        changes = ["new"] if key not in a else _field_changes(key, a[key], fields) if a[key] != fields else []
+        for ch in changes:
+            by_change.setdefault(ch, []).append(_label(key, names))
+    for key in a:
+        if key not in b:
+            by_change.setdefault("gone", []).append(_label(key, names))
     parts = []
-    for i, (o, n) in enumerate(zip(old, new)):
-        if o != n and i < len(names) and o[0] == "T" and n[0] == "T":
-            fields = ("shape", "dtype", "device", "requires_grad", "contiguous")
-            for f, a, b in zip(fields, o[1:], n[1:]):
-                if a != b:
-                    fmt = (lambda s: "[" + ",".join(map(str, s)) + "]") if f == "shape" else str
-                    parts.append(f"{names[i]}: {f} {fmt(a)} -> {fmt(b)}")
-        elif o != n:
-            parts.append(f"argument {i} changed" if i < len(names) else "train/eval mode changed")
+    for ch, labels in by_change.items():
+        who = ", ".join(labels) if len(labels) <= 3 else f"{', '.join(labels[:2])} and {len(labels) - 2} more"
+        parts.append(f"{who}: {ch}")
     return "; ".join(parts) or "new signature"
+
+
+def _what_varies(sigs: list[tuple], names: list[str], most: int = 4) -> str:
+    """Across signatures: each input/parameter field that took more than one value, with the values."""
+    values: dict[tuple, list] = {}
+    for sig in sigs:
+        for key, fields in sig:
+            if isinstance(key, tuple):
+                per = [("mode", fields[0]), ("settings", fields[1])]
+            elif fields[0] == "value":
+                per = [("value", fields[1])]
+            else:
+                per = [(f, _fmt(f, v)) for f, v in zip(_FIELDS, fields)]
+            for f, v in per:
+                seen = values.setdefault((_label(key, names), f), [])
+                if v not in seen:
+                    seen.append(v)
+    parts = []
+    for (label, f), vs in values.items():
+        if len(vs) > 1:
+            shown = ", ".join(map(str, vs[-most:]))
+            parts.append(f"{label}: {f} took {len(vs)} values ({'..., ' if len(vs) > most else ''}{shown})")
+    return "; ".join(parts) or "parameters or modules were added or removed"
 
 
 class _Compiled:
@@ -112,34 +216,39 @@ class _Compiled:
         self.__dict__["trace_count"] = 0
 
     def _fnn_call(self, args: tuple) -> Any:
-        sig = _signature(args, self._fnn_modules)
+        tensors = self._tensors()
+        sig = _signature(args, tensors, self._fnn_named_modules())
         spec = self._fnn_cache.get(sig)
         if spec is None:
             from fusednn.compiler.trace import input_names
 
             names = input_names(self._fnn_fn, len(args))
-            if self._fnn_last_sig is not None:
-                log.info("fusednn: compiling a new specialisation (%s)", _describe_change(self._fnn_last_sig, sig, names))
-            if len(self._fnn_cache) >= self._fnn_options.max_specializations:
-                log.warning("fusednn: %d specialisations compiled for %s; the input signature keeps changing (%s). "
-                            "Pad inputs to fixed shapes or raise max_specializations.",
-                            len(self._fnn_cache) + 1, type(self._fnn_fn).__name__,
-                            _describe_change(self._fnn_last_sig, sig, names))
-            self._check_devices(args)
-            spec = Specialization(self._fnn_fn, args, self._fnn_options, self._fnn_modules)
+            what = self._fnn_name()
+            log.info("fusednn: compiling a new specialisation of %s (%s)", what,
+                     _describe_change(self._fnn_last_sig, sig, names))
+            cap = self._fnn_options.max_specializations
+            if len(self._fnn_cache) >= cap:
+                log.warning("fusednn: %s has now compiled %d specialisations (max_specializations=%d); the input "
+                            "signature keeps changing: %s. Each one traces and generates kernels again: pad inputs "
+                            "to fixed shapes, keep one dtype/layout (x.contiguous()), or raise max_specializations.",
+                            what, len(self._fnn_cache) + 1, cap, _what_varies([*self._fnn_cache, sig], names))
+            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors)
             self._fnn_cache[sig] = spec
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
         self.__dict__["_fnn_last_sig"] = sig
-        return spec.run(self._tensors(), args)
+        return spec.run(tensors, args)
 
-    def _check_devices(self, args: tuple) -> None:
-        devs = {a.device for a in args if isinstance(a, torch.Tensor)}
+    def _fnn_name(self) -> str:
+        fn = self._fnn_fn
+        return type(fn).__name__ if isinstance(fn, torch.nn.Module) else getattr(fn, "__name__", "function")
+
+    def _fnn_named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        out = []
         for m in self._fnn_modules:
-            devs |= {p.device for p in m.parameters()}
-        if len(devs) > 1:
-            raise InputMismatchError(f"fusednn: inputs and parameters are on different devices {sorted(map(str, devs))}; "
-                                     "move them to one device")
+            prefix = self._fnn_prefix.get(id(m), "")
+            out += [((prefix + name).rstrip("."), sub) for name, sub in m.named_modules()]
+        return out
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """The live parameters and buffers by the names the graph uses (read at every call)."""
