@@ -10,6 +10,7 @@ What each pattern saves (and nothing more):
   softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
   batch_norm      x, weight, the per-channel mean and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
+  eager           its inputs: torch recomputes the call under autograd (strict=False)
 Gradients of values with several users are summed (`accumulate_`). A node with nothing to compute (batch
 0, `codegen.empty_node`) launches nothing and gives zero gradients, as torch does.
 """
@@ -211,6 +212,18 @@ def _dropout_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
     return [dropout_backward(dy, env.extra[(n.out, "seed")], p=n.attrs["p"])]
 
 
+def _eager_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    """A call torch ran (strict=False): recompute it from its saved inputs under autograd, pull dy back."""
+    ins = [env.values[v].detach().requires_grad_(nd) for v, nd in zip(n.inputs, needs)]
+    with torch.enable_grad():
+        out = n.attrs["call"](ins)
+    wrt = [t for t in ins if t.requires_grad]
+    if not wrt or not out.requires_grad:
+        return [None] * len(ins)
+    grads = iter(torch.autograd.grad(out, wrt, dy, allow_unused=True))
+    return [next(grads) if t.requires_grad else None for t in ins]
+
+
 def _reshape_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     return [dy.reshape(n.inputs[0].type.shape)]
 
@@ -236,6 +249,7 @@ RULES: dict[str, Rule] = {
     "batch_norm": Rule(("batch_norm_backward",), _bn_saves, _bn_vjp),
     "dropout": Rule(("dropout_backward",), lambda n: ["seed"], _dropout_vjp),
     "reshape": Rule((), _NONE, _reshape_vjp),
+    "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),
 }
 NON_DIFFERENTIABLE = ("count_",)
 

@@ -38,7 +38,7 @@ BACKWARD_FILE = {
     "max_pool2d": "kernels/pool.py", "avg_pool2d": "kernels/pool.py", "adaptive_avg_pool2d": "kernels/pool.py",
     "adaptive_max_pool2d": "kernels/pool.py", "softmax": "kernels/softmax.py", "log_softmax": "kernels/softmax.py",
     "cross_entropy": "kernels/losses.py", "mse_loss": "kernels/losses.py", "l1_loss": "kernels/losses.py",
-    "batch_norm": "kernels/batch_norm.py", "dropout": "kernels/dropout.py",
+    "batch_norm": "kernels/batch_norm.py", "dropout": "kernels/dropout.py", "eager": "torch autograd",
 }
 
 
@@ -316,6 +316,17 @@ def _lower_reshape(n: Node, precision: str) -> Step:
     return Step(n, None, run)
 
 
+def _lower_eager(n: Node, precision: str) -> Step:
+    """A call the registry does not know (strict=False): torch runs it, no kernel."""
+    call = n.attrs["call"]
+
+    def run(env: Env) -> None:
+        with torch.no_grad():
+            env.values[n.out] = call([env.values[v] for v in n.inputs])
+
+    return Step(n, None, run)
+
+
 def _lower_counter(n: Node, precision: str) -> Step:
     def run(env: Env) -> None:
         env.values[n.out] = env.values[n.inputs[0]].add_(n.attrs["by"])  # BatchNorm's batch counter
@@ -331,6 +342,7 @@ LOWER: dict[str, Callable[[Node, str], Step]] = {
     "adaptive_avg_pool2d": _lower_pool, "adaptive_max_pool2d": _lower_pool, "softmax": _lower_softmax,
     "log_softmax": _lower_softmax, "cross_entropy": _lower_loss, "mse_loss": _lower_loss, "l1_loss": _lower_loss,
     "batch_norm": _lower_batch_norm, "dropout": _lower_dropout, "reshape": _lower_reshape, "count_": _lower_counter,
+    "eager": _lower_eager,
 }
 
 
@@ -358,6 +370,8 @@ def check(graph: Graph) -> None:
                     f"%{v.name} : {v.type} has {v.type.numel} elements (shape {list(v.type.shape)}), {role} by "
                     f"{where(n)}; fusednn's kernels use 32-bit offsets, so a tensor may have at most 2**31 - 1 "
                     "elements: split the batch or the input")
+        if n.op == "eager":  # torch runs it: any dtype, any size
+            continue
         if not empty_node(n) and any(v is not None and v.type.numel == 0 for v in n.inputs):
             raise CompileError(f"{where(n)} reduces over an empty operand ({', '.join(map(str, n.inputs))} : "
                                f"{', '.join(str(v.type) for v in n.inputs if v is not None)}) to a non-empty "
@@ -378,6 +392,8 @@ _LOSSES = ("cross_entropy", "mse_loss", "l1_loss")
 def empty_node(n: Node) -> bool:
     """A node with nothing to compute (batch 0): an empty result, or a loss over empty operands.
     It launches nothing, and its backward gives zeros (nothing in it depends on any operand)."""
+    if n.op == "eager":  # torch runs it and differentiates it, empty or not
+        return False
     return n.out.type.numel == 0 or (n.op in _LOSSES and n.inputs[0].type.numel == 0)
 
 

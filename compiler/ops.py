@@ -462,5 +462,41 @@ def l1_loss(t, a):
     return F.l1_loss(t[0], t[1], reduction=a["reduction"])
 
 
+# -- torch eager, for calls the registry does not know (fusednn.compile(..., strict=False)) ----------------
+@dataclass(frozen=True, slots=True)
+class EagerCall:
+    """A torch call replayed on new tensors: `fn` with the traced tensor arguments put back in their slots.
+
+    leaves: the call's flattened (args, kwargs) with None where a traced tensor goes; slots: for each leaf,
+    the index of the node input that fills it (or None). Prints as the function's name in the IR.
+    """
+
+    fn: Any
+    name: str
+    spec: Any
+    leaves: tuple[Any, ...]
+    slots: tuple[int | None, ...]
+
+    def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
+        from torch.utils import _pytree as pytree
+
+        flat = [leaf if i is None else tensors[i] for leaf, i in zip(self.leaves, self.slots)]
+        args, kwargs = pytree.tree_unflatten(flat, self.spec)
+        return self.fn(*args, **kwargs)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _parse_eager(*args, **kwargs) -> Parsed:
+    raise UnsupportedOpError("eager nodes are recorded by the tracer (strict=False), not parsed")
+
+
+@op("eager", "eager", [], _parse_eager,
+    "any other torch call returning one tensor, with fusednn.compile(..., strict=False): run by torch")
+def eager(t, a):
+    return a["call"](t)
+
+
 # Ops whose result is their input (no node): contiguity and identity calls.
 ALIASES = (Tensor.contiguous,)

@@ -54,10 +54,11 @@ def _shapes(args: Any) -> str:
 class _Recorder(TorchFunctionMode):
     """Records registered torch calls as Nodes; everything returning non-tensors passes through."""
 
-    def __init__(self, values: dict[int, Value], keep: list[Any]):
+    def __init__(self, values: dict[int, Value], keep: list[Any], strict: bool = True):
         super().__init__()
         self.values = values
         self.keep = keep  # keeps traced tensors alive so their ids stay unique
+        self.strict = strict
         self.nodes: list[Node] = []
         self.module_stack: list[str] = []
 
@@ -71,6 +72,26 @@ class _Recorder(TorchFunctionMode):
                 "a buffer nor the result of a traced op (e.g. a tensor created inside forward, or a parameter of a "
                 "module fusednn did not see); pass it as an input or register it as a buffer")
         return v
+
+    def _record_eager(self, func: Any, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        """An `eager` node: the call replayed by torch at run time on the traced tensors it read."""
+        where = user_location()
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        ins: list[Value] = []
+        slots: list[int | None] = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                slots.append(len(ins))
+                ins.append(self.value_of(leaf, name, where))  # a tensor made inside forward is refused here
+            else:
+                slots.append(None)
+        call = ops.EagerCall(func, name.split(".")[-1], spec,
+                             tuple(None if isinstance(x, torch.Tensor) else x for x in leaves), tuple(slots))
+        result = Value("?", TensorType(tuple(out.shape), out.dtype))
+        self.nodes.append(Node("eager", tuple(ins), {"call": call}, result, module=self.module, source=where))
+        self.values[id(out)] = result
+        self.keep.append(out)
+        return out
 
     @property
     def module(self) -> str:
@@ -90,9 +111,12 @@ class _Recorder(TorchFunctionMode):
             touches = any(isinstance(a, torch.Tensor) and id(a) in self.values for a in pytree.tree_leaves((args, kwargs)))
             if touches and any(isinstance(o, torch.Tensor) for o in pytree.tree_leaves(out)):
                 name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-                raise UnsupportedOpError(
-                    f"unsupported op {name}{' in module ' + repr(self.module) if self.module else ''} "
-                    f"({user_location()}). fusednn traces these ops (docs/IR.md):\n{ops.supported_ops()}")
+                if self.strict or not _replayable(func, name, (args, kwargs), out):
+                    why = "" if self.strict else " (strict=False runs in torch only out-of-place calls returning one new tensor)"
+                    raise UnsupportedOpError(
+                        f"unsupported op {name}{' in module ' + repr(self.module) if self.module else ''} "
+                        f"({user_location()}){why}. fusednn traces these ops (docs/IR.md):\n{ops.supported_ops()}")
+                return self._record_eager(func, name, args, kwargs, out)
             return out
         where = user_location()
         shapes = _shapes((args, kwargs))
@@ -116,6 +140,17 @@ class _Recorder(TorchFunctionMode):
         self.values[id(out)] = result
         self.keep.append(out)
         return out
+
+
+def _replayable(func: Any, name: str, args: tuple, out: Any) -> bool:
+    """Whether torch can replay the call at run time as a graph node: one new tensor out, nothing in place."""
+    base = name.split(".")[-1]
+    in_place = (base.endswith("_") and not base.endswith("__")) or base in _INPLACE_DUNDERS
+    return isinstance(out, torch.Tensor) and not in_place and not any(out is a for a in pytree.tree_leaves(args))
+
+
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or",
+                                             "xor", "lshift", "rshift", "matmul")}
 
 
 def _modules_of(fn: Callable) -> list[tuple[str, torch.nn.Module]]:
@@ -155,8 +190,12 @@ def input_names(fn: Callable, n: int) -> list[str]:
     return names + [f"x{i}" for i in range(len(names), n)]
 
 
-def trace(fn: Callable, *example_inputs: Any, name: str | None = None) -> Graph:
-    """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph."""
+def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: bool = True) -> Graph:
+    """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph.
+
+    strict=False records a torch call the registry does not know as an `eager` node (torch runs it)
+    instead of raising UnsupportedOpError.
+    """
     if isinstance(fn, torch.nn.Module):
         mods = [("", fn)]
         gname = name or type(fn).__name__
@@ -204,7 +243,7 @@ def trace(fn: Callable, *example_inputs: Any, name: str | None = None) -> Graph:
                 swap[pname] = by_id[id(t)]
         replacements.append((mod, swap))
 
-    rec = _Recorder(values, keep)
+    rec = _Recorder(values, keep, strict)
 
     def pre_hook(module, _inputs):
         rec.module_stack.append(names_of.get(id(module), type(module).__name__))

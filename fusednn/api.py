@@ -51,13 +51,14 @@ class Options:
     backend: str = "triton"
     precision: str = "ieee"
     max_specializations: int = 8
+    strict: bool = True
 
 
 class Specialization:
     """One compiled input signature: the traced graph, the transformed graph and its executable."""
 
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor]):
-        self.traced = trace(fn, *example)
+        self.traced = trace(fn, *example, strict=options.strict)
         _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
         g = passes.run(copy.deepcopy(self.traced, {id(self.traced.out_spec): self.traced.out_spec}), passes.pipeline(options.fuse), debug=debug_level() >= 1)
         self.graph: Graph = g
@@ -233,11 +234,23 @@ class _Compiled:
                             "to fixed shapes, keep one dtype/layout (x.contiguous()), or raise max_specializations.",
                             what, len(self._fnn_cache) + 1, cap, _what_varies([*self._fnn_cache, sig], names))
             spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors)
+            self._warn_eager(spec)
             self._fnn_cache[sig] = spec
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
         self.__dict__["_fnn_last_sig"] = sig
         return spec.run(tensors, args)
+
+    def _warn_eager(self, spec: Specialization) -> None:
+        """strict=False: one warning per compiled model naming the calls torch runs inside the graph."""
+        eager = [n for n in spec.traced.nodes if n.op == "eager"]
+        if eager and not self.__dict__.get("_fnn_warned_eager"):
+            self.__dict__["_fnn_warned_eager"] = True
+            calls = ", ".join(f"{n.attrs['call']}{f' in module {n.module!r}' if n.module else ''} ({n.source})"
+                              for n in eager)
+            log.warning("fusednn: strict=False: %s runs %d unsupported call(s) in torch eager inside the graph: %s. "
+                        "Each one ends fusion around it, saves its inputs for backward and runs again there "
+                        "under torch autograd.", self._fnn_name(), len(eager), calls)
 
     def _fnn_name(self) -> str:
         fn = self._fnn_fn
@@ -339,7 +352,7 @@ class CompiledFunction(_Compiled):
 
 
 def compile(model: Any, *, fuse: bool = True, backend: str = "triton", precision: str = "ieee",
-            max_specializations: int = 8) -> Any:
+            max_specializations: int = 8, strict: bool = True) -> Any:
     """Compile an nn.Module (returns a CompiledModule) or a function of tensors (returns a callable).
 
     Args:
@@ -348,8 +361,10 @@ def compile(model: Any, *, fuse: bool = True, backend: str = "triton", precision
             torch implementations, for checking).
         precision: "ieee" (exact fp32 dots, torch's default) or "tf32" (tensor cores on NVIDIA GPUs).
         max_specializations: past this many input signatures a warning says what keeps changing.
+        strict: True raises UnsupportedOpError on a torch call fusednn has no op for; False runs such a call
+            (out of place, one tensor out) in torch eager inside the graph, with one warning.
     """
-    options = Options(fuse, backend, precision, max_specializations)
+    options = Options(fuse, backend, precision, max_specializations, strict)
     if isinstance(model, torch.nn.Module):
         return CompiledModule(model, options)
     if callable(model):

@@ -122,7 +122,7 @@ def well_conditioned(model: nn.Module, x: torch.Tensor) -> bool:
     return all(rel_err(a, b) <= TOL / 10 for a, b in pairs)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(case=cnns(), seed=st.integers(0, 2**31 - 1))
 def test_random_cnns_match_float64_torch_fused_and_unfused(case, seed):

@@ -457,6 +457,43 @@ def test_unsupported_op_lists_supported_ops():
     assert "gelu" in msg and "'1'" in msg and "conv2d" in msg and "max_pool2d" in msg and "leaky_relu" in msg
 
 
+class Unsupported(nn.Module):
+    """gelu, cat and clamp have no fusednn op: with strict=False torch runs them inside the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(4, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.cat([F.gelu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.c(h.clamp(min=-0.5))
+
+
+def test_strict_false_runs_unsupported_calls_in_torch_with_one_warning(caplog):
+    m = Unsupported()
+    ref = copy.deepcopy(m).double()
+    c = fusednn.compile(m, strict=False)
+    with caplog.at_level(logging.WARNING, logger="fusednn"):
+        _check_fwd_bwd(c, m, ref, torch.randn(3, 4, requires_grad=True))
+        c(torch.randn(2, 4))  # a second specialisation: no second warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "3 unsupported call(s)" in warnings[0]
+    assert "gelu (test_hardening.py:" in warnings[0] and "cat" in warnings[0] and "clamp" in warnings[0]
+    assert [n.op for n in c.fused_graph.nodes] == ["linear", "eager", "linear_relu", "eager", "eager", "linear"]
+    assert "eager(%1, call=gelu)" in str(c.fused_graph)
+    with pytest.raises(fusednn.UnsupportedOpError, match="gelu"):
+        fusednn.compile(Unsupported())(torch.randn(2, 4))  # strict by default
+
+
+def test_strict_false_still_refuses_in_place_calls():
+    class InPlace(nn.Module):
+        def forward(self, x):
+            return torch.relu(x).clamp_(max=1.0)
+
+    with pytest.raises(fusednn.UnsupportedOpError, match="out-of-place"):
+        fusednn.compile(InPlace(), strict=False)(torch.randn(2, 3))
+
+
 # -- 6. large tensors ----------------------------------------------------------------------------------------------
 def test_value_of_2_31_elements_is_a_compile_error_naming_value_shape_and_op():
     m = nn.Sequential(nn.Conv2d(1, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
