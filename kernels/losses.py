@@ -67,9 +67,12 @@ def _cross_entropy_bwd_dx_kernel(
         g = tl.load(g_ptr)
     g = tl.where(t != IGNORE_INDEX, g, 0.0)
     e = tl.exp(x - lse[:, None])
-    p = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
     onehot = cols[None, :] == t[:, None]
-    dx = g[:, None] * (p - onehot.to(tl.float32))
+    # softmax_c − [c = t] = (e_c − [c = t] Σe) / Σe; at c = t that is −Σ_{c≠t} e_c / Σe, summed directly:
+    # p_t − 1 would cancel when the target holds nearly all the mass
+    den = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
+    rest = tl.sum(tl.where(onehot, 0.0, e), axis=1)
+    dx = g[:, None] * (tl.where(onehot, -rest[:, None], e) / den[:, None])
     tl.store(dx_ptr + offs, dx, mask=mask)
 
 

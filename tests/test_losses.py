@@ -88,6 +88,31 @@ def test_cross_entropy_of_large_logits_stays_finite_and_matches_torch():
     check_cross_entropy(logits, torch.randint(0, 10, (9,)), "none")
 
 
+def test_cross_entropy_of_confident_right_predictions_matches_torch():
+    # the target leads by 5 to 20: losses from ~5e-2 down to ~1e-8, where log(1 + u) and p_t − 1 would
+    # round u away in fp32 (this is where a trained classifier's loss lives)
+    logits, t = torch.randn(9, 10), torch.randint(0, 10, (9,))
+    logits[torch.arange(9), t] += torch.linspace(5, 20, 9)
+    loss, lse = run_cross_entropy(logits, t, "none")
+    x64 = logits.double().requires_grad_()
+    ref = F.cross_entropy(x64, t, reduction="none")
+    dloss = torch.randn_like(loss)
+    ref.backward(dloss.double())
+    dx = cross_entropy_backward(dloss, logits, t, lse, reduction="none", ignore_index=-100)
+    for i in range(9):  # row by row: the largest loss must not hide the smallest
+        assert rel_err(loss[i], ref[i]) <= TOL, i
+        assert rel_err(dx[i], x64.grad[i]) <= TOL, i
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_cross_entropy_target_out_of_range_gives_nan(bad):
+    # torch raises; a kernel cannot, so the row's loss is NaN (never a read outside the row)
+    logits, t = torch.randn(4, 10), torch.tensor([1, bad, 3, 4])
+    loss, _ = run_cross_entropy(logits, t, "none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+    assert torch.isnan(run_cross_entropy(logits, t, "mean")[0])
+
+
 def test_cross_entropy_is_deterministic():
     logits, t = torch.randn(300, 37), targets(300, 37, -100)
     runs = []

@@ -94,6 +94,17 @@ def test_softmax_of_logits_spread_over_1e4_saturates_without_nan(log):
     assert rel_err(dx, x64.grad) <= TOL
 
 
+def test_log_softmax_keeps_the_small_log_probability_of_a_confident_row():
+    # one logit leads by 5 to 20: its log-probability is −log(1 + u), u down to ~1e-8, which 1 + u in fp32
+    # would round to 0
+    x = torch.randn(9, 10)
+    x[:, 3] += torch.linspace(5, 20, 9)
+    y, _ = run_softmax(x, 1, True)
+    ref = F.log_softmax(x.double(), 1)
+    for i in range(9):
+        assert rel_err(y[i, 3], ref[i, 3]) <= TOL, i
+
+
 def test_softmax_rows_sum_to_one():
     y, _ = run_softmax(torch.randn(3, 37, 5) * 10, 1, False)
     assert torch.allclose(y.double().sum(1), torch.ones(3, 5, dtype=torch.float64), rtol=0, atol=1e-6)

@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source
+from fusednn.compiler.templates.softmax import emit_log_den
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -123,10 +124,11 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
                 """
                 # subtract the row max so exp never overflows
                 m = tl.where(row_ok, tl.max(x, axis=1), 0.0)  # rows past the end are all -inf
-                log_den = tl.log(tl.where(row_ok, tl.sum(tl.exp(x - m[:, None]), axis=1), 1.0))
-                tl.store(lse_ptr + rows, m + log_den, mask=row_ok)
+                e = tl.exp(x - m[:, None])
                 """
             )
+            emit_log_den(s)
+            s.writeline("tl.store(lse_ptr + rows, m + log_den, mask=row_ok)")
             _labels(s, spec.labels, 1, 2)
             s.writelines(
                 """
