@@ -110,6 +110,14 @@ def _scalar_or_tensor(b: Any) -> tuple[list[Any], dict[str, Any]]:
 
 
 # -- convolution and linear ----------------------------------------------------------------------
+def _check_dtypes(x: Tensor, w: Tensor) -> None:
+    if not x.is_floating_point():
+        raise InputMismatchError(f"input dtype {x.dtype} is not floating point (weight is {w.dtype}): "
+                                 f"convert the input with x.to({w.dtype})")
+    if x.dtype != w.dtype:
+        raise InputMismatchError(f"input dtype {x.dtype} does not match weight dtype {w.dtype}")
+
+
 _conv_args = binder("input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1")
 
 
@@ -123,8 +131,7 @@ def _parse_conv2d(*args, **kwargs) -> Parsed:
         raise InputMismatchError(
             f"expected input with {w.shape[1] * groups} channels (weight {list(w.shape)}, groups={groups}), "
             f"got input of shape {list(x.shape)} with {x.shape[-3]} channels")
-    if x.dtype != w.dtype:
-        raise InputMismatchError(f"input dtype {x.dtype} does not match weight dtype {w.dtype}")
+    _check_dtypes(x, w)
     stride, dilation = pair(a["stride"], "stride"), pair(a["dilation"], "dilation")
     if min(stride) < 1 or min(dilation) < 1 or groups < 1:
         # checked here: on meta tensors torch itself fails with a ZeroDivisionError
@@ -171,8 +178,7 @@ def _parse_linear(*args, **kwargs) -> Parsed:
     x, w = a["input"], a["weight"]
     if x.dim() == 0 or x.shape[-1] != w.shape[1]:
         raise InputMismatchError(f"expected input [..., {w.shape[1]}] (weight {list(w.shape)}), got shape {list(x.shape)}")
-    if x.dtype != w.dtype:
-        raise InputMismatchError(f"input dtype {x.dtype} does not match weight dtype {w.dtype}")
+    _check_dtypes(x, w)
     return [a["input"], a["weight"], a["bias"]], {}
 
 

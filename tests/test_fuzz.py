@@ -3,6 +3,10 @@ and bias or not, batch norm in train or eval, relu/leaky_relu/sigmoid/tanh, max/
 a linear head), compiles each with fusion on and off, and compares the output, the input gradient, every
 parameter gradient and the running statistics with torch in float64.
 
+Cases where torch's own float32 misses float64 by more than 1e-6 (`well_conditioned`: e.g. a bias whose
+true gradient is 0 because a training batch norm downstream removes it) are discarded, not compared
+with a looser tolerance; about 1 drawn case in 10.
+
 Fault injection proves the check has teeth: with a corrupted pool argmax or a flipped activation mask
 handed to the hand-written backward launchers, the same check reports a mismatch.
 """

@@ -45,12 +45,13 @@ def _double_twin(model: nn.Module, make=None) -> nn.Module:
     return twin
 
 
-def _check_fwd_bwd(c, model, ref, x, xr_leaf=None, x_leaf=None):
-    """Run compiled and float64 reference on x; compare output, input gradient and every parameter gradient."""
+def _check_fwd_bwd(c, model, ref, x, x_leaf=None):
+    """Run the compiled model and its float64 reference on x; compare the output, the gradient of x's leaf
+    (x itself, or what x was expanded from) and every parameter gradient, and the gradients' shapes."""
     x_leaf = x if x_leaf is None else x_leaf
-    xr_leaf = x_leaf.detach().double().requires_grad_() if xr_leaf is None else xr_leaf
+    xr_leaf = x_leaf.detach().double().requires_grad_()
     y = c(x)
-    yr = ref(xr_leaf if xr_leaf.shape == x.shape else xr_leaf.expand(x.shape))
+    yr = ref(xr_leaf.expand(x.shape))
     assert y.shape == yr.shape
     assert rel_err(y, yr) <= TOL
     g = torch.randn(y.shape)
@@ -392,7 +393,7 @@ def _bad_calls():
     conv = lambda **kw: Nested(nn.Conv2d(3, 4, 3, **kw))  # noqa: E731
     return [
         ("dtype", conv(), x.double(), fusednn.InputMismatchError, ["conv2d", "'features.0'", "[2, 3, 8, 8]", "float64"]),
-        ("integer", conv(), x.long(), fusednn.InputMismatchError, ["conv2d", "'features.0'", "int64"]),
+        ("integer", conv(), x.long(), fusednn.InputMismatchError, ["conv2d", "'features.0'", "int64", "not floating point"]),
         ("rank", conv(), x[0, 0], fusednn.InputMismatchError, ["conv2d", "'features.0'", "[8, 8]", "4-D"]),
         ("channels", conv(), x[:, :2], fusednn.InputMismatchError, ["'features.0'", "[2, 2, 8, 8]", "3 channels"]),
         ("kernel > padded input", Nested(nn.Conv2d(3, 4, 7, dilation=2)), x, fusednn.InputMismatchError,
