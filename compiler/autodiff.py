@@ -143,6 +143,29 @@ def _arith_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
     return [dy if needs[0] else None, gy]
 
 
+def _chain_saves(n: Node) -> list[Value | str]:
+    out: list[Value | str] = []
+    for a in n.absorbed:
+        out += [s for s in RULES[a.op].saves(a) if s not in out]
+    return out
+
+
+def _chain_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    """A fused pointwise chain differentiates node by node, in reverse, with each op's own kernels."""
+    inside = {a.out for a in n.absorbed}
+    need = {v: nd for v, nd in zip(n.inputs, needs)}
+    acc = GradSum({n.out: dy})
+    for a in reversed(n.absorbed):
+        g = acc.grads.pop(a.out, None)
+        if g is None:
+            continue
+        sub = [v is not None and (v in inside or need.get(v, False)) for v in a.inputs]
+        for v, gv in zip(a.inputs, RULES[a.op].vjp(a, env, g.contiguous(), sub, precision)):
+            if v is not None and gv is not None and (v in inside or need.get(v, False)):
+                acc.add(v, gv)
+    return [acc.grads.get(v) for v in n.inputs]
+
+
 def _pool_saves(n: Node) -> list[Value | str]:
     return ["idx"] if "max" in n.op else []
 
@@ -241,6 +264,7 @@ RULES: dict[str, Rule] = {
     "relu": _ACT, "leaky_relu": _ACT, "sigmoid": _ACT, "tanh": _ACT,
     "prelu": Rule(("prelu_backward",), lambda n: list(n.inputs), _prelu_vjp),
     "add": _ARITH, "sub": _ARITH, "mul": _ARITH,
+    "pointwise": Rule(("per absorbed op",), _chain_saves, _chain_vjp),
     "max_pool2d": _POOL, "avg_pool2d": _POOL, "adaptive_avg_pool2d": _APOOL, "adaptive_max_pool2d": _APOOL,
     "softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
     "log_softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
@@ -252,6 +276,32 @@ RULES: dict[str, Rule] = {
     "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),
 }
 NON_DIFFERENTIABLE = ("count_",)
+
+
+class GradSum:
+    """Gradients being summed per value. Adds happen in place (`accumulate_`), but only into memory
+    fusednn allocated: the output gradients autograd hands in (and views of them) are never written."""
+
+    def __init__(self, grads: dict[Value, torch.Tensor]) -> None:
+        self.grads = grads
+        self._foreign = {g.untyped_storage().data_ptr() for g in grads.values()}
+
+    def _ours(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() not in self._foreign
+
+    def add(self, v: Value, g: torch.Tensor) -> None:
+        from fusednn.kernels.activation import accumulate_
+
+        prev = self.grads.get(v)
+        if prev is None:
+            self.grads[v] = g
+        elif self._ours(prev) and prev.is_contiguous():
+            accumulate_(prev, g.contiguous())
+        else:
+            if not self._ours(g) or not g.is_contiguous():
+                g = g.clone(memory_format=torch.contiguous_format)  # a copy, only when both are autograd's
+            accumulate_(g, prev.contiguous())
+            self.grads[v] = g
 
 
 class BackwardPlan:
@@ -289,10 +339,8 @@ class BackwardPlan:
     def run(self, env: Env, grads: dict[Value, torch.Tensor], input_needs: tuple[bool, ...],
             precision: str) -> list[torch.Tensor | None]:
         """Propagate output gradients back to the graph inputs; returns one gradient per graph input."""
-        from fusednn.kernels.activation import accumulate_
-
         need = self.requires_grad(input_needs)
-        owned: set[int] = set()  # gradients fusednn allocated (safe to accumulate into in place)
+        acc = GradSum(grads)
         for n in reversed(self.graph.nodes):
             dy = grads.pop(n.out, None)
             if dy is None or n.op in NON_DIFFERENTIABLE or not need.get(n.out, False):
@@ -304,20 +352,8 @@ class BackwardPlan:
             else:
                 outs = RULES[n.op].vjp(n, env, dy.contiguous(), needs, precision)
             for v, g in zip(n.inputs, outs):
-                if v is None or g is None or not need.get(v, False):
-                    continue
-                prev = grads.get(v)
-                if prev is None:
-                    grads[v] = g
-                    if g is not dy:
-                        owned.add(id(g))
-                elif id(prev) in owned:
-                    accumulate_(prev, g.contiguous())
-                else:
-                    g = g.clone() if g is dy else g
-                    accumulate_(g, prev.contiguous())
-                    grads[v] = g
-                    owned.add(id(g))
+                if v is not None and g is not None and need.get(v, False):
+                    acc.add(v, g)
         return [grads.get(v) for v in self.graph.inputs]
 
     def format(self) -> str:

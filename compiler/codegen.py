@@ -148,46 +148,59 @@ def _lower_linear(n: Node, precision: str) -> Step:
 
 
 def _lower_pointwise(n: Node, precision: str) -> Step:
-    x = n.inputs[0]
-    shape = x.type.shape
-    args: list[Any] = ["x"]
-    inputs = ["x"]
-    channels = inner = 1
-    if n.op == "prelu":
-        args.append("weight")
-        inputs.append("weight")
-        channels = n.inputs[1].type.numel
-        inner = _numel(shape[2:]) if len(shape) > 1 else 1
-    elif n.op in ("add", "sub", "mul"):
-        if n.inputs[1] is not None:
-            if n.inputs[1].type.shape != shape:
-                raise NotImplementedError(f"{n.op} of shapes {list(shape)} and {list(n.inputs[1].type.shape)}")
-            args.append("other")
-            inputs.append("other")
-        else:
-            args.append(float(n.attrs["scalar"]))
-    alpha = n.attrs.get("alpha", 1.0)
+    """One elementwise node, or a fused chain of them (`pointwise`), as one 1-D kernel."""
+    from fusednn.compiler.autodiff import RULES
+
+    chain = n.absorbed or (n,)
+    inside = {a.out for a in chain}
+    names: dict[Value, str] = {}
+
+    def name(v: Value) -> str:
+        if v in inside:
+            return f"v{v.name}"
+        if v not in names:
+            names[v] = "x" if not names else f"x{len(names)}"
+        return names[v]
+
     steps = []
-    if alpha != 1.0 and n.inputs[1] is not None:
-        steps.append(pointwise.PwStep(f"{n.label()} (alpha)", "other_alpha", "mul", ("other", float(alpha))))
-        args[1] = "other_alpha"
-    elif alpha != 1.0:
-        args[1] = float(args[1]) * alpha
-    param = n.attrs.get("negative_slope", 0.0)
-    steps.append(pointwise.PwStep(n.label(), f"v{n.out.name}", n.op, tuple(args), param, channels, inner))
-    name = f"fnn_{n.op}_{n.out.name}"
-    header = source.header(name, [n.label()], _modules(n), BACKWARD_FILE[n.op])
-    spec = pointwise.PointwiseSpec(name=name, header=header, numel=_numel(shape), inputs=tuple(inputs),
-                                   steps=tuple(steps), outputs=(f"v{n.out.name}",))
+    for a in chain:
+        shape = a.out.type.shape
+        args: list[Any] = [name(a.inputs[0])]
+        channels = inner = 1
+        if a.op == "prelu":
+            args.append(name(a.inputs[1]))
+            channels = a.inputs[1].type.numel
+            inner = _numel(shape[2:]) if len(shape) > 1 else 1
+        elif a.op in ("add", "sub", "mul"):
+            other = a.inputs[1]
+            if other is not None and other.type.shape != shape:
+                raise CompileError(f"{where(a)}: broadcasting {list(shape)} with {list(other.type.shape)} is not "
+                                   "supported; expand the operand explicitly")
+            args.append(name(other) if other is not None else float(a.attrs["scalar"]))
+            alpha = a.attrs.get("alpha", 1.0)
+            if alpha != 1.0 and other is not None:
+                steps.append(pointwise.PwStep(f"{a.label()} (alpha)", f"v{a.out.name}_alpha", "mul", (args[1], float(alpha))))
+                args[1] = f"v{a.out.name}_alpha"
+            elif alpha != 1.0:
+                args[1] = float(args[1]) * alpha
+        steps.append(pointwise.PwStep(a.label(), f"v{a.out.name}", a.op, tuple(args),
+                                      a.attrs.get("negative_slope", 0.0), channels, inner))
+    # Written to memory: the result, and the intermediates the chain's backward reads.
+    saved = {s for a in chain for s in RULES[a.op].saves(a) if not isinstance(s, str)}
+    keep = [a.out for a in chain[:-1] if a.out in saved] + [n.out]
+    kname = f"fnn_{n.op}_{n.out.name}"
+    header = source.header(kname, list(_labels(n)), _modules(n), BACKWARD_FILE[chain[0].op])
+    spec = pointwise.PointwiseSpec(name=kname, header=header, numel=n.out.type.numel, inputs=tuple(names.values()),
+                                   steps=tuple(steps), outputs=tuple(f"v{v.name}" for v in keep))
     text = pointwise.generate(spec)
-    k = Kernel(name, text, source.load(text, name))
-    tensor_inputs = [v for v in n.inputs if v is not None]
+    k = Kernel(kname, text, source.load(text, kname))
+    tensor_inputs = list(names)
 
     def run(env: Env) -> None:
         ins = [_c(env.values[v]) for v in tensor_inputs]
-        y = _empty(n.out, ins[0])
-        k.module.launch(*ins, y)
-        env.values[n.out] = y
+        outs = [_empty(v, ins[0]) for v in keep]
+        k.module.launch(*ins, *outs)
+        env.values.update(zip(keep, outs))
 
     return Step(n, k, run)
 
@@ -338,7 +351,7 @@ LOWER: dict[str, Callable[[Node, str], Step]] = {
     "conv2d": _lower_conv, "conv_relu_pool": _lower_conv, "linear": _lower_linear, "linear_relu": _lower_linear,
     "relu": _lower_pointwise, "leaky_relu": _lower_pointwise, "sigmoid": _lower_pointwise,
     "tanh": _lower_pointwise, "prelu": _lower_pointwise, "add": _lower_pointwise, "sub": _lower_pointwise,
-    "mul": _lower_pointwise, "max_pool2d": _lower_pool, "avg_pool2d": _lower_pool,
+    "mul": _lower_pointwise, "pointwise": _lower_pointwise, "max_pool2d": _lower_pool, "avg_pool2d": _lower_pool,
     "adaptive_avg_pool2d": _lower_pool, "adaptive_max_pool2d": _lower_pool, "softmax": _lower_softmax,
     "log_softmax": _lower_softmax, "cross_entropy": _lower_loss, "mse_loss": _lower_loss, "l1_loss": _lower_loss,
     "batch_norm": _lower_batch_norm, "dropout": _lower_dropout, "reshape": _lower_reshape, "count_": _lower_counter,

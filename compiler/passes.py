@@ -145,9 +145,56 @@ def fuse(graph: Graph) -> Graph:
     return graph
 
 
+POINTWISE_OPS = ("relu", "leaky_relu", "sigmoid", "tanh", "prelu", "add", "sub", "mul")
+
+
+def _pointwise(n: Node | None) -> bool:
+    """An elementwise node the pointwise template can take (binary ops on same-shape tensors or a number)."""
+    if n is None or n.op not in POINTWISE_OPS:
+        return False
+    other = n.inputs[1] if n.op in ("add", "sub", "mul") else None
+    return other is None or other.type.shape == n.out.type.shape
+
+
+def fuse_pointwise(graph: Graph) -> Graph:
+    """Chains of elementwise nodes, each the sole user of the one before, become one `pointwise` group.
+
+    The group runs where the chain's last node ran (every other input of the chain is defined by then)
+    and writes only its result and the intermediates the backward reads.
+    """
+    users = graph.users()
+    chain_of: dict[int, list[Node]] = {}
+    absorbed: set[int] = set()
+    for n in graph.nodes:
+        if id(n) in absorbed or not _pointwise(n):
+            continue
+        chain = [n]
+        nxt = _sole_user(graph, n.out, users)
+        while _pointwise(nxt):
+            chain.append(nxt)
+            nxt = _sole_user(graph, nxt.out, users)
+        if len(chain) > 1:
+            absorbed.update(id(a) for a in chain)
+            chain_of[id(chain[-1])] = chain
+    out: list[Node] = []
+    for n in graph.nodes:
+        if id(n) in chain_of:
+            chain = chain_of[id(n)]
+            inside = {a.out for a in chain}
+            ins: list[Value] = []
+            for a in chain:
+                ins += [v for v in a.inputs if v is not None and v not in inside and v not in ins]
+            out.append(Node("pointwise", tuple(ins), {}, n.out, module=chain[0].module, source=chain[0].source,
+                            absorbed=tuple(chain), tag=",".join(a.op for a in chain)))
+        elif id(n) not in absorbed:
+            out.append(n)
+    graph.nodes = out
+    return graph
+
+
 def pipeline(fuse_ops: bool) -> list[Pass]:
     """The pass list a compile runs, in order."""
-    return [canonicalize, fuse, dce] if fuse_ops else [canonicalize, dce]
+    return [canonicalize, fuse, fuse_pointwise, dce] if fuse_ops else [canonicalize, dce]
 
 
 def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:

@@ -55,7 +55,8 @@ def test_linear_then_activation_with_two_users_stays_apart():
             h = self.fc(x)
             return torch.tanh(h) + h
 
-    assert _ops(Two(), torch.randn(2, 3)) == ["linear", "tanh", "add"]
+    # h feeds tanh and add, so the linear cannot absorb tanh; tanh -> add is a pointwise chain
+    assert _ops(Two(), torch.randn(2, 3)) == ["linear", "pointwise"]
 
 
 class ConvPool(nn.Module):
@@ -85,3 +86,42 @@ def test_only_non_overlapping_pools_fuse_and_both_forms_match_torch(k, s, fused)
     assert rel_err(xx.grad, xr.grad) <= 1e-5
     for p, q in zip(m.parameters(), ref.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-5
+
+
+class Chain(nn.Module):
+    """conv, then a pointwise chain with a shared input (x used twice) and a leaky_relu that saves its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.prelu = nn.PReLU(3)
+
+    def forward(self, x):
+        h = self.conv(x)              # conv with no activation: the chain starts after it
+        z = torch.sigmoid(h * 2.0 + 0.5)
+        z = F.leaky_relu(z - h, 0.1)  # h has two users: conv output feeds the chain twice
+        return self.prelu(z)
+
+
+def test_pointwise_chain_becomes_one_group_and_matches_torch():
+    m = Chain()
+    x = torch.randn(2, 2, 7, 7)
+    g = passes.run(trace(m, x), passes.pipeline(True))
+    assert [n.op for n in g.nodes] == ["conv2d", "pointwise"]
+    assert g.nodes[1].tag == "mul,add,sigmoid,sub,leaky_relu,prelu"
+    assert "pointwise[mul,add,sigmoid,sub,leaky_relu,prelu]" in str(g)
+    for fuse in (True, False):
+        mm = copy.deepcopy(m)
+        ref = copy.deepcopy(m).double()
+        c = fusednn.compile(mm, fuse=fuse)
+        xx = x.clone().requires_grad_()
+        xr = x.double().requires_grad_()
+        y, yr = c(xx), ref(xr)
+        assert rel_err(y, yr) <= 1e-5
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        yr.backward(gy.double())
+        assert rel_err(xx.grad, xr.grad) <= 1e-5
+        for p, q in zip(mm.parameters(), ref.parameters()):
+            assert rel_err(p.grad, q.grad) <= 1e-5
+    assert c.stats()["forward"]["launches"] == 7  # unfused: conv + six elementwise kernels
