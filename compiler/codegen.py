@@ -24,7 +24,7 @@ import torch
 from fusednn.compiler import source
 from fusednn.compiler.ir import Graph, Node, Value
 from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
-from fusednn.errors import CompileError, InputMismatchError
+from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 log = logging.getLogger("fusednn")
 
@@ -278,6 +278,9 @@ def _lower_loss(n: Node, precision: str) -> Step:
 
 def _lower_batch_norm(n: Node, precision: str) -> Step:
     x, rm, rv, w, b = n.inputs
+    if (w is None) != (b is None):
+        raise UnsupportedOpError(f"{where(n)}: batch_norm with a weight but no bias (or the reverse) is not "
+                                 "supported; pass both (nn.BatchNorm2d(affine=True) does) or neither")
     shape = x.type.shape
     N, C, inner = shape[0], shape[1], _numel(shape[2:])
     training = n.attrs["training"] or rm is None
