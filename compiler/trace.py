@@ -124,11 +124,11 @@ class _Recorder(TorchFunctionMode):
             tensors, attrs = d.parse(*args, **kwargs)
         except (CompileError, ValueError, TypeError) as e:
             raise type(e)(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
+        ins = tuple(self.value_of(t, d.name, where) for t in tensors)  # before running: names a stray tensor
         try:
             out = func(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
             raise InputMismatchError(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
-        ins = tuple(self.value_of(t, d.name, where) for t in tensors)
         opname = d.name
         if d.name == "add" and ins[0] is not None and ins[0].kind == "buffer" and not ins[0].type.dtype.is_floating_point:
             opname, attrs = "count_", {"by": int(attrs.get("scalar", 1) * attrs.get("alpha", 1))}
