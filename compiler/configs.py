@@ -42,10 +42,17 @@ def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
     return min(p, hi) if hi is not None else p
 
 
-def gemm(M: int, N: int, K: int) -> dict:
+def gemm(M: int, N: int, K: int, gather: bool = False) -> dict:
     """Tiles for a GEMM-shaped kernel (implicit-GEMM conv included): out[M, N] = A[M, K] @ B[K, N].
 
     Every tile side is >= 16 because tl.dot on NVIDIA (triton 3.6) refuses smaller operands.
+    gather: an operand is gathered element by element (implicit-GEMM convs: im2col of x, or dz read
+    through the pool's argmax), so each element of its tile costs its own address and mask registers in
+    every pipeline stage, and an ieee tl.dot (FFMAs) holds a whole BLOCK_K slice of rows and columns per
+    thread. Such tiles stay within 32 x 32 x 16 (at most 4 gathered elements per thread per operand).
+    Measured on sm_90, ieee: LeNet conv1's forward at batch 64 with 64x16x32 took 255 registers and
+    spilled under triton 3.9, at 32x16x16 about 100 under 3.9 and 3.6; conv2's at batch 8 spilled at
+    16x16x32, not at 16x16x16. Under the interpreter `gather` changes nothing.
     """
     if target() == "interp":
         bm = pow2(M, 16, 1024)
@@ -53,9 +60,10 @@ def gemm(M: int, N: int, K: int) -> dict:
         bk = pow2(K, 16, 256)
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     bm = 64 if M >= 4096 else 32 if M >= 512 else 16
-    bm = max(bm, 16)
     bn = pow2(N, 16, 64)
     bk = pow2(K, 16, 32)
+    if gather:
+        bm, bn, bk = min(bm, 32), min(bn, 32), 16
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
 
 
@@ -64,6 +72,18 @@ def elementwise(n: int) -> dict:
     if target() == "interp":
         return dict(BLOCK=pow2(n, 16, 1 << 16), num_warps=4)
     return dict(BLOCK=1024, num_warps=4)
+
+
+def window(n: int) -> dict:
+    """Block for a kernel that reads a window of inputs for each of its n outputs (a standalone pool).
+
+    On the GPU, `elementwise`'s 1024 outputs over 8 warps instead of 4: each thread walks the window for 4
+    outputs, not 8. With 4 warps the standalone max pool of LeNet's unfused conv1 (2x2 window, int64
+    offsets) spilled under triton 3.6 (56 registers, 8-byte stack); with 8 it takes 42 and none.
+    """
+    if target() == "interp":
+        return elementwise(n)
+    return dict(BLOCK=1024, num_warps=8)
 
 
 def rows(n_rows: int, row_len: int) -> dict:

@@ -296,13 +296,13 @@ def conv_relu_pool_backward(
 
     if needs_dx:
         dx = torch.empty_like(x)
-        cfg = configs.gemm(N * H * W, CG, KG * R * S)
+        cfg = configs.gemm(N * H * W, CG, KG * R * S, gather=True)
         grid = (triton.cdiv(N * H * W, cfg["BLOCK_M"]), triton.cdiv(CG, cfg["BLOCK_N"]), groups)
         launch(_conv_relu_pool_bwd_dx_kernel, grid, *bufs, w, dx, float(act_param or 0.0), **meta, **cfg)
 
     if needs_dw or needs_db:
         rows, crs = N * OH * OW, CG * R * S
-        cfg = configs.gemm(KG, crs, rows)
+        cfg = configs.gemm(KG, crs, rows, gather=True)
         tiles_m, tiles_n = triton.cdiv(KG, cfg["BLOCK_M"]), triton.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
         steps = triton.cdiv(rows, cfg["BLOCK_K"])
         split = configs.split_k(tiles_m * tiles_n * groups, steps)

@@ -7,10 +7,11 @@ epilogue (bias, activation, pool) runs on the fp32 accumulator in registers; a f
 conv tile once per window offset and reduces across them, so the full-size activation is never written
 unless `save_act` asks for it (avg pool with an activation needs it for backward). The window loop is a
 rolled `range`, not `tl.static_range`: unrolled, LeNet conv1's four ieee-fp32 conv tiles spilled on sm_90
-(triton 3.9: 255 registers, 200 bytes of stack, 98 local loads/stores; rolled: 8 bytes and 2).
+(triton 3.9, 64x16x32 tiles: 255 registers, 200 bytes of stack, 98 local loads/stores; rolled: 8 bytes
+and 2; rolled at the 32x16x16 tiles of `configs.gemm(..., gather=True)`: 96 registers, no stack).
 
 Shapes are baked into the generated text as constexpr arguments of the launch, so the source reads with
-its shapes; block sizes come from `configs.gemm` when `launch` runs.
+its shapes; block sizes come from `configs.gemm(..., gather=True)` when `launch` runs.
 """
 from __future__ import annotations
 
@@ -334,7 +335,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         def launch(x, w, b, y, idx, a):
             """{stages} in one launch; b, idx, a are None where this variant has none."""
             # GEMM view: M = {rows} rows, N = {kg} channels per group, K = {crs} taps
-            cfg = configs.gemm({rows}, {kg}, {crs})
+            cfg = configs.gemm({rows}, {kg}, {crs}, gather=True)
             grid = (triton.cdiv({rows}, cfg["BLOCK_M"]), triton.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
             launch_kernel(
                 {spec.name}, grid, {", ".join(args)},
