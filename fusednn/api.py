@@ -94,9 +94,11 @@ def _check_devices(graph: Graph, user: list[torch.Tensor], tensors: dict[str, to
         if devices:
             dev[n.out] = devices.pop()
     if backend == "triton":
+        from fusednn import launch
         from fusednn._backend import interpreting
 
-        ok = {"cuda"} | ({"cpu"} if interpreting() else set())
+        # CPU tensors need the interpreter, unless nothing will run (recording for an ahead-of-time build).
+        ok = {"cuda"} | ({"cpu"} if interpreting() or not launch.executing() else set())
         for v, d in dev.items():
             if d.type not in ok:
                 raise InputMismatchError(f"%{v.name} : {v.type} is on {d}; fusednn's Triton kernels run on "

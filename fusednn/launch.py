@@ -65,6 +65,11 @@ def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **me
         kernel[grid](*args, **meta)
 
 
+def executing() -> bool:
+    """False inside `recording(execute=False)`: launches are collected, none runs."""
+    return all(r.execute for r in _recorders)
+
+
 @contextlib.contextmanager
 def recording(execute: bool = True) -> Iterator[list[Launch]]:
     """Collect every launch made inside the block; with execute=False nothing actually runs."""

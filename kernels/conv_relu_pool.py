@@ -75,7 +75,7 @@ def _conv_relu_pool_dz(
             if ACT != "none":
                 o = tl.load(a_ptr + ((n * K + k) * OH + oh) * OW + ow, mask=inside, other=0.0)
     if ACT == "relu":
-        dz = tl.where(o > 0.0, dz, 0.0)
+        dz = tl.where(o <= 0.0, 0.0, dz)  # torch's threshold_backward: zero only where o <= 0 (NaN passes)
     elif ACT == "leaky_relu":
         dz = tl.where(o > 0.0, dz, dz * slope)
     elif ACT == "sigmoid":

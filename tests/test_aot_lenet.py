@@ -10,16 +10,13 @@ one `aot.compile_launches` call (one worker process under the interpreter; in-pr
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 import fusednn
-import fusednn._backend
 from fusednn import aot
 from fusednn.launch import Launch, kernel_name
 from fusednn.models import LeNet
@@ -39,27 +36,6 @@ CASES = list(itertools.product(BATCHES, MODES, PRECISIONS))
 # The GEMM-shaped kernels: generated conv/linear forwards and the hand-written dx/dw backward kernels.
 _GEMM = re.compile(r"fnn_(conv|linear)\w*|_(conv_relu_pool|linear_relu)_bwd_d[xw]_kernel")
 
-# Known, and outside the files this test's author may change: the unfused standalone max pool
-# (compiler/templates/pool.py), launched with configs.elementwise (1024 outputs over 4 warps), spills
-# 8 bytes under triton 3.6's ptxas. configs.window (8 warps) compiles it without; until the template
-# launches with it, such a spill makes the test an expected failure, and nothing else may spill.
-_KNOWN_SPILL = re.compile(r"fnn_max_pool2d_\d+")
-
-
-@contextlib.contextmanager
-def _cpu_tracing() -> Iterator[None]:
-    """Let fusednn compile a model for CPU tensors although Triton is not interpreting.
-
-    fusednn refuses CPU inputs when Triton's interpreter is off, since no kernel could run on them. This
-    file's steps launch nothing (recording(execute=False)), and the triton 3.6 venv (TRITON_INTERPRET=0,
-    no GPU) must still trace and record them.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        if not fusednn._backend.interpreting():
-            mp.setattr(fusednn._backend, "interpreting", lambda: True)
-        yield
-
-
 def record_training_step(batch: int, fuse: bool, precision: str) -> list[Launch]:
     """The launches of one LeNet training step (forward, backward, SGD), with GPU configs, run nowhere."""
     model = LeNet()
@@ -72,8 +48,7 @@ def record_training_step(batch: int, fuse: bool, precision: str) -> list[Launch]
         out.backward(torch.randn_like(out))
         opt.step()
 
-    with _cpu_tracing():
-        launches = aot.collect(step)
+    launches = aot.collect(step)  # nothing runs, so CPU tensors are fine without the interpreter
     # every gradient was asked for (the recorded ones hold garbage: nothing ran)
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
     return launches
@@ -113,11 +88,7 @@ def test_lenet_training_step_records_every_gemm_and_the_sgd_step(steps, batch, m
 def test_lenet_training_kernels_compile_for_sm90_without_spills(compiled, batch, mode, precision):
     kernels = compiled[batch, mode, precision]
     spilled = [c for c in kernels if c.resources.spills]
-    known = [c for c in spilled if _KNOWN_SPILL.fullmatch(c.name) and dict(c.job.options)["num_warps"] == 4]
-    assert len(spilled) == len(known), _table(spilled)
-    if known:
-        pytest.xfail("the standalone max pool spills; compiler/templates/pool.py should launch with "
-                     "configs.window:" + _table(known))
+    assert not spilled, _table(spilled)
 
 
 @pytest.mark.parametrize("batch, mode, precision", CASES)

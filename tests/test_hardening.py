@@ -299,10 +299,6 @@ def test_gradient_through_nan_activations_matches_torch_unfused():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "kernels/conv_relu_pool.py _conv_relu_pool_dz masks relu with `o > 0.0`, which drops the gradient where the "
-    "activation is NaN; torch's threshold_backward zeroes only where `o <= 0` and passes it through NaN (the "
-    "unfused activation_backward does). Fix: tl.where(o <= 0.0, 0.0, dz)."))
 def test_fused_relu_passes_the_gradient_through_nan_like_torch():
     _nan_grads(nn.ReLU(), fuse=True)
 

@@ -233,7 +233,7 @@ def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[st
                       f'[{spec.N}, {spec.C}, {spec.OH}, {spec.OW}]; {what}."""')
         if not is_max:
             src.writeline('assert idx is None, "avg pool has no argmax"')
-        src.writeline(f"cfg = configs.elementwise({total})")
+        src.writeline(f"cfg = configs.window({total})  # a window of reads per output: 8 warps, no spill")
         args = "x, y, idx" if is_max else "x, y"
         src.writeline(f'_launch({spec.name}, (triton.cdiv({total}, cfg["BLOCK"]),), {args}, {total},')
         with src.indent():
