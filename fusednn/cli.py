@@ -236,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="directory of MNIST's IDX files (train-images-idx3-ubyte[.gz], ...)")
     t.add_argument("--epochs", type=int, help="total epochs, counting resumed ones "
                                               "(default: 2 under Triton's interpreter, 10 on a GPU)")
-    t.add_argument("--batch-size", type=_positive_int, default=16, help="default: 16")
-    t.add_argument("--lr", type=float, default=0.03, help="peak learning rate (default: 0.03)")
-    t.add_argument("--momentum", type=float, default=0.9, help="default: 0.9")
+    t.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
+                   help=f"default: {TrainConfig.batch_size}")
+    t.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default: {TrainConfig.lr})")
+    t.add_argument("--momentum", type=float, default=TrainConfig.momentum, help=f"default: {TrainConfig.momentum}")
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                    help="Nesterov momentum (default: on)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine",
