@@ -48,3 +48,11 @@ def test_reference_function_with_loss_matches_eager():
     ref.backward()
     assert torch.equal(loss, ref)
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), twin.parameters()))
+
+
+def test_reference_backend_passes_float64_gradcheck():
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.AvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(12, 2)).double()
+    c = fusednn.compile(net, backend="reference")
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: c(inp), (x,))
