@@ -11,7 +11,7 @@ What each pattern saves (and nothing more):
   batch_norm      x, weight, the per-channel mean and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
   eager           its inputs: torch recomputes the call under autograd (strict=False)
-Gradients of values with several users are summed (`accumulate_`). A node with nothing to compute (batch
+Gradients of values with several users are summed (`GradSum`: into a new tensor, then in place). A node with nothing to compute (batch
 0, `codegen.empty_node`) launches nothing and gives zero gradients, as torch does.
 """
 from __future__ import annotations
@@ -127,20 +127,33 @@ def _arith_saves(n: Node) -> list[Value | str]:
 
 
 def _arith_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    """add/sub/mul, either operand possibly broadcast (or a number): a broadcast operand's gradient is
+    summed over the dims it was broadcast along (kernels/broadcast.py)."""
     from fusednn.kernels.activation import mul_backward
+    from fusednn.kernels.broadcast import sum_to
 
     x, y = n.inputs
+    out = n.out.type.shape
     alpha = n.attrs.get("alpha", 1.0)
-    if n.op == "mul":
-        other = env.values[y].contiguous() if y is not None else n.attrs["scalar"]
-        gx = mul_backward(dy, other) if needs[0] else None
-        gy = mul_backward(dy, env.values[x].contiguous()) if y is not None and needs[1] else None
-        return [gx, gy]
-    sign = -alpha if n.op == "sub" else alpha
-    gy = None
-    if y is not None and needs[1]:
-        gy = dy if sign == 1.0 else mul_backward(dy, sign)
-    return [dy if needs[0] else None, gy]
+    scales = {"add": [1.0, alpha], "sub": [1.0, -alpha], "rsub": [-alpha, 1.0], "mul": [1.0, 1.0]}[n.op]
+    grads: Grads = [None, None]
+    for i, (v, other) in enumerate(((x, y), (y, x))):
+        if v is None or not needs[i]:
+            continue
+        factor = None
+        if n.op == "mul":
+            factor = env.values[other].contiguous() if other is not None else n.attrs["scalar"]
+        if v.type.shape != out:
+            t = factor if isinstance(factor, torch.Tensor) else None
+            s = scales[i] * (factor if isinstance(factor, float) else 1.0)
+            grads[i] = sum_to(dy, v.type.shape, t, s)
+        elif factor is not None and (not isinstance(factor, torch.Tensor) or factor.shape == dy.shape):
+            grads[i] = mul_backward(dy, factor)
+        elif factor is not None:  # the other factor is broadcast: read it through its strides
+            grads[i] = sum_to(dy, out, factor, scales[i])
+        else:
+            grads[i] = dy if scales[i] == 1.0 else mul_backward(dy, scales[i])
+    return grads
 
 
 def _chain_saves(n: Node) -> list[Value | str]:
@@ -255,7 +268,7 @@ _NONE: Callable[[Node], list[Value | str]] = lambda n: []  # noqa: E731
 _CONV = Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp)
 _LINEAR = Rule(("linear_relu_backward",), _linear_saves, _linear_vjp)
 _ACT = Rule(("activation_backward",), _act_saves, _act_vjp)
-_ARITH = Rule(("mul_backward",), _arith_saves, _arith_vjp)
+_ARITH = Rule(("mul_backward", "sum_to"), _arith_saves, _arith_vjp)
 _POOL = Rule(("pool2d_backward",), _pool_saves, _pool_vjp)
 _APOOL = Rule(("adaptive_pool2d_backward",), _pool_saves, _pool_vjp)
 _LOSS = Rule(("point_loss_backward",), _loss_saves, _loss_vjp)
@@ -263,7 +276,7 @@ RULES: dict[str, Rule] = {
     "conv2d": _CONV, "conv_relu_pool": _CONV, "linear": _LINEAR, "linear_relu": _LINEAR,
     "relu": _ACT, "leaky_relu": _ACT, "sigmoid": _ACT, "tanh": _ACT,
     "prelu": Rule(("prelu_backward",), lambda n: list(n.inputs), _prelu_vjp),
-    "add": _ARITH, "sub": _ARITH, "mul": _ARITH,
+    "add": _ARITH, "sub": _ARITH, "rsub": _ARITH, "mul": _ARITH,
     "pointwise": Rule(("per absorbed op",), _chain_saves, _chain_vjp),
     "max_pool2d": _POOL, "avg_pool2d": _POOL, "adaptive_avg_pool2d": _APOOL, "adaptive_max_pool2d": _APOOL,
     "softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
@@ -279,29 +292,28 @@ NON_DIFFERENTIABLE = ("count_",)
 
 
 class GradSum:
-    """Gradients being summed per value. Adds happen in place (`accumulate_`), but only into memory
-    fusednn allocated: the output gradients autograd hands in (and views of them) are never written."""
+    """Gradients being summed per value.
+
+    A VJP may hand back a tensor that is also another value's gradient (add passes dy to both operands, a
+    reshape a view of dy) or autograd's own output gradient, so the first sum for a value is written to a
+    new tensor; later sums for the same value add into that tensor in place (`accumulate_`), which no one
+    else can see."""
 
     def __init__(self, grads: dict[Value, torch.Tensor]) -> None:
         self.grads = grads
-        self._foreign = {g.untyped_storage().data_ptr() for g in grads.values()}
-
-    def _ours(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() not in self._foreign
+        self._owned: set[Value] = set()
 
     def add(self, v: Value, g: torch.Tensor) -> None:
-        from fusednn.kernels.activation import accumulate_
+        from fusednn.kernels.activation import accumulate_, add
 
         prev = self.grads.get(v)
         if prev is None:
             self.grads[v] = g
-        elif self._ours(prev) and prev.is_contiguous():
+        elif v in self._owned:
             accumulate_(prev, g.contiguous())
         else:
-            if not self._ours(g) or not g.is_contiguous():
-                g = g.clone(memory_format=torch.contiguous_format)  # a copy, only when both are autograd's
-            accumulate_(g, prev.contiguous())
-            self.grads[v] = g
+            self.grads[v] = add(prev.contiguous(), g.contiguous())
+            self._owned.add(v)
 
 
 class BackwardPlan:

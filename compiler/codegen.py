@@ -34,7 +34,7 @@ BACKWARD_FILE = {
     "linear": "kernels/linear_relu.py", "linear_relu": "kernels/linear_relu.py",
     "relu": "kernels/activation.py", "leaky_relu": "kernels/activation.py", "sigmoid": "kernels/activation.py",
     "tanh": "kernels/activation.py", "prelu": "kernels/activation.py", "add": "kernels/activation.py",
-    "sub": "kernels/activation.py", "mul": "kernels/activation.py",
+    "sub": "kernels/activation.py", "rsub": "kernels/activation.py", "mul": "kernels/activation.py",
     "max_pool2d": "kernels/pool.py", "avg_pool2d": "kernels/pool.py", "adaptive_avg_pool2d": "kernels/pool.py",
     "adaptive_max_pool2d": "kernels/pool.py", "softmax": "kernels/softmax.py", "log_softmax": "kernels/softmax.py",
     "cross_entropy": "kernels/losses.py", "mse_loss": "kernels/losses.py", "l1_loss": "kernels/losses.py",
@@ -171,11 +171,16 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
             args.append(name(a.inputs[1]))
             channels = a.inputs[1].type.numel
             inner = _numel(shape[2:]) if len(shape) > 1 else 1
+        elif a.op == "rsub":  # number - alpha * x
+            alpha = a.attrs.get("alpha", 1.0)
+            if alpha != 1.0:
+                steps.append(pointwise.PwStep(f"{a.label()} (alpha)", f"v{a.out.name}_alpha", "mul", (args[0], float(alpha))))
+                args[0] = f"v{a.out.name}_alpha"
+            steps.append(pointwise.PwStep(a.label(), f"v{a.out.name}", "sub", (float(a.attrs["scalar"]), args[0])))
+            continue
         elif a.op in ("add", "sub", "mul"):
             other = a.inputs[1]
-            if other is not None and other.type.shape != shape:
-                raise CompileError(f"{where(a)}: broadcasting {list(shape)} with {list(other.type.shape)} is not "
-                                   "supported; expand the operand explicitly")
+            _check_broadcast(a)
             args.append(name(other) if other is not None else float(a.attrs["scalar"]))
             alpha = a.attrs.get("alpha", 1.0)
             if alpha != 1.0 and other is not None:
@@ -190,8 +195,11 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
     keep = [a.out for a in chain[:-1] if a.out in saved] + [n.out]
     kname = f"fnn_{n.op}_{n.out.name}"
     header = source.header(kname, list(_labels(n)), _modules(n), BACKWARD_FILE[chain[0].op])
+    out_shape = n.out.type.shape
+    index = tuple((nm, pointwise.broadcast_index(v.type.shape, out_shape)) for v, nm in names.items()
+                  if v.type.shape != out_shape and not _is_prelu_weight(v, chain))
     spec = pointwise.PointwiseSpec(name=kname, header=header, numel=n.out.type.numel, inputs=tuple(names.values()),
-                                   steps=tuple(steps), outputs=tuple(f"v{v.name}" for v in keep))
+                                   steps=tuple(steps), outputs=tuple(f"v{v.name}" for v in keep), index=index)
     text = pointwise.generate(spec)
     k = Kernel(kname, text, source.load(text, kname))
     tensor_inputs = list(names)
@@ -203,6 +211,27 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
         env.values.update(zip(keep, outs))
 
     return Step(n, k, run)
+
+
+def _is_prelu_weight(v: Value, chain: tuple[Node, ...]) -> bool:
+    return any(a.op == "prelu" and a.inputs[1] is v for a in chain)
+
+
+def _check_broadcast(n: Node) -> None:
+    """A broadcast operand's gradient is summed by kernels/broadcast.py over at most MAX_DIMS merged dims."""
+    from fusednn.kernels.broadcast import MAX_DIMS, coalesce
+
+    x, y = n.inputs
+    out = n.out.type.shape
+    for v, other in ((x, y), (y, x)):
+        if v is None or v.type.shape == out:
+            continue
+        o = None if n.op != "mul" or other is None else other.type.shape
+        if len(coalesce(out, v.type.shape, o)) > MAX_DIMS:
+            raise UnsupportedOpError(
+                f"{where(n)}: broadcasting {list(v.type.shape)} to {list(out)} alternates kept and broadcast dims "
+                f"more than {MAX_DIMS} times after merging, more than fusednn's broadcast gradient takes; "
+                "reshape the operands to fewer dims")
 
 
 def _lower_pool(n: Node, precision: str) -> Step:
@@ -354,6 +383,7 @@ LOWER: dict[str, Callable[[Node, str], Step]] = {
     "conv2d": _lower_conv, "conv_relu_pool": _lower_conv, "linear": _lower_linear, "linear_relu": _lower_linear,
     "relu": _lower_pointwise, "leaky_relu": _lower_pointwise, "sigmoid": _lower_pointwise,
     "tanh": _lower_pointwise, "prelu": _lower_pointwise, "add": _lower_pointwise, "sub": _lower_pointwise,
+    "rsub": _lower_pointwise,
     "mul": _lower_pointwise, "pointwise": _lower_pointwise, "max_pool2d": _lower_pool, "avg_pool2d": _lower_pool,
     "adaptive_avg_pool2d": _lower_pool, "adaptive_max_pool2d": _lower_pool, "softmax": _lower_softmax,
     "log_softmax": _lower_softmax, "cross_entropy": _lower_loss, "mse_loss": _lower_loss, "l1_loss": _lower_loss,

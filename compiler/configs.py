@@ -110,3 +110,11 @@ def split_k(tiles: int, steps: int) -> int:
         return 1  # a program costs the interpreter ~ms whatever its size: one pass over the rows is cheapest
     # at least 8 steps a slice (the partial tiles cost a round trip), about 2 waves on a 132-SM H100
     return max(1, min(steps // 8, -(-264 // max(tiles, 1))))
+
+
+def sum_to(n_out: int, n_sum: int) -> dict:
+    """Tiles for summing a broadcast gradient (kernels/broadcast.py): each program owns BLOCK_M outputs and
+    walks the n_sum positions of each in BLOCK_R steps, in a fixed order."""
+    br = pow2(n_sum, 16, 4096 if target() == "interp" else 128)
+    cap = (1 << 16) if target() == "interp" else 4096
+    return dict(BLOCK_M=pow2(n_out, 1, max(1, cap // br)), BLOCK_R=br, num_warps=4)

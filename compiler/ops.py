@@ -392,10 +392,13 @@ def count_(t, a):
 
 
 # -- arithmetic --------------------------------------------------------------------------------------
+_binary_args = binder("input, other, alpha=1")
+
+
 def _parse_binary(*args, **kwargs) -> Parsed:
-    a = binder("input, other, alpha=1")(args, kwargs)
+    a = _binary_args(args, kwargs)
     x, y = a["input"], a["other"]
-    if not isinstance(x, Tensor):  # reflected forms: 2 * x
+    if not isinstance(x, Tensor):  # torch.add(2, x), torch.mul(2, x): these commute
         x, y = y, x
     ins, attrs = _scalar_or_tensor(y)
     if a["alpha"] != 1:
@@ -403,26 +406,53 @@ def _parse_binary(*args, **kwargs) -> Parsed:
     return [x] + ins, attrs
 
 
+def _parse_sub(*args, **kwargs) -> Parsed:
+    """x - y; torch.sub(2, x) (a number first) is rsub: 2 - x."""
+    a = _binary_args(args, kwargs)
+    if isinstance(a["input"], Tensor):
+        return _parse_binary(*args, **kwargs)
+    return _reflected(a["other"], a["input"], a["alpha"])
+
+
 def _parse_rsub(*args, **kwargs) -> Parsed:
-    raise UnsupportedOpError("reflected subtraction (number - tensor) is not supported; write -(x - number)")
+    """other - alpha * input: `2 - x` (Tensor.__rsub__) and torch.rsub; with a tensor `other` it is sub."""
+    a = _binary_args(args, kwargs)
+    if isinstance(a["other"], Tensor):
+        ins, attrs = _parse_binary(a["other"], a["input"], alpha=a["alpha"])
+        return ins, {**attrs, "_op": "sub"}
+    return _reflected(a["input"], a["other"], a["alpha"])
+
+
+def _reflected(x: Any, number: Any, alpha: Any) -> Parsed:
+    ins, attrs = _scalar_or_tensor(number)
+    if not isinstance(x, Tensor) or ins != [None]:
+        raise UnsupportedOpError(f"expected a tensor and a number, got {type(x).__name__} and {type(number).__name__}")
+    if alpha != 1:
+        attrs["alpha"] = float(alpha)
+    return [x, None], {**attrs, "_op": "rsub"}
 
 
 @op("add", "arith", [torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_],
-    _parse_binary, "x + y, torch.add (same shapes or a number)")
+    _parse_binary, "x + y, torch.add (broadcasting, or a number)")
 def add(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.add(t[0], y, alpha=a.get("alpha", 1))
 
 
 @op("sub", "arith", [torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__isub__, Tensor.sub_],
-    _parse_binary, "x - y, torch.sub (same shapes or a number)")
+    _parse_sub, "x - y, torch.sub (broadcasting, or a number)")
 def sub(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.sub(t[0], y, alpha=a.get("alpha", 1))
 
 
+@op("rsub", "arith", [torch.rsub, Tensor.__rsub__], _parse_rsub, "number - x, torch.rsub (y = number - alpha * x)")
+def rsub(t, a):
+    return torch.rsub(t[0], a["scalar"], alpha=a.get("alpha", 1))
+
+
 @op("mul", "arith", [torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_],
-    _parse_binary, "x * y, torch.mul (same shapes or a number)")
+    _parse_binary, "x * y, torch.mul (broadcasting, or a number)")
 def mul(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.mul(t[0], y)

@@ -145,48 +145,42 @@ def fuse(graph: Graph) -> Graph:
     return graph
 
 
-POINTWISE_OPS = ("relu", "leaky_relu", "sigmoid", "tanh", "prelu", "add", "sub", "mul")
-
-
-def _pointwise(n: Node | None) -> bool:
-    """An elementwise node the pointwise template can take (binary ops on same-shape tensors or a number)."""
-    if n is None or n.op not in POINTWISE_OPS:
-        return False
-    other = n.inputs[1] if n.op in ("add", "sub", "mul") else None
-    return other is None or other.type.shape == n.out.type.shape
+POINTWISE_OPS = ("relu", "leaky_relu", "sigmoid", "tanh", "prelu", "add", "sub", "rsub", "mul")
 
 
 def fuse_pointwise(graph: Graph) -> Graph:
-    """Chains of elementwise nodes, each the sole user of the one before, become one `pointwise` group.
+    """Elementwise nodes fuse into `pointwise` groups: a node whose result only one elementwise node of the
+    same shape reads joins that node's group, so a group is a tree of nodes (a gate `tanh(a + b) * sigmoid(c)`
+    is one group). Its external inputs may be broadcast; its computed values all have the result's shape.
 
-    The group runs where the chain's last node ran (every other input of the chain is defined by then)
-    and writes only its result and the intermediates the backward reads.
+    The group runs where its last node (the root) ran: every external input of a member is defined before
+    that member, hence before the root. It writes only its result and the intermediates the backward reads.
     """
     users = graph.users()
-    chain_of: dict[int, list[Node]] = {}
-    absorbed: set[int] = set()
-    for n in graph.nodes:
-        if id(n) in absorbed or not _pointwise(n):
+    root_of: dict[int, Node] = {}
+    members: dict[int, list[Node]] = {}
+    for n in reversed(graph.nodes):  # a user is visited before the nodes it reads
+        if n.op not in POINTWISE_OPS:
             continue
-        chain = [n]
-        nxt = _sole_user(graph, n.out, users)
-        while _pointwise(nxt):
-            chain.append(nxt)
-            nxt = _sole_user(graph, nxt.out, users)
-        if len(chain) > 1:
-            absorbed.update(id(a) for a in chain)
-            chain_of[id(chain[-1])] = chain
+        u = _sole_user(graph, n.out, users)
+        joins = u is not None and u.op in POINTWISE_OPS and u.out.type.shape == n.out.type.shape
+        root = root_of[id(u)] if joins else n
+        root_of[id(n)] = root
+        members.setdefault(id(root), []).append(n)
     out: list[Node] = []
     for n in graph.nodes:
-        if id(n) in chain_of:
-            chain = chain_of[id(n)]
-            inside = {a.out for a in chain}
-            ins: list[Value] = []
-            for a in chain:
-                ins += [v for v in a.inputs if v is not None and v not in inside and v not in ins]
-            out.append(Node("pointwise", tuple(ins), {}, n.out, module=chain[0].module, source=chain[0].source,
-                            absorbed=tuple(chain), tag=",".join(a.op for a in chain)))
-        elif id(n) not in absorbed:
+        group = members.get(id(n), [])
+        if len(group) > 1:
+            group = group[::-1]  # execution order
+            inside = {a.out for a in group}
+            ins: list[Value] = []  # each external value once: the group's VJP returns one gradient per input
+            for a in group:
+                for v in a.inputs:
+                    if v is not None and v not in inside and v not in ins:
+                        ins.append(v)
+            out.append(Node("pointwise", tuple(ins), {}, n.out, module=group[0].module, source=group[0].source,
+                            absorbed=tuple(group), tag=",".join(a.op for a in group)))
+        elif id(n) not in root_of or root_of[id(n)] is n:
             out.append(n)
     graph.nodes = out
     return graph

@@ -129,17 +129,58 @@ class _Recorder(TorchFunctionMode):
             out = func(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
             raise InputMismatchError(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
-        opname = d.name
+        opname = attrs.pop("_op", d.name)  # a parse may name a sibling op: torch.sub(2, x) is rsub
         if d.name == "add" and ins[0] is not None and ins[0].kind == "buffer" and not ins[0].type.dtype.is_floating_point:
             opname, attrs = "count_", {"by": int(attrs.get("scalar", 1) * attrs.get("alpha", 1))}
             ins = ins[:1]
         if d.kind == "view":
             attrs = {"shape": tuple(out.shape)}
+        in_place = opname != "count_" and _writes_in_place(d, tensors, attrs, out)
+        if in_place:
+            self._check_writable(out, d.name, where)
         result = Value("?", TensorType(tuple(out.shape), out.dtype))
         self.nodes.append(Node(opname, ins, attrs, result, module=self.module, source=where))
         self.values[id(out)] = result
         self.keep.append(out)
+        if in_place:
+            self._rebind_aliases(out, result, where)
         return out
+
+    def _aliases(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Traced tensors other than t that share t's memory (views made by reshape, flatten, squeeze, ...)."""
+        seen, out = {id(t)}, []
+        for u in self.keep:
+            if id(u) not in seen and id(u) in self.values and torch._C._is_alias_of(u, t):
+                seen.add(id(u))
+                out.append(u)
+        return out
+
+    def _check_writable(self, t: torch.Tensor, opname: str, where: str) -> None:
+        """An in-place op may write only memory the traced code made itself: an input, parameter or buffer
+        (or a view of one) would be changed for the caller, which fusednn's graph never does."""
+        for u in [t, *self._aliases(t)]:
+            v = self.values.get(id(u))
+            if v is not None and v.kind != "node":
+                raise UnsupportedOpError(
+                    f"{_op_phrase(opname + '_ (in place)', self.module, where)} writes into {v.kind} '{v.name}'"
+                    f"{'' if u is t else ' through a view'}; fusednn does not change its inputs, parameters or "
+                    "buffers: use the out-of-place form (e.g. x = x + 1, F.relu(x)) or clone first")
+
+    def _rebind_aliases(self, t: torch.Tensor, result: Value, where: str) -> None:
+        """After an in-place op on t, every view of t's memory reads the new value, reshaped to its shape."""
+        for u in self._aliases(t):
+            alias = Value("?", TensorType(tuple(u.shape), u.dtype))
+            self.nodes.append(Node("reshape", (result,), {"shape": tuple(u.shape)}, alias, module=self.module,
+                                   source=where))
+            self.values[id(u)] = alias
+
+
+def _writes_in_place(d: ops.OpDef, tensors: list[Any], attrs: dict[str, Any], out: Any) -> bool:
+    """Whether a traced call wrote its result into its first operand (x.add_(1), F.relu(x, inplace=True),
+    x += y). Eval-mode or p=0 dropout also returns its operand itself, but writes nothing."""
+    if not tensors or out is not tensors[0] or d.kind == "view":
+        return False
+    return d.kind != "dropout" or (attrs["training"] and attrs["p"] > 0.0)
 
 
 def _replayable(func: Any, name: str, args: tuple, out: Any) -> bool:

@@ -3,8 +3,8 @@
 Forward kernels are generated (`compiler/templates/pointwise.py`, and the activation epilogues of other
 templates); they import `_sigmoid` and `_tanh` from here so every kernel evaluates them the same way.
 Backward launchers: `activation_backward` (relu, leaky_relu, sigmoid, tanh), `prelu_backward`,
-`mul_backward` (also serves sub's negated operand: other = -1.0) and `accumulate_` (sums the gradients
-of a value that has several users).
+`mul_backward` (also serves sub's negated operand: other = -1.0), and `add` / `accumulate_` (sum the
+gradients of a value that has several users: the first sum into a new tensor, later ones in place).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _tanh(x):
 #                where c = (i // inner) % channels for an [outer, channels, inner] tensor
 #   mul:         y = a*b                 da = dy*b, db = dy*a      (b a tensor or a scalar)
 #   add / sub:   y = a +- b              da = dy, db = +-dy        (no kernel: dy itself, or mul by -1)
-# A value read by several ops gets the sum of their gradients: accumulate_ adds one into another.
+# A value read by several ops gets the sum of their gradients: add, then accumulate_ in place.
 # dw is reduced by one program per channel walking its elements in a fixed order (no atomics), so two
 # backward passes give bit-identical weight gradients.
 # ----------------------------------------------------------------------------------------------------
@@ -161,16 +161,17 @@ def _mul_bwd_dx_kernel(
 
 
 @triton.jit
-def _accumulate_kernel(
-    acc_ptr,  # [numel] running gradient sum (read and written in place)
-    g_ptr,  # [numel] gradient to add
+def _add_kernel(
+    a_ptr,  # [numel] first gradient
+    b_ptr,  # [numel] gradient to add
+    out_ptr,  # [numel] a + b (written; may be a_ptr: the sum in place)
     numel,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    acc = tl.load(acc_ptr + offs, mask=mask)
-    tl.store(acc_ptr + offs, acc + tl.load(g_ptr + offs, mask=mask), mask=mask)
+    a = tl.load(a_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, a + tl.load(b_ptr + offs, mask=mask), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,9 +261,19 @@ def mul_backward(dy: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
     return dx
 
 
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b as a new tensor (the first sum of a value's gradients)."""
+    _check_same("add", a, b)
+    out = torch.empty_like(a)
+    meta = configs.elementwise(a.numel())
+    launch(_add_kernel, _grid(a.numel(), meta), a, b, out, a.numel(), **meta)
+    return out
+
+
 def accumulate_(acc: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """acc += g in place (the gradient of a value with several users); returns acc."""
+    """acc += g in place (a further sum into a gradient only fusednn holds); returns acc."""
     _check_same("accumulate_", acc, g)
     meta = configs.elementwise(acc.numel())
-    launch(_accumulate_kernel, _grid(acc.numel(), meta), acc, g, acc.numel(), **meta)
+    launch(_add_kernel, _grid(acc.numel(), meta), acc, g, acc, acc.numel(), nbytes=3 * acc.numel() * acc.element_size(),
+           **meta)
     return acc

@@ -117,3 +117,36 @@ def test_pointwise_chain_becomes_one_group_and_matches_torch():
     assert "pointwise[mul,add,sigmoid,sub,leaky_relu,prelu]" in str(g)
     assert _matches_float64_torch(m, x, fuse=True).stats()["forward"]["launches"] == 2
     assert _matches_float64_torch(m, x, fuse=False).stats()["forward"]["launches"] == 7  # conv + six elementwise
+
+
+def test_a_gate_is_one_elementwise_group_and_matches_torch():
+    """tanh(a + b) * sigmoid(c): two producers meet in one mul; each node joins exactly one group."""
+    def gate(a, b, c):
+        return torch.tanh(a + b) * torch.sigmoid(c)
+
+    ins = [torch.randn(3, 4) for _ in range(3)]
+    g = passes.run(trace(gate, *ins), passes.pipeline(True))
+    assert [n.op for n in g.nodes] == ["pointwise"]
+    assert [a.op for a in g.nodes[0].absorbed] == ["add", "tanh", "sigmoid", "mul"]
+    assert [v.name for v in g.nodes[0].inputs] == ["a", "b", "c"]
+    for fuse in (True, False):
+        ours = [t.clone().requires_grad_() for t in ins]
+        ref = [t.double().requires_grad_() for t in ins]
+        y, yr = fusednn.compile(gate, fuse=fuse)(*ours), gate(*ref)
+        assert rel_err(y, yr) <= 1e-5
+        gy = torch.randn(3, 4)
+        y.backward(gy)
+        yr.backward(gy.double())
+        assert all(rel_err(p.grad, q.grad) <= 1e-5 for p, q in zip(ours, ref))
+
+
+def test_elementwise_group_lists_a_value_read_twice_once():
+    g = passes.run(trace(lambda x: torch.relu(x + x), torch.randn(2, 3)), passes.pipeline(True))
+    assert [n.op for n in g.nodes] == ["pointwise"] and [v.name for v in g.nodes[0].inputs] == ["x"]
+
+
+def test_elementwise_groups_stop_where_the_shape_changes():
+    """relu(b) of a [3] operand is not fused into the [4, 3] add it is broadcast into: a group's computed
+    values all have the result's shape."""
+    g = passes.run(trace(lambda b, x: torch.relu(b) + x, torch.randn(3), torch.randn(4, 3)), passes.pipeline(True))
+    assert [n.op for n in g.nodes] == ["relu", "add"]

@@ -312,7 +312,7 @@ _AOT_SCRIPT = textwrap.dedent(
     compile(A._prelu_bwd_dw_kernel, {"BLOCK": 1024})
     for is_tensor in (True, False):
         compile(A._mul_bwd_dx_kernel, {"OTHER_IS_TENSOR": is_tensor, "BLOCK": 1024}, floats=("other_scalar",))
-    compile(A._accumulate_kernel, {"BLOCK": 1024})
+    compile(A._add_kernel, {"BLOCK": 1024})
     mod = load(open(sys.argv[1]).read(), "fnn_pw_aot")
     compile(mod.fnn_pw_aot, {"BLOCK": 1024})
     print("ok")

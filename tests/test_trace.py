@@ -122,3 +122,59 @@ def test_to_dot_names_every_node_and_edge():
     dot = g.to_dot()
     assert dot.startswith('digraph "LeNet"') and dot.count("shape=box") == len(g.nodes)
     assert '"v_x" -> "v_3"' in dot and "conv_relu_pool[bias,relu,max_pool2d(2,2)]" in dot
+
+
+def test_inplace_ops_through_views_reach_every_alias():
+    """v = h.view(-1); v.add_(1) changes h; h.relu_() changes a view made before it (values, via fusednn)."""
+    def f(x):
+        h = x * 1.0
+        v = h.view(-1)
+        v.add_(1.0)
+        w = h.unsqueeze(0)
+        h.relu_()
+        return h, v, w
+
+    x = torch.randn(2, 3)
+    for fuse in (True, False):
+        outs, ref = fusednn.compile(f, fuse=fuse)(x), f(x.clone())
+        assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+
+
+@pytest.mark.parametrize("how", ["view", "direct", "relu_inplace", "iadd"])
+def test_inplace_write_into_an_input_is_refused(how):
+    import torch.nn.functional as F
+
+    def f(x):
+        if how == "view":
+            x.view(-1).add_(1.0)
+        elif how == "direct":
+            x.mul_(2.0)
+        elif how == "relu_inplace":
+            return F.relu(x, inplace=True)
+        else:
+            x += 1.0
+        return x
+
+    x = torch.randn(2, 3)
+    keep = x.clone()
+    with pytest.raises(fusednn.UnsupportedOpError, match=r"\(in place\) at the top level \(test_trace.py:\d+\) writes into "
+                                                 r"input 'x'"):
+        fusednn.compile(f)(x)
+    assert torch.equal(x, keep)
+
+
+def test_inplace_write_into_a_parameter_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.fc.weight.mul_(0.5)
+            return self.fc(x)
+
+    m = M()
+    keep = m.fc.weight.detach().clone()
+    with pytest.raises(fusednn.UnsupportedOpError, match="writes into param 'fc.weight'"):
+        fusednn.compile(m)(torch.randn(2, 3))
+    assert torch.equal(m.fc.weight, keep)

@@ -1,8 +1,11 @@
-"""Template: a chain of elementwise ops (activations, prelu, add/mul/sub) fused into one 1-D Triton kernel.
+"""Template: a group of elementwise ops (activations, prelu, add/mul/sub) fused into one 1-D Triton kernel.
 
-Every tensor value has `numel` elements except prelu weights (`channels` elements, broadcast over an
-[outer, channels, inner] view). Each step becomes one line named after its IR value, under its label
-comment; only `spec.outputs` are written to memory. Backward: kernels/activation.py.
+Every value computed in the group has `numel` elements. An input may be smaller and broadcast under
+torch's rules: it is read through its own index expression (`broadcast_index`, e.g. `(offs // 64) % 16`
+for a [16, 1, 1] operand of an [N, 16, 8, 8] result), so a broadcast operand is never expanded in memory;
+prelu weights (`channels` elements over an [outer, channels, inner] view) likewise. Each step becomes one
+line named after its IR value, under its label comment; only `spec.outputs` are written to memory.
+Backward: kernels/activation.py, kernels/broadcast.py (the gradient of a broadcast operand).
 """
 from __future__ import annotations
 
@@ -46,7 +49,11 @@ class PwStep:
 
 @dataclass(frozen=True, slots=True)
 class PointwiseSpec:
-    """A fused elementwise chain: launch(*inputs, *outputs) over `numel` elements."""
+    """A fused elementwise group: launch(*inputs, *outputs) over `numel` elements.
+
+    index: (input name, index expression) for inputs read through a broadcast (`broadcast_index`); the
+    others are read at `offs`.
+    """
 
     name: str
     header: str
@@ -54,6 +61,37 @@ class PointwiseSpec:
     inputs: tuple[str, ...]
     steps: tuple[PwStep, ...]
     outputs: tuple[str, ...]
+    index: tuple[tuple[str, str], ...] = ()
+
+
+def broadcast_index(shape: tuple[int, ...], out: tuple[int, ...]) -> str:
+    """The index into a contiguous tensor of `shape`, broadcast to `out`, at flat result position `offs`.
+
+    Runs of dims the operand keeps become `((offs // inner) % size) * stride`; the modulo is left out for a
+    run that starts the result (nothing outer to wrap), so the expression does not depend on the size of
+    the outermost dim (a batch that changes between calls). A same-size operand reads `offs`; one that
+    broadcasts everywhere (a 0-dim tensor) reads `offs * 0`, its single element in every lane.
+    """
+    shape = (1,) * (len(out) - len(shape)) + tuple(shape)
+    if math.prod(shape) == math.prod(out):
+        return "offs"
+    keep = [s == o and o != 1 for s, o in zip(shape, out)]
+    terms = []
+    d = 0
+    while d < len(out):
+        if not keep[d]:
+            d += 1
+            continue
+        start = d
+        while d + 1 < len(out) and (keep[d + 1] or out[d + 1] == 1):
+            d += 1
+        inner, size, stride = math.prod(out[d + 1:]), math.prod(out[start:d + 1]), math.prod(shape[d + 1:])
+        outer = math.prod(out[:start]) == 1
+        e = "offs" if inner == 1 else f"(offs // {inner})"
+        e = e if outer else f"({e} % {size})"
+        terms.append(e if stride == 1 else f"{e} * {stride}")
+        d += 1
+    return " + ".join(terms) if terms else "offs * 0"
 
 
 def _literal(v: float, where: str) -> str:
@@ -166,7 +204,8 @@ def generate(spec: PointwiseSpec) -> str:
     src.writeline(f"def {spec.name}(")
     with src.indent():
         for n in spec.inputs:
-            what = f"[{weights[n]}] prelu weight" if n in weights else f"[{spec.numel}] input"
+            what = (f"[{weights[n]}] prelu weight" if n in weights else "broadcast input" if n in dict(spec.index)
+                    else f"[{spec.numel}] input")
             src.writeline(f"{n}_ptr,  # {what} {n}")
         for n in spec.outputs:
             src.writeline(f"{n}_ptr,  # [{spec.numel}] output of {labels[n]}")
@@ -177,8 +216,11 @@ def generate(spec: PointwiseSpec) -> str:
         src.writeline("pid = tl.program_id(0)")
         src.writeline("offs = pid * BLOCK + tl.arange(0, BLOCK)")
         src.writeline("mask = offs < numel")
+        index = dict(spec.index)
         for n in spec.inputs:
-            if n not in weights:
+            if n in index:
+                src.writeline(f"{n} = tl.load({n}_ptr + {index[n]}, mask=mask)  # broadcast")
+            elif n not in weights:
                 src.writeline(f"{n} = tl.load({n}_ptr + offs, mask=mask)")
         for s in spec.steps:
             src.writeline(f"# {s.label}")
