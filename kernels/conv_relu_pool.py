@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.broadcast import sum_to
 from fusednn.launch import launch
 
 # VJP of  z = conv2d(x, w) + b,  a = act(z),  y = pool(a)   (P = pool_k, per group g of channels):
@@ -37,7 +38,9 @@ from fusednn.launch import launch
 #               = (gather(dz) [N*H*W, K/g*R*S] @ w [K/g*R*S, C/g]) per group: the transposed conv
 #
 # Determinism: every dw/db element is summed by one program over its rows in a fixed order; split-K (GPU)
-# writes per-slice partials that a second kernel adds in slice order. No atomics anywhere.
+# writes per-slice partials that a second kernel adds in a fixed order (kernels/broadcast.py `sum_to`: each
+# program adds BLOCK_R slices of its elements at once, then a fixed tree, so the pass is a few vectorised
+# steps, not SPLIT dependent loads). No atomics anywhere.
 
 
 @triton.jit
@@ -205,32 +208,8 @@ def _conv_relu_pool_bwd_dw_kernel(
             tl.store(db_ptr + part * K + k, db_acc, mask=i_ok)
 
 
-@triton.jit
-def _conv_relu_pool_bwd_sum_splits_kernel(
-    part_ptr,  # [SPLIT, L] partial sums
-    out_ptr,  # out: [L]
-    L,  # elements per slice
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # The second pass of split-K: slice partials added in slice order, so the sum is the same every run.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < L
-    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
-    for p in range(1, SPLIT):
-        acc += tl.load(part_ptr + p * L + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=ok)
-
-
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
-    """out = part.sum(0) in slice order (the deterministic second pass of split-K)."""
-    n = out.numel()
-    cfg = configs.elementwise(n)
-    launch(_conv_relu_pool_bwd_sum_splits_kernel, (triton.cdiv(n, cfg["BLOCK"]),), part, out, n,
-           SPLIT=part.shape[0], **cfg)
 
 
 def conv_relu_pool_backward(
@@ -314,11 +293,7 @@ def conv_relu_pool_backward(
                float(act_param or 0.0), **meta, SPLIT=split, SLICE=slice_rows, COMPUTE_DW=needs_dw,
                COMPUTE_DB=needs_db, **cfg)
         if needs_dw:
-            dw = dw_part.view(w.shape) if split == 1 else torch.empty_like(w)
-            if split > 1:
-                _sum_splits(dw_part, dw)
+            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:])).view(w.shape)
         if needs_db:
-            db = db_part.view(K) if split == 1 else torch.empty((K,), device=x.device, dtype=torch.float32)
-            if split > 1:
-                _sum_splits(db_part, db)
+            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:])).view(K)
     return dx, dw, db

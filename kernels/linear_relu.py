@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.broadcast import sum_to
 from fusednn.launch import launch
 
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
@@ -29,7 +30,7 @@ PRECISIONS = ("ieee", "tf32")
 # dz is never stored: each kernel recomputes its tile of it from dy and y in the GEMM prologue, which costs
 # a second read of dy and y instead of a write and a read of dz. dw and db share one walk over M. On the
 # GPU, when the [N, K] tiles alone are too few to fill it, M is cut into SPLIT fixed slices whose parts a
-# second kernel adds in slice order. Every sum thus runs in a fixed order (no atomics): two backward passes
+# second kernel adds in a fixed order (kernels/broadcast.py `sum_to`). Every sum thus runs in a fixed order (no atomics): two backward passes
 # give bit-identical gradients.
 
 
@@ -150,21 +151,6 @@ def _linear_relu_bwd_dw_kernel(
             tl.store(db_ptr + pid_s * stride_part + offs_n, tl.sum(db, axis=1), mask=offs_n < N)
 
 
-@triton.jit
-def _linear_relu_bwd_dw_reduce_kernel(
-    part_ptr,  # [SPLIT, L] per-slice parts of dw and db
-    out_ptr,  # [L] out: their sum
-    L,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in range(1, SPLIT):  # slices in ascending order: the same sum on every run
-        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=mask)
-
-
 def linear_relu_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -226,7 +212,7 @@ def linear_relu_backward(
         # db alone needs one program per N tile
         tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)
         # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
-        # interpreter). Each slice writes its own part; a second kernel adds the parts in slice order.
+        # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order.
         steps = triton.cdiv(M, bm)
         per_split = triton.cdiv(steps, configs.split_k(tiles[0] * tiles[1], steps))
         split = triton.cdiv(steps, per_split)  # no empty slice
@@ -241,14 +227,7 @@ def linear_relu_backward(
             ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
             PRECISION=precision, num_warps=cfg["num_warps"],
         )
-        out = parts[0]
-        if split > 1:
-            out = torch.empty((length,), device=x.device, dtype=torch.float32)
-            ecfg = configs.elementwise(length)
-            launch(
-                _linear_relu_bwd_dw_reduce_kernel, (triton.cdiv(length, ecfg["BLOCK"]),),
-                parts, out, length, SPLIT=split, **ecfg,
-            )
+        out = parts[0] if split == 1 else sum_to(parts, (length,))  # the parts, added in a fixed order
         dw = out[:n_dw].view(N, K) if needs_dw else None
         db = out[n_dw:] if needs_db else None
     return dx, dw, db

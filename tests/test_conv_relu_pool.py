@@ -181,7 +181,7 @@ def test_conv_relu_pool_split_k_grad_matches_torch_and_is_deterministic():
     ref = reference(spec, x, w, b, dy)
     with configs.use_target("gpu"), recording() as launches:
         dx, dw, db = backward(spec, dy, x, w, y, idx, a)
-    assert "_conv_relu_pool_bwd_sum_splits_kernel" in {kernel_name(r.kernel) for r in launches}
+    assert "_sum_to_kernel" in {kernel_name(r.kernel) for r in launches}
     for out, name in ((dx, "dx"), (dw, "dw"), (db, "db")):
         assert rel_err(out, ref[name]) <= TOL, name
     with configs.use_target("gpu"):
@@ -305,6 +305,6 @@ def test_conv_relu_pool_kernels_compile_for_sm90():
     launches = aot.collect(step)
     names = {kernel_name(r.kernel) for r in launches}
     assert names == {spec.name, "_conv_relu_pool_bwd_dx_kernel", "_conv_relu_pool_bwd_dw_kernel",
-                     "_conv_relu_pool_bwd_sum_splits_kernel"}
+                     "_sum_to_kernel"}
     compiled = aot.compile_launches(launches)
     assert {c.resources.kernel for c in compiled} == names

@@ -143,7 +143,7 @@ def test_linear_act_matches_torch_with_gpu_tiles(act, monkeypatch):
             linear_relu_backward(dy, x, w, y, act=act, act_param=0.0, needs_dx=False, needs_dw=True,
                                  needs_db=True)
     assert [kernel_name(l.kernel) for l in launches] == [
-        "_linear_relu_bwd_dw_kernel", "_linear_relu_bwd_dw_reduce_kernel"]
+        "_linear_relu_bwd_dw_kernel", "_sum_to_kernel"]
     assert launches[0].grid[2] == 3  # split over M
 
 
@@ -321,7 +321,6 @@ _AOT_SCRIPT = textwrap.dedent(
         build(lr._linear_relu_bwd_dw_kernel, dict(ACT="sigmoid", HAS_DW=True, HAS_DB=True, **blocks))
         build(lr._linear_relu_bwd_dw_kernel, dict(ACT="none", HAS_DW=False, HAS_DB=True, y_ptr=None,
               dw_ptr=None, **blocks), dot=False)
-        build(lr._linear_relu_bwd_dw_reduce_kernel, dict(SPLIT=3, BLOCK=1024), dot=False)
     print("compiled for sm_90 with triton", triton.__version__)
     """
 )
