@@ -92,19 +92,60 @@ def _announce(run: dict) -> None:
     todo = run["epochs"] - run["first_epoch"]
     resumed = f" (resuming after epoch {run['first_epoch']})" if run["first_epoch"] else ""
     interp = " through Triton's interpreter (slow)" if run["interpreter"] else ""
+    procs = f" x {run['processes']} processes" if run["processes"] > 1 else ""
     print(f"fusednn train: {run['model']} on {run['dataset']} ({run['n_train']} train / {run['n_test']} test images), "
           f"{todo} epoch{'s' if todo != 1 else ''}{resumed}, batch {run['batch_size']}, "
-          f"{'fused' if run['fuse'] else 'unfused'}, {run['device']}{interp}", file=sys.stderr)
+          f"{'fused' if run['fuse'] else 'unfused'}, {run['device']}{procs}{interp}", file=sys.stderr)
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line minus --nproc-per-node (what each process of a data-parallel run gets)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Start args.nproc_per_node processes of this command with torchrun's launcher (torch.distributed.run):
+    gloo on the CPU, NCCL and one GPU each on CUDA; they rendezvous on this machine."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here so it need not warn
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "fusednn", *_without_nproc(args.argv)])
+    try:
+        run(launcher)
+    except ChildFailedError as e:
+        failed = ", ".join(f"rank {r} (exit {f.exitcode})" for r, f in sorted(e.failures.items()))
+        _error(f"{len(e.failures)} of {args.nproc_per_node} training processes failed: {failed}; "
+               "each one's error is above")
+        return ERROR_EXIT
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fusednn.train import fit
+    from fusednn.train import fit, world_from_env
 
+    world = world_from_env()
+    if args.nproc_per_node > 1:
+        if world.size > 1:
+            raise ValueError("--nproc-per-node: this process is already one of a torchrun run of "
+                             f"{world.size}; give the process count to torchrun only")
+        return _launch(args)
     cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                       schedule=args.schedule, fuse=not args.no_fuse, precision=args.precision, device=args.device,
                       seed=args.seed, limit=args.limit, dump=args.dump, save=args.save, resume=args.resume,
-                      plot=args.plot)
+                      plot=args.plot, graph=not args.no_graph)
     bar = _ProgressBar(sys.stderr)
     try:
         result = fit(cfg, on_batch=bar.update, on_epoch=bar.epoch_done, on_start=_announce)
@@ -113,6 +154,8 @@ def _train(args: argparse.Namespace) -> int:
         if cfg.save and Path(cfg.save).is_file():
             raise KeyboardInterrupt(f"{cfg.save} holds the last completed epoch") from None
         raise
+    if not world.lead:
+        return 0  # rank 0 prints the run's summary
     rows = [
         ("model", f"{result.model} ({'fused' if result.fuse else 'unfused'}, {result.precision})"),
         ("epochs", f"{result.epochs} ({result.trained_epochs} in this run)"),
@@ -120,6 +163,8 @@ def _train(args: argparse.Namespace) -> int:
         ("train loss", "-" if result.train_loss is None else f"{result.train_loss:.4f} (last epoch)"),
         ("test accuracy", f"{100 * result.test_acc:.2f}%"),
         ("device", f"{result.device}, Triton interpreter {'on' if result.interpreter else 'off'}"),
+        ("processes", f"{result.processes} ({'DistributedDataParallel, ' if result.processes > 1 else ''}"
+                      f"{'one CUDA graph per step' if result.graph else 'eager steps'})"),
     ]
     if cfg.save:
         rows.append(("checkpoint", cfg.save))
@@ -253,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save", metavar="PATH", help="write a checkpoint here after every epoch")
     t.add_argument("--resume", metavar="PATH", help="continue from this checkpoint's epoch")
     t.add_argument("--plot", metavar="PATH", help="write a PNG of loss and accuracy per epoch")
+    t.add_argument("--no-graph", action="store_true",
+                   help="run eager steps on CUDA instead of one captured CUDA graph per step")
+    t.add_argument("--nproc-per-node", type=_positive_int, default=1, metavar="N",
+                   help="data-parallel training on N local processes (torchrun's launcher; gloo on the CPU, "
+                        "NCCL and one GPU each on CUDA); --batch-size is the global batch")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("dump", help="compile a model, run one training step, write its dump",
@@ -283,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `fusednn` command line; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
     except _UsageError as e:
         _error(str(e))
         return USAGE_EXIT

@@ -1,6 +1,17 @@
 """Training loop behind `fusednn train`: a model compiled by fusednn (forward, loss and backward run as
 Triton kernels), fusednn's fused SGD, per-epoch evaluation, atomic checkpoints, resume and a plot.
 
+Data parallel: run under torchrun (`torchrun --nproc-per-node N -m fusednn train ...`, or
+`fusednn train --nproc-per-node N`, which starts torchrun's launcher), every process trains
+`DistributedDataParallel(fusednn.compile(model))` on its shard of each epoch (DistributedSampler's
+semantics: one shuffle seeded alike on every rank, padded to a multiple of the world size, rank r takes
+every world-th index from r). `batch_size` is the global batch; only rank 0 reports, checkpoints, plots
+and dumps; train and test figures are summed over the ranks.
+
+The step is `fusednn.train_step`: on CUDA it is captured whole into a CUDA graph (`graph=False` opts out),
+with the lr a device tensor the schedule fills before each replay. Loss and accuracy are summed on the
+device and read on the host about once a second (`PROGRESS_EVERY_S`) and at the end of each epoch.
+
 Library code: it reports progress through callbacks and raises exceptions with clear messages; the CLI
 (`fusednn/cli.py`) draws and prints.
 
@@ -23,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -37,6 +49,7 @@ DATASETS = ("digits", "mnist", "synthetic")
 SCHEDULES = ("constant", "linear", "cosine")
 SYNTHETIC_SIZES = (1024, 256)  # train, test
 EVAL_BATCH = 256  # forward only under no_grad: larger batches mean fewer, larger launches
+PROGRESS_EVERY_S = 1.0  # how often the loss and accuracy summed on the device are read by the host
 
 
 def default_epochs(device: torch.device) -> int:
@@ -66,6 +79,51 @@ class TrainConfig:
     save: str | None = None
     resume: str | None = None
     plot: str | None = None
+    graph: bool = True  # capture the whole step in a CUDA graph on CUDA
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """The run's ranks as torchrun sets them (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as e:
+        raise ValueError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={size}")
+    return World(rank, size, local)
+
+
+def shard(n: int, world: World, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's sample indices for one epoch, as torch's DistributedSampler(shuffle=True, drop_last=False)
+    gives them: one permutation seeded alike on every rank, padded with its own head to a multiple of the
+    world size, then every world.size-th index from world.rank. One process gets the whole permutation."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    total = -(-n // world.size) * world.size
+    if total > n:
+        order = torch.cat([order, order[: total - n]])
+    return order[world.rank::world.size]
+
+
+def _all_sum(world: World, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Each value summed over the ranks (float64 on the values' device)."""
+    t = torch.stack([v.double() for v in values])
+    if world.size > 1:
+        dist.all_reduce(t)
+    return list(t.unbind())
 
 
 @dataclass
@@ -100,6 +158,8 @@ class TrainResult:
     n_test: int = 0
     history: list[dict] = field(default_factory=list)
     dump_files: list[str] = field(default_factory=list)
+    processes: int = 1
+    graph: bool = False
 
 
 def build_model(name: str) -> nn.Module:
@@ -220,23 +280,25 @@ def check_state_dict(state: dict, model: nn.Module, model_name: str, path: str |
         raise ValueError(f"{path} does not fit model {model_name!r} ({'; '.join(parts)})")
 
 
-def evaluate(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = EVAL_BATCH) -> float:
-    """Fraction of `data` the model classifies correctly (eval mode, no_grad; the model's mode is restored)."""
-    x_all, y_all = data.tensors
-    if len(y_all) == 0:
-        return float("nan")
+def evaluate(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = EVAL_BATCH,
+             world: World = World()) -> float:
+    """Fraction of `data` the model classifies correctly (eval mode, no_grad; the model's mode is restored).
+
+    In a data-parallel run each rank scores every world.size-th sample and the counts are summed."""
+    x_all, y_all = (t[world.rank::world.size] for t in data.tensors)
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
             for i in range(0, len(y_all), batch_size):
                 x = x_all[i:i + batch_size].to(device)
                 y = y_all[i:i + batch_size].to(device)
-                correct += int((model(x).argmax(dim=1) == y).sum())
+                correct += (model(x).argmax(dim=1) == y).sum()
     finally:
         model.train(was_training)
-    return correct / len(y_all)
+    hits, total = _all_sum(world, correct, torch.tensor(float(len(y_all)), device=device))
+    return float(hits / total) if total > 0 else float("nan")
 
 
 def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
@@ -285,26 +347,31 @@ def _restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimize
     except (ValueError, KeyError) as e:
         raise ValueError(f"{cfg.resume}: optimizer state does not fit {cfg.model!r} ({e})") from None
     for group in optimizer.param_groups:  # this run's command line decides the hyper-parameters
-        group.update(momentum=cfg.momentum, nesterov=_nesterov(cfg), lr=cfg.lr)
+        group.update(momentum=cfg.momentum, nesterov=_nesterov(cfg))
     return int(ckpt["epoch"]), list(ckpt.get("history", []))
 
 
-def _check(cfg: TrainConfig) -> tuple[torch.device, int]:
+def _check(cfg: TrainConfig, world: World = World()) -> tuple[torch.device, int]:
     """Validate the options and the output paths before any work is done; (device, total epochs)."""
     if cfg.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {cfg.batch_size}")
+    if cfg.batch_size % world.size:
+        raise ValueError(f"the batch size {cfg.batch_size} is the global batch and must be a multiple of the "
+                         f"{world.size} processes")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown lr schedule {cfg.schedule!r}; choose from {', '.join(SCHEDULES)}")
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose from {', '.join(sorted(MODELS))}")
     device = resolve_device(cfg.device)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one GPU per process
     epochs = default_epochs(device) if cfg.epochs is None else cfg.epochs
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     for path, what in ((cfg.save, "checkpoint"), (cfg.plot, "plot")):
-        if path:
+        if path and world.lead:
             check_writable(path, what)
-    if cfg.dump:
+    if cfg.dump and world.lead:
         check_writable(cfg.dump, "dump directory", directory=True)
     if cfg.plot:
         try:
@@ -314,39 +381,81 @@ def _check(cfg: TrainConfig) -> tuple[torch.device, int]:
     return device, epochs
 
 
-def _train_epoch(cfg: TrainConfig, compiled: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                 train: tuple[torch.Tensor, torch.Tensor], epoch: int, epochs: int, dump: str | None,
+class _Step:
+    """One training step (`fusednn.train_step`: a CUDA graph replay on CUDA) that also counts the batch's
+    correct predictions into a device tensor, so nothing is read back to the host per step."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, device: torch.device,
+                 graph: bool) -> None:
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+        def loss_and_hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            self.correct.copy_((logits.detach().argmax(dim=1) == y).sum())  # captured with the step
+            return loss_fn(logits, y)
+
+        self.step = fusednn.train_step(model, loss_and_hits, optimizer, cuda_graph=graph)
+        self.graph = graph
+        self.shape: torch.Size | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.shape is None:
+            self.shape = x.shape
+        if self.graph and x.shape != self.shape:  # the last, partial batch: a graph has fixed shapes
+            return self.step.eager(x, y)
+        return self.step(x, y)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # in place, on the device: a captured step reads it at every replay
+        else:
+            group["lr"] = lr
+
+
+def _train_epoch(cfg: TrainConfig, step: _Step, compiled: nn.Module, optimizer: torch.optim.Optimizer,
+                 train: tuple[torch.Tensor, torch.Tensor], epoch: int, epochs: int, world: World, dump: str | None,
                  on_batch: Callable[[Progress], None] | None) -> tuple[dict, list[str]]:
-    """One pass over the training set; its history entry (without test_acc) and the files of the dump it
-    writes after its first step when `dump` names a directory."""
+    """One pass over this rank's shard of the training set; its history entry (without test_acc, summed over
+    the ranks) and the files of the dump it writes after its first step when `dump` names a directory."""
     x_all, y_all = train
     n = len(y_all)
-    steps = -(-n // cfg.batch_size)
-    t0 = time.perf_counter()
-    # A generator per epoch: a resumed run sees the same batches as an uninterrupted one.
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(x_all.device)
-    seen, loss_sum, correct, dumped = 0, 0.0, 0, []
+    local = cfg.batch_size // world.size
+    order = shard(n, world, cfg.seed, epoch).to(x_all.device)
+    steps = -(-len(order) // local)
+    t0 = last_read = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x_all.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x_all.device)
+    seen, dumped = 0, []
     for b in range(steps):
-        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        idx = order[b * local:(b + 1) * local]
         x, y = x_all[idx], y_all[idx]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg.lr, cfg.schedule, epoch * steps + b, epochs * steps)
-        optimizer.zero_grad()
-        logits = compiled(x)
-        loss = loss_fn(logits, y)
-        loss.backward()
-        optimizer.step()
+        _set_lr(optimizer, lr_at(cfg.lr, cfg.schedule, epoch * steps + b, epochs * steps))
+        loss = step(x, y)
+        loss_sum += loss.detach().double() * len(y)  # device-side sums: no host sync per step
+        correct += step.correct
         seen += len(y)
-        loss_sum += loss.item() * len(y)
-        correct += int((logits.detach().argmax(dim=1) == y).sum())
         if dump and b == 0:
             dumped = compiled.dump(dump)
-        if on_batch is not None:
-            on_batch(Progress(epoch + 1, epochs, seen, n, loss_sum / seen, correct / seen,
-                              seen / max(time.perf_counter() - t0, 1e-9)))
+        now = time.perf_counter()
+        if on_batch is not None and now - last_read >= PROGRESS_EVERY_S and b < steps - 1:
+            last_read = now  # rank 0's own figures, read from the device about once a second
+            on_batch(Progress(epoch + 1, epochs, seen * world.size, len(order) * world.size,
+                              float(loss_sum) / seen, float(correct) / seen, seen * world.size / max(now - t0, 1e-9)))
     seconds = time.perf_counter() - t0
-    return ({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-             "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}, dumped)
+    total_loss, total_hits, total_seen = _all_sum(world, loss_sum, correct, torch.tensor(float(seen), device=x_all.device))
+    total_seen = max(float(total_seen), 1.0)
+    entry = {"epoch": epoch + 1, "train_loss": float(total_loss) / total_seen, "train_acc": float(total_hits) / total_seen,
+             "seconds": seconds, "images_per_s": total_seen / max(seconds, 1e-9)}
+    if on_batch is not None and steps:  # the epoch's last line: every rank's figures
+        on_batch(Progress(epoch + 1, epochs, int(total_seen), len(order) * world.size, entry["train_loss"],
+                          entry["train_acc"], entry["images_per_s"]))
+    return entry, dumped
+
+
+def _use_graph(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the step is captured in a CUDA graph: on CUDA unless cfg.graph is off."""
+    return cfg.graph and device.type == "cuda"
 
 
 def fit(cfg: TrainConfig, on_batch: Callable[[Progress], None] | None = None,
@@ -363,47 +472,73 @@ def fit(cfg: TrainConfig, on_batch: Callable[[Progress], None] | None = None,
     missing or corrupt data, unwritable paths, a checkpoint that does not fit).
     """
     start = time.perf_counter()
-    device, epochs = _check(cfg)
+    world = world_from_env()
+    device, epochs = _check(cfg, world)
+    joined = world.size > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _fit(cfg, world, device, epochs, start, on_batch, on_epoch, on_start)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _fit(cfg: TrainConfig, world: World, device: torch.device, epochs: int, start: float,
+         on_batch: Callable[[Progress], None] | None, on_epoch: Callable[[dict], None] | None,
+         on_start: Callable[[dict], None] | None) -> TrainResult:
+    if not world.lead:  # rank 0 reports for the run
+        on_batch = on_epoch = on_start = None
     train, test = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, limit=cfg.limit)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model).to(device)
-    optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=_nesterov(cfg))
+    graph = _use_graph(cfg, device)
+    # A captured step reads the lr from a device tensor that the schedule fills: no re-capture per step.
+    lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device) if graph else cfg.lr
+    optimizer = SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=_nesterov(cfg))
     first_epoch, history = _restore(cfg, model, optimizer, device) if cfg.resume else (0, [])
+    for group in optimizer.param_groups:  # this run's lr (and its device tensor), not a checkpoint's
+        group["lr"] = lr
     compiled = fusednn.compile(model, fuse=cfg.fuse, precision=cfg.precision)
+    trained_model: nn.Module = compiled
+    if world.size > 1:  # gradients are averaged over the ranks by torch's DDP hooks on the parameters
+        trained_model = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = fusednn.compile(lambda logits, target: F.cross_entropy(logits, target), fuse=cfg.fuse,
                               precision=cfg.precision)
+    step = _Step(trained_model, loss_fn, optimizer, device, graph)
     xy = tuple(t.to(device) for t in train.tensors)
     if on_start is not None:
         on_start({"model": cfg.model, "dataset": cfg.dataset, "n_train": len(train), "n_test": len(test),
                   "epochs": epochs, "first_epoch": first_epoch, "batch_size": cfg.batch_size, "fuse": cfg.fuse,
-                  "device": str(device), "interpreter": interpreting()})
+                  "device": str(device), "interpreter": interpreting(), "processes": world.size, "graph": graph})
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("save", "resume", "plot", "dump")}
     title = f"fusednn train: {cfg.model} on {cfg.dataset}"
     dump_files: list[str] = []
     compiled.train()
     for epoch in range(first_epoch, epochs):
         t0 = time.perf_counter()
-        entry, dumped = _train_epoch(cfg, compiled, loss_fn, optimizer, xy, epoch, epochs,
-                                     cfg.dump if epoch == first_epoch else None, on_batch)
+        dump = cfg.dump if epoch == first_epoch and world.lead else None
+        entry, dumped = _train_epoch(cfg, step, compiled, optimizer, xy, epoch, epochs, world, dump, on_batch)
         dump_files = dump_files or dumped
-        entry["test_acc"] = evaluate(compiled, test, device)
+        entry["test_acc"] = evaluate(compiled, test, device, world=world)
         entry["seconds"] = time.perf_counter() - t0
         history.append(entry)
-        if cfg.save:
+        if cfg.save and world.lead:
             save_checkpoint(cfg.save, model=model, optimizer=optimizer, epoch=epoch + 1, model_name=cfg.model,
                             history=history, config=config)
-        if cfg.plot:
+        if cfg.plot and world.lead:
             plot_history(history, cfg.plot, title)
         if on_epoch is not None:
             on_epoch(entry)
 
     trained = max(epochs - first_epoch, 0)
-    test_acc = history[-1]["test_acc"] if trained else evaluate(compiled, test, device)
-    if cfg.plot and not trained and history:
+    test_acc = history[-1]["test_acc"] if trained else evaluate(compiled, test, device, world=world)
+    if cfg.plot and not trained and history and world.lead:
         plot_history(history, cfg.plot, title)
     return TrainResult(model=cfg.model, dataset=cfg.dataset, epochs=max(epochs, first_epoch), trained_epochs=trained,
                        seconds=time.perf_counter() - start, device=str(device), interpreter=interpreting(),
                        fuse=cfg.fuse, precision=cfg.precision, test_acc=test_acc,
                        train_loss=history[-1]["train_loss"] if history else None, n_train=len(train),
-                       n_test=len(test), history=history, dump_files=dump_files)
+                       n_test=len(test), history=history, dump_files=dump_files, processes=world.size, graph=graph)
