@@ -12,7 +12,7 @@ What each pattern saves (and nothing more):
   dropout         the seed (the mask is regenerated from (seed, index))
   eager           its inputs: torch recomputes the call under autograd (strict=False)
 Gradients of values with several users are summed (`GradSum`: into a new tensor, then in place). A node with nothing to compute (batch
-0, `codegen.empty_node`) launches nothing and gives zero gradients, as torch does.
+0, `ops.empty_node`) launches nothing and gives zero gradients, as torch does.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from fusednn.compiler.codegen import Env, empty_node, softmax_dims
-from fusednn.compiler.ir import Graph, Node, Value
+from fusednn.compiler.ir import Env, Graph, Node, Value
+from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
 
 Grads = list[torch.Tensor | None]
 Vjp = Callable[[Node, Env, torch.Tensor, list[bool], str], Grads]
@@ -60,10 +60,7 @@ def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
     x, w, b = n.inputs
     a = n.attrs
     xt = env.values[x]
-    H, W = x.type.shape[-2:]
-    R, S = w.type.shape[-2:]
-    OH = (H + 2 * a["padding"][0] - a["dilation"][0] * (R - 1) - 1) // a["stride"][0] + 1
-    OW = (W + 2 * a["padding"][1] - a["dilation"][1] * (S - 1) - 1) // a["stride"][1] + 1
+    OH, OW = (n.absorbed[0] if n.absorbed else n).out.type.shape[-2:]  # the conv's own output, before any pool
     y = env.values.get(n.out)
     dx, dw, db = conv_relu_pool_backward(
         _as4d(dy), _as4d(xt.contiguous()), env.values[w].contiguous(), None if y is None else _as4d(y),
@@ -159,7 +156,7 @@ def _arith_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
 def _chain_saves(n: Node) -> list[Value | str]:
     out: list[Value | str] = []
     for a in n.absorbed:
-        out += [s for s in RULES[a.op].saves(a) if s not in out]
+        out += [s for s in rule(a).saves(a) if s not in out]
     return out
 
 
@@ -173,7 +170,7 @@ def _chain_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
         if g is None:
             continue
         sub = [v is not None and (v in inside or need.get(v, False)) for v in a.inputs]
-        for v, gv in zip(a.inputs, RULES[a.op].vjp(a, env, g.contiguous(), sub, precision)):
+        for v, gv in zip(a.inputs, rule(a).vjp(a, env, g.contiguous(), sub, precision)):
             if v is not None and gv is not None and (v in inside or need.get(v, False)):
                 acc.add(v, gv)
     return [acc.grads.get(v) for v in n.inputs]
@@ -265,30 +262,38 @@ def _reshape_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
 
 
 _NONE: Callable[[Node], list[Value | str]] = lambda n: []  # noqa: E731
-_CONV = Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp)
-_LINEAR = Rule(("linear_relu_backward",), _linear_saves, _linear_vjp)
-_ACT = Rule(("activation_backward",), _act_saves, _act_vjp)
-_ARITH = Rule(("mul_backward", "sum_to"), _arith_saves, _arith_vjp)
-_POOL = Rule(("pool2d_backward",), _pool_saves, _pool_vjp)
-_APOOL = Rule(("adaptive_pool2d_backward",), _pool_saves, _pool_vjp)
-_LOSS = Rule(("point_loss_backward",), _loss_saves, _loss_vjp)
-RULES: dict[str, Rule] = {
-    "conv2d": _CONV, "conv_relu_pool": _CONV, "linear": _LINEAR, "linear_relu": _LINEAR,
-    "relu": _ACT, "leaky_relu": _ACT, "sigmoid": _ACT, "tanh": _ACT,
+# The VJP of each autodiff family (the registry row's `backward`).
+VJPS: dict[str, Rule] = {
+    "conv": Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp),
+    "linear": Rule(("linear_relu_backward",), _linear_saves, _linear_vjp),
+    "act": Rule(("activation_backward",), _act_saves, _act_vjp),
     "prelu": Rule(("prelu_backward",), lambda n: list(n.inputs), _prelu_vjp),
-    "add": _ARITH, "sub": _ARITH, "rsub": _ARITH, "mul": _ARITH,
+    "arith": Rule(("mul_backward", "sum_to"), _arith_saves, _arith_vjp),
     "pointwise": Rule(("per absorbed op",), _chain_saves, _chain_vjp),
-    "max_pool2d": _POOL, "avg_pool2d": _POOL, "adaptive_avg_pool2d": _APOOL, "adaptive_max_pool2d": _APOOL,
+    "pool": Rule(("pool2d_backward",), _pool_saves, _pool_vjp),
+    "adaptive_pool": Rule(("adaptive_pool2d_backward",), _pool_saves, _pool_vjp),
     "softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
-    "log_softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
     "cross_entropy": Rule(("cross_entropy_backward",), _loss_saves, _loss_vjp),
-    "mse_loss": _LOSS, "l1_loss": _LOSS,
+    "point_loss": Rule(("point_loss_backward",), _loss_saves, _loss_vjp),
     "batch_norm": Rule(("batch_norm_backward",), _bn_saves, _bn_vjp),
     "dropout": Rule(("dropout_backward",), lambda n: ["seed"], _dropout_vjp),
     "reshape": Rule((), _NONE, _reshape_vjp),
     "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),
 }
-NON_DIFFERENTIABLE = ("count_",)
+
+
+def rule(n: Node) -> Rule:
+    """How node n differentiates (its registry row's backward family)."""
+    return VJPS[REGISTRY[n.op].backward]  # type: ignore[index]
+
+
+def differentiable(n: Node) -> bool:
+    return REGISTRY[n.op].backward is not None
+
+
+def saved_values(n: Node) -> list[Value]:
+    """The forward values (not extra tensors) n's backward reads: a fused group writes these to memory."""
+    return [s for s in rule(n).saves(n) if not isinstance(s, str)] if differentiable(n) else []
 
 
 class GradSum:
@@ -328,9 +333,9 @@ class BackwardPlan:
         vals: set[Value] = set()
         extra: set[tuple[Value, str]] = set()
         for n in self.graph.nodes:
-            if n.op in NON_DIFFERENTIABLE:
+            if not differentiable(n):
                 continue
-            for s in RULES[n.op].saves(n):
+            for s in rule(n).saves(n):
                 if isinstance(s, str):
                     extra.add((n.out, s))
                 else:
@@ -343,7 +348,7 @@ class BackwardPlan:
         if cached is None:
             cached = {v: nd for v, nd in zip(self.graph.inputs, input_needs)}
             for n in self.graph.nodes:
-                diff = n.op not in NON_DIFFERENTIABLE and n.out.type.dtype.is_floating_point
+                diff = differentiable(n) and n.out.type.dtype.is_floating_point
                 cached[n.out] = diff and any(cached.get(v, False) for v in n.inputs if v is not None)
             self._needs_cache[input_needs] = cached
         return cached
@@ -355,14 +360,14 @@ class BackwardPlan:
         acc = GradSum(grads)
         for n in reversed(self.graph.nodes):
             dy = grads.pop(n.out, None)
-            if dy is None or n.op in NON_DIFFERENTIABLE or not need.get(n.out, False):
+            if dy is None or not differentiable(n) or not need.get(n.out, False):
                 continue
             needs = [v is not None and need.get(v, False) for v in n.inputs]
             if empty_node(n):  # batch 0: nothing flows back; parameters get zeros, as in torch
                 outs = [torch.zeros(v.type.shape, dtype=v.type.dtype, device=dy.device) if nd else None
                         for v, nd in zip(n.inputs, needs)]
             else:
-                outs = RULES[n.op].vjp(n, env, dy.contiguous(), needs, precision)
+                outs = rule(n).vjp(n, env, dy.contiguous(), needs, precision)
             for v, g in zip(n.inputs, outs):
                 if v is not None and g is not None and need.get(v, False):
                     acc.add(v, g)
@@ -373,12 +378,12 @@ class BackwardPlan:
         vals, extra = self.saved()
         lines = [f"backward {self.graph.name} {{"]
         for n in reversed(self.graph.nodes):
-            if n.op in NON_DIFFERENTIABLE:
+            if not differentiable(n):
                 continue
-            rule = RULES[n.op]
+            r = rule(n)
             ins = [f"d{v}" for v in n.inputs if v is not None and v.type.dtype.is_floating_point]
-            reads = [str(s) if not isinstance(s, str) else f"{s}(%{n.out.name})" for s in rule.saves(n)]
-            call = ", ".join(rule.kernels) or "view"
+            reads = [str(s) if not isinstance(s, str) else f"{s}(%{n.out.name})" for s in r.saves(n)]
+            call = ", ".join(r.kernels) or "view"
             lines.append(f"  {', '.join(ins) or '-'} = {call}(d{n.out}; saved: {', '.join(reads) or '-'})"
                          f"  # {n.label()}")
         lines.append("  saved: " + ", ".join(sorted([str(v) for v in vals]) + sorted(f"{k}(%{v.name})" for v, k in extra)))
@@ -392,7 +397,7 @@ class BackwardPlan:
 def plan(graph: Graph) -> BackwardPlan:
     """Build the backward plan of a forward graph."""
     for n in graph.nodes:
-        if n.op not in RULES and n.op not in NON_DIFFERENTIABLE:
+        if differentiable(n) and REGISTRY[n.op].backward not in VJPS:
             raise NotImplementedError(f"no backward rule for {n.op}")
     return BackwardPlan(graph)
 

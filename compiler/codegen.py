@@ -15,32 +15,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
 from fusednn.compiler import source
-from fusednn.compiler.ir import Graph, Node, Value
+from fusednn.compiler.autodiff import saved_values
+from fusednn.compiler.ir import Env, Graph, Node, Value
+from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
 from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 log = logging.getLogger("fusednn")
-
-# The hand-written backward file of every op / pattern stem.
-BACKWARD_FILE = {
-    "conv2d": "kernels/conv_relu_pool.py", "conv_relu_pool": "kernels/conv_relu_pool.py",
-    "linear": "kernels/linear_relu.py", "linear_relu": "kernels/linear_relu.py",
-    "relu": "kernels/activation.py", "leaky_relu": "kernels/activation.py", "sigmoid": "kernels/activation.py",
-    "tanh": "kernels/activation.py", "prelu": "kernels/activation.py", "add": "kernels/activation.py",
-    "sub": "kernels/activation.py", "rsub": "kernels/activation.py", "mul": "kernels/activation.py",
-    "max_pool2d": "kernels/pool.py", "avg_pool2d": "kernels/pool.py", "adaptive_avg_pool2d": "kernels/pool.py",
-    "adaptive_max_pool2d": "kernels/pool.py", "softmax": "kernels/softmax.py", "log_softmax": "kernels/softmax.py",
-    "cross_entropy": "kernels/losses.py", "mse_loss": "kernels/losses.py", "l1_loss": "kernels/losses.py",
-    "batch_norm": "kernels/batch_norm.py", "dropout": "kernels/dropout.py", "eager": "torch autograd",
-}
-
 
 @dataclass
 class Kernel:
@@ -49,14 +37,6 @@ class Kernel:
     name: str
     source: str
     module: ModuleType
-
-
-@dataclass
-class Env:
-    """The tensors of one call: values by IR Value, and extra tensors/ints a backward needs by key."""
-
-    values: dict[Value, torch.Tensor] = field(default_factory=dict)
-    extra: dict[tuple[Value, str], Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +62,7 @@ def _modules(n: Node) -> list[str]:
 
 def _emit(n: Node, gen: Callable[..., str], spec_cls: type, **fields: Any) -> Kernel:
     name = f"fnn_{n.op}_{n.out.name}"
-    header = source.header(name, list(_labels(n)), _modules(n), BACKWARD_FILE[n.op])
+    header = source.header(name, list(_labels(n)), _modules(n), REGISTRY[n.op].backward_file)
     text = gen(spec_cls(name=name, header=header, labels=_labels(n), **fields))
     return Kernel(name, text, source.load(text, name))
 
@@ -108,6 +88,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
     a = n.attrs
     act, pool_kind, pool_k = a.get("act", "none"), a.get("pool", "none"), a.get("pool_k", 1)
     save_act = pool_kind == "avg" and act != "none"
+    act_shape = n.absorbed[1].out.type.shape if save_act else ()
     k = _emit(n, conv.generate, conv.ConvSpec, N=N, C=C, H=H, W=W, K=K, R=R, S=S, stride=a["stride"],
               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], bias=b is not None, act=act,
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
@@ -120,10 +101,8 @@ def _lower_conv(n: Node, precision: str) -> Step:
         if pool_kind == "max":
             idx = torch.empty(_as4d(y).shape, dtype=torch.uint8, device=xt.device)
             env.extra[(n.out, "idx")] = idx
-        if save_act:
-            OH = (H + 2 * a["padding"][0] - a["dilation"][0] * (R - 1) - 1) // a["stride"][0] + 1
-            OW = (W + 2 * a["padding"][1] - a["dilation"][1] * (S - 1) - 1) // a["stride"][1] + 1
-            aout = torch.empty((N, K, OH, OW), dtype=y.dtype, device=y.device)
+        if save_act:  # the activation before the pool: the absorbed activation node's shape
+            aout = torch.empty((1,) * (4 - len(act_shape)) + act_shape, dtype=y.dtype, device=y.device)
             env.extra[(n.out, "act")] = aout
         k.module.launch(xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
         env.values[n.out] = y
@@ -148,9 +127,7 @@ def _lower_linear(n: Node, precision: str) -> Step:
 
 
 def _lower_pointwise(n: Node, precision: str) -> Step:
-    """One elementwise node, or a fused chain of them (`pointwise`), as one 1-D kernel."""
-    from fusednn.compiler.autodiff import RULES
-
+    """One elementwise node, or a fused group of them (`pointwise`), as one 1-D kernel."""
     chain = n.absorbed or (n,)
     inside = {a.out for a in chain}
     names: dict[Value, str] = {}
@@ -191,10 +168,11 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
         steps.append(pointwise.PwStep(a.label(), f"v{a.out.name}", a.op, tuple(args),
                                       a.attrs.get("negative_slope", 0.0), channels, inner))
     # Written to memory: the result, and the intermediates the chain's backward reads.
-    saved = {s for a in chain for s in RULES[a.op].saves(a) if not isinstance(s, str)}
+    saved = {v for a in chain for v in saved_values(a)}
     keep = [a.out for a in chain[:-1] if a.out in saved] + [n.out]
     kname = f"fnn_{n.op}_{n.out.name}"
-    header = source.header(kname, list(_labels(n)), _modules(n), BACKWARD_FILE[chain[0].op])
+    header = source.header(kname, list(_labels(n)), _modules(n),
+                           ", ".join(dict.fromkeys(REGISTRY[a.op].backward_file for a in chain)))
     out_shape = n.out.type.shape
     index = tuple((nm, pointwise.broadcast_index(v.type.shape, out_shape)) for v, nm in names.items()
                   if v.type.shape != out_shape and not _is_prelu_weight(v, chain))
@@ -259,11 +237,6 @@ def _lower_pool(n: Node, precision: str) -> Step:
         env.values[n.out] = y
 
     return Step(n, k, run)
-
-
-def softmax_dims(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
-    """A tensor seen as [outer, D, inner] around `dim`."""
-    return _numel(shape[:dim]), shape[dim], _numel(shape[dim + 1:])
 
 
 def _lower_softmax(n: Node, precision: str) -> Step:
@@ -379,23 +352,16 @@ def _lower_counter(n: Node, precision: str) -> Step:
     return Step(n, None, run)
 
 
+# The lowering of each codegen family (the registry row's `lower`).
 LOWER: dict[str, Callable[[Node, str], Step]] = {
-    "conv2d": _lower_conv, "conv_relu_pool": _lower_conv, "linear": _lower_linear, "linear_relu": _lower_linear,
-    "relu": _lower_pointwise, "leaky_relu": _lower_pointwise, "sigmoid": _lower_pointwise,
-    "tanh": _lower_pointwise, "prelu": _lower_pointwise, "add": _lower_pointwise, "sub": _lower_pointwise,
-    "rsub": _lower_pointwise,
-    "mul": _lower_pointwise, "pointwise": _lower_pointwise, "max_pool2d": _lower_pool, "avg_pool2d": _lower_pool,
-    "adaptive_avg_pool2d": _lower_pool, "adaptive_max_pool2d": _lower_pool, "softmax": _lower_softmax,
-    "log_softmax": _lower_softmax, "cross_entropy": _lower_loss, "mse_loss": _lower_loss, "l1_loss": _lower_loss,
-    "batch_norm": _lower_batch_norm, "dropout": _lower_dropout, "reshape": _lower_reshape, "count_": _lower_counter,
-    "eager": _lower_eager,
+    "conv": _lower_conv, "linear": _lower_linear, "pointwise": _lower_pointwise, "pool": _lower_pool,
+    "softmax": _lower_softmax, "loss": _lower_loss, "batch_norm": _lower_batch_norm, "dropout": _lower_dropout,
+    "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager,
 }
 
 
 # -- what the kernels cannot take: checked on IR types before any template runs ------------------------
 MAX_NUMEL = 2**31 - 1  # kernels index with 32-bit offsets
-# Integer operands a kernel reads as integers: class targets, BatchNorm's batch counter.
-_INT_OPERANDS = {"cross_entropy": (1,), "count_": (0,)}
 
 
 def where(n: Node) -> str:
@@ -425,22 +391,11 @@ def check(graph: Graph) -> None:
         if n.op in ("reshape",):
             continue
         for i, v in enumerate(n.inputs):
-            if v is None or i in _INT_OPERANDS.get(n.op, ()) or v.type.dtype == torch.float32:
+            if v is None or i in REGISTRY[n.op].int_operands or v.type.dtype == torch.float32:
                 continue
             raise InputMismatchError(
                 f"{where(n)}: fusednn's Triton kernels compute in float32, but its operand %{v.name} is {v.type}. "
                 "Convert the model and its inputs with .float(), or compile with backend='reference'")
-
-
-_LOSSES = ("cross_entropy", "mse_loss", "l1_loss")
-
-
-def empty_node(n: Node) -> bool:
-    """A node with nothing to compute (batch 0): an empty result, or a loss over empty operands.
-    It launches nothing, and its backward gives zeros (nothing in it depends on any operand)."""
-    if n.op == "eager":  # torch runs it and differentiates it, empty or not
-        return False
-    return n.out.type.numel == 0 or (n.op in _LOSSES and n.inputs[0].type.numel == 0)
 
 
 def _lower_empty(n: Node, precision: str) -> Step:
@@ -461,7 +416,7 @@ def lower(graph: Graph, precision: str, debug: int = 0) -> list[Step]:
     check(graph)
     steps = []
     for n in graph.nodes:
-        lower_node = _lower_empty if empty_node(n) and n.op != "count_" else LOWER[n.op]
+        lower_node = _lower_empty if empty_node(n) and not REGISTRY[n.op].side_effect else LOWER[REGISTRY[n.op].lower]
         step = lower_node(n, precision)
         if step.kernel is not None and debug >= 4:
             log.warning("fusednn: generated %s:\n%s", step.kernel.name, step.kernel.source)

@@ -14,7 +14,7 @@ documented in docs/IR.md:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -178,13 +178,6 @@ class Graph:
         return "\n".join(lines) + "\n"
 
 
-def renumber(graph: Graph) -> Graph:
-    """Give node results consecutive SSA names %1, %2, ... in execution order (after a pass)."""
-    for i, n in enumerate(graph.nodes, 1):
-        n.out.name = str(i)
-    return graph
-
-
 def topo_check(graph: Graph) -> None:
     """Assert every node reads only values defined before it (passes call this in tests)."""
     defined = set(graph.inputs)
@@ -196,5 +189,11 @@ def topo_check(graph: Graph) -> None:
         assert v in defined, f"output {v} is never defined"
 
 
-def values(nodes: Iterable[Node]) -> list[Value]:
-    return [n.out for n in nodes]
+
+@dataclass
+class Env:
+    """The tensors of one call of a compiled graph: values by IR Value, and the extra tensors/ints a
+    backward needs by (value, key) (a pool's argmax "idx", a cross-entropy's "lse", a dropout "seed")."""
+
+    values: dict[Value, torch.Tensor] = field(default_factory=dict)
+    extra: dict[tuple[Value, str], Any] = field(default_factory=dict)

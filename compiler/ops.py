@@ -9,6 +9,7 @@ rule can never disagree with torch.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -24,10 +25,24 @@ Parsed = tuple[list[Any], dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class OpDef:
-    """One op: name, kind, torch reference `ref(inputs, attrs)`, and the torch calls that trace to it.
+    """One op: everything fusednn knows about it, in one row.
 
-    kind: "conv" | "linear" | "act" | "arith" | "pool" | "softmax" | "loss" | "norm" | "dropout" |
-    "view" | "counter". n_tensor_inputs: how many of the parsed inputs are tensors (the rest are None).
+    Args:
+        name: the IR op name.
+        kind: what it is ("conv" | "linear" | "act" | "arith" | "pool" | "softmax" | "loss" | "norm" |
+            "dropout" | "view" | "counter" | "eager" | "fused").
+        ref: the torch reference `ref(inputs, attrs)`; also the shape rule (`infer`).
+        parse: a traced call's (args, kwargs) -> (tensor inputs, attrs).
+        torch_fns: the torch callables that trace to it.
+        doc: what users write (error messages, docs/IR.md).
+        lower: the codegen family that generates its forward (`codegen.LOWER`).
+        backward: the autodiff family of its VJP (`autodiff.VJPS`); None: not differentiable.
+        backward_file: the file of its hand-written backward kernels (named in every kernel's header).
+        elementwise: joins fused elementwise groups (`passes.fuse_pointwise`).
+        epilogue: may be a conv/linear epilogue activation: elementwise and monotone non-decreasing, so
+            act(max z) = max act(z) and act' can be read from a pooled output.
+        side_effect: kept by dead-code elimination although nothing reads its result.
+        int_operands: positions of operands read as integers (class targets, counters).
     """
 
     name: str
@@ -36,17 +51,25 @@ class OpDef:
     parse: Callable[..., Parsed]
     torch_fns: tuple[Any, ...]
     doc: str
+    lower: str
+    backward: str | None
+    backward_file: str
+    elementwise: bool = False
+    epilogue: bool = False
+    side_effect: bool = False
+    int_operands: tuple[int, ...] = ()
 
 
 REGISTRY: dict[str, OpDef] = {}
 _BY_FN: dict[Any, OpDef] = {}
 
 
-def op(name: str, kind: str, torch_fns: Sequence[Any], parse: Callable[..., Parsed], doc: str):
-    """Register the decorated function as the torch reference of op `name`."""
+def op(name: str, kind: str, torch_fns: Sequence[Any], parse: Callable[..., Parsed], doc: str, *, lower: str,
+       backward: str | None, backward_file: str, **traits: Any):
+    """Register the decorated function as the torch reference of op `name` (see OpDef for the fields)."""
 
     def deco(ref):
-        d = OpDef(name, kind, ref, parse, tuple(torch_fns), doc)
+        d = OpDef(name, kind, ref, parse, tuple(torch_fns), doc, lower, backward, backward_file, **traits)
         REGISTRY[name] = d
         for fn in torch_fns:
             _BY_FN[fn] = d
@@ -64,8 +87,21 @@ def lookup(fn: Any) -> OpDef | None:
 
 
 def supported_ops() -> str:
-    """One line per op: name and the torch calls that reach it (for error messages and docs)."""
-    return "\n".join(f"  {d.name:<20} {d.doc}" for d in REGISTRY.values())
+    """One line per traceable op: name and the torch calls that reach it (for error messages and docs)."""
+    return "\n".join(f"  {d.name:<20} {d.doc}" for d in REGISTRY.values() if d.kind != "fused")
+
+
+def empty_node(n: Any) -> bool:
+    """A node with nothing to compute (batch 0): an empty result, or a loss over empty operands.
+    It launches nothing, and its backward gives zeros (nothing in it depends on any operand)."""
+    if n.op == "eager":  # torch runs it and differentiates it, empty or not
+        return False
+    return n.out.type.numel == 0 or (REGISTRY[n.op].kind == "loss" and n.inputs[0].type.numel == 0)
+
+
+def softmax_dims(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
+    """A tensor seen as [outer, D, inner] around `dim`."""
+    return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
 def infer(opname: str, in_types: Sequence[TensorType | None], attrs: dict[str, Any]) -> TensorType:
@@ -165,7 +201,8 @@ def _parse_conv2d(*args, **kwargs) -> Parsed:
     return [x, w, a["bias"]], dict(stride=stride, padding=pad, dilation=dilation, groups=groups)
 
 
-@op("conv2d", "conv", [F.conv2d], _parse_conv2d, "F.conv2d, nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups)")
+@op("conv2d", "conv", [F.conv2d], _parse_conv2d, "F.conv2d, nn.Conv2d (stride, padding incl. 'same'/'valid', dilation, groups)",
+    lower="conv", backward="conv", backward_file="kernels/conv_relu_pool.py")
 def conv2d(t, a):
     return F.conv2d(t[0], t[1], t[2], a["stride"], a["padding"], a["dilation"], a["groups"])
 
@@ -182,7 +219,8 @@ def _parse_linear(*args, **kwargs) -> Parsed:
     return [a["input"], a["weight"], a["bias"]], {}
 
 
-@op("linear", "linear", [F.linear], _parse_linear, "F.linear, nn.Linear (any leading dims)")
+@op("linear", "linear", [F.linear], _parse_linear, "F.linear, nn.Linear (any leading dims)",
+    lower="linear", backward="linear", backward_file="kernels/linear_relu.py")
 def linear(t, a):
     return F.linear(t[0], t[1], t[2])
 
@@ -201,13 +239,13 @@ def _parse_leaky(*args, **kwargs) -> Parsed:
 
 
 @op("relu", "act", [F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_], _parse_unary,
-    "F.relu, torch.relu, x.relu(), nn.ReLU (inplace too)")
+    "F.relu, torch.relu, x.relu(), nn.ReLU (inplace too)", lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True, epilogue=True)
 def relu(t, a):
     return F.relu(t[0])
 
 
 @op("leaky_relu", "act", [F.leaky_relu, Tensor.leaky_relu if hasattr(Tensor, "leaky_relu") else F.leaky_relu],
-    _parse_leaky, "F.leaky_relu, nn.LeakyReLU")
+    _parse_leaky, "F.leaky_relu, nn.LeakyReLU", lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True, epilogue=True)
 def leaky_relu(t, a):
     return F.leaky_relu(t[0], a["negative_slope"])
 
@@ -217,17 +255,20 @@ def _parse_prelu(*args, **kwargs) -> Parsed:
     return [a["input"], a["weight"]], {}
 
 
-@op("prelu", "act", [F.prelu], _parse_prelu, "F.prelu, nn.PReLU")
+@op("prelu", "act", [F.prelu], _parse_prelu, "F.prelu, nn.PReLU", lower="pointwise", backward="prelu",
+    backward_file="kernels/activation.py", elementwise=True)
 def prelu(t, a):
     return F.prelu(t[0], t[1])
 
 
-@op("sigmoid", "act", [torch.sigmoid, F.sigmoid, Tensor.sigmoid], _parse_unary, "torch.sigmoid, nn.Sigmoid")
+@op("sigmoid", "act", [torch.sigmoid, F.sigmoid, Tensor.sigmoid], _parse_unary, "torch.sigmoid, nn.Sigmoid",
+    lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True, epilogue=True)
 def sigmoid(t, a):
     return torch.sigmoid(t[0])
 
 
-@op("tanh", "act", [torch.tanh, F.tanh, Tensor.tanh], _parse_unary, "torch.tanh, nn.Tanh")
+@op("tanh", "act", [torch.tanh, F.tanh, Tensor.tanh], _parse_unary, "torch.tanh, nn.Tanh", lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True,
+    epilogue=True)
 def tanh(t, a):
     return torch.tanh(t[0])
 
@@ -246,13 +287,14 @@ def _parse_softmax(*args, **kwargs) -> Parsed:
     return [x], {"dim": int(a["dim"]) % x.dim()}
 
 
-@op("softmax", "softmax", [F.softmax, torch.softmax, Tensor.softmax], _parse_softmax, "F.softmax, nn.Softmax (any dim)")
+@op("softmax", "softmax", [F.softmax, torch.softmax, Tensor.softmax], _parse_softmax, "F.softmax, nn.Softmax (any dim)",
+    lower="softmax", backward="softmax", backward_file="kernels/softmax.py")
 def softmax(t, a):
     return F.softmax(t[0], a["dim"])
 
 
 @op("log_softmax", "softmax", [F.log_softmax, torch.log_softmax, Tensor.log_softmax], _parse_softmax,
-    "F.log_softmax, nn.LogSoftmax (any dim)")
+    "F.log_softmax, nn.LogSoftmax (any dim)", lower="softmax", backward="softmax", backward_file="kernels/softmax.py")
 def log_softmax(t, a):
     return F.log_softmax(t[0], a["dim"])
 
@@ -301,13 +343,15 @@ def _parse_avg_pool(*args, **kwargs) -> Parsed:
 
 
 @op("max_pool2d", "pool", [F.max_pool2d, torch.max_pool2d], _parse_max_pool,
-    "F.max_pool2d, nn.MaxPool2d (kernel, stride, padding, dilation, ceil_mode)")
+    "F.max_pool2d, nn.MaxPool2d (kernel, stride, padding, dilation, ceil_mode)", lower="pool", backward="pool",
+    backward_file="kernels/pool.py")
 def max_pool2d(t, a):
     return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
 
 
 @op("avg_pool2d", "pool", [F.avg_pool2d], _parse_avg_pool,
-    "F.avg_pool2d, nn.AvgPool2d (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)")
+    "F.avg_pool2d, nn.AvgPool2d (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)",
+    lower="pool", backward="pool", backward_file="kernels/pool.py")
 def avg_pool2d(t, a):
     return F.avg_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
                         a["divisor_override"])
@@ -323,12 +367,14 @@ def _parse_adaptive(*args, **kwargs) -> Parsed:
     return [x], {"output_size": size}
 
 
-@op("adaptive_avg_pool2d", "pool", [F.adaptive_avg_pool2d], _parse_adaptive, "F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d")
+@op("adaptive_avg_pool2d", "pool", [F.adaptive_avg_pool2d], _parse_adaptive, "F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d",
+    lower="pool", backward="adaptive_pool", backward_file="kernels/pool.py")
 def adaptive_avg_pool2d(t, a):
     return F.adaptive_avg_pool2d(t[0], a["output_size"])
 
 
-@op("adaptive_max_pool2d", "pool", [F.adaptive_max_pool2d], _parse_adaptive, "F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d")
+@op("adaptive_max_pool2d", "pool", [F.adaptive_max_pool2d], _parse_adaptive, "F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d",
+    lower="pool", backward="adaptive_pool", backward_file="kernels/pool.py")
 def adaptive_max_pool2d(t, a):
     return F.adaptive_max_pool2d(t[0], a["output_size"])
 
@@ -342,7 +388,8 @@ def _parse_reshape(*args, **kwargs) -> Parsed:
 @op("reshape", "view",
     [Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.squeeze, torch.squeeze,
      Tensor.unsqueeze, torch.unsqueeze],
-    _parse_reshape, "x.view, x.reshape, torch.flatten/x.flatten/nn.Flatten, squeeze, unsqueeze")
+    _parse_reshape, "x.view, x.reshape, torch.flatten/x.flatten/nn.Flatten, squeeze, unsqueeze", lower="reshape",
+    backward="reshape", backward_file="- (a view)")
 def reshape(t, a):
     return t[0].reshape(a["shape"])
 
@@ -359,7 +406,8 @@ def _parse_dropout(*args, **kwargs) -> Parsed:
     return [a["input"]], {"p": p, "training": bool(a["training"])}
 
 
-@op("dropout", "dropout", [F.dropout], _parse_dropout, "F.dropout, nn.Dropout (train and eval)")
+@op("dropout", "dropout", [F.dropout], _parse_dropout, "F.dropout, nn.Dropout (train and eval)", lower="dropout",
+    backward="dropout", backward_file="kernels/dropout.py")
 def dropout(t, a):
     return F.dropout(t[0], a["p"], a["training"])
 
@@ -376,7 +424,8 @@ def _parse_batch_norm(*args, **kwargs) -> Parsed:
 
 
 @op("batch_norm", "norm", [F.batch_norm], _parse_batch_norm,
-    "F.batch_norm, nn.BatchNorm1d/2d (train, with running-stat update, and eval)")
+    "F.batch_norm, nn.BatchNorm1d/2d (train, with running-stat update, and eval)", lower="batch_norm",
+    backward="batch_norm", backward_file="kernels/batch_norm.py")
 def batch_norm(t, a):
     return F.batch_norm(t[0], t[1], t[2], t[3], t[4], a["training"], a["momentum"], a["eps"])
 
@@ -386,7 +435,8 @@ def _parse_counter(*args, **kwargs) -> Parsed:
     return [a["input"]], {"by": int(a["other"]) * int(a["alpha"])}
 
 
-@op("count_", "counter", [], _parse_counter, "buffer.add_(1) on an integer buffer (BatchNorm's num_batches_tracked)")
+@op("count_", "counter", [], _parse_counter, "buffer.add_(1) on an integer buffer (BatchNorm's num_batches_tracked)",
+    lower="counter", backward=None, backward_file="-", side_effect=True, int_operands=(0,))
 def count_(t, a):
     return t[0].add_(a["by"])
 
@@ -433,26 +483,30 @@ def _reflected(x: Any, number: Any, alpha: Any) -> Parsed:
 
 
 @op("add", "arith", [torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_],
-    _parse_binary, "x + y, torch.add (broadcasting, or a number)")
+    _parse_binary, "x + y, torch.add (broadcasting, or a number)", lower="pointwise", backward="arith",
+    backward_file="kernels/activation.py, kernels/broadcast.py", elementwise=True)
 def add(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.add(t[0], y, alpha=a.get("alpha", 1))
 
 
 @op("sub", "arith", [torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__isub__, Tensor.sub_],
-    _parse_sub, "x - y, torch.sub (broadcasting, or a number)")
+    _parse_sub, "x - y, torch.sub (broadcasting, or a number)", lower="pointwise", backward="arith",
+    backward_file="kernels/activation.py, kernels/broadcast.py", elementwise=True)
 def sub(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.sub(t[0], y, alpha=a.get("alpha", 1))
 
 
-@op("rsub", "arith", [torch.rsub, Tensor.__rsub__], _parse_rsub, "number - x, torch.rsub (y = number - alpha * x)")
+@op("rsub", "arith", [torch.rsub, Tensor.__rsub__], _parse_rsub, "number - x, torch.rsub (y = number - alpha * x)",
+    lower="pointwise", backward="arith", backward_file="kernels/activation.py", elementwise=True)
 def rsub(t, a):
     return torch.rsub(t[0], a["scalar"], alpha=a.get("alpha", 1))
 
 
 @op("mul", "arith", [torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_],
-    _parse_binary, "x * y, torch.mul (broadcasting, or a number)")
+    _parse_binary, "x * y, torch.mul (broadcasting, or a number)", lower="pointwise", backward="arith",
+    backward_file="kernels/activation.py, kernels/broadcast.py", elementwise=True)
 def mul(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.mul(t[0], y)
@@ -483,17 +537,20 @@ def _parse_point_loss(*args, **kwargs) -> Parsed:
     return [a["input"], a["target"]], dict(reduction=a["reduction"])
 
 
-@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy, "F.cross_entropy (reduction, ignore_index)")
+@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy, "F.cross_entropy (reduction, ignore_index)",
+    lower="loss", backward="cross_entropy", backward_file="kernels/losses.py", int_operands=(1,))
 def cross_entropy(t, a):
     return F.cross_entropy(t[0], t[1], reduction=a["reduction"], ignore_index=a["ignore_index"])
 
 
-@op("mse_loss", "loss", [F.mse_loss], _parse_point_loss, "F.mse_loss (reduction)")
+@op("mse_loss", "loss", [F.mse_loss], _parse_point_loss, "F.mse_loss (reduction)", lower="loss",
+    backward="point_loss", backward_file="kernels/losses.py")
 def mse_loss(t, a):
     return F.mse_loss(t[0], t[1], reduction=a["reduction"])
 
 
-@op("l1_loss", "loss", [F.l1_loss], _parse_point_loss, "F.l1_loss (reduction)")
+@op("l1_loss", "loss", [F.l1_loss], _parse_point_loss, "F.l1_loss (reduction)", lower="loss",
+    backward="point_loss", backward_file="kernels/losses.py")
 def l1_loss(t, a):
     return F.l1_loss(t[0], t[1], reduction=a["reduction"])
 
@@ -529,9 +586,27 @@ def _parse_eager(*args, **kwargs) -> Parsed:
 
 
 @op("eager", "eager", [], _parse_eager,
-    "any other torch call returning one tensor, with fusednn.compile(..., strict=False): run by torch")
+    "any other torch call returning one tensor, with fusednn.compile(..., strict=False): run by torch",
+    lower="eager", backward="eager", backward_file="torch autograd")
 def eager(t, a):
     return a["call"](t)
+
+
+# -- fused groups: made by passes, never traced; a group runs (and is referenced as) the nodes it absorbed --------
+def _parse_fused(*args, **kwargs) -> Parsed:
+    raise UnsupportedOpError("fused groups are made by fusednn's passes, not traced")
+
+
+def _fused_ref(t, a):
+    raise CompileError("a fused group has no reference of its own: run its absorbed nodes (reference.run_node)")
+
+
+op("conv_relu_pool", "fused", [], _parse_fused, "conv2d -> [activation] -> [non-overlapping pool] (passes.fuse)",
+   lower="conv", backward="conv", backward_file="kernels/conv_relu_pool.py")(_fused_ref)
+op("linear_relu", "fused", [], _parse_fused, "linear -> [activation] (passes.fuse)", lower="linear",
+   backward="linear", backward_file="kernels/linear_relu.py")(_fused_ref)
+op("pointwise", "fused", [], _parse_fused, "a tree of elementwise ops of one shape (passes.fuse_pointwise)",
+   lower="pointwise", backward="pointwise", backward_file="per absorbed op")(_fused_ref)
 
 
 # Ops whose result is their input (no node): contiguity and identity calls.

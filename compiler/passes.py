@@ -10,15 +10,12 @@ import logging
 from typing import Callable
 
 from fusednn.compiler.ir import Graph, Node, Value
+from fusednn.compiler.ops import REGISTRY
 
 log = logging.getLogger("fusednn")
 
 Pass = Callable[[Graph], Graph]
 
-# Activations a conv/linear epilogue can apply. All are monotone non-decreasing (leaky_relu with a
-# non-negative slope), so act(max(z)) = max(act(z)) and the backward can read act' from the pooled output.
-EPILOGUE_ACTS = ("relu", "leaky_relu", "sigmoid", "tanh")
-SIDE_EFFECT_OPS = ("count_",)
 
 
 def _replace_uses(graph: Graph, old: Value, new: Value) -> None:
@@ -48,7 +45,7 @@ def canonicalize(graph: Graph) -> Graph:
 
 
 def _has_side_effects(n: Node) -> bool:
-    if n.op in SIDE_EFFECT_OPS:
+    if REGISTRY[n.op].side_effect:
         return True
     return n.op == "batch_norm" and n.attrs["training"] and n.inputs[1] is not None
 
@@ -73,7 +70,10 @@ def _sole_user(graph: Graph, v: Value, users: dict) -> Node | None:
 
 
 def _epilogue_act(n: Node | None) -> bool:
-    if n is None or n.op not in EPILOGUE_ACTS:
+    """An activation a conv/linear epilogue can apply: monotone non-decreasing (the registry's `epilogue`
+    trait; leaky_relu only with a non-negative slope), so act(max z) = max act(z) and the backward can read
+    act' from the pooled output."""
+    if n is None or not REGISTRY[n.op].epilogue:
         return False
     return n.op != "leaky_relu" or n.attrs["negative_slope"] >= 0.0
 
@@ -145,9 +145,6 @@ def fuse(graph: Graph) -> Graph:
     return graph
 
 
-POINTWISE_OPS = ("relu", "leaky_relu", "sigmoid", "tanh", "prelu", "add", "sub", "rsub", "mul")
-
-
 def fuse_pointwise(graph: Graph) -> Graph:
     """Elementwise nodes fuse into `pointwise` groups: a node whose result only one elementwise node of the
     same shape reads joins that node's group, so a group is a tree of nodes (a gate `tanh(a + b) * sigmoid(c)`
@@ -160,10 +157,10 @@ def fuse_pointwise(graph: Graph) -> Graph:
     root_of: dict[int, Node] = {}
     members: dict[int, list[Node]] = {}
     for n in reversed(graph.nodes):  # a user is visited before the nodes it reads
-        if n.op not in POINTWISE_OPS:
+        if not REGISTRY[n.op].elementwise:
             continue
         u = _sole_user(graph, n.out, users)
-        joins = u is not None and u.op in POINTWISE_OPS and u.out.type.shape == n.out.type.shape
+        joins = u is not None and REGISTRY[u.op].elementwise and u.out.type.shape == n.out.type.shape
         root = root_of[id(u)] if joins else n
         root_of[id(n)] = root
         members.setdefault(id(root), []).append(n)

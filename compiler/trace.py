@@ -19,14 +19,13 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-import fusednn
 from fusednn.compiler import ops
 from fusednn.compiler.ir import Graph, Node, TensorType, Value
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 _SKIP_DIRS = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, fusednn, sys.modules["fusednn.compiler"], sys.modules["fusednn.compiler.ops"])
+    for m in (torch, sys.modules["fusednn"], sys.modules["fusednn.compiler"], sys.modules["fusednn.compiler.ops"])
 ) + (os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py",)
 
 

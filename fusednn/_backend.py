@@ -28,3 +28,11 @@ def setup() -> None:
 def default_device() -> torch.device:
     """The device fusednn's tools use when none is named: CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def debug_level() -> int:
+    """FUSEDNN_DEBUG: 1 = IR after each pass, 2 = per-kernel launch summary, 4 = generated source."""
+    try:
+        return int(os.environ.get("FUSEDNN_DEBUG", "0"))
+    except ValueError:
+        return 0

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
+from fusednn._backend import debug_level
 from fusednn.compiler import passes
 from fusednn.compiler.codegen import where
 from fusednn.compiler.ir import Graph
@@ -33,14 +33,6 @@ log = logging.getLogger("fusednn")
 
 BACKENDS = ("triton", "reference")
 PRECISIONS = ("ieee", "tf32")
-
-
-def debug_level() -> int:
-    """FUSEDNN_DEBUG: 1 = IR after each pass, 2 = per-kernel launch summary, 4 = generated source."""
-    try:
-        return int(os.environ.get("FUSEDNN_DEBUG", "0"))
-    except ValueError:
-        return 0
 
 
 @dataclass(frozen=True, slots=True)

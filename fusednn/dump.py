@@ -40,14 +40,13 @@ def training_launches(spec: Any, named: dict[str, torch.Tensor]) -> list:
     """The launches of one forward and backward of `spec`, recorded (not run) with the GPU's launch configs."""
     from fusednn import launch
     from fusednn.compiler import configs
-    from fusednn.runtime import _GraphFunction
 
     exe = spec.executable
     device = next((t.device for t in named.values()), torch.device("cpu"))
     with torch.random.fork_rng(devices=[]), launch.recording(execute=False) as rec, configs.use_target("gpu"):
         ins = [_example(v, named).to(device) for v in spec.graph.inputs]
         ins = [t.requires_grad_() if t.is_floating_point() else t for t in ins]
-        outs = [o for o in _GraphFunction.apply(exe, *ins) if o.requires_grad]
+        outs = [o for o in exe.apply(*ins) if o.requires_grad]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     return rec
 

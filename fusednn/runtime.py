@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from fusednn import launch
+from fusednn._backend import debug_level
 from fusednn.compiler import autodiff, codegen
-from fusednn.compiler.codegen import Env
-from fusednn.compiler.ir import Graph
+from fusednn.compiler.ir import Env, Graph
 from fusednn.errors import InputMismatchError
 
 log = logging.getLogger("fusednn")
@@ -64,8 +64,6 @@ class TritonExecutable:
     """A graph lowered to generated Triton kernels, with its backward plan."""
 
     def __init__(self, graph: Graph, options: Any) -> None:
-        from fusednn.api import debug_level
-
         self.graph = graph
         self.precision = options.precision
         self.debug = debug_level()
@@ -100,6 +98,11 @@ class TritonExecutable:
             return list(_GraphFunction.apply(self, *tensors))
         env = self.forward(tuple(tensors))
         return [env.values[v] for v in self.graph.outputs]
+
+    def apply(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the graph under autograd on all its inputs (user inputs, then parameters and buffers, in
+        graph.inputs order), as a call does; tools use it to record a training step."""
+        return _GraphFunction.apply(self, *tensors)
 
     def stats(self) -> dict:
         """Kernel groups, launches and bytes per forward and backward (from the last call)."""

@@ -11,8 +11,24 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
-from fusednn.compiler.templates.pool import adaptive_window, pool_out_size
 from fusednn.launch import launch
+
+
+def pool_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                  ceil_mode: bool = False) -> int:
+    """Output length of one pooled dimension, as torch computes it (pooling_output_shape)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    # torch drops a ceil_mode window that would start past the input and its left padding
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def adaptive_window(size: int, out: int) -> int:
+    """The largest window an adaptive pool from `size` to `out` uses along one dimension."""
+    return max(-(-(o + 1) * size // out) - o * size // out for o in range(out))
+
 
 # VJP. Index an input plane by p = (ph, pw) and an output plane by o = (oh, ow).
 #

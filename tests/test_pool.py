@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fusednn.compiler.source import header, load
-from fusednn.compiler.templates.pool import AdaptivePoolSpec, PoolSpec, generate, pool_out_size
+from fusednn.compiler.templates.pool import AdaptivePoolSpec, PoolSpec, generate
+from fusednn.kernels.pool import pool_out_size
 from fusednn.kernels.pool import adaptive_pool2d_backward, pool2d_backward
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source
+from fusednn.kernels.pool import adaptive_window, pool_out_size  # noqa: F401  (the one definition)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,22 +60,6 @@ class AdaptivePoolSpec:
     W: int
     OH: int
     OW: int
-
-
-def pool_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
-                  ceil_mode: bool = False) -> int:
-    """Output length of one pooled dimension, as torch computes it (pooling_output_shape)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    # torch drops a ceil_mode window that would start past the input and its left padding
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
-
-
-def adaptive_window(size: int, out: int) -> int:
-    """The largest window an adaptive pool from `size` to `out` uses along one dimension."""
-    return max(-(-(o + 1) * size // out) - o * size // out for o in range(out))
 
 
 def _check(spec: PoolSpec | AdaptivePoolSpec) -> None:
