@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -23,6 +24,35 @@ def setup() -> None:
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
         log.info("fusednn: no CUDA device; Triton kernels run in Triton's interpreter on the CPU (slow)")
+    if interpreting() and "triton" in sys.modules:
+        _reinterpret_triton()
+
+
+def _reinterpret_triton() -> None:
+    """Make the @triton.jit functions Triton itself defined before the interpreter was switched on
+    interpretable.
+
+    Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function. When triton was imported
+    first (directly, or by `import torch._dynamo` / `torch._inductor`, as any script using torch.compile
+    does), its own helpers (the combine functions of tl.sum and tl.max, tl.cdiv, ...) are compiled-mode
+    JITFunctions, and the interpreter fails on the first kernel that calls one ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). Each is replaced, wherever triton's modules and tensor class hold
+    it, by the InterpretedFunction that `@triton.jit` would have made."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swapped: dict[int, InterpretedFunction] = {}
+    holders = [m for name, m in list(sys.modules.items()) if m is not None and name.split(".")[0] == "triton"]
+    holders += [c for m in holders for c in vars(m).values()
+                if isinstance(c, type) and getattr(c, "__module__", "").startswith("triton.language")]
+    for holder in holders:
+        for key, value in list(vars(holder).items()):
+            if isinstance(value, JITFunction):
+                new = swapped.setdefault(id(value), InterpretedFunction(value.fn))
+                setattr(holder, key, new)
+    if swapped:
+        log.info("fusednn: triton was imported before fusednn; %d of Triton's own jit functions now run in "
+                 "the interpreter", len(swapped))
 
 
 def default_device() -> torch.device:
