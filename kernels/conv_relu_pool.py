@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.activation import _act_grad
 from fusednn.launch import launch
 
 # VJP of  z = conv2d(x, w) + b,  a = act(z),  y = pool(a)   (P = pool_k, per group g of channels):
@@ -74,14 +75,8 @@ def _conv_relu_pool_dz(
             dz = dz / (POOL_K * POOL_K)
             if ACT != "none":
                 o = tl.load(a_ptr + ((n * K + k) * OH + oh) * OW + ow, mask=inside, other=0.0)
-    if ACT == "relu":
-        dz = tl.where(o <= 0.0, 0.0, dz)  # torch's threshold_backward: zero only where o <= 0 (NaN passes)
-    elif ACT == "leaky_relu":
-        dz = tl.where(o > 0.0, dz, dz * slope)
-    elif ACT == "sigmoid":
-        dz = dz * o * (1.0 - o)
-    elif ACT == "tanh":
-        dz = dz * (1.0 - o * o)
+    if ACT != "none":
+        dz = _act_grad(dz, o, slope, ACT)  # the one act' formula (kernels/activation.py)
     return dz
 
 
