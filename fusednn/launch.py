@@ -3,7 +3,8 @@
 It skips empty launches, and lets observers see each launch: `counting()` keeps launches and bytes per
 kernel (what the runtime's `stats()` reports; it holds no tensor), `recording()` keeps every launch with its
 arguments for tools that need them (AOT builds, dumps, benchmarks, tests), `recording(execute=False)`
-collects what would run and runs nothing.
+collects what would run and runs nothing. Bytes are the sizes of the distinct memory ranges a launch is
+given, each counted once (see `tensor_bytes`), unless the launcher says better (`nbytes=`).
 """
 from __future__ import annotations
 
@@ -65,8 +66,32 @@ def kernel_name(kernel: Any) -> str:
 
 
 def tensor_bytes(args: tuple) -> int:
-    """Bytes a kernel must move: every tensor argument read or written once."""
-    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    """Bytes a kernel must move: the memory its tensor arguments span, each byte counted once.
+
+    A tensor passed twice, or a view passed next to its base (a [dw | db] buffer and its db slice), is
+    counted once: ranges [data_ptr, data_ptr + numel * element_size) on one device are merged. A buffer the
+    kernel does not read must not be passed at all (pass None): it would be counted.
+    """
+    spans: dict[torch.device, list[tuple[int, int]]] = {}
+    total = 0
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.numel() == 0:
+            continue
+        n = a.numel() * a.element_size()
+        if a.device.type == "meta":  # no addresses to compare
+            total += n
+            continue
+        spans.setdefault(a.device, []).append((a.data_ptr(), a.data_ptr() + n))
+    for ranges in spans.values():
+        end = None
+        for lo, hi in sorted(ranges):
+            if end is None or lo >= end:
+                total += hi - lo
+                end = hi
+            elif hi > end:
+                total += hi - end
+                end = hi
+    return total
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **meta: Any) -> None:

@@ -278,7 +278,7 @@ def mul_backward(dy: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
         other_ptr, scalar, is_tensor = other, 0.0, True
     else:
         _check_same("mul_backward", dy, dy)
-        other_ptr, scalar, is_tensor = dy, float(other), False  # dy stands in for the unused pointer
+        other_ptr, scalar, is_tensor = None, float(other), False  # the kernel reads no other tensor
     meta = configs.elementwise(dy.numel())
     launch(_mul_bwd_dx_kernel, _grid(dy.numel(), meta), dy, other_ptr, dx, scalar, dy.numel(),
            OTHER_IS_TENSOR=is_tensor, **meta)
