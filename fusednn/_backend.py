@@ -20,10 +20,16 @@ def interpreting() -> bool:
 
 
 def setup() -> None:
-    """Turn Triton's interpreter on when no CUDA device is present and the user did not decide."""
+    """Turn Triton's interpreter on when no CUDA device is present and the user did not decide.
+
+    Says so once, at WARNING level: logging's last-resort handler shows warnings even where the application
+    configured no logging, and a run far slower than expected should explain itself unasked. Once: the
+    variable set here makes every later call (and child processes, which inherit it) skip this branch.
+    """
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-        log.info("fusednn: no CUDA device; Triton kernels run in Triton's interpreter on the CPU (slow)")
+        log.warning("fusednn: no CUDA device, so Triton kernels run in Triton's interpreter on the CPU "
+                    "(TRITON_INTERPRET=1): complete and correct, but slow")
     if interpreting() and "triton" in sys.modules:
         _reinterpret_triton()
 

@@ -8,8 +8,8 @@ in which each variant runs `steps` steps back to back, variants interleaved (the
 round) so drift of clocks and temperature spreads over all of them; the figure is the median round.
 On a GPU: 5 rounds of >= 200 steps, timed with host clocks around synchronised loops, then a short
 torch.profiler window per variant for device-kernel counts and a per-kernel time table.
-Launches and bytes per step of the fusednn variants come from `fusednn.launch.recording()` (bytes = the
-tensor arguments of each kernel, read or written once); FLOPs and the minimum bytes of a step are computed
+Launches and bytes per step of the fusednn variants come from `fusednn.launch.recording()` (bytes: a model,
+the memory each kernel's tensor arguments span, each byte once; benchmarks/README.md); FLOPs and the minimum bytes of a step are computed
 from the model's shapes. On a CPU, fusednn's kernels run in Triton's interpreter: times there are not
 performance figures; only the launch and byte counts mean something.
 """

@@ -1,8 +1,10 @@
 """The single choke point every fusednn kernel launch goes through.
 
-It skips empty launches, counts launches and the bytes each kernel must read and write (the sum of the
-sizes of its tensor arguments), and lets tools observe launches (stats, DEBUG=2 summaries, AOT builds)
-or suppress execution (`recording(execute=False)`: collect what would run, run nothing).
+It skips empty launches, and lets observers see each launch: `counting()` keeps launches and bytes per
+kernel (what the runtime's `stats()` reports; it holds no tensor), `recording()` keeps every launch with its
+arguments for tools that need them (AOT builds, dumps, benchmarks, tests), `recording(execute=False)`
+collects what would run and runs nothing. Bytes are the sizes of the distinct memory ranges a launch is
+given, each counted once (see `tensor_bytes`), unless the launcher says better (`nbytes=`).
 """
 from __future__ import annotations
 
@@ -25,10 +27,32 @@ class Launch:
     tag: str = ""
 
 
+@dataclass(slots=True)
+class LaunchCounts:
+    """Launches and bytes, in total and per kernel: what a list of launches adds up to, without holding
+    the launches' arguments (so the runtime can keep it between steps without pinning any tensor)."""
+
+    launches: int = 0
+    bytes: int = 0
+    per_kernel: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, rec: Launch) -> None:
+        e = self.per_kernel.setdefault(kernel_name(rec.kernel), {"launches": 0, "bytes": 0, "implements": rec.tag})
+        e["launches"] += 1
+        e["bytes"] += rec.bytes
+        self.launches += 1
+        self.bytes += rec.bytes
+
+    def as_dict(self) -> dict:
+        """{"launches", "bytes", "per_kernel": {name: {"launches", "bytes", "implements"}}}, a copy."""
+        per = {k: dict(v) for k, v in self.per_kernel.items()}
+        return {"launches": self.launches, "bytes": self.bytes, "per_kernel": per}
+
+
 @dataclass(eq=False)  # recorders are removed by identity: two empty ones must not compare equal
 class _Recorder:
     execute: bool
-    launches: list[Launch] = field(default_factory=list)
+    sink: Callable[[Launch], None]
 
 
 _recorders: list[_Recorder] = []
@@ -42,8 +66,32 @@ def kernel_name(kernel: Any) -> str:
 
 
 def tensor_bytes(args: tuple) -> int:
-    """Bytes a kernel must move: every tensor argument read or written once."""
-    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    """Bytes a kernel must move: the memory its tensor arguments span, each byte counted once.
+
+    A tensor passed twice, or a view passed next to its base (a [dw | db] buffer and its db slice), is
+    counted once: ranges [data_ptr, data_ptr + numel * element_size) on one device are merged. A buffer the
+    kernel does not read must not be passed at all (pass None): it would be counted.
+    """
+    spans: dict[torch.device, list[tuple[int, int]]] = {}
+    total = 0
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.numel() == 0:
+            continue
+        n = a.numel() * a.element_size()
+        if a.device.type == "meta":  # no addresses to compare
+            total += n
+            continue
+        spans.setdefault(a.device, []).append((a.data_ptr(), a.data_ptr() + n))
+    for ranges in spans.values():
+        end = None
+        for lo, hi in sorted(ranges):
+            if end is None or lo >= end:
+                total += hi - lo
+                end = hi
+            elif hi > end:
+                total += hi - end
+                end = hi
+    return total
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **meta: Any) -> None:
@@ -59,7 +107,7 @@ def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **me
     rec = Launch(kernel, grid, args, meta, moved, _tags[-1] if _tags else "")
     execute = True
     for r in _recorders:
-        r.launches.append(rec)
+        r.sink(rec)
         execute = execute and r.execute
     if execute:
         kernel[grid](*args, **meta)
@@ -71,14 +119,29 @@ def executing() -> bool:
 
 
 @contextlib.contextmanager
-def recording(execute: bool = True) -> Iterator[list[Launch]]:
-    """Collect every launch made inside the block; with execute=False nothing actually runs."""
-    r = _Recorder(execute)
+def _observing(r: _Recorder) -> Iterator[None]:
     _recorders.append(r)
     try:
-        yield r.launches
+        yield
     finally:
         _recorders.remove(r)
+
+
+@contextlib.contextmanager
+def recording(execute: bool = True) -> Iterator[list[Launch]]:
+    """Collect every launch made inside the block, with its arguments (so the list keeps every tensor it
+    saw alive until dropped); with execute=False nothing actually runs."""
+    launches: list[Launch] = []
+    with _observing(_Recorder(execute, launches.append)):
+        yield launches
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[LaunchCounts]:
+    """Count the launches and bytes of the block, per kernel, keeping no argument."""
+    counts = LaunchCounts()
+    with _observing(_Recorder(True, counts.add)):
+        yield counts
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ accumulates as torch does. Under `torch.no_grad()` / `inference_mode()` nothing 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any
 
 import torch
@@ -54,9 +53,9 @@ class _GraphFunction(torch.autograd.Function):
         for v, d in zip(exe.graph.outputs, grads):
             if d is not None and v.type.dtype.is_floating_point:
                 g[v] = d if v not in g else g[v] + d
-        with launch.recording() as rec:
+        with launch.counting() as counts:
             out = exe.plan.run(env, g, tuple(ctx.needs_input_grad[1:]), exe.precision)
-        exe.last_backward = rec
+        exe.backward_counts = counts
         return (None, *out)
 
 
@@ -70,18 +69,21 @@ class TritonExecutable:
         self.steps = codegen.lower(graph, options.precision, self.debug)
         self.plan = autodiff.plan(graph)
         self.saved_keys = self.plan.saved()
-        self.last_forward: list[launch.Launch] = []
-        self.last_backward: list[launch.Launch] = []
+        # Counts only: keeping the launches themselves would pin every tensor of the last step (LeNet at
+        # batch 4096: ~67 MB of intermediates) until the next one. Tools that need the launches with their
+        # arguments record them explicitly (launch.recording()).
+        self.forward_counts = launch.LaunchCounts()
+        self.backward_counts = launch.LaunchCounts()
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
         env = Env(dict(zip(self.graph.inputs, tensors)))
-        with launch.recording() as rec:
+        with launch.counting() as counts:
             for step in self.steps:
                 with launch.tagged(step.node.label()):
                     step.run(env)
-        self.last_forward = rec
+        self.forward_counts = counts
         if self.debug >= 2:
-            log.warning("fusednn: forward launches:\n%s", summary(rec))
+            log.warning("fusednn: forward launches:\n%s", summary(counts))
         return env
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
@@ -110,27 +112,22 @@ class TritonExecutable:
         return {
             "groups": len(kernels),
             "kernels": kernels,
-            "forward": launch_stats(self.last_forward),
-            "backward": launch_stats(self.last_backward),
+            "forward": self.forward_counts.as_dict(),
+            "backward": self.backward_counts.as_dict(),
         }
 
 
 def launch_stats(launches: list[launch.Launch]) -> dict:
-    """Totals and a per-kernel breakdown of launches and bytes moved."""
-    per: dict[str, dict] = {}
+    """Totals and a per-kernel breakdown of launches and bytes moved, of a recorded launch list."""
+    counts = launch.LaunchCounts()
     for r in launches:
-        name = launch.kernel_name(r.kernel)
-        e = per.setdefault(name, {"launches": 0, "bytes": 0, "implements": r.tag})
-        e["launches"] += 1
-        e["bytes"] += r.bytes
-    return {"launches": len(launches), "bytes": sum(r.bytes for r in launches), "per_kernel": per}
+        counts.add(r)
+    return counts.as_dict()
 
 
-def summary(launches: list[launch.Launch]) -> str:
-    """A per-kernel table of a launch list (FUSEDNN_DEBUG=2)."""
-    counts = Counter(launch.kernel_name(r.kernel) for r in launches)
+def summary(counts: launch.LaunchCounts) -> str:
+    """A per-kernel table of launch counts (FUSEDNN_DEBUG=2)."""
     lines = [f"  {'kernel':<40} {'launches':>8} {'bytes':>12}"]
-    by = launch_stats(launches)["per_kernel"]
-    for name in counts:
-        lines.append(f"  {name:<40} {by[name]['launches']:>8} {by[name]['bytes']:>12}")
+    for name, e in counts.per_kernel.items():
+        lines.append(f"  {name:<40} {e['launches']:>8} {e['bytes']:>12}")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Pointwise activations: the forward math shared with generated kernels, and the hand-written backward.
 
-Forward kernels are generated (`compiler/templates/pointwise.py`, and the activation epilogues of other
-templates); they import `_sigmoid` and `_tanh` from here so every kernel evaluates them the same way.
+Every activation formula is defined once, here: the generated forward kernels (the pointwise template and
+the linear and conv epilogues) import `_relu`, `_leaky_relu`, `_sigmoid` and `_tanh`, and every backward
+kernel that needs act' (this file, kernels/linear_relu.py, kernels/conv_relu_pool.py) calls `_act_grad`,
+so fused and unfused kernels round alike.
 Backward launchers: `activation_backward` (relu, leaky_relu, sigmoid, tanh), `prelu_backward`,
 `mul_backward` (also serves sub's negated operand: other = -1.0), and `add` / `accumulate_` (sum the
 gradients of a value that has several users: the first sum into a new tensor, later ones in place).
@@ -18,6 +20,18 @@ from fusednn.launch import launch
 # ----------------------------------------------------------------------------------------------------
 # Forward math
 # ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _relu(x):
+    """relu(x); where, not tl.maximum: on the GPU tl.maximum drops NaN, torch.relu propagates it."""
+    return tl.where(x < 0, 0.0, x)
+
+
+@triton.jit
+def _leaky_relu(x, slope):
+    """leaky_relu(x) with negative slope `slope`; NaN propagates (NaN > 0 fails, NaN * slope is NaN)."""
+    return tl.where(x > 0, x, x * slope)
 
 
 @triton.jit
@@ -50,6 +64,25 @@ def _tanh(x):
     p = p * x2 - 0.3333333333333333  # -1/3
     small = xs + xs * x2 * p
     return tl.where(a < 0.3, small, big)  # NaN fails a < 0.3 and propagates through `big`
+
+
+@triton.jit
+def _act_grad(dy, s, slope, ACT: tl.constexpr):
+    """dy * act'(z), act' read from a saved tensor s: the output y for relu, sigmoid and tanh; for
+    leaky_relu the input x, or the output y when slope >= 0 (then y > 0 exactly when x > 0).
+    The VJPs are derived in the comment block below."""
+    if ACT == "relu":
+        # y <= 0 rather than not y > 0: a NaN output passes its gradient on, as torch's threshold_backward
+        dx = tl.where(s <= 0, 0.0, dy)
+    elif ACT == "leaky_relu":
+        dx = tl.where(s > 0, dy, dy * slope)
+    elif ACT == "sigmoid":
+        dx = dy * (s * (1.0 - s))
+    elif ACT == "tanh":
+        dx = dy * (1.0 - s * s)
+    else:  # "none"
+        dx = dy
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,15 +120,7 @@ def _activation_bwd_dx_kernel(
     mask = offs < numel
     dy = tl.load(dy_ptr + offs, mask=mask)
     s = tl.load(s_ptr + offs, mask=mask)
-    if ACT == "relu":
-        dx = tl.where(s <= 0, 0.0, dy)
-    elif ACT == "leaky_relu":
-        dx = tl.where(s > 0, dy, dy * slope)
-    elif ACT == "sigmoid":
-        dx = dy * (1.0 - s) * s
-    else:  # tanh
-        dx = dy * (1.0 - s * s)
-    tl.store(dx_ptr + offs, dx, mask=mask)
+    tl.store(dx_ptr + offs, _act_grad(dy, s, slope, ACT), mask=mask)
 
 
 @triton.jit
@@ -254,7 +279,7 @@ def mul_backward(dy: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
         other_ptr, scalar, is_tensor = other, 0.0, True
     else:
         _check_same("mul_backward", dy, dy)
-        other_ptr, scalar, is_tensor = dy, float(other), False  # dy stands in for the unused pointer
+        other_ptr, scalar, is_tensor = None, float(other), False  # the kernel reads no other tensor
     meta = configs.elementwise(dy.numel())
     launch(_mul_bwd_dx_kernel, _grid(dy.numel(), meta), dy, other_ptr, dx, scalar, dy.numel(),
            OTHER_IS_TENSOR=is_tensor, **meta)

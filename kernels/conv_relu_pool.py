@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
 from fusednn.launch import launch
 
@@ -77,14 +78,8 @@ def _conv_relu_pool_dz(
             dz = dz / (POOL_K * POOL_K)
             if ACT != "none":
                 o = tl.load(a_ptr + ((n * K + k) * OH + oh) * OW + ow, mask=inside, other=0.0)
-    if ACT == "relu":
-        dz = tl.where(o <= 0.0, 0.0, dz)  # torch's threshold_backward: zero only where o <= 0 (NaN passes)
-    elif ACT == "leaky_relu":
-        dz = tl.where(o > 0.0, dz, dz * slope)
-    elif ACT == "sigmoid":
-        dz = dz * o * (1.0 - o)
-    elif ACT == "tanh":
-        dz = dz * (1.0 - o * o)
+    if ACT != "none":
+        dz = _act_grad(dz, o, slope, ACT)  # the one act' formula (kernels/activation.py)
     return dz
 
 
@@ -265,8 +260,10 @@ def conv_relu_pool_backward(
     if act != "none" and (a if pool == "avg" else y) is None:  # where act' is read from
         raise ValueError(f"conv_relu_pool_backward: act {act} with pool {pool} needs "
                          f"{'a (forward with save_act)' if pool == 'avg' else 'y'}")
-    # Buffers a variant does not read are stood in for by dy: the constexpr branches never touch them.
-    bufs = (dy, idx if idx is not None else dy, y if y is not None else dy, a if a is not None else dy)
+    # Only the buffers this variant reads are passed; the others are None, which the constexpr branches
+    # never touch (a stand-in tensor there would be counted as bytes moved; see launch.tensor_bytes).
+    bufs = (dy, idx if pool == "max" else None, y if act != "none" and pool != "avg" else None,
+            a if act != "none" and pool == "avg" else None)
     meta = dict(N=N, C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,
                 PAD_H=pad_h, PAD_W=pad_w, DIL_H=dil_h, DIL_W=dil_w, OH=OH, OW=OW, PH=PH, PW=PW,
                 ACT=act, POOL=pool, POOL_K=P, PRECISION=precision)

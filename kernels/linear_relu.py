@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
 from fusednn.launch import launch
 
@@ -45,19 +46,9 @@ def _linear_relu_dz(
 ):
     """The GEMM prologue of both backward kernels: a tile of dz = dy * act'(z), act' read from y."""
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-    if ACT == "relu":
-        # y <= 0 rather than not y > 0: a NaN output passes its gradient on, as torch's threshold_backward
+    if ACT != "none":
         y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        dz = tl.where(y <= 0.0, 0.0, dz)
-    elif ACT == "leaky_relu":
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        dz = tl.where(y > 0.0, dz, dz * slope)
-    elif ACT == "sigmoid":
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        dz = dz * (y * (1.0 - y))
-    elif ACT == "tanh":
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        dz = dz * (1.0 - y * y)
+        dz = _act_grad(dz, y, slope, ACT)  # the one act' formula (kernels/activation.py)
     return dz
 
 

@@ -88,9 +88,17 @@ def reference(spec: ConvSpec, x, w, b, dy):
     return dict(y=y.detach(), win=win, a=a.detach(), dx=grads[0], dw=grads[1], db=grads[2] if b is not None else None)
 
 
-def check_against_torch(spec: ConvSpec, gen: torch.Generator | None = None) -> None:
-    """Forward (y, idx, a) and every gradient (dx, dw, db) within TOL of float64 torch."""
+def check_against_torch(spec: ConvSpec, gen: torch.Generator | None = None, z_max: float | None = None) -> None:
+    """Forward (y, idx, a) and every gradient (dx, dw, db) within TOL of float64 torch.
+
+    z_max: scale w and b so that every pre-activation z lies in (-z_max, z_max).
+    """
     x, w, b = make_inputs(spec, gen)
+    if z_max is not None:
+        z = F.conv2d(x.double(), w.double(), b.double() if b is not None else None, spec.stride, spec.padding,
+                     spec.dilation, spec.groups)
+        s = 0.9 * z_max / z.abs().max().item()
+        w, b = w * s, (b * s if b is not None else None)
     y, idx, a = forward(spec, x, w, b)
     dy = torch.randn(y.shape, generator=gen)
     ref = reference(spec, x, w, b, dy)
@@ -138,6 +146,17 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv_relu_pool_grad_matches_torch(case):
     check_against_torch(make_spec(**CASES[case]))
+
+
+@pytest.mark.parametrize("z_max", [3e-3, 0.3])
+@pytest.mark.parametrize("pool", ["none", "max", "avg"])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_conv_tanh_sigmoid_small_preactivations_match_torch(act, pool, z_max):
+    # |z| < 0.3 is where tanh's (1 - e)/(1 + e), e = exp(-2|z|), cancels: the epilogue must use the same
+    # formula as the pointwise kernel (kernels/activation.py), within 1e-5 relative like every other kernel.
+    spec = make_spec(N=2, C=3, H=10, W=9, K=5, R=3, S=3, padding=1, act=act, pool=pool,
+                     pool_k=2 if pool != "none" else 1)
+    check_against_torch(spec, z_max=z_max)
 
 
 def test_conv_relu_pool_max_pool_tie_grad_matches_torch():

@@ -94,6 +94,19 @@ def check_stem(M: int, N: int, K: int, bias: bool, act: str, x=None, w=None, b=N
         assert db is None
 
 
+@pytest.mark.parametrize("z_max", [3e-3, 0.3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_linear_tanh_sigmoid_small_preactivations_match_torch(act, bias, z_max):
+    # |z| < 0.3 is where tanh's (1 - e)/(1 + e), e = exp(-2|z|), cancels (3.6e-5 relative once fused):
+    # the epilogue must evaluate the activation as the pointwise kernel does (kernels/activation.py).
+    M, N, K = 37, 23, 45
+    x, w, b = make_inputs(M, N, K, bias)
+    z = F.linear(x.double(), w.double(), b.double() if bias else None)
+    s = 0.9 * z_max / z.abs().max().item()
+    check_stem(M, N, K, bias, act, x, w * s, b * s if bias else None)
+
+
 def well_conditioned(M: int, N: int, K: int, bias: bool) -> bool:
     """Every output either has >= 3 elements or is a single product (no sum that can cancel to ~0).
 

@@ -110,17 +110,12 @@ def _temp(label: str, fallback: str) -> str:
 
 
 def _act_lines(act: str, z: str, out: str) -> list[str]:
-    """Activation of the fp32 tile `z` into `out`; NaN propagates as in torch."""
-    if act == "relu":
-        return [f"{out} = tl.where({z} < 0.0, 0.0, {z})  # where, not maximum: keeps NaN as torch.relu"]
+    """Activation of the fp32 tile `z` into `out`, through the one definition of each formula in
+    kernels/activation.py (shared with the pointwise and linear kernels); NaN propagates as in torch."""
     if act == "leaky_relu":
-        return [f"{out} = tl.where({z} < 0.0, {z} * ACT_PARAM, {z})"]
-    if act == "sigmoid":
-        return [f"e = tl.exp(-tl.abs({z}))  # exp of a non-positive number never overflows",
-                f"{out} = tl.where({z} >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))"]
-    if act == "tanh":
-        return [f"e = tl.exp(-2.0 * tl.abs({z}))",
-                f"{out} = tl.where({z} < 0.0, (e - 1.0) / (1.0 + e), (1.0 - e) / (1.0 + e))"]
+        return [f"{out} = _leaky_relu({z}, ACT_PARAM)"]
+    if act in ("relu", "sigmoid", "tanh"):
+        return [f"{out} = _{act}({z})"]
     raise ValueError(f"unknown activation {act!r}")
 
 
@@ -148,6 +143,7 @@ def generate(spec: ConvSpec) -> str:
         import triton.language as tl
 
         from fusednn.compiler import configs
+        from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
         from fusednn.launch import launch as launch_kernel
     """)
     src.writeline()

@@ -15,20 +15,13 @@ from fusednn.compiler.source import Source
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
 PRECISIONS = ("ieee", "tf32")
 
-# Activation epilogues: lines computing the activation `{v}` of the linear stage's value `{z}`.
-# relu and leaky_relu use tl.where(z < 0, ...), not tl.maximum: on the GPU tl.maximum drops NaN, torch
-# propagates it. triton.language has no tanh (only the backend-specific libdevice one); with
-# e = exp(-2|z|) <= 1 the form below cannot overflow, and its error stays a few 1e-8 absolute (relative
-# error grows only as z -> 0, where 1 - e cancels).
+# Activation epilogues: the line computing the activation `{v}` of the linear stage's value `{z}`, through
+# the one definition of each formula in kernels/activation.py (shared with the pointwise kernels).
 _EPILOGUES = {
-    "relu": ["{v} = tl.where({z} < 0.0, 0.0, {z})"],
-    "leaky_relu": ["{v} = tl.where({z} < 0.0, {z} * {slope}, {z})"],
-    "sigmoid": ["{v} = tl.sigmoid({z})"],
-    "tanh": [
-        "e = tl.exp(-2.0 * tl.abs({z}))",
-        "t = (1.0 - e) / (1.0 + e)",
-        "{v} = tl.where({z} < 0.0, -t, t)",
-    ],
+    "relu": ["{v} = _relu({z})"],
+    "leaky_relu": ["{v} = _leaky_relu({z}, {slope})"],
+    "sigmoid": ["{v} = _sigmoid({z})"],
+    "tanh": ["{v} = _tanh({z})"],
 }
 
 
@@ -88,6 +81,7 @@ def generate(spec: LinearSpec) -> str:
         import triton.language as tl
 
         from fusednn.compiler import configs
+        from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
         from fusednn.launch import launch as _launch
 
         M, N, K = {spec.M}, {spec.N}, {spec.K}

@@ -21,7 +21,7 @@ OPS = UNARY + BINARY + ("prelu",)
 
 _SYMBOL = {"add": "+", "mul": "*", "sub": "-"}
 # Names the generated kernel and launcher use themselves; IR values must not shadow them.
-_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", "_tanh", "_sigmoid",
+_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", "_tanh", "_sigmoid", "_relu", "_leaky_relu",
              "_configs", "_launch", "launch"}
 
 
@@ -164,9 +164,9 @@ def _expr(s: PwStep) -> list[str]:
     """The line(s) computing step `s` (the last one assigns s.out)."""
     arg = [a if isinstance(a, str) else _literal(a, s.label) for a in s.args]
     if s.op == "relu":
-        return [f"{s.out} = tl.where({arg[0]} < 0, 0.0, {arg[0]})  # NaN passes through, as torch"]
+        return [f"{s.out} = _relu({arg[0]})"]
     if s.op == "leaky_relu":
-        return [f"{s.out} = tl.where({arg[0]} > 0, {arg[0]}, {arg[0]} * {_literal(s.param, s.label)})"]
+        return [f"{s.out} = _leaky_relu({arg[0]}, {_literal(s.param, s.label)})"]
     if s.op == "sigmoid":
         return [f"{s.out} = _sigmoid({arg[0]})"]
     if s.op == "tanh":
@@ -195,7 +195,7 @@ def generate(spec: PointwiseSpec) -> str:
         import triton.language as tl
 
         from fusednn.compiler import configs as _configs
-        from fusednn.kernels.activation import _sigmoid, _tanh
+        from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
         from fusednn.launch import launch as _launch
 
 
