@@ -123,6 +123,10 @@ def unavailable_reason(arch: int = 90) -> str | None:
         import triton.backends.nvidia.compiler  # noqa: F401
     except Exception as e:  # noqa: BLE001  (any import failure means the same: no NVIDIA backend)
         return f"triton's NVIDIA backend is not importable: {e}"
+    try:  # the JIT's own argument specialisation, which job_of follows
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except ImportError as e:
+        return f"this triton has no native_specialize_impl, which fusednn.aot uses to specialise as the JIT does: {e}"
     for name in ("ptxas", "cuobjdump", "nvdisasm"):
         path = _tool(name)
         if not path.is_file() or not os.access(path, os.X_OK):
@@ -178,38 +182,26 @@ def _no_specialize(kernel: Any, names: list[str], key: str) -> set[str]:
 
 
 def _arg_type(value: Any, specialize: bool, align: bool) -> tuple[str, Any, bool]:
-    """(triton type, constexpr value or None, divisible by 16) of one runtime argument.
+    """(triton type, constexpr value or None, divisible by 16) of one runtime argument, as Triton's JIT
+    specialises it: Triton's own `native_specialize_impl` decides (integers equal to 1 become constexprs,
+    multiples of 16 and 16-byte-aligned pointers are marked divisible), so nothing here mirrors it.
+    Strings, dtypes and constexpr objects, which the JIT passes as constexprs, are handled here."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
 
-    Mirrors the JIT's specialisation (triton 3.6-3.9): integers equal to 1 become constexprs, integers
-    that are multiples of 16 and 16-byte-aligned pointers are marked divisible; floats and bools are not.
-    """
-    if value is None:
-        return "constexpr", None, False
-    if isinstance(value, torch.Tensor):
-        if value.dtype not in _TORCH_TO_TRITON:
-            raise TypeError(f"no Triton pointer type for tensor dtype {value.dtype}")
-        return "*" + _TORCH_TO_TRITON[value.dtype], None, align and value.data_ptr() % 16 == 0
-    if isinstance(value, bool):
-        return "u1", None, False
-    if isinstance(value, int):
-        if specialize and value == 1:
-            return "constexpr", 1, False
-        if -(2**31) <= value < 2**31:
-            ty = "i32"
-        elif -(2**63) <= value < 2**63:
-            ty = "i64"
-        elif value < 2**64:
-            ty = "u64"
-        else:
-            raise TypeError(f"integer argument {value} does not fit 64 bits")
-        return ty, None, specialize and value % 16 == 0
-    if isinstance(value, float):
-        return "fp32", None, False
     if isinstance(value, str) or type(value).__name__ == "dtype":  # tl.float32 etc.
         return "constexpr", value, False
     if type(value).__name__ == "constexpr":
         return "constexpr", value.value, False
-    raise TypeError(f"unsupported kernel argument of type {type(value).__name__}")
+    if isinstance(value, torch.Tensor) and value.dtype not in _TORCH_TO_TRITON:
+        raise TypeError(f"no Triton pointer type for tensor dtype {value.dtype}")
+    try:
+        ty, key = native_specialize_impl(CUDABackend, value, False, specialize, align)
+    except Exception as e:  # Triton raises TypeError or ValueError for what it cannot pass
+        raise TypeError(f"Triton cannot pass {type(value).__name__} {value!r:.40}: {e}") from None
+    if ty == "constexpr":
+        return ty, key, False
+    return ty, None, key == "D"
 
 
 def job_of(rec: Launch, arch: int = 90) -> Job:
