@@ -181,12 +181,12 @@ def adam_step(
     if not params:
         return
     dev = params[0].device
-    check_like("grads", grads, params, "adam_step")
     for i, p in enumerate(params):
         if p.dtype != torch.float32 or p.device != dev:
             raise ValueError(f"adam_step: params[{i}] is {p.dtype} on {p.device}; expected float32 on {dev}")
         if not p.is_contiguous():
             raise ValueError(f"adam_step: params[{i}] {tuple(p.shape)} is not contiguous; it is updated in place")
+    check_like("grads", grads, params, "adam_step")
     if interpreting() and dev.type != "cpu":
         raise RuntimeError("adam_step: Triton's interpreter cannot follow device addresses; use CPU tensors")
     state = [("exp_avgs", list(exp_avgs)), ("exp_avg_sqs", list(exp_avg_sqs))]
