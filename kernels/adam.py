@@ -97,20 +97,20 @@ def _adam_step_kernel(
     step_ptr = tl.load(step_addr_ptr + t_idx).to(tl.pointer_type(tl.float32), bitcast=True)
     t = tl.load(step_ptr)
 
-    lr = load_hyper(lr, LR_PTR)
+    lr_v = load_hyper(lr, LR_PTR)
+    b2 = load_hyper(beta2, BETAS_PTR)
     if BETAS_PTR:
-        beta1 = tl.load(beta1).to(tl.float32)
-        beta2 = tl.load(beta2).to(tl.float32)
-        w1 = 1.0 - beta1
-        w2 = 1.0 - beta2
-        bc1 = _one_minus_pow(tl.log(beta1), t)
-        bc2 = _one_minus_pow(tl.log(beta2), t)
+        b1 = load_hyper(beta1, BETAS_PTR)
+        w1 = 1.0 - b1
+        w2 = 1.0 - b2
+        bc1 = _one_minus_pow(tl.log(b1), t)
+        bc2 = _one_minus_pow(tl.log(b2), t)
     else:
         w1 = one_minus_beta1
         w2 = one_minus_beta2
         bc1 = _one_minus_pow(log_beta1, t)
         bc2 = _one_minus_pow(log_beta2, t)
-    step_size = lr / bc1
+    step_size = lr_v / bc1
     bc2_sqrt = tl.sqrt(bc2)
 
     offs = start + tl.arange(0, BLOCK)  # int64: a tensor may exceed 2**31 elements
@@ -124,13 +124,13 @@ def _adam_step_kernel(
     if WEIGHT_DECAY:
         wd = load_hyper(weight_decay, WD_PTR)
         if DECOUPLED:
-            p = p * (1.0 - lr * wd)
+            p = p * (1.0 - lr_v * wd)
         else:
             g = g + wd * p
     # torch's lerp, both halves (the weight is a scalar, so one branch is taken for the whole block).
     d = g - m
     m = tl.where(w1 < 0.5, m + w1 * d, g - d * (1.0 - w1))
-    v = v * beta2 + w2 * g * g
+    v = v * b2 + w2 * g * g
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if AMSGRAD:

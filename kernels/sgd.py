@@ -54,9 +54,12 @@ from fusednn.launch import launch
 @triton.jit
 def load_hyper(x, PTR: tl.constexpr):
     """A hyper-parameter as fp32: loaded through its pointer (a device tensor), or the scalar argument."""
+    # One return: Triton's compiler rejects a second return after a constexpr-if that returned.
     if PTR:
-        return tl.load(x).to(tl.float32)
-    return x
+        v = tl.load(x).to(tl.float32)
+    else:
+        v = x
+    return v
 
 
 @triton.jit
@@ -97,15 +100,15 @@ def _sgd_step_kernel(
     if WEIGHT_DECAY:
         g = g + load_hyper(weight_decay, WD_PTR) * p
     if MOMENTUM:
-        momentum = load_hyper(momentum, MOMENTUM_PTR)
+        mom = load_hyper(momentum, MOMENTUM_PTR)
         buf_ptr = tl.load(buf_addr_ptr + t).to(tl.pointer_type(tl.float32), bitcast=True)
         first = tl.load(first_ptr + t)
         # On a first step the buffer holds no data yet: read none of it.
         buf = tl.load(buf_ptr + offs, mask=offs < tl.where(first != 0, 0, n), other=0.0)
-        buf = tl.where(first != 0, g, momentum * buf + one_minus_dampening * g)
+        buf = tl.where(first != 0, g, mom * buf + one_minus_dampening * g)
         tl.store(buf_ptr + offs, buf, mask=mask)
         if NESTEROV:
-            g = g + momentum * buf
+            g = g + mom * buf
         else:
             g = buf
     tl.store(p_ptr + offs, p - load_hyper(lr, LR_PTR) * g, mask=mask)

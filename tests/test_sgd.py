@@ -280,7 +280,8 @@ def test_sgd_step_multi_chunk_tensors_and_strided_grad_match_torch():
 @pytest.mark.aot
 def test_sgd_kernel_compiles_for_sm90_without_spills():
     # The pointer table (int64 -> *fp32 bitcast) must survive Triton's real compiler, which the
-    # interpreter never runs; both constexpr extremes, with the GPU launch configs the step would use.
+    # interpreter never runs; both constexpr extremes and every hyper-parameter a pointer, with the GPU
+    # launch configs the step would use.
     reason = aot.unavailable_reason(90)
     if reason is not None:
         pytest.skip(f"cannot compile for sm_90 here: {reason}")
@@ -288,8 +289,9 @@ def test_sgd_kernel_compiles_for_sm90_without_spills():
     _set_grads(params)
     plain = SGD(params, lr=0.1)
     every_branch = SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, maximize=True)
-    compiled = aot.compile_launches(aot.collect(plain.step) + aot.collect(every_branch.step))
-    assert len(compiled) == 2
+    tensors = SGD(params, lr=torch.tensor(0.1), momentum=torch.tensor(0.9), weight_decay=torch.tensor(0.01))
+    compiled = aot.compile_launches(aot.collect(plain.step) + aot.collect(every_branch.step) + aot.collect(tensors.step))
+    assert len(compiled) == 3
     for c in compiled:
         assert "int_to_ptr" in c.ttir and c.job.arch == 90
         assert not c.resources.spills, c.resources
