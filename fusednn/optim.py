@@ -1,4 +1,5 @@
-"""Optimizers whose step is one fused Triton launch per parameter group."""
+"""Optimizers whose step is one fused Triton launch per parameter group: SGD, Adam, AdamW."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -6,7 +7,16 @@ from typing import Callable
 import torch
 from torch.optim.optimizer import ParamsT
 
-from fusednn.kernels.sgd import sgd_step
+from fusednn.kernels.adam import adam_step
+from fusednn.kernels.sgd import hyper_arg, sgd_step
+
+__all__ = ["SGD", "Adam", "AdamW"]
+
+
+def _nonzero(value: float | torch.Tensor, device: torch.device) -> bool:
+    """Whether a branch on `value != 0` is taken; a tensor the kernel reads on `device` counts as nonzero."""
+    arg, is_ptr = hyper_arg(value, device, "hyper-parameter", "fusednn.optim")
+    return is_ptr or arg != 0
 
 
 class SGD(torch.optim.Optimizer):
@@ -18,13 +28,18 @@ class SGD(torch.optim.Optimizer):
     between the two. `foreach` and `fused` are accepted for compatibility and change nothing: the step
     is always fused. Parameters must be contiguous float32 tensors on one device per group; sparse
     gradients and `differentiable=True` are refused.
+
+    `lr`, `momentum` and `weight_decay` may be 1-element tensors. One on the parameters' device is read by
+    the kernel at every step (torch's `capturable` semantics: a scheduler that `fill_`s it drives a
+    captured CUDA graph without re-capture); on that path a tensor momentum or weight decay is treated as
+    nonzero, since testing it would need a device sync. A float, or a tensor elsewhere, is read on the host.
     """
 
     def __init__(
         self,
         params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
-        momentum: float = 0,
+        momentum: float | torch.Tensor = 0,
         dampening: float = 0,
         weight_decay: float | torch.Tensor = 0,
         nesterov: bool = False,
@@ -85,17 +100,17 @@ class SGD(torch.optim.Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            use_momentum = group["momentum"] != 0
-            params, grads, bufs, first = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            use_momentum = _nonzero(group["momentum"], params[0].device)
+            grads, bufs, first = [], [], []
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         "fusednn.optim.SGD does not support sparse gradients; use torch.optim.SGD for "
                         f"parameters with sparse gradients (got one for a parameter of shape {tuple(p.shape)})"
                     )
-                params.append(p)
                 grads.append(p.grad)
                 if use_momentum:
                     buf = self.state.get(p, {}).get("momentum_buffer")  # .get: no state entry yet
@@ -106,16 +121,14 @@ class SGD(torch.optim.Optimizer):
                     elif not buf.is_contiguous():
                         buf = buf.contiguous()  # e.g. loaded from a state dict with other strides
                     bufs.append(buf)
-            if not params:
-                continue
             sgd_step(
                 params,
                 grads,
                 bufs if use_momentum else None,
-                lr=float(group["lr"]),
-                momentum=float(group["momentum"]),
+                lr=group["lr"],
+                momentum=group["momentum"],
                 dampening=float(group["dampening"]),
-                weight_decay=float(group["weight_decay"]),
+                weight_decay=group["weight_decay"],
                 nesterov=bool(group["nesterov"]),
                 maximize=bool(group["maximize"]),
                 first_step=first if use_momentum else False,
@@ -124,3 +137,198 @@ class SGD(torch.optim.Optimizer):
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+class Adam(torch.optim.Optimizer):
+    """torch.optim.Adam (same arguments, defaults, errors, state and state_dict) with a fused step.
+
+    Each `step()` increments the step counters of the parameters that have a gradient (one
+    `torch._foreach_add_`) and launches one Triton kernel per parameter group (see kernels/adam.py);
+    parameters without a gradient are skipped, as torch does. The state holds torch's keys (`step`,
+    `exp_avg`, `exp_avg_sq`, and `max_exp_avg_sq` with amsgrad), so state dicts move freely between the
+    two. The step counter lives on the parameter's device and the bias corrections are computed from it
+    inside the kernel: the step is always capturable (no host sync), whatever `capturable` says; `foreach`,
+    `fused` and `capturable` are accepted and recorded for compatibility. `lr`, the betas (both or
+    neither) and `weight_decay` may be 1-element tensors: one on the parameters' device is read by the
+    kernel (a scheduler's in-place `fill_` drives a captured CUDA graph), anything else is read on the host.
+    Parameters must be contiguous float32 tensors on one device per group; sparse gradients and
+    `differentiable=True` are refused.
+    """
+
+    _name = "Adam"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | torch.Tensor = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        # Same checks, order and messages as torch.optim.Adam.__init__, except torch's refusals of tensor
+        # hyper-parameters with foreach=True and capturable=False: a limit of torch's foreach path, not ours.
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, b in enumerate(betas):
+            if isinstance(b, torch.Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b for b in betas)
+        if differentiable:
+            raise NotImplementedError(
+                f"fusednn.optim.{self._name}: differentiable=True is not supported (the Triton update is not "
+                f"recorded by autograd); use torch.optim.{self._name} for differentiable optimization"
+            )
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+
+    def _step_counter(self, p: torch.Tensor, state: dict) -> torch.Tensor:
+        """state["step"] as a float32 0-dim tensor on p's device (torch's non-capturable state keeps it on the CPU)."""
+        step = state.get("step")
+        if step is None:
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        if not isinstance(step, torch.Tensor):
+            return torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        if step.device != p.device or step.dtype != torch.float32:
+            # Once, after loading torch's state dict: a copy outside any captured graph.
+            return step.to(device=p.device, dtype=torch.float32)
+        return step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step: one Triton launch per group that has any gradient.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            amsgrad = bool(group["amsgrad"])
+            grads, steps, new = [], [], []
+            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+            bufs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"fusednn.optim.{self._name} does not support sparse gradients; use torch.optim.SparseAdam "
+                        f"for parameters with sparse gradients (got one for a parameter of shape {tuple(p.shape)})"
+                    )
+                grads.append(p.grad)
+                state = self.state.get(p, {})  # .get: no state entry until the launch succeeds
+                entry = {"step": self._step_counter(p, state)}
+                for k in keys:
+                    buf = state.get(k)
+                    if buf is None:
+                        buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    elif not buf.is_contiguous():
+                        buf = buf.contiguous()  # e.g. loaded from a state dict with other strides
+                    entry[k] = buf
+                    bufs[k].append(buf)
+                steps.append(entry["step"])
+                new.append(entry)
+            beta1, beta2 = group["betas"]
+            adam_step(
+                params,
+                grads,
+                bufs["exp_avg"],
+                bufs["exp_avg_sq"],
+                bufs["max_exp_avg_sq"] if amsgrad else None,
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=float(group["eps"]),
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+                amsgrad=amsgrad,
+                maximize=bool(group["maximize"]),
+            )
+            # Only after a successful launch: a refused step leaves the state as it was.
+            for p, entry in zip(params, new):
+                self.state[p].update(entry)
+        return loss
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (decoupled weight decay, default 1e-2) with a fused step; see `Adam`."""
+
+    _name = "AdamW"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | torch.Tensor = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # as torch: AdamW loads any state as AdamW

@@ -14,14 +14,18 @@ caller's first real batches, so the sequence of updates is the same as without a
 What a captured graph freezes (the constraints of CUDA graphs, stated for this step):
 - Shapes, dtypes and devices of x and y: a different one raises ValueError (pad the last batch or
   drop it, or make a new step).
-- Python scalars passed to kernels. `fusednn.optim.SGD` passes lr, momentum, dampening and weight decay
-  to its Triton kernel as Python floats, and torch's SGD passes lr as a float to its foreach kernels, so
-  a captured graph keeps the values it was captured with. Every replay compares the optimizer's
-  hyper-parameters (and the model's train/eval mode) with the captured ones; on a change it warns
-  once and re-captures (each re-capture costs about one eager step). An LR schedule that changes the lr
-  every step thus re-captures every step: use an optimizer that reads lr from a device tensor, or no graph.
-  Give fusednn's SGD its lr as a Python float or CPU tensor (reading a CUDA tensor would synchronise,
-  which capture forbids).
+- Python scalars passed to kernels. A hyper-parameter given as a Python float (or as a tensor on another
+  device than the parameters, e.g. a CPU lr for CUDA parameters) is read on the host and passed to the
+  kernel as a constant, so a captured graph keeps the value it was captured with. Every replay compares
+  the optimizer's hyper-parameters (and the model's train/eval mode) with the captured ones; on a change
+  it warns once and re-captures (each re-capture costs about one eager step), so a schedule over a float
+  lr re-captures every step.
+  A 1-element tensor on the parameters' device is different: `fusednn.optim.SGD`, `Adam` and `AdamW` pass
+  its address and their kernels load it at every replay (torch's `capturable` semantics; torch's own
+  capturable/fused optimizers do the same). torch's schedulers (`torch.optim.lr_scheduler`) `fill_` a
+  tensor lr in place, so `SGD(params, lr=torch.tensor(0.1, device="cuda"))` with any scheduler drives
+  the captured graph with no re-capture: such a tensor is compared by identity, not value. Adam's step
+  counters live on the device too, and its bias corrections are computed from them inside the kernel.
 - Random numbers drawn on the host: fusednn's dropout draws its seed from torch's CPU RNG at each
   forward, so inside a captured graph every replay uses the same dropout mask (the one of the capture).
 - Tensors the graph reads and writes: parameters, their `.grad` and the optimizer state must stay the
@@ -50,12 +54,18 @@ def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
 
-def _frozen(v: Any) -> Any:
-    """A hyper-parameter as the captured graph sees it: CUDA tensors are read in place (compare identity),
-    everything else is a value the capture copied."""
+def _frozen(v: Any, device: torch.device | None) -> Any:
+    """A hyper-parameter as the captured graph sees it: a tensor on the parameters' device is read in place
+    by the step (compare identity; its value may change), anything else is a value the capture copied."""
     if isinstance(v, torch.Tensor):
-        return ("cuda-tensor", id(v)) if v.is_cuda else ("tensor", v.detach().double().tolist())
+        return ("in-place", id(v)) if v.device == device else ("tensor", v.detach().double().tolist())
+    if isinstance(v, (tuple, list)):  # e.g. Adam's betas
+        return tuple(_frozen(x, device) for x in v)
     return v
+
+
+def _device(group: dict) -> torch.device | None:
+    return group["params"][0].device if group["params"] else None
 
 
 class TrainStep:
@@ -64,7 +74,7 @@ class TrainStep:
     def __init__(self, model: Callable, loss_fn: Callable | None, optimizer: torch.optim.Optimizer,
                  cuda_graph: bool | None, warmup: int) -> None:
         if warmup < 2:
-            # Step 1 creates grads and optimizer state; fusednn's SGD builds its address table (a host-to-
+            # Step 1 creates grads and optimizer state; fusednn's optimizers build their address tables (a host-to-
             # device copy, which capture forbids) for the steady state on step 2.
             raise ValueError(f"train_step: warmup must be >= 2 eager steps before capture, got {warmup}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
@@ -133,7 +143,8 @@ class TrainStep:
             with torch.cuda.graph(graph):  # capture records kernels, runs nothing: the caller replays
                 loss = self.eager(self._x, self._y)
         self.graph, self._loss, self.launches = graph, loss, rec  # the records hold every tensor the graph reads
-        self._captured = [(g, k, _frozen(v)) for g in self.optimizer.param_groups for k, v in g.items() if k != "params"]
+        self._captured = [(g, k, _frozen(v, _device(g))) for g in self.optimizer.param_groups
+                          for k, v in g.items() if k != "params"]
         mods = list(self.model.modules()) if isinstance(self.model, torch.nn.Module) else []
         self._modes = [(m, m.training) for m in mods]
         self.captures += 1
@@ -145,7 +156,7 @@ class TrainStep:
         return self._loss  # type: ignore[return-value]
 
     def _changed(self) -> bool:
-        return (any(_frozen(g[k]) != v for g, k, v in self._captured)
+        return (any(_frozen(g[k], _device(g)) != v for g, k, v in self._captured)
                 or any(m.training != t for m, t in self._modes))
 
     def _check_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -160,7 +171,8 @@ class TrainStep:
     def _recapture_notice(self) -> None:
         msg = ("train_step: the optimizer's hyper-parameters or the model's train/eval mode changed since the "
                "CUDA graph was captured (the graph holds Python-float hyper-parameters such as the lr as "
-               "constants); re-capturing. Changing them every step re-captures every step.")
+               "constants); re-capturing. Changing them every step re-captures every step: give the "
+               "optimizer a tensor lr on the parameters' device to change it without re-capture.")
         if self._warned:
             log.info(msg)
         else:

@@ -280,7 +280,8 @@ def test_sgd_step_multi_chunk_tensors_and_strided_grad_match_torch():
 @pytest.mark.aot
 def test_sgd_kernel_compiles_for_sm90_without_spills():
     # The pointer table (int64 -> *fp32 bitcast) must survive Triton's real compiler, which the
-    # interpreter never runs; both constexpr extremes, with the GPU launch configs the step would use.
+    # interpreter never runs; both constexpr extremes and every hyper-parameter a pointer, with the GPU
+    # launch configs the step would use.
     reason = aot.unavailable_reason(90)
     if reason is not None:
         pytest.skip(f"cannot compile for sm_90 here: {reason}")
@@ -288,8 +289,52 @@ def test_sgd_kernel_compiles_for_sm90_without_spills():
     _set_grads(params)
     plain = SGD(params, lr=0.1)
     every_branch = SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, maximize=True)
-    compiled = aot.compile_launches(aot.collect(plain.step) + aot.collect(every_branch.step))
-    assert len(compiled) == 2
+    tensors = SGD(params, lr=torch.tensor(0.1), momentum=torch.tensor(0.9), weight_decay=torch.tensor(0.01))
+    compiled = aot.compile_launches(aot.collect(plain.step) + aot.collect(every_branch.step) + aot.collect(tensors.step))
+    assert len(compiled) == 3
     for c in compiled:
         assert "int_to_ptr" in c.ttir and c.job.arch == 90
         assert not c.resources.spills, c.resources
+
+
+@pytest.mark.parametrize("sched", ["cosine", "step"])
+def test_sgd_with_tensor_lr_driven_by_a_torch_scheduler_matches_torch(sched):
+    params = _params()
+    ref = _twin(params)
+    opt = SGD(params, lr=torch.tensor(0.2), momentum=0.9, weight_decay=0.01)
+    ref_opt = torch.optim.SGD(ref, lr=torch.tensor(0.2), momentum=0.9, weight_decay=0.01)
+    lr = opt.param_groups[0]["lr"]
+
+    def make(o):
+        if sched == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=0.01)
+        return torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3)
+
+    s, ref_s = make(opt), make(ref_opt)
+    with recording() as launches:
+        for _ in range(5):
+            _set_grads(params, ref)
+            opt.step()
+            ref_opt.step()
+            s.step()
+            ref_s.step()
+            assert opt.param_groups[0]["lr"] is lr  # the scheduler fills the tensor in place
+            assert opt.param_groups[0]["lr"].item() == ref_opt.param_groups[0]["lr"].item()
+            _assert_close(params, ref, opt, ref_opt)
+    assert len(launches) == 5
+    # The kernel gets the tensor itself (a pointer it loads), not a value read on the host.
+    assert all(lc.args[7] is lr and lc.meta["LR_PTR"] for lc in launches)
+
+
+def test_sgd_tensor_momentum_and_weight_decay_are_read_by_the_kernel():
+    params = _params()
+    ref = _twin(params)
+    opt = SGD(params, lr=0.1, momentum=torch.tensor(0.9), weight_decay=torch.tensor(0.01))
+    ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=0.01)
+    with recording() as launches:
+        for _ in range(3):
+            _set_grads(params, ref)
+            opt.step()
+            ref_opt.step()
+            _assert_close(params, ref, opt, ref_opt)
+    assert launches[0].meta["MOMENTUM_PTR"] and launches[0].meta["WD_PTR"] and not launches[0].meta["LR_PTR"]

@@ -270,3 +270,33 @@ def test_cuda_graph_step_refuses_a_new_batch_shape_and_returns_one_static_loss_t
     assert losses[3] is losses[4]  # replays write the captured loss tensor
     with pytest.raises(ValueError, match="fixed shapes"):
         graph(*_batch(6, "cuda"))
+
+
+def test_graph_path_tensor_lr_driven_by_a_scheduler_never_recaptures_but_a_float_lr_change_does(fake_cuda, caplog):
+    # The lr tensor lives on the parameters' device (here the CPU standing in for CUDA): fusednn's SGD
+    # passes its address to the kernel, so a captured graph reads each value the scheduler fill_s in.
+    base = _mlp()
+    nets = [copy.deepcopy(base) for _ in range(3)]
+    tensor_opt = SGD(nets[1].parameters(), lr=torch.tensor(0.1), momentum=0.9)
+    float_opt = SGD(nets[2].parameters(), lr=0.1, momentum=0.9)
+    eager_opt = SGD(nets[0].parameters(), lr=torch.tensor(0.1), momentum=0.9)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (eager_opt, tensor_opt)]
+    eager = train_step(nets[0], F.cross_entropy, eager_opt, cuda_graph=False, warmup=2)
+    graphed = train_step(nets[1], F.cross_entropy, tensor_opt, cuda_graph=True, warmup=2)
+    float_graphed = train_step(nets[2], F.cross_entropy, float_opt, cuda_graph=True, warmup=2)
+    with caplog.at_level(logging.WARNING, logger="fusednn"):
+        for i in range(6):
+            x, t = _batch(4)
+            fake_cuda.step = graphed
+            a, b = eager(x, t), graphed(x, t)
+            fake_cuda.step = float_graphed
+            float_graphed(x, t)
+            for s in scheds:
+                s.step()
+            float_opt.param_groups[0]["lr"] = float(tensor_opt.param_groups[0]["lr"])  # the same schedule as floats
+            assert a.item() == b.item(), i
+            assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters())), i
+    assert graphed.graphed and graphed.captures == 1  # captured at call 3, replayed through 4 lr changes
+    assert float_graphed.captures == 4  # captured at call 3, re-captured at calls 4, 5 and 6
+    assert sum("re-capturing" in r.getMessage() for r in caplog.records) == 1  # warned once, by float_graphed
+    assert tensor_opt.param_groups[0]["lr"].item() == pytest.approx(0.1 * 0.5 ** 6, rel=1e-6)  # float32 tensor
