@@ -16,7 +16,7 @@ from typing import Sequence, TextIO
 import fusednn  # first: it picks Triton's interpreter before any kernel is defined
 from fusednn.errors import FusednnError
 from fusednn.models import MODELS
-from fusednn.train import DATASETS, SCHEDULES, Progress, TrainConfig
+from fusednn.train import DATASETS, DEFAULT_LR, OPTIMIZERS, SCHEDULES, Progress, TrainConfig
 
 USAGE_EXIT, ERROR_EXIT, INTERRUPT_EXIT = 2, 1, 130
 
@@ -142,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
                              f"{world.size}; give the process count to torchrun only")
         return _launch(args)
     cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                      batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+                      nesterov=args.nesterov,
                       schedule=args.schedule, fuse=not args.no_fuse, precision=args.precision, device=args.device,
                       seed=args.seed, limit=args.limit, dump=args.dump, save=args.save, resume=args.resume,
                       plot=args.plot, graph=not args.no_graph)
@@ -283,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default: 2 under Triton's interpreter, 10 on a GPU)")
     t.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size,
                    help=f"default: {TrainConfig.batch_size}")
-    t.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default: {TrainConfig.lr})")
-    t.add_argument("--momentum", type=float, default=TrainConfig.momentum, help=f"default: {TrainConfig.momentum}")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd: fusednn.optim.SGD with (Nesterov) momentum (default); adamw: fusednn.optim.AdamW, "
+                        "weight decay 0.01")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: "
+                   + ", ".join(f"{v} for {k}" for k, v in DEFAULT_LR.items()) + ")")
+    t.add_argument("--momentum", type=float, default=TrainConfig.momentum, help=f"SGD's (default: {TrainConfig.momentum})")
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                    help="Nesterov momentum (default: on)")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine",

@@ -282,3 +282,28 @@ def test_lr_schedules_start_at_lr_and_decay_to_zero(schedule, mid):
     assert math.isclose(lr_at(0.1, schedule, 5, 10), mid)
     assert math.isclose(lr_at(0.1, schedule, 10, 10), 0.1 if schedule == "constant" else 0.0, abs_tol=1e-12)
     assert lr_at(0.1, schedule, 2, 10) >= lr_at(0.1, schedule, 7, 10)
+
+
+def test_train_adamw_matches_torch_adamw_eager(tmp_path):
+    """--optimizer adamw: fusednn.optim.AdamW in the same loop as torch eager with torch.optim.AdamW (same
+    initial weights, batches and lr) ends at the same weights; its state loads into torch's AdamW."""
+    from fusednn.train import load_dataset, shard
+
+    rc, _, err = run_cli(TINY + ["--epochs", 1, "--optimizer", "adamw", "--lr", "0.003", "--save", tmp_path / "a.pt"])
+    assert rc == 0, err
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)  # TINY's --seed
+        net = LeNet()
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=0.003, weight_decay=0.01)
+    x, y = load_dataset("synthetic", seed=3, limit=16)[0].tensors
+    order = shard(len(y), __import__("fusednn.train", fromlist=["World"]).World(), 3, 0)
+    for b in range(2):
+        idx = order[b * 8:(b + 1) * 8]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    for k, v in net.state_dict().items():
+        assert rel_err(ckpt["model"][k] - init[k], v - init[k]) <= 1e-4, k
+    torch.optim.AdamW(LeNet().parameters()).load_state_dict(ckpt["optimizer"])
