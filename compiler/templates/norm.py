@@ -177,7 +177,7 @@ def _emit_body(s: Source, spec: NormSpec) -> None:
 
 def _param_index(spec: NormSpec) -> str:
     """The affine parameter index p = g*CPG + cpg of each tile element, in the simplest form per geometry."""
-    if spec.G == 1:
+    if spec.G == 1 and spec.INNER == 1:
         return "p = tl.broadcast_to(cols[None, :], [BLOCK_R, BLOCK_L])  # layer_norm: the column"
     if spec.CPG == 1:
         return "p = tl.broadcast_to((rows % G)[:, None], [BLOCK_R, BLOCK_L])  # instance_norm: the row's channel"
