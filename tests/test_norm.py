@@ -89,7 +89,7 @@ CASES = [
     (lambda: nn.GroupNorm(1, 4), (2, 4, 5)),  # one group: every channel of an image in one row
     (lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 5, 7)),
     (lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (4, 3, 3, 5)),
-    (lambda: nn.InstanceNorm2d(2), (3, 2, 6)),  # an unbatched [C, H, W] image
+    (lambda: nn.InstanceNorm2d(2), (2, 3, 6)),  # an unbatched [C, H, W] image
     (lambda: nn.InstanceNorm1d(4, track_running_stats=True), (3, 4, 9)),
 ]
 
