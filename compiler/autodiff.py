@@ -9,6 +9,7 @@ What each pattern saves (and nothing more):
   max pools       the int32 flat argmax per output; avg pools: nothing
   softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
   batch_norm      x, weight, the per-channel mean and 1/std
+  layer/group/instance_norm  x, weight, each row's mean (as m1 + mean_lo) and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
   eager           its inputs: torch recomputes the call under autograd (strict=False)
 Gradients of values with several users are summed (`GradSum`: into a new tensor, then in place). A node with nothing to compute (batch
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from fusednn.compiler.ir import Env, Graph, Node, Value
-from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
+from fusednn.compiler.ops import REGISTRY, empty_node, norm_geometry, softmax_dims
 
 Grads = list[torch.Tensor | None]
 Vjp = Callable[[Node, Env, torch.Tensor, list[bool], str], Grads]
@@ -231,12 +232,43 @@ def _bn_saves(n: Node) -> list[Value | str]:
 def _bn_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.batch_norm import batch_norm_backward
 
-    x, rm, rv, w, b = n.inputs
+    x, rm, rv, w, b = n.inputs[:5]  # a 6th, num_batches_tracked (momentum=None), has no gradient
     dx, dw, db = batch_norm_backward(
         dy, env.values[x].contiguous(), None if w is None else env.values[w].contiguous(),
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")], training=n.attrs["training"] or rm is None,
         needs_dx=needs[0], needs_dweight=w is not None and needs[3], needs_dbias=b is not None and needs[4])
-    return [dx, None, None, dw, db]
+    return [dx, None, None, dw, db] + [None] * (len(n.inputs) - 5)
+
+
+def _running_norm(n: Node) -> bool:
+    """instance_norm with running statistics: batch norm in eval, differentiated as such."""
+    return n.op == "instance_norm" and not n.attrs["use_input_stats"]
+
+
+def _norm_saves(n: Node) -> list[Value | str]:
+    w = n.inputs[-2]
+    stats = ["mean", "invstd"] if _running_norm(n) else ["mean", "mean_lo", "invstd"]
+    return [n.inputs[0]] + ([w] if w is not None else []) + stats
+
+
+def _norm_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.batch_norm import batch_norm_backward
+    from fusednn.kernels.norm import norm_backward
+
+    x, w, b = n.inputs[0], n.inputs[-2], n.inputs[-1]
+    xt, wt = env.values[x].contiguous(), None if w is None else env.values[w].contiguous()
+    need_w, need_b = w is not None and needs[-2], b is not None and needs[-1]
+    stat = lambda key: env.extra[(n.out, key)]  # noqa: E731
+    if _running_norm(n):
+        dx, dw, db = batch_norm_backward(dy, xt, wt, stat("mean"), stat("invstd"), training=False,
+                                         needs_dx=needs[0], needs_dweight=need_w, needs_dbias=need_b)
+    else:
+        G, CPG, INNER = norm_geometry(n.op, x.type.shape, n.attrs)
+        dx, dw, db = norm_backward(dy, xt, wt, stat("mean"), stat("mean_lo"), stat("invstd"), G=G, CPG=CPG,
+                                   INNER=INNER, needs_dx=needs[0], needs_dweight=need_w, needs_dbias=need_b)
+    dw = None if dw is None else dw.reshape(w.type.shape)
+    db = None if db is None else db.reshape(b.type.shape)
+    return [dx] + [None] * (len(n.inputs) - 3) + [dw, db]
 
 
 def _dropout_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
@@ -276,6 +308,7 @@ VJPS: dict[str, Rule] = {
     "cross_entropy": Rule(("cross_entropy_backward",), _loss_saves, _loss_vjp),
     "point_loss": Rule(("point_loss_backward",), _loss_saves, _loss_vjp),
     "batch_norm": Rule(("batch_norm_backward",), _bn_saves, _bn_vjp),
+    "norm": Rule(("norm_backward",), _norm_saves, _norm_vjp),
     "dropout": Rule(("dropout_backward",), lambda n: ["seed"], _dropout_vjp),
     "reshape": Rule((), _NONE, _reshape_vjp),
     "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),

@@ -24,8 +24,8 @@ import torch
 from fusednn.compiler import source
 from fusednn.compiler.autodiff import saved_values
 from fusednn.compiler.ir import Env, Graph, Node, Value
-from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
-from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
+from fusednn.compiler.ops import REGISTRY, empty_node, norm_geometry, softmax_dims
+from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, norm, pointwise, pool, softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 log = logging.getLogger("fusednn")
@@ -279,15 +279,19 @@ def _lower_loss(n: Node, precision: str) -> Step:
 
 
 def _lower_batch_norm(n: Node, precision: str) -> Step:
-    x, rm, rv, w, b = n.inputs
-    if (w is None) != (b is None):
-        raise UnsupportedOpError(f"{where(n)}: batch_norm with a weight but no bias (or the reverse) is not "
-                                 "supported; pass both (nn.BatchNorm2d(affine=True) does) or neither")
+    x, rm, rv, w, b = n.inputs[:5]
+    counter = n.inputs[5] if len(n.inputs) > 5 else None  # momentum=None: num_batches_tracked
+    return _batch_norm_step(n, x, rm, rv, w, b, counter, training=n.attrs["training"] or rm is None,
+                            momentum=n.attrs["momentum"])
+
+
+def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: Value | None, b: Value | None,
+                     counter: Value | None, *, training: bool, momentum: float | None) -> Step:
+    """batch norm's kernel for node n (a batch_norm, or an instance_norm with running statistics)."""
     shape = x.type.shape
     N, C, inner = shape[0], shape[1], _numel(shape[2:])
-    training = n.attrs["training"] or rm is None
     k = _emit(n, batch_norm.generate, batch_norm.BatchNormSpec, N=N, C=C, inner=inner, training=training,
-              momentum=n.attrs["momentum"], eps=n.attrs["eps"], affine=w is not None,
+              momentum=momentum, eps=n.attrs["eps"], weight=w is not None, bias=b is not None,
               track_running_stats=rm is not None)
 
     def run(env: Env) -> None:
@@ -296,15 +300,56 @@ def _lower_batch_norm(n: Node, precision: str) -> Step:
         mean = torch.empty(C, dtype=torch.float32, device=xt.device)
         invstd = torch.empty_like(mean)
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
-        get = lambda v: None if v is None else env.values[v]  # noqa: E731
-        # The kernel updates the running statistics in place: a strided buffer is updated through a
-        # contiguous copy that is written back, so the user's buffer object keeps the new values.
-        stats = [get(rm), get(rv)]
-        work = [_c(t) for t in stats]
-        k.module.launch(xt, _c(get(w)), _c(get(b)), *work, y, mean, invstd)
-        for t, c in zip(stats, work):
-            if c is not t:
-                t.copy_(c)
+        stats, work = _running_stats(env, rm, rv)
+        k.module.launch(xt, _c(_get(env, w)), _c(_get(env, b)), *work, y, mean, invstd, _get(env, counter))
+        _write_back(stats, work)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _get(env: Env, v: Value | None) -> torch.Tensor | None:
+    return None if v is None else env.values[v]
+
+
+def _running_stats(env: Env, rm: Value | None, rv: Value | None) -> tuple[list, list]:
+    """The running statistics and what the kernel updates in place: a strided buffer is updated through a
+    contiguous copy that `_write_back` copies back, so the user's buffer object keeps the new values."""
+    stats = [_get(env, rm), _get(env, rv)]
+    return stats, [_c(t) for t in stats]
+
+
+def _write_back(stats: list, work: list) -> None:
+    for t, c in zip(stats, work):
+        if c is not t:
+            t.copy_(c)
+
+
+def _lower_norm(n: Node, precision: str) -> Step:
+    """layer_norm, group_norm, instance_norm: rows normalised with their own statistics (templates/norm.py);
+    instance_norm with running statistics (use_input_stats=False) is batch norm in eval."""
+    x, w, b = n.inputs[0], n.inputs[-2], n.inputs[-1]
+    rm = rv = None
+    if n.op == "instance_norm":
+        rm, rv = n.inputs[1], n.inputs[2]
+        if not n.attrs["use_input_stats"]:
+            return _batch_norm_step(n, x, rm, rv, w, b, None, training=False, momentum=n.attrs["momentum"])
+    G, CPG, INNER = norm_geometry(n.op, x.type.shape, n.attrs)
+    update = rm is not None
+    k = _emit(n, norm.generate, norm.NormSpec, G=G, CPG=CPG, INNER=INNER, eps=n.attrs["eps"],
+              weight=w is not None, bias=b is not None, update_running=update,
+              momentum=n.attrs.get("momentum", 0.1))
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x])
+        y = _empty(n.out, xt)
+        rows = xt.numel() // (CPG * INNER)
+        saved = [torch.empty(rows, dtype=torch.float32, device=xt.device) for _ in range(3)]
+        for key, t in zip(("mean", "mean_lo", "invstd"), saved):
+            env.extra[(n.out, key)] = t
+        stats, work = _running_stats(env, rm, rv)
+        k.module.launch(xt, _c(_get(env, w)), _c(_get(env, b)), *work, y, *saved)
+        _write_back(stats, work)
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -355,7 +400,8 @@ def _lower_counter(n: Node, precision: str) -> Step:
 # The lowering of each codegen family (the registry row's `lower`).
 LOWER: dict[str, Callable[[Node, str], Step]] = {
     "conv": _lower_conv, "linear": _lower_linear, "pointwise": _lower_pointwise, "pool": _lower_pool,
-    "softmax": _lower_softmax, "loss": _lower_loss, "batch_norm": _lower_batch_norm, "dropout": _lower_dropout,
+    "softmax": _lower_softmax, "loss": _lower_loss, "batch_norm": _lower_batch_norm, "norm": _lower_norm,
+    "dropout": _lower_dropout,
     "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager,
 }
 

@@ -94,6 +94,24 @@ def rows(n_rows: int, row_len: int) -> dict:
     return dict(BLOCK_R=max(1, min(pow2(n_rows), 4096 // bc)), BLOCK_C=bc, num_warps=4)
 
 
+def norm_rows(n_rows: int, row_len: int) -> dict:
+    """Tiles for a row normalization (layer/group/instance norm, forward and dx): each program owns BLOCK_R
+    rows and walks them in BLOCK_L steps, so a row of any length fits."""
+    if target() == "interp":
+        bl = pow2(row_len, 16, 1 << 14)
+        return dict(BLOCK_R=pow2(n_rows, 1, max(1, (1 << 16) // bl)), BLOCK_L=bl, num_warps=4)
+    bl = pow2(row_len, 16, 1024)
+    return dict(BLOCK_R=max(1, min(pow2(n_rows), 2048 // bl)), BLOCK_L=bl, num_warps=4)
+
+
+def norm_cols(n_rows: int, n_cols: int) -> dict:
+    """Tiles for a row normalization's dweight/dbias: as `reduce_cols`, but each tile element also gathers
+    its row's three statistics, so GPU tiles are a quarter of reduce_cols' (no spills on sm_90)."""
+    if target() == "interp":
+        return reduce_cols(n_rows, n_cols)
+    return dict(BLOCK_R=32, BLOCK_C=pow2(n_cols, 16, 32), num_warps=4)
+
+
 def reduce_cols(n_rows: int, n_cols: int) -> dict:
     """Tiles for a deterministic column reduction (bias gradients, batch-norm statistics): each program
     owns BLOCK_C columns and walks all rows in BLOCK_R steps, in a fixed order."""

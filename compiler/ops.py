@@ -418,16 +418,77 @@ _bn_args = binder("input, running_mean, running_var, weight=None, bias=None, tra
 def _parse_batch_norm(*args, **kwargs) -> Parsed:
     a = _bn_args(args, kwargs)
     if a["training"] and a["running_mean"] is not None and a["momentum"] is None:
-        raise UnsupportedOpError("batch_norm with momentum=None (cumulative moving average) is not supported")
+        # nn.BatchNorm(momentum=None) passes 1 / num_batches_tracked, which the tracer recognises
+        raise UnsupportedOpError("F.batch_norm(momentum=None) is not a number; use nn.BatchNorm(momentum=None) "
+                                 "for a cumulative moving average")
     return [a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"]], dict(
         training=bool(a["training"]), momentum=float(a["momentum"] or 0.0), eps=float(a["eps"]))
 
 
 @op("batch_norm", "norm", [F.batch_norm], _parse_batch_norm,
-    "F.batch_norm, nn.BatchNorm1d/2d (train, with running-stat update, and eval)", lower="batch_norm",
-    backward="batch_norm", backward_file="kernels/batch_norm.py")
+    "F.batch_norm, nn.BatchNorm1d/2d (train, with running-stat update incl. momentum=None, and eval; weight "
+    "and bias each optional)", lower="batch_norm", backward="batch_norm", backward_file="kernels/batch_norm.py",
+    int_operands=(5,))
 def batch_norm(t, a):
-    return F.batch_norm(t[0], t[1], t[2], t[3], t[4], a["training"], a["momentum"], a["eps"])
+    momentum = a["momentum"]
+    if momentum is None:  # cumulative average: the 6th operand is num_batches_tracked, already counted
+        momentum = 0.0 if t[5].is_meta else 1.0 / float(t[5])
+    return F.batch_norm(t[0], t[1], t[2], t[3], t[4], a["training"], momentum, a["eps"])
+
+
+_ln_args = binder("input, normalized_shape, weight=None, bias=None, eps=1e-05")
+_gn_args = binder("input, num_groups, weight=None, bias=None, eps=1e-05")
+_in_args = binder("input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, "
+                  "momentum=0.1, eps=1e-05")
+
+
+def _parse_layer_norm(*args, **kwargs) -> Parsed:
+    a = _ln_args(args, kwargs)
+    shape = a["normalized_shape"]
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    return [a["input"], a["weight"], a["bias"]], dict(normalized_shape=shape, eps=float(a["eps"]))
+
+
+def _parse_group_norm(*args, **kwargs) -> Parsed:
+    a = _gn_args(args, kwargs)
+    return [a["input"], a["weight"], a["bias"]], dict(groups=int(a["num_groups"]), eps=float(a["eps"]))
+
+
+def _parse_instance_norm(*args, **kwargs) -> Parsed:
+    a = _in_args(args, kwargs)
+    return [a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"]], dict(
+        use_input_stats=bool(a["use_input_stats"]), momentum=float(a["momentum"]), eps=float(a["eps"]))
+
+
+@op("layer_norm", "norm", [F.layer_norm], _parse_layer_norm,
+    "F.layer_norm, nn.LayerNorm (any normalized_shape, weight and bias each optional)", lower="norm",
+    backward="norm", backward_file="kernels/norm.py")
+def layer_norm(t, a):
+    return F.layer_norm(t[0], a["normalized_shape"], t[1], t[2], a["eps"])
+
+
+@op("group_norm", "norm", [F.group_norm], _parse_group_norm,
+    "F.group_norm, nn.GroupNorm (weight and bias each optional)", lower="norm", backward="norm",
+    backward_file="kernels/norm.py")
+def group_norm(t, a):
+    return F.group_norm(t[0], a["groups"], t[1], t[2], a["eps"])
+
+
+@op("instance_norm", "norm", [F.instance_norm], _parse_instance_norm,
+    "F.instance_norm, nn.InstanceNorm1d/2d (affine, track_running_stats; train and eval)", lower="norm",
+    backward="norm", backward_file="kernels/norm.py, kernels/batch_norm.py (running statistics)")
+def instance_norm(t, a):
+    return F.instance_norm(t[0], t[1], t[2], t[3], t[4], a["use_input_stats"], a["momentum"], a["eps"])
+
+
+def norm_geometry(opname: str, shape: tuple[int, ...], attrs: dict[str, Any]) -> tuple[int, int, int]:
+    """(G, CPG, INNER): a row normalization's input seen as [N, G, CPG, INNER], one row per (n, g)."""
+    if opname == "layer_norm":
+        return 1, math.prod(attrs["normalized_shape"]), 1
+    C, inner = shape[1], math.prod(shape[2:])
+    if opname == "group_norm":
+        return attrs["groups"], C // attrs["groups"], inner
+    return C, 1, inner  # instance_norm
 
 
 def _parse_counter(*args, **kwargs) -> Parsed:

@@ -47,6 +47,8 @@ def canonicalize(graph: Graph) -> Graph:
 def _has_side_effects(n: Node) -> bool:
     if REGISTRY[n.op].side_effect:
         return True
+    if n.op == "instance_norm":  # running statistics updated in training
+        return n.attrs["use_input_stats"] and n.inputs[1] is not None
     return n.op == "batch_norm" and n.attrs["training"] and n.inputs[1] is not None
 
 

@@ -60,6 +60,9 @@ class _Recorder(TorchFunctionMode):
         self.strict = strict
         self.nodes: list[Node] = []
         self.module_stack: list[str] = []
+        # BatchNorm(momentum=None) reads its batch counter as a Python float: float(num_batches_tracked)
+        # returns a stand-in S, and the batch_norm whose momentum is 1.0 / S reads the counter on the device
+        self.cma: dict[float, torch.Tensor] = {}
 
     def value_of(self, t: Any, opname: str, where: str) -> Value | None:
         if t is None:
@@ -104,6 +107,10 @@ class _Recorder(TorchFunctionMode):
                 self.values[id(out)] = self.values[id(args[0])]
                 self.keep.append(out)
             return out
+        if func is torch.Tensor.__float__ and self._is_counter(args[0]):
+            stand_in = 2.0**70 + len(self.cma) * 2.0**20
+            self.cma[1.0 / stand_in] = args[0]
+            return stand_in
         d = ops.lookup(func)
         if d is None:
             out = func(*args, **kwargs)
@@ -123,6 +130,9 @@ class _Recorder(TorchFunctionMode):
             tensors, attrs = d.parse(*args, **kwargs)
         except (CompileError, ValueError, TypeError) as e:
             raise type(e)(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
+        if d.name == "batch_norm" and attrs["momentum"] in self.cma:  # momentum=None: 1 / the counter
+            tensors.append(self.cma.pop(attrs["momentum"]))
+            attrs["momentum"] = None
         ins = tuple(self.value_of(t, d.name, where) for t in tensors)  # before running: names a stray tensor
         try:
             out = func(*args, **kwargs)
@@ -144,6 +154,11 @@ class _Recorder(TorchFunctionMode):
         if in_place:
             self._rebind_aliases(out, result, where)
         return out
+
+    def _is_counter(self, t: Any) -> bool:
+        """Whether t is an integer buffer's value after a traced count_ (BatchNorm's num_batches_tracked)."""
+        v = self.values.get(id(t))
+        return v is not None and any(n.out is v and n.op == "count_" for n in self.nodes)
 
     def _aliases(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Traced tensors other than t that share t's memory (views made by reshape, flatten, squeeze, ...)."""
@@ -305,6 +320,9 @@ def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: b
         for h in hooks:
             h.remove()
 
+    if rec.cma:
+        raise UnsupportedOpError(f"{gname} reads a batch counter (num_batches_tracked) as a Python number other "
+                                 "than as BatchNorm's momentum=None factor; fusednn cannot trace that")
     leaves, spec = pytree.tree_flatten(out)
     outputs = []
     for leaf in leaves:

@@ -24,7 +24,8 @@ MOMENTUM, EPS = 0.1, 1e-5
 def bn_spec(shape, training, affine=True, track=True, momentum=MOMENTUM, eps=EPS) -> BatchNormSpec:
     name = "fnn_batch_norm_test"
     return BatchNormSpec(name, header(name, ["%2 batch_norm"], ["bn1"], "kernels/batch_norm.py"), ("%2 batch_norm",),
-                         shape[0], shape[1], math.prod(shape[2:]), training, momentum, eps, affine, track)
+                         shape[0], shape[1], math.prod(shape[2:]), training, momentum, eps, weight=affine,
+                         bias=affine, track_running_stats=track)
 
 
 class Case:
@@ -173,6 +174,48 @@ def test_batch_norm_backward_returns_only_the_grads_asked_for(needs):
             assert rel_err(got, ref) <= TOL
 
 
+def test_batch_norm_cumulative_average_reads_the_counter_on_the_device():
+    # momentum=None: the factor is 1/num_batches_tracked, read by the kernel (no .item()), after its update
+    shape = (4, 3, 2, 5)
+    bn = torch.nn.BatchNorm2d(3, momentum=None).double()
+    case = Case(shape, True, True, True)
+    case.spec = bn_spec(shape, True, momentum=None)
+    case.rm, case.rv = bn.running_mean.float(), bn.running_var.float()
+    kernel = load(generate(case.spec), case.spec.name)
+    counter = torch.zeros((), dtype=torch.long)
+    for _ in range(3):
+        case.x = torch.randn(shape) * 3 - 1
+        counter += 1
+        C = shape[1]
+        kernel.launch(case.x, case.w, case.b, case.rm, case.rv, torch.empty_like(case.x), torch.empty(C),
+                      torch.empty(C), counter)
+        bn(case.x.double())
+    assert rel_err(case.rm, bn.running_mean) <= RUNNING_TOL
+    assert rel_err(case.rv, bn.running_var) <= RUNNING_TOL
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["weight-only", "bias-only"])
+def test_batch_norm_with_weight_or_bias_alone_matches_torch(weight):
+    shape = (3, 4, 2, 3)
+    case = Case(shape, True, True, True)
+    case.spec = BatchNormSpec("fnn_batch_norm_test", case.spec.header, case.spec.labels, 3, 4, 6, True,
+                              weight=weight, bias=not weight)
+    if weight:
+        case.b = None
+    else:
+        case.w = None
+    y, mean, invstd = case.forward()
+    x64, w64, b64 = double(case.x), double(case.w), double(case.b)
+    ref = F.batch_norm(x64, case.rm0.double(), case.rv0.double(), w64, b64, training=True, eps=EPS)
+    assert rel_err(y, ref) <= TOL
+    dy = torch.randn_like(y)
+    ref.backward(dy.double())
+    dx, dw, db = batch_norm_backward(dy, case.x, case.w, mean, invstd, training=True, needs_dx=True,
+                                     needs_dweight=weight, needs_dbias=not weight)
+    assert rel_err(dx, x64.grad) <= TOL
+    assert rel_err(dw, w64.grad) <= TOL if weight else rel_err(db, b64.grad) <= TOL
+
+
 def test_batch_norm_launches():
     case = Case((2, 3, 4, 4), True, True, True)
     with recording() as launches:
@@ -189,7 +232,7 @@ def test_generated_batch_norm_source_has_header_labels_and_launch():
     assert text.startswith(spec.header)
     assert "# %2 batch_norm\n" in text
     assert f"def {spec.name}(" in text
-    assert "\ndef launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd):" in text
+    assert "\ndef launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None):" in text
     compile(text, spec.name, "exec")
 
 

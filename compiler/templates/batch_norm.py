@@ -16,7 +16,8 @@ from fusednn.compiler.source import Source
 
 @dataclass(frozen=True, slots=True)
 class BatchNormSpec:
-    """batch_norm of [N, C, inner] with torch's BatchNorm semantics (momentum is a float, not None)."""
+    """batch_norm of [N, C, inner] with torch's BatchNorm semantics; momentum None: the cumulative moving
+    average, factor 1 / num_batches_tracked, read from the counter on the device (after its update)."""
 
     name: str
     header: str
@@ -25,9 +26,10 @@ class BatchNormSpec:
     C: int
     inner: int
     training: bool
-    momentum: float = 0.1
+    momentum: float | None = 0.1
     eps: float = 1e-5
-    affine: bool = True
+    weight: bool = True
+    bias: bool = True
     track_running_stats: bool = True
 
     @property
@@ -47,7 +49,7 @@ x = tl.load(x_ptr + offs, mask=mask, other=0.0)
 
 def generate(spec: BatchNormSpec) -> str:
     """The text of a kernel file defining `spec.name` and
-    `launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd)`."""
+    `launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None)`."""
     M = spec.N * spec.inner
     if spec.batch_stats and M < 2:
         # torch raises the same: the unbiased variance of one value is undefined
@@ -57,9 +59,12 @@ def generate(spec: BatchNormSpec) -> str:
     use_running = not spec.batch_stats
     params = ["x_ptr,  # [N, C, INNER] input, contiguous"]
     args = ["x"]
-    if spec.affine:
-        params += ["w_ptr,  # [C] weight (gamma)", "b_ptr,  # [C] bias (beta)"]
-        args += ["weight", "bias"]
+    if spec.weight:
+        params.append("w_ptr,  # [C] weight (gamma)")
+        args.append("weight")
+    if spec.bias:
+        params.append("b_ptr,  # [C] bias (beta)")
+        args.append("bias")
     if update or use_running:
         what = "updated in place" if update else "read"
         params += [f"rmean_ptr,  # [C] running mean, {what}",
@@ -69,8 +74,12 @@ def generate(spec: BatchNormSpec) -> str:
                "mean_ptr,  # [C] mean used, saved for backward",
                "invstd_ptr,  # [C] 1/sqrt(var + eps) used, saved for backward"]
     args += ["y", "save_mean", "save_invstd"]
+    cma = update and spec.momentum is None
+    if cma:
+        params.append("count_ptr,  # [] int64 num_batches_tracked, already counted: the factor is 1/count")
+        args.append("counter")
     params += [f"{p}: tl.constexpr," for p in ("N", "C", "INNER", "EPS")]
-    if update:
+    if update and not cma:
         params.append("MOMENTUM: tl.constexpr,")
     params += ["BLOCK_R: tl.constexpr,", "BLOCK_C: tl.constexpr,"]
 
@@ -111,7 +120,7 @@ def generate(spec: BatchNormSpec) -> str:
             _emit_train(s, spec, update)
     s.writeline()
     s.writeline()
-    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd):")
+    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None):")
     with s.indent():
         mode = "running" if use_running else "batch"
         s.writeline(f'"""batch_norm of [{spec.N}, {spec.C}, {spec.inner}] with {mode} statistics into y, '
@@ -120,7 +129,7 @@ def generate(spec: BatchNormSpec) -> str:
         rows_grid = f'triton.cdiv({M}, cfg["BLOCK_R"])' if use_running else "1"
         s.writeline(f'grid = ({rows_grid}, triton.cdiv({spec.C}, cfg["BLOCK_C"]))')
         meta = f"N={spec.N}, C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
-        if update:
+        if update and not cma:
             meta += f", MOMENTUM={spec.momentum!r}"
         s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, **cfg)")
     return s.getvalue()
@@ -159,13 +168,17 @@ def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
         """
     )
     if update:
+        if spec.momentum is None:  # read on the device: a traced step never syncs for .item()
+            s.writeline("momentum = 1.0 / tl.load(count_ptr).to(tl.float32)")
+        else:
+            s.writeline("momentum = MOMENTUM")
         s.writelines(
             """
             # running stats exactly as torch: running_var takes the unbiased variance
             rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0)
             rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0)
-            tl.store(rmean_ptr + chans, (1.0 - MOMENTUM) * rm + MOMENTUM * mean, mask=c_ok)
-            tl.store(rvar_ptr + chans, (1.0 - MOMENTUM) * rv + MOMENTUM * (var * M / (M - 1)), mask=c_ok)
+            tl.store(rmean_ptr + chans, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)
+            tl.store(rvar_ptr + chans, (1.0 - momentum) * rv + momentum * (var * M / (M - 1)), mask=c_ok)
             """
         )
     y = _emit_scale(s, spec)
@@ -194,8 +207,12 @@ def _emit_eval(s: Source, spec: BatchNormSpec) -> None:
 
 def _emit_scale(s: Source, spec: BatchNormSpec) -> str:
     """Emit the per-channel affine factors; return the expression of y over a tile x."""
-    if not spec.affine:
-        return "(x - mean[None, :]) * invstd[None, :]"
-    s.writeline("scale = invstd * tl.load(w_ptr + chans, mask=c_ok, other=0.0)")
-    s.writeline("shift = tl.load(b_ptr + chans, mask=c_ok, other=0.0)")
-    return "(x - mean[None, :]) * scale[None, :] + shift[None, :]"
+    scale = "invstd"
+    if spec.weight:
+        s.writeline("scale = invstd * tl.load(w_ptr + chans, mask=c_ok, other=0.0)")
+        scale = "scale"
+    y = f"(x - mean[None, :]) * {scale}[None, :]"
+    if spec.bias:
+        s.writeline("shift = tl.load(b_ptr + chans, mask=c_ok, other=0.0)")
+        y += " + shift[None, :]"
+    return y
