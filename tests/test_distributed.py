@@ -143,3 +143,43 @@ def test_train_captured_step_path_equals_eager_steps(fake_cuda, monkeypatch):  #
     assert graphed.graph and steps[0].graphed and steps[0].captures == 1
     for a, b in zip(eager.history, graphed.history):
         assert a["train_loss"] == b["train_loss"] and a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+
+
+@pytest.mark.gpu
+def test_captured_step_with_a_cosine_schedule_replays_100_steps_with_one_capture():
+    """torch's CosineAnnealingLR fills the optimizer's device-tensor lr in place; the captured step reads it
+    at every replay, so 100 scheduled steps are 1 capture, and they track eager steps."""
+    torch.manual_seed(0)
+    nets = [LeNet().cuda() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [SGD(n.parameters(), lr=torch.tensor(0.05, device="cuda"), momentum=0.9) for n in nets]
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100) for o in opts]
+    eager = fusednn.train_step(fusednn.compile(nets[0]), F.cross_entropy, opts[0], cuda_graph=False)
+    graph = fusednn.train_step(fusednn.compile(nets[1]), F.cross_entropy, opts[1], cuda_graph=True)
+    x, y = torch.randn(16, 1, 32, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    for _ in range(100):
+        eager(x, y), graph(x, y)
+        for s in scheds:
+            s.step()
+    assert graph.captures == 1
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert rel_err(q, p) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_train_on_cuda_reads_the_device_only_for_progress_and_epoch_ends():
+    """Inside an epoch the host waits for the GPU only when it reads the progress figures (about once a
+    second) and at the epoch's end; counted with torch's sync debug mode."""
+    import warnings
+
+    cfg = TrainConfig(dataset="synthetic", limit=512, epochs=1, batch_size=16, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fit(cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    steps = 512 // 16
+    assert result.graph and len(syncs) < steps // 2, [str(w.message) for w in syncs[:5]]
