@@ -19,7 +19,32 @@ def _nonzero(value: float | torch.Tensor, device: torch.device) -> bool:
     return is_ptr or arg != 0
 
 
-class SGD(torch.optim.Optimizer):
+class _Fused(torch.optim.Optimizer):
+    """What fusednn's optimizers share: `step()` runs the closure, then one launch per parameter group
+    that has any gradient (`_step_group`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step: one Triton launch per group that has any gradient.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class SGD(_Fused):
     """torch.optim.SGD (same arguments, defaults, errors, state and state_dict) with a fused step.
 
     Each `step()` launches one Triton kernel per parameter group that updates every parameter with a
@@ -87,59 +112,44 @@ class SGD(torch.optim.Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step: one Triton launch per group that has any gradient.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            use_momentum = _nonzero(group["momentum"], params[0].device)
-            grads, bufs, first = [], [], []
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "fusednn.optim.SGD does not support sparse gradients; use torch.optim.SGD for "
-                        f"parameters with sparse gradients (got one for a parameter of shape {tuple(p.shape)})"
-                    )
-                grads.append(p.grad)
-                if use_momentum:
-                    buf = self.state.get(p, {}).get("momentum_buffer")  # .get: no state entry yet
-                    first.append(buf is None)
-                    if buf is None:
-                        # Written, not read, by the kernel on this first step.
-                        buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-                    elif not buf.is_contiguous():
-                        buf = buf.contiguous()  # e.g. loaded from a state dict with other strides
-                    bufs.append(buf)
-            sgd_step(
-                params,
-                grads,
-                bufs if use_momentum else None,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=float(group["dampening"]),
-                weight_decay=group["weight_decay"],
-                nesterov=bool(group["nesterov"]),
-                maximize=bool(group["maximize"]),
-                first_step=first if use_momentum else False,
-            )
-            # Only after a successful launch: a refused step leaves the state as it was.
-            for p, buf in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = buf
-        return loss
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Update one group's parameters that have a gradient, in one launch."""
+        use_momentum = _nonzero(group["momentum"], params[0].device)
+        grads, bufs, first = [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "fusednn.optim.SGD does not support sparse gradients; use torch.optim.SGD for "
+                    f"parameters with sparse gradients (got one for a parameter of shape {tuple(p.shape)})"
+                )
+            grads.append(p.grad)
+            if use_momentum:
+                buf = self.state.get(p, {}).get("momentum_buffer")  # .get: no state entry yet
+                first.append(buf is None)
+                if buf is None:
+                    # Written, not read, by the kernel on this first step.
+                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                elif not buf.is_contiguous():
+                    buf = buf.contiguous()  # e.g. loaded from a state dict with other strides
+                bufs.append(buf)
+        sgd_step(
+            params,
+            grads,
+            bufs if use_momentum else None,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=float(group["dampening"]),
+            weight_decay=group["weight_decay"],
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+            first_step=first if use_momentum else False,
+        )
+        # Only after a successful launch: a refused step leaves the state as it was.
+        for p, buf in zip(params, bufs):
+            self.state[p]["momentum_buffer"] = buf
 
 
-class Adam(torch.optim.Optimizer):
+class Adam(_Fused):
     """torch.optim.Adam (same arguments, defaults, errors, state and state_dict) with a fused step.
 
     Each `step()` increments the step counters of the parameters that have a gradient (one
@@ -241,66 +251,51 @@ class Adam(torch.optim.Optimizer):
             return step.to(device=p.device, dtype=torch.float32)
         return step
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step: one Triton launch per group that has any gradient.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            amsgrad = bool(group["amsgrad"])
-            grads, steps, new = [], [], []
-            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-            bufs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"fusednn.optim.{self._name} does not support sparse gradients; use torch.optim.SparseAdam "
-                        f"for parameters with sparse gradients (got one for a parameter of shape {tuple(p.shape)})"
-                    )
-                grads.append(p.grad)
-                state = self.state.get(p, {})  # .get: no state entry until the launch succeeds
-                entry = {"step": self._step_counter(p, state)}
-                for k in keys:
-                    buf = state.get(k)
-                    if buf is None:
-                        buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    elif not buf.is_contiguous():
-                        buf = buf.contiguous()  # e.g. loaded from a state dict with other strides
-                    entry[k] = buf
-                    bufs[k].append(buf)
-                steps.append(entry["step"])
-                new.append(entry)
-            beta1, beta2 = group["betas"]
-            adam_step(
-                params,
-                grads,
-                bufs["exp_avg"],
-                bufs["exp_avg_sq"],
-                bufs["max_exp_avg_sq"] if amsgrad else None,
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=float(group["eps"]),
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-                amsgrad=amsgrad,
-                maximize=bool(group["maximize"]),
-            )
-            # Only after a successful launch: a refused step leaves the state as it was.
-            for p, entry in zip(params, new):
-                self.state[p].update(entry)
-        return loss
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Update one group's parameters that have a gradient, in one launch."""
+        amsgrad = bool(group["amsgrad"])
+        grads, steps, new = [], [], []
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        bufs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"fusednn.optim.{self._name} does not support sparse gradients; use torch.optim.SparseAdam "
+                    f"for parameters with sparse gradients (got one for a parameter of shape {tuple(p.shape)})"
+                )
+            grads.append(p.grad)
+            state = self.state.get(p, {})  # .get: no state entry until the launch succeeds
+            entry = {"step": self._step_counter(p, state)}
+            for k in keys:
+                buf = state.get(k)
+                if buf is None:
+                    buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                elif not buf.is_contiguous():
+                    buf = buf.contiguous()  # e.g. loaded from a state dict with other strides
+                entry[k] = buf
+                bufs[k].append(buf)
+            steps.append(entry["step"])
+            new.append(entry)
+        beta1, beta2 = group["betas"]
+        adam_step(
+            params,
+            grads,
+            bufs["exp_avg"],
+            bufs["exp_avg_sq"],
+            bufs["max_exp_avg_sq"] if amsgrad else None,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            amsgrad=amsgrad,
+            maximize=bool(group["maximize"]),
+        )
+        # Only after a successful launch: a refused step leaves the state as it was.
+        for p, entry in zip(params, new):
+            self.state[p].update(entry)
 
 
 class AdamW(Adam):
