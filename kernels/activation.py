@@ -94,7 +94,7 @@ def _log1p_small(u):
     """log(1 + u) for u in [0, 1] (or NaN), accurate for tiny u: log(w) * u / (w - 1) with w = 1 + u
     cancels the rounding of w (Goldberg); w == 1 means u is below half an ulp of 1 and log1p(u) = u."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -113,20 +113,51 @@ def _hardtanh(x, lo, hi):
 def _elu(x, alpha, scale, input_scale):
     """elu/selu/celu: x > 0 ? scale*x : scale*alpha*(exp(input_scale*x) - 1), as torch's elu (NaN takes
     the x > 0 side and stays NaN). expm1 keeps small negative x accurate."""
-    return tl.where(x <= 0, (alpha * scale) * _expm1(x * input_scale), x * scale)
+    neg = tl.where(x <= 0, x, 0.0)  # the exp of a large positive x would overflow in the unused branch
+    return tl.where(x <= 0, (alpha * scale) * _expm1(neg * input_scale), x * scale)
+
+
+@triton.jit
+def _normal_cdf(x):
+    """Phi(x), the standard normal CDF, to a few ulp relative also in the lower tail. (1 + erf(x/sqrt 2))/2
+    cancels there (x = -5: 10% error in fp32), so x < -1 takes erfc(z)/2, z = -x/sqrt 2, from Numerical
+    Recipes' erfcc: t exp(-z^2 + poly(t)), t = 1/(1 + z/2), fractional error < 1.2e-7 for every z >= 0."""
+    z = tl.where(x < -1.0, -x * 0.7071067811865476, 1.0)  # z = 1 in lanes that do not use it
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = 0.17087277
+    p = p * t - 0.82215223
+    p = p * t + 1.48851587
+    p = p * t - 1.13520398
+    p = p * t + 0.27886807
+    p = p * t - 0.18628806
+    p = p * t + 0.09678418
+    p = p * t + 0.37409196
+    p = p * t + 1.00002368
+    p = p * t - 1.26551223
+    tail = 0.5 * t * tl.exp(p - z * z)
+    # NaN and +-inf fail x < -1 or take erf; -inf: z = inf, t = 0, exp(-inf) = 0 gives 0 as erf would
+    return tl.where(x < -1.0, tail, 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)))
 
 
 @triton.jit
 def _gelu(x):
-    """x * Phi(x), Phi(x) = (1 + erf(x/sqrt 2))/2 (approximate='none'); -inf gives -inf * 0 = NaN as torch."""
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    """x * Phi(x) (approximate='none'); -inf gives -inf * 0 = NaN as torch."""
+    return x * _normal_cdf(x)
+
+
+@triton.jit
+def _gelu_tanh_2u(x):
+    """2u = 2 sqrt(2/pi) (x + 0.044715 x^3) of gelu's tanh form, x clamped to [-30, 30] first: sigmoid(2u)
+    is exactly 0 or 1 beyond, and the clamp keeps x^3 from overflowing (NaN passes the clamp)."""
+    xc = _hardtanh(x, -30.0, 30.0)
+    return 1.5957691216057308 * (xc + 0.044715 * xc * xc * xc)
 
 
 @triton.jit
 def _gelu_tanh(x):
-    """approximate='tanh': x/2 * (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as x * sigmoid(2u)
-    (1 + tanh u = 2 sigmoid(2u)), which keeps the tiny values of large negative x instead of cancelling."""
-    return x * _sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    """approximate='tanh': x/2 * (1 + tanh(u)) written as x * sigmoid(2u) (1 + tanh u = 2 sigmoid(2u)),
+    which keeps the tiny values of large negative x instead of cancelling them; -inf gives NaN as torch."""
+    return x * _sigmoid(_gelu_tanh_2u(x))
 
 
 @triton.jit
@@ -219,15 +250,16 @@ def _act_grad3(dy, s, p0, p1, p2, ACT: tl.constexpr):
     elif ACT == "hardtanh":  # s = y; y strictly inside (lo, hi) exactly when x is; NaN gives 0 as torch
         dx = tl.where((s > p0) & (s < p1), dy, 0.0)
     elif ACT == "elu":  # s = x; NaN takes the x > 0 side, as torch
-        dx = tl.where(s <= 0, dy * ((p2 * p0 * p1) * tl.exp(s * p2)), dy * p1)
+        neg = tl.where(s <= 0, s, 0.0)  # no overflowing exp in the unused branch
+        dx = tl.where(s <= 0, dy * ((p2 * p0 * p1) * tl.exp(neg * p2)), dy * p1)
     elif ACT == "gelu":  # s = x
-        dx = dy * (0.5 * (1.0 + tl.erf(s * 0.7071067811865476)) + s * (0.3989422804014327 * tl.exp(-0.5 * s * s)))
+        dx = dy * (_normal_cdf(s) + s * (0.3989422804014327 * tl.exp(-0.5 * s * s)))
     elif ACT == "gelu_tanh":  # s = x
-        u2 = 1.5957691216057308 * (s + 0.044715 * s * s * s)
-        # The x^2 factor only matters where sigmoid(u2) (1 - sigmoid(u2)) is not 0 (|x| < 30); zeroing x
-        # beyond keeps it from overflowing into 0 * inf at |x| > 1e19. 1 - sigmoid(u2) is sigmoid(-u2), exact.
-        xs = tl.where(tl.abs(s) < 30.0, s, 0.0)
-        d = _sigmoid(u2) * _sigmoid(-u2) * (1.5957691216057308 * (1.0 + 0.134145 * xs * xs))
+        u2 = _gelu_tanh_2u(s)
+        # The x^2 factor only matters where sigmoid(2u) (1 - sigmoid(2u)) is not 0 (|x| < 30); clamping x
+        # keeps it from overflowing into 0 * inf at |x| > 1e19. 1 - sigmoid(2u) is sigmoid(-2u), exact.
+        xc = _hardtanh(s, -30.0, 30.0)
+        d = _sigmoid(u2) * _sigmoid(-u2) * (1.5957691216057308 * (1.0 + 0.134145 * xc * xc))
         dx = dy * (_sigmoid(u2) + s * d)
     elif ACT == "silu":  # s = x; 1 - sigmoid(x) is sigmoid(-x), exact for large x
         dx = dy * (_sigmoid(s) * (1.0 + s * _sigmoid(-s)))
