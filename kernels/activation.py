@@ -271,8 +271,8 @@ def _act_grad3(dy, s, p0, p1, p2, ACT: tl.constexpr):
         n = u * (u + 2.0)
         one_minus_t = tl.where(s > 0, 2.0 * u * u / (1.0 + 2.0 * u + 2.0 * u * u), 2.0 / (n + 2.0))
         dx = dy * (t + s * _sigmoid(s) * (one_minus_t * (1.0 + t)))
-    elif ACT == "hardswish":  # s = x; torch's branches: NaN fails both tests and passes dy on
-        dx = tl.where(s < -3.0, 0.0, tl.where(s <= 3.0, dy * (s / 3.0 + 0.5), dy))
+    elif ACT == "hardswish":  # s = x; torch's branches (x = -3 gives 0, x = 3 gives dy); NaN passes dy on
+        dx = tl.where(s <= -3.0, 0.0, tl.where(s < 3.0, dy * (s / 3.0 + 0.5), dy))
     elif ACT == "hardsigmoid":  # s = x; NaN gives 0 as torch
         dx = tl.where((s > -3.0) & (s < 3.0), dy * (1.0 / 6.0), 0.0)
     elif ACT == "softplus":  # s = x; p0 = beta, p1 = threshold
@@ -313,7 +313,7 @@ def _act_grad3(dy, s, p0, p1, p2, ACT: tl.constexpr):
 #   gelu_tanh:   y = x sig(2u), u = k(x + c x^3)   dy/dx = sig(2u) + x * 2 sig(2u) sig(-2u) * k(1 + 3c x^2)
 #   silu:        y = x sig(x)            dy/dx = sig(x) (1 + x sig(-x))
 #   mish:        y = x t, t = tanh(softplus x)     dy/dx = t + x sig(x) (1 - t^2)
-#   hardswish:   y = x relu6(x+3)/6      dy/dx = x < -3 ? 0 : x <= 3 ? x/3 + 1/2 : 1
+#   hardswish:   y = x relu6(x+3)/6      dy/dx = x <= -3 ? 0 : x < 3 ? x/3 + 1/2 : 1
 #   hardsigmoid: y = relu6(x+3)/6        dy/dx = -3 < x < 3 ? 1/6 : 0
 #   softplus:    y = log(1 + e^(bx))/b   dy/dx = sig(bx) (1 where bx > threshold: y = x there)
 #   softsign:    y = x/(1+|x|)           dy/dx = 1/(1+|x|)^2
