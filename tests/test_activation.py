@@ -121,8 +121,8 @@ def test_activation_propagates_nan_and_inf_as_torch(key):
 
 
 # Ranges where a float64 reference is exact enough to judge relative accuracy element by element: tanhshrink
-# (x - tanh x) cancels in float64 too below |x| ~ 1e-3; torch's float64 gelu (1 + erf, 1 + tanh) cancels
-# in the lower tail (15% wrong at x = -7), so gelu is judged against its erfc / sigmoid forms.
+# (x - tanh x) cancels in float64 too below |x| ~ 1e-3; torch's float64 gelu (1 + erf, 1 + tanh) cancels in
+# the lower tail (2% wrong at x = -8, the tanh form 15% at x = -7), so gelu is judged by its erfc/sigmoid forms.
 EXACT = {
     "gelu": lambda x: x * 0.5 * torch.erfc(-x * 0.7071067811865476),
     "gelu_tanh": lambda x: x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x**3)),
