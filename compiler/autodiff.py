@@ -5,7 +5,8 @@ What each pattern saves (and nothing more):
   conv_relu_pool  x, w, the pooled output y (for act'), a 1-byte argmax per pooled element (max pool);
                   with avg pool and an activation, the full-size activation (act' cannot come from the mean)
   linear_relu     x, w, the output y (for act')
-  relu/sigmoid/tanh  the output; leaky_relu, prelu: the input (and prelu's weight); mul: the other operand
+  activations     the output (relu, sigmoid, tanh, relu6, hardtanh) or the input (the others), as
+                  kernels/activation.SAVES says; neg nothing; prelu the input and weight; mul: the other operand
   max pools       the int32 flat argmax per output; avg pools: nothing
   softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
   batch_norm      x, weight, the per-channel mean and 1/std
@@ -94,15 +95,22 @@ def _linear_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisio
     return [None if dx is None else dx.reshape(x.type.shape), dw, db]
 
 
-def _act_saves(n: Node) -> list[Value | str]:
-    return [n.inputs[0]] if n.op == "leaky_relu" else [n.out]
+def _act_saved(n: Node) -> Value | None:
+    """The one tensor an activation's backward reads (kernels/activation.SAVES): its input, its output or
+    nothing."""
+    from fusednn.kernels.activation import SAVES
+
+    act, _ = REGISTRY[n.op].kernel_act(n.attrs)  # type: ignore[misc]
+    return {"x": n.inputs[0], "y": n.out, None: None}[SAVES[act]]
 
 
 def _act_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.activation import activation_backward
 
-    saved = env.values[n.inputs[0]] if n.op == "leaky_relu" else env.values[n.out]
-    return [activation_backward(dy, saved.contiguous(), act=n.op, act_param=n.attrs.get("negative_slope", 0.0))]
+    act, params = REGISTRY[n.op].kernel_act(n.attrs)  # type: ignore[misc]
+    v = _act_saved(n)
+    saved = None if v is None else env.values[v].contiguous()
+    return [activation_backward(dy, saved, act=act, act_param=params)]
 
 
 def _prelu_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
@@ -298,7 +306,7 @@ _NONE: Callable[[Node], list[Value | str]] = lambda n: []  # noqa: E731
 VJPS: dict[str, Rule] = {
     "conv": Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp),
     "linear": Rule(("linear_relu_backward",), _linear_saves, _linear_vjp),
-    "act": Rule(("activation_backward",), _act_saves, _act_vjp),
+    "act": Rule(("activation_backward",), lambda n: [v for v in (_act_saved(n),) if v is not None], _act_vjp),
     "prelu": Rule(("prelu_backward",), lambda n: list(n.inputs), _prelu_vjp),
     "arith": Rule(("mul_backward", "sum_to"), _arith_saves, _arith_vjp),
     "pointwise": Rule(("per absorbed op",), _chain_saves, _chain_vjp),

@@ -165,8 +165,10 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
                 args[1] = f"v{a.out.name}_alpha"
             elif alpha != 1.0:
                 args[1] = float(args[1]) * alpha
-        steps.append(pointwise.PwStep(a.label(), f"v{a.out.name}", a.op, tuple(args),
-                                      a.attrs.get("negative_slope", 0.0), channels, inner))
+        op, params = a.op, ()
+        if REGISTRY[a.op].kernel_act is not None:  # an activation: the kernel formula and its parameters
+            op, params = REGISTRY[a.op].kernel_act(a.attrs)
+        steps.append(pointwise.PwStep(a.label(), f"v{a.out.name}", op, tuple(args), params, channels, inner))
     # Written to memory: the result, and the intermediates the chain's backward reads.
     saved = {v for a in chain for v in saved_values(a)}
     keep = [a.out for a in chain[:-1] if a.out in saved] + [n.out]

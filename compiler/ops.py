@@ -43,6 +43,8 @@ class OpDef:
             act(max z) = max act(z) and act' can be read from a pooled output.
         side_effect: kept by dead-code elimination although nothing reads its result.
         int_operands: positions of operands read as integers (class targets, counters).
+        kernel_act: for the "act" backward family: attrs -> (the activation of kernels/activation.py that
+            computes it, its parameters), e.g. relu6 -> ("hardtanh", (0.0, 6.0)).
     """
 
     name: str
@@ -58,6 +60,7 @@ class OpDef:
     epilogue: bool = False
     side_effect: bool = False
     int_operands: tuple[int, ...] = ()
+    kernel_act: Callable[[dict[str, Any]], tuple[str, tuple[float, ...]]] | None = None
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -238,14 +241,23 @@ def _parse_leaky(*args, **kwargs) -> Parsed:
     return [a["input"]], {"negative_slope": float(a["negative_slope"])}
 
 
+_ACT = dict(lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True)
+
+
+def _plain(name: str) -> Callable[[dict[str, Any]], tuple[str, tuple[float, ...]]]:
+    """kernel_act of an activation without parameters: the kernel activation of the same name."""
+    return lambda a: (name, ())
+
+
 @op("relu", "act", [F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_], _parse_unary,
-    "F.relu, torch.relu, x.relu(), nn.ReLU (inplace too)", lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True, epilogue=True)
+    "F.relu, torch.relu, x.relu(), nn.ReLU (inplace too)", **_ACT, epilogue=True, kernel_act=_plain("relu"))
 def relu(t, a):
     return F.relu(t[0])
 
 
 @op("leaky_relu", "act", [F.leaky_relu, Tensor.leaky_relu if hasattr(Tensor, "leaky_relu") else F.leaky_relu],
-    _parse_leaky, "F.leaky_relu, nn.LeakyReLU", lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True, epilogue=True)
+    _parse_leaky, "F.leaky_relu, nn.LeakyReLU", **_ACT, epilogue=True,
+    kernel_act=lambda a: ("leaky_relu", (a["negative_slope"],)))
 def leaky_relu(t, a):
     return F.leaky_relu(t[0], a["negative_slope"])
 
@@ -262,15 +274,161 @@ def prelu(t, a):
 
 
 @op("sigmoid", "act", [torch.sigmoid, F.sigmoid, Tensor.sigmoid], _parse_unary, "torch.sigmoid, nn.Sigmoid",
-    lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True, epilogue=True)
+    **_ACT, epilogue=True, kernel_act=_plain("sigmoid"))
 def sigmoid(t, a):
     return torch.sigmoid(t[0])
 
 
-@op("tanh", "act", [torch.tanh, F.tanh, Tensor.tanh], _parse_unary, "torch.tanh, nn.Tanh", lower="pointwise", backward="act", backward_file="kernels/activation.py", elementwise=True,
-    epilogue=True)
+@op("tanh", "act", [torch.tanh, F.tanh, Tensor.tanh], _parse_unary, "torch.tanh, nn.Tanh", **_ACT, epilogue=True,
+    kernel_act=_plain("tanh"))
 def tanh(t, a):
     return torch.tanh(t[0])
+
+
+# The activations of issue #13. All are elementwise (they join pointwise groups) but none is an `epilogue`
+# yet: the conv/linear templates apply only relu, leaky_relu, sigmoid and tanh (docs/ARCHITECTURE.md says
+# which of these could join them, and why the non-monotone ones cannot precede a fused max pool).
+def _number(what: str, v: Any) -> float:
+    """An activation's parameter as a finite float (the kernels take it as a literal); the tracer prefixes
+    the op, module and file:line to the message."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UnsupportedOpError(f"{what} must be a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise UnsupportedOpError(f"{what}={v} is not supported (fusednn takes finite parameters)")
+    return float(v)
+
+
+def _parser(signature: str, *params: str) -> Callable[..., Parsed]:
+    """A parser for `signature` (first parameter: the input) keeping the named float parameters."""
+    bind = binder(signature)
+    name = signature.split(",")[0]
+
+    def parse(*args, **kwargs) -> Parsed:
+        a = bind(args, kwargs)
+        return [a[name]], {p: _number(p, a[p]) for p in params}
+
+    return parse
+
+
+def _parse_hardtanh(*args, **kwargs) -> Parsed:
+    """F.hardtanh(x, min_val, max_val); hardtanh(0, 6) (nn.ReLU6) traces as relu6."""
+    a = binder("input, min_val=-1.0, max_val=1.0, inplace=False")(args, kwargs)
+    lo, hi = _number("min_val", a["min_val"]), _number("max_val", a["max_val"])
+    if lo > hi:
+        raise ValueError(f"min_val {lo} cannot be greater than max_val {hi}")
+    if (lo, hi) == (0.0, 6.0):
+        return [a["input"]], {"_op": "relu6"}
+    return [a["input"]], {"min_val": lo, "max_val": hi}
+
+
+def _parse_gelu(*args, **kwargs) -> Parsed:
+    a = binder("input, approximate='none'")(args, kwargs)
+    if a["approximate"] not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {a['approximate']!r}")
+    return [a["input"]], {"approximate": a["approximate"]}
+
+
+# torch's SELU constants (aten/src/ATen/native/Activation.cpp)
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+@op("relu6", "act", [F.relu6], _parser("input, inplace=False"), "F.relu6, nn.ReLU6 (inplace too)", **_ACT,
+    kernel_act=lambda a: ("hardtanh", (0.0, 6.0)))
+def relu6(t, a):
+    return F.relu6(t[0])
+
+
+@op("hardtanh", "act", [F.hardtanh, F.hardtanh_], _parse_hardtanh,
+    "F.hardtanh, nn.Hardtanh (min_val, max_val; (0, 6) is relu6)", **_ACT,
+    kernel_act=lambda a: ("hardtanh", (a["min_val"], a["max_val"])))
+def hardtanh(t, a):
+    return F.hardtanh(t[0], a["min_val"], a["max_val"])
+
+
+@op("elu", "act", [F.elu, F.elu_], _parser("input, alpha=1.0, inplace=False", "alpha"), "F.elu, nn.ELU (alpha)",
+    **_ACT, kernel_act=lambda a: ("elu", (a["alpha"], 1.0, 1.0)))
+def elu(t, a):
+    return F.elu(t[0], a["alpha"])
+
+
+@op("selu", "act", [F.selu, torch.selu, torch.selu_], _parser("input, inplace=False"), "F.selu, torch.selu, nn.SELU",
+    **_ACT, kernel_act=lambda a: ("elu", (SELU_ALPHA, SELU_SCALE, 1.0)))
+def selu(t, a):
+    return F.selu(t[0])
+
+
+@op("celu", "act", [F.celu, torch.celu, torch.celu_], _parser("input, alpha=1.0, inplace=False", "alpha"),
+    "F.celu, torch.celu, nn.CELU (alpha)", **_ACT, kernel_act=lambda a: ("elu", (a["alpha"], 1.0, 1.0 / a["alpha"])))
+def celu(t, a):
+    return F.celu(t[0], a["alpha"])
+
+
+@op("gelu", "act", [F.gelu], _parse_gelu, "F.gelu, nn.GELU (approximate 'none' or 'tanh')", **_ACT,
+    kernel_act=lambda a: ("gelu" if a["approximate"] == "none" else "gelu_tanh", ()))
+def gelu(t, a):
+    return F.gelu(t[0], approximate=a["approximate"])
+
+
+@op("silu", "act", [F.silu], _parser("input, inplace=False"), "F.silu, nn.SiLU", **_ACT, kernel_act=_plain("silu"))
+def silu(t, a):
+    return F.silu(t[0])
+
+
+@op("mish", "act", [F.mish], _parser("input, inplace=False"), "F.mish, nn.Mish", **_ACT, kernel_act=_plain("mish"))
+def mish(t, a):
+    return F.mish(t[0])
+
+
+@op("hardswish", "act", [F.hardswish], _parser("input, inplace=False"), "F.hardswish, nn.Hardswish", **_ACT,
+    kernel_act=_plain("hardswish"))
+def hardswish(t, a):
+    return F.hardswish(t[0])
+
+
+@op("hardsigmoid", "act", [F.hardsigmoid], _parser("input, inplace=False"), "F.hardsigmoid, nn.Hardsigmoid", **_ACT,
+    kernel_act=_plain("hardsigmoid"))
+def hardsigmoid(t, a):
+    return F.hardsigmoid(t[0])
+
+
+@op("softplus", "act", [F.softplus], _parser("input, beta=1.0, threshold=20.0", "beta", "threshold"),
+    "F.softplus, nn.Softplus (beta, threshold)", **_ACT,
+    kernel_act=lambda a: ("softplus", (a["beta"], a["threshold"])))
+def softplus(t, a):
+    return F.softplus(t[0], a["beta"], a["threshold"])
+
+
+@op("softsign", "act", [F.softsign], _parse_unary, "F.softsign, nn.Softsign", **_ACT, kernel_act=_plain("softsign"))
+def softsign(t, a):
+    return F.softsign(t[0])
+
+
+@op("tanhshrink", "act", [F.tanhshrink], _parse_unary, "F.tanhshrink, nn.Tanhshrink", **_ACT,
+    kernel_act=_plain("tanhshrink"))
+def tanhshrink(t, a):
+    return F.tanhshrink(t[0])
+
+
+@op("threshold", "act", [F.threshold, F.threshold_, torch.threshold, torch.threshold_],
+    _parser("input, threshold, value, inplace=False", "threshold", "value"),
+    "F.threshold, torch.threshold, nn.Threshold (threshold, value)", **_ACT,
+    kernel_act=lambda a: ("threshold", (a["threshold"], a["value"])))
+def threshold(t, a):
+    return F.threshold(t[0], a["threshold"], a["value"])
+
+
+@op("logsigmoid", "act", [F.logsigmoid], _parse_unary, "F.logsigmoid, nn.LogSigmoid", **_ACT,
+    kernel_act=_plain("logsigmoid"))
+def logsigmoid(t, a):
+    return F.logsigmoid(t[0])
+
+
+@op("neg", "act", [torch.neg, torch.negative, torch.neg_, torch.negative_, Tensor.neg, Tensor.negative, Tensor.__neg__,
+                   Tensor.neg_, Tensor.negative_], _parse_unary, "-x, torch.neg, x.neg(), torch.negative (inplace too)",
+    **_ACT, kernel_act=_plain("neg"))
+def neg(t, a):
+    return torch.neg(t[0])
 
 
 # -- softmax ---------------------------------------------------------------------------------------

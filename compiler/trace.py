@@ -50,6 +50,27 @@ def _shapes(args: Any) -> str:
     return ", ".join(str(list(t.shape)) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)) or "-"
 
 
+# Where torch keeps what users reach as torch.*, Tensor.* and F.*: error messages name the latter.
+_PUBLIC = {"TensorBase": "Tensor", "_VariableFunctionsClass": "torch", "_TensorBase": "Tensor",
+           "torch._C._nn": "F", "torch.nn.functional": "F", "torch._C._linalg": "torch.linalg",
+           "torch._C._fft": "torch.fft", "torch._C._special": "torch.special"}
+
+
+def user_name(func: Any) -> str:
+    """A torch callable as users write it: `Tensor.mean` (not TensorBase.mean), `torch.cat` (not
+    _VariableFunctionsClass.cat), `F.gelu` (not torch._C._nn.gelu)."""
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    owner, _, attr = qual.rpartition(".")
+    if owner:  # a method: TensorBase.mean, _VariableFunctionsClass.cat
+        return f"{_PUBLIC.get(owner, owner)}.{attr}"
+    module = getattr(func, "__module__", None) or ""
+    if module in _PUBLIC:
+        public = _PUBLIC[module]
+        sub = public.rpartition(".")[2] + "_"  # torch._C._linalg.linalg_norm is torch.linalg.norm
+        return f"{public}.{qual[len(sub):] if qual.startswith(sub) else qual}"
+    return f"{module}.{qual}" if module.startswith("torch") else qual
+
+
 class _Recorder(TorchFunctionMode):
     """Records registered torch calls as Nodes; everything returning non-tensors passes through."""
 
@@ -116,7 +137,7 @@ class _Recorder(TorchFunctionMode):
             out = func(*args, **kwargs)
             touches = any(isinstance(a, torch.Tensor) and id(a) in self.values for a in pytree.tree_leaves((args, kwargs)))
             if touches and any(isinstance(o, torch.Tensor) for o in pytree.tree_leaves(out)):
-                name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+                name = user_name(func)
                 if self.strict or not _replayable(func, name, (args, kwargs), out):
                     why = "" if self.strict else " (strict=False runs in torch only out-of-place calls returning one new tensor)"
                     raise UnsupportedOpError(

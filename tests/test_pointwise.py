@@ -307,7 +307,7 @@ _AOT_SCRIPT = textwrap.dedent(
         assert k.asm["cubin"], fn.__name__
 
     for act in ("relu", "leaky_relu", "sigmoid", "tanh"):
-        compile(A._activation_bwd_dx_kernel, {"ACT": act, "BLOCK": 1024}, floats=("slope",))
+        compile(A._activation_bwd_dx_kernel, {"ACT": act, "BLOCK": 1024}, floats=("p0", "p1", "p2"))
     compile(A._prelu_bwd_dx_kernel, {"BLOCK": 1024})
     compile(A._prelu_bwd_dw_kernel, {"BLOCK": 1024})
     for is_tensor in (True, False):

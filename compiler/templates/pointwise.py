@@ -1,4 +1,4 @@
-"""Template: a group of elementwise ops (activations, prelu, add/mul/sub) fused into one 1-D Triton kernel.
+"""Template: a group of elementwise ops (activations, neg, prelu, add/mul/sub) fused into one 1-D Triton kernel.
 
 Every value computed in the group has `numel` elements. An input may be smaller and broadcast under
 torch's rules: it is read through its own index expression (`broadcast_index`, e.g. `(offs // 64) % 16`
@@ -14,15 +14,17 @@ import math
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source
+from fusednn.kernels.activation import NPARAMS, SAVES
 
-UNARY = ("relu", "leaky_relu", "sigmoid", "tanh")
+# Activations: `_<op>(x, *params)` from kernels/activation.py; neg is written `-x`.
+UNARY = tuple(SAVES)
 BINARY = ("add", "mul", "sub")
 OPS = UNARY + BINARY + ("prelu",)
 
 _SYMBOL = {"add": "+", "mul": "*", "sub": "-"}
+_HELPERS = tuple(f"_{a}" for a in UNARY if a != "neg")
 # Names the generated kernel and launcher use themselves; IR values must not shadow them.
-_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", "_tanh", "_sigmoid", "_relu", "_leaky_relu",
-             "_configs", "_launch", "launch"}
+_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", *_HELPERS, "_configs", "_launch", "launch"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,8 @@ class PwStep:
         out: the value's name (a Python identifier), e.g. "v4".
         op: one of OPS.
         args: value names (str) or Python float scalars; prelu takes (x, weight input name).
-        param: leaky_relu's negative slope.
+        param: an activation's parameters, NPARAMS[op] floats in its helper's order (a float for one:
+            leaky_relu's negative slope; elu: (alpha, scale, input_scale); hardtanh: (lo, hi); ...).
         channels, inner: prelu's weight layout: element i uses weight[(i // inner) % channels].
     """
 
@@ -42,7 +45,7 @@ class PwStep:
     out: str
     op: str
     args: tuple
-    param: float = 0.0
+    param: float | tuple[float, ...] = 0.0
     channels: int = 1
     inner: int = 1
 
@@ -100,6 +103,15 @@ def _literal(v: float, where: str) -> str:
     return repr(float(v))
 
 
+def _params(s: PwStep) -> tuple[float, ...]:
+    """The NPARAMS[op] parameters of an activation step (none for other ops)."""
+    p = s.param if isinstance(s.param, tuple) else (s.param,)
+    n = NPARAMS.get(s.op, 0)
+    if len(p) < n:
+        raise ValueError(f"step {s.label!r}: {s.op} takes {n} parameter(s), got {s.param!r}")
+    return tuple(p[:n])
+
+
 def _prelu_weights(spec: PointwiseSpec) -> dict[str, int]:
     """Prelu weight inputs and their element counts (channels)."""
     return {s.args[1]: s.channels for s in spec.steps if s.op == "prelu" and len(s.args) == 2}
@@ -149,8 +161,8 @@ def _check(spec: PointwiseSpec) -> None:
         for a in s.args:
             if not isinstance(a, str):
                 _literal(a, where)
-        if s.op == "leaky_relu":
-            _literal(s.param, where)
+        for p in _params(s):
+            _literal(p, where)
         if s.op == "prelu" and not (isinstance(s.channels, int) and isinstance(s.inner, int)
                                     and s.channels >= 1 and s.inner >= 1):
             raise ValueError(f"{where}: prelu needs channels >= 1 and inner >= 1")
@@ -163,14 +175,11 @@ def _check(spec: PointwiseSpec) -> None:
 def _expr(s: PwStep) -> list[str]:
     """The line(s) computing step `s` (the last one assigns s.out)."""
     arg = [a if isinstance(a, str) else _literal(a, s.label) for a in s.args]
-    if s.op == "relu":
-        return [f"{s.out} = _relu({arg[0]})"]
-    if s.op == "leaky_relu":
-        return [f"{s.out} = _leaky_relu({arg[0]}, {_literal(s.param, s.label)})"]
-    if s.op == "sigmoid":
-        return [f"{s.out} = _sigmoid({arg[0]})"]
-    if s.op == "tanh":
-        return [f"{s.out} = _tanh({arg[0]})"]
+    if s.op == "neg":
+        return [f"{s.out} = -{arg[0]}"]
+    if s.op in UNARY:
+        params = "".join(f", {_literal(p, s.label)}" for p in _params(s))
+        return [f"{s.out} = _{s.op}({arg[0]}{params})"]
     if s.op == "prelu":
         x, w = arg
         if s.channels == 1:
@@ -190,17 +199,17 @@ def generate(spec: PointwiseSpec) -> str:
     src = Source()
     for line in spec.header.rstrip("\n").splitlines():
         src.writeline(line)
-    src.writelines("""
-        import triton
-        import triton.language as tl
-
-        from fusednn.compiler import configs as _configs
-        from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
-        from fusednn.launch import launch as _launch
-
-
-        @triton.jit
-    """)
+    used = sorted({f"_{s.op}" for s in spec.steps if s.op in UNARY and s.op != "neg"})
+    src.writeline("import triton")
+    src.writeline("import triton.language as tl")
+    src.writeline()
+    src.writeline("from fusednn.compiler import configs as _configs")
+    if used:  # the activations this group applies, each defined once in kernels/activation.py
+        src.writeline(f"from fusednn.kernels.activation import {', '.join(used)}")
+    src.writeline("from fusednn.launch import launch as _launch")
+    src.writeline()
+    src.writeline()
+    src.writeline("@triton.jit")
     src.writeline(f"def {spec.name}(")
     with src.indent():
         for n in spec.inputs:
