@@ -8,7 +8,7 @@ What the programs exercise, because silent wrong results hid there:
 - broadcasting in both operand orders: [C,1,1], [1,C,1,1], [W], [N,1,1,1], [1,1,H,1] and 0-dim tensors,
   and Python numbers, on either side of add/sub/mul;
 - linear and conv layers feeding gates (tanh(a + b) * sigmoid(c) shapes), so elementwise groups meet
-  epilogues;
+  epilogues; the activations of today's CNNs (GELU, SiLU, Mish, Hardswish, ReLU6, ELU, Softplus) among them;
 - in-place ops through views: `v = h.view(-1); v.add_(c)` must change h, `h.relu_()` must change an
   earlier view of h, `h += b` with a broadcast b.
 
@@ -28,8 +28,10 @@ import fusednn
 from tests.helpers import rel_err
 
 TOL = 1e-5
-ACTS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-        "leaky_relu": lambda v: nn.functional.leaky_relu(v, 0.1)}
+F = nn.functional
+ACTS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "leaky_relu": lambda v: F.leaky_relu(v, 0.1),
+        "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "mish": F.mish,
+        "hardswish": F.hardswish, "relu6": F.relu6, "elu": F.elu, "softplus": F.softplus, "neg": torch.neg}
 BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
 
 
