@@ -83,6 +83,10 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
         for step in exe.steps:
             if step.kernel is not None:
                 _write(d / "kernels" / f"{step.kernel.name}.py", step.kernel.source, written)
+        if named is not None:
+            from fusednn import repro
+
+            written.extend(repro.write(repro.record_step(spec, named), d / "repro"))
         if aot and named is not None:
             stats["resources"] = _aot(spec, named, d / "aot", written)
     _write(d / "stats.json", json.dumps(stats, indent=2, default=str) + "\n", written)
