@@ -203,6 +203,8 @@ def _dump(args: argparse.Namespace) -> int:
         print(f"\n{folder}/ ({len(names)})")
         for name in names:
             print(f"  {name}")
+    if args.report:
+        print("\n" + (Path(args.out) / "kernels.md").read_text(), end="")
     return 0
 
 
@@ -319,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive_int, default=16, help="default: 16")
     d.add_argument("--no-aot", action="store_true",
                    help="skip the sm_90 ahead-of-time reports (TTIR, PTX, registers per kernel; ~1 s per kernel)")
+    d.add_argument("--report", action="store_true", help="print the per-kernel table (kernels.md)")
     d.set_defaults(func=_dump)
 
     i = sub.add_parser("info", help="versions, device, interpreter, cache directory")

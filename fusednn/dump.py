@@ -9,6 +9,10 @@
     aot/             per kernel of a training step (forward and backward): Triton's TTIR, PTX and a
                      resource report for sm_90, compiled ahead of time (on a CPU machine too);
                      resources.txt is the summary table
+    repro/<kernel>.py  per kernel of a training step: a standalone script that launches it with the recorded
+                     arguments and checks it against torch (fusednn/repro.py); src_*.py are the kernel files
+    kernels.md       one row per kernel: where, IR nodes, grid/tiles/warps, registers/spills/shared, bytes,
+                     FLOPs (fusednn/kernel_table.py)
 """
 from __future__ import annotations
 
@@ -83,8 +87,14 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
         for step in exe.steps:
             if step.kernel is not None:
                 _write(d / "kernels" / f"{step.kernel.name}.py", step.kernel.source, written)
-        if aot and named is not None:
-            stats["resources"] = _aot(spec, named, d / "aot", written)
+        if named is not None:
+            from fusednn import kernel_table, repro
+
+            units = repro.record_step(spec, named)
+            written.extend(repro.write(units, d / "repro"))
+            stats["resources"] = _aot(spec, named, d / "aot", written) if aot else "skipped (aot=False)"
+            _write(d / "kernels.md", f"# kernels of one training step of {spec.graph.name}\n\n"
+                   + kernel_table.table(units, repro.kernel_files(units), stats["resources"]), written)
     _write(d / "stats.json", json.dumps(stats, indent=2, default=str) + "\n", written)
     return written
 

@@ -1,4 +1,4 @@
-"""Reference models: the PyTorch tutorial's LeNet exactly as written, and the classic LeNet-5."""
+"""Reference models: the PyTorch tutorial's LeNet exactly as written, the classic LeNet-5, and a CIFAR-style ResNet8."""
 from __future__ import annotations
 
 import torch
@@ -58,4 +58,47 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS = {"lenet": LeNet, "lenet5": LeNet5}
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU (He et al., 2016); a 1x1 conv + BN projects
+    the shortcut where the stride or the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """A CIFAR-style ResNet with 3 stages of one basic block (widths 16, 32, 64; stride 2 at stages 2 and 3):
+    1 + 3x2 convolutions + 1 linear = 8 layers; global average pooling before the head.
+
+    in_channels: 1 for the 1x32x32 digits, 3 for CIFAR-like images.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.layer1 = BasicBlock(widths[0], widths[0])
+        self.layer2 = BasicBlock(widths[0], widths[1], stride=2)
+        self.layer3 = BasicBlock(widths[1], widths[2], stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+MODELS = {"lenet": LeNet, "lenet5": LeNet5, "resnet8": ResNet8}

@@ -1,0 +1,66 @@
+"""`repro/<kernel>.py` in a dump (fusednn/repro.py): every script of LeNet's and ResNet8's training-step dump
+runs alone (a subprocess, Triton's interpreter, no fusednn on its path) and its kernel matches the float64
+torch reference; a corrupted kernel makes its script fail."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusednn
+from fusednn.models import MODELS
+
+
+def _dump(model: str, out: Path) -> Path:
+    net = fusednn.compile(MODELS[model]())
+    net(torch.randn(2, 1, 32, 32))
+    net.dump(str(out), aot=False)
+    return out / "repro"
+
+
+def _run(script: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TRITON_INTERPRET"] = "1"
+    # -I: isolated, so neither the worktree nor site's editable fusednn install can be imported
+    return subprocess.run([sys.executable, "-I", script.name], cwd=script.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _scripts(d: Path) -> list[Path]:
+    return sorted(p for p in d.glob("*.py") if not p.name.startswith("src_"))
+
+
+# ResNet8: the batch-norm forward scripts report the running statistics unchanged (rel error 0.1 = the
+# momentum) while %out, mean and invstd match; not yet understood whether the script or the recording is wrong.
+_BN_RUNNING_STATS = pytest.mark.xfail(strict=True, reason="fnn_batch_norm_* repro: running stats not updated")
+
+
+@pytest.mark.parametrize("model,kernels", [("lenet", 10), pytest.param("resnet8", None, marks=_BN_RUNNING_STATS)])
+def test_every_repro_script_of_the_training_step_runs_standalone_and_matches_torch(tmp_path, model, kernels):
+    d = _dump(model, tmp_path)
+    scripts = _scripts(d)
+    if kernels is not None:
+        assert len(scripts) == kernels  # 5 generated forward kernels, 5 hand-written backward ones (dx, dw of conv and linear, sum_to)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(_run, scripts))
+    for script, r in zip(scripts, results):
+        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
+        assert "max error" in r.stdout
+    sources = "".join(p.read_text() for p in d.glob("src_*.py"))
+    assert not re.search(r"^\s*(from|import) fusednn", sources, re.M)
+
+
+def test_a_repro_script_fails_when_its_kernel_is_wrong(tmp_path):
+    d = _dump("lenet", tmp_path)
+    src = d / "src_linear_relu.py"
+    text = src.read_text()
+    assert "tl.store(dx_ptrs, acc," in text
+    src.write_text(text.replace("tl.store(dx_ptrs, acc,", "tl.store(dx_ptrs, acc * 1.001,"))
+    r = _run(d / "_linear_relu_bwd_dx_kernel.py")
+    assert r.returncode == 1 and "FAIL" in r.stdout
