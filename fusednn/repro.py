@@ -50,11 +50,9 @@ def _val(v: Any) -> str:
     return "%" + v.name
 
 
-def record_step(spec: Any, named: dict[str, torch.Tensor], with_sgd: bool = False) -> list[Unit]:
-    """Forward, backward (and with_sgd, one SGD step) of `spec`, recorded (not run) with GPU launch configs.
-
-    with_sgd is off by default: the SGD script crashes Triton 3.9's interpreter (it reads the address table;
-    not yet understood), so dumps leave it out until that is solved."""
+def record_step(spec: Any, named: dict[str, torch.Tensor], with_sgd: bool = True) -> list[Unit]:
+    """Forward, backward and (with_sgd) one fusednn.optim.SGD step of `spec`, recorded (not run) with GPU
+    launch configs."""
     from fusednn.compiler import autodiff, configs
     from fusednn.compiler.ops import REGISTRY
     from fusednn.dump import _example
@@ -417,7 +415,9 @@ def build(inputs, expected):
         for role, view in regions:
             if role is None:
                 continue
-            if role in inputs or (role in known and not d["written"]):  # an in-place output starts as its input
+            if role in inputs:  # an input, or an output written in place (running statistics) at its input value
+                view.copy_(inputs[role].reshape(view.shape))
+            elif role in known and not d["written"]:
                 view.copy_(known[role].reshape(view.shape))
             if d["written"] and role in expected:
                 checks.append((role, view, expected[role]))
@@ -450,7 +450,11 @@ def sgd():
     addr = [[t.data_ptr() for t in ts] + pad for ts in (ps, gs, bufs)]
     tables = [torch.tensor(r, dtype=torch.int64, device=DEVICE) for r in addr + rows[3:]]
     args = tables + [d["value"] for d in SPEC["args"][7:]]
+    _ALIVE.extend(gs + bufs)  # the tables hold raw addresses: their tensors must outlive the launch
     return args, [(f"param {i}", p, r.detach()) for i, (p, r) in enumerate(zip(ps, ref))]
+
+
+_ALIVE: list = []
 
 
 def main():

@@ -36,17 +36,12 @@ def _scripts(d: Path) -> list[Path]:
     return sorted(p for p in d.glob("*.py") if not p.name.startswith("src_"))
 
 
-# ResNet8: the batch-norm forward scripts report the running statistics unchanged (rel error 0.1 = the
-# momentum) while %out, mean and invstd match; not yet understood whether the script or the recording is wrong.
-_BN_RUNNING_STATS = pytest.mark.xfail(strict=True, reason="fnn_batch_norm_* repro: running stats not updated")
-
-
-@pytest.mark.parametrize("model,kernels", [("lenet", 10), pytest.param("resnet8", None, marks=_BN_RUNNING_STATS)])
+@pytest.mark.parametrize("model,kernels", [("lenet", 11), ("resnet8", None)])
 def test_every_repro_script_of_the_training_step_runs_standalone_and_matches_torch(tmp_path, model, kernels):
     d = _dump(model, tmp_path)
     scripts = _scripts(d)
     if kernels is not None:
-        assert len(scripts) == kernels  # 5 generated forward kernels, 5 hand-written backward ones (dx, dw of conv and linear, sum_to)
+        assert len(scripts) == kernels  # 5 generated forward kernels, 5 hand-written backward ones (dx, dw of conv and linear, sum_to), SGD
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(_run, scripts))
     for script, r in zip(scripts, results):
