@@ -8,6 +8,7 @@ What each pattern saves (and nothing more):
   relu/sigmoid/tanh  the output; leaky_relu, prelu: the input (and prelu's weight); mul: the other operand
   max pools       the int32 flat argmax per output; avg pools: nothing
   softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
+  sum, mean, cat  nothing; amax: its input and result (ties share the gradient)
   batch_norm      x, weight, the per-channel mean and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
   eager           its inputs: torch recomputes the call under autograd (strict=False)
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from fusednn.compiler.ir import Env, Graph, Node, Value
-from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
+from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, softmax_dims
 
 Grads = list[torch.Tensor | None]
 Vjp = Callable[[Node, Env, torch.Tensor, list[bool], str], Grads]
@@ -224,6 +225,22 @@ def _loss_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
     return [dx, dt]
 
 
+def _reduce_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.reduce import reduce_backward
+
+    x = n.inputs[0]
+    amax = n.op == "amax"
+    return [reduce_backward(dy, x.type.shape, n.attrs["dim"], kind=n.op,
+                            x=env.values[x] if amax else None, y=env.values[n.out] if amax else None)]
+
+
+def _cat_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.cat import cat_backward
+
+    shapes = [v.type.shape for v in n.inputs]
+    return cat_backward(dy, shapes, cat_dim(shapes, n.attrs["dim"]), needs)
+
+
 def _bn_saves(n: Node) -> list[Value | str]:
     return [n.inputs[0]] + ([n.inputs[3]] if n.inputs[3] is not None else []) + ["mean", "invstd"]
 
@@ -278,6 +295,8 @@ VJPS: dict[str, Rule] = {
     "batch_norm": Rule(("batch_norm_backward",), _bn_saves, _bn_vjp),
     "dropout": Rule(("dropout_backward",), lambda n: ["seed"], _dropout_vjp),
     "reshape": Rule((), _NONE, _reshape_vjp),
+    "reduce": Rule(("reduce_backward",), lambda n: [n.inputs[0], n.out] if n.op == "amax" else [], _reduce_vjp),
+    "cat": Rule(("cat_backward",), _NONE, _cat_vjp),
     "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),
 }
 

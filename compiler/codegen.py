@@ -24,8 +24,9 @@ import torch
 from fusednn.compiler import source
 from fusednn.compiler.autodiff import saved_values
 from fusednn.compiler.ir import Env, Graph, Node, Value
-from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
-from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
+from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, softmax_dims
+from fusednn.compiler.templates import (batch_norm, cat, conv, dropout, linear, losses, pointwise, pool, reduce,
+                                        softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 log = logging.getLogger("fusednn")
@@ -278,6 +279,40 @@ def _lower_loss(n: Node, precision: str) -> Step:
     return Step(n, k, run)
 
 
+def _lower_reduce(n: Node, precision: str) -> Step:
+    """sum / mean / amax over any dims: one kernel over x's dims merged into kept and reduced runs."""
+    from fusednn.kernels.reduce import reduce_layout
+
+    x = n.inputs[0]
+    try:
+        reduce_layout(x.type.shape, n.attrs["dim"])
+    except ValueError as e:
+        raise UnsupportedOpError(f"{where(n)}: {e}; reshape the input to fewer dims first") from None
+    k = _emit(n, reduce.generate, reduce.ReduceSpec, kind=n.op, dims=n.attrs["dim"])
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x])
+        y = _empty(n.out, xt)
+        k.module.launch(xt, y)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_cat(n: Node, precision: str) -> Step:
+    """torch.cat: one copy launch per input into its slice of the result."""
+    dim = cat_dim([v.type.shape for v in n.inputs], n.attrs["dim"])
+    k = _emit(n, cat.generate, cat.CatSpec, n_inputs=len(n.inputs), dim=dim)
+
+    def run(env: Env) -> None:
+        xs = [_c(env.values[v]) for v in n.inputs]
+        y = _empty(n.out, xs[0])
+        k.module.launch(xs, y)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
 def _lower_batch_norm(n: Node, precision: str) -> Step:
     x, rm, rv, w, b = n.inputs
     if (w is None) != (b is None):
@@ -356,7 +391,8 @@ def _lower_counter(n: Node, precision: str) -> Step:
 LOWER: dict[str, Callable[[Node, str], Step]] = {
     "conv": _lower_conv, "linear": _lower_linear, "pointwise": _lower_pointwise, "pool": _lower_pool,
     "softmax": _lower_softmax, "loss": _lower_loss, "batch_norm": _lower_batch_norm, "dropout": _lower_dropout,
-    "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager,
+    "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager, "reduce": _lower_reduce,
+    "cat": _lower_cat,
 }
 
 
@@ -384,7 +420,8 @@ def check(graph: Graph) -> None:
                     "elements: split the batch or the input")
         if n.op == "eager":  # torch runs it: any dtype, any size
             continue
-        if not empty_node(n) and any(v is not None and v.type.numel == 0 for v in n.inputs):
+        empty_ok = REGISTRY[n.op].kind == "cat"  # an empty input of a cat adds nothing
+        if not empty_node(n) and not empty_ok and any(v is not None and v.type.numel == 0 for v in n.inputs):
             raise CompileError(f"{where(n)} reduces over an empty operand ({', '.join(map(str, n.inputs))} : "
                                f"{', '.join(str(v.type) for v in n.inputs if v is not None)}) to a non-empty "
                                f"{n.out.type}; fusednn does not support this")

@@ -30,7 +30,7 @@ class OpDef:
     Args:
         name: the IR op name.
         kind: what it is ("conv" | "linear" | "act" | "arith" | "pool" | "softmax" | "loss" | "norm" |
-            "dropout" | "view" | "counter" | "eager" | "fused").
+            "reduce" | "cat" | "dropout" | "view" | "counter" | "eager" | "fused").
         ref: the torch reference `ref(inputs, attrs)`; also the shape rule (`infer`).
         parse: a traced call's (args, kwargs) -> (tensor inputs, attrs).
         torch_fns: the torch callables that trace to it.
@@ -510,6 +510,91 @@ def rsub(t, a):
 def mul(t, a):
     y = t[1] if t[1] is not None else a["scalar"]
     return torch.mul(t[0], y)
+
+
+# -- reductions ----------------------------------------------------------------------------------------
+_sum_args = binder("input, dim=None, keepdim=False, *, dtype=None, out=None")
+_amax_args = binder("input, dim=(), keepdim=False, *, out=None")
+
+
+def _reduce_dims(x: Tensor, dim: Any) -> tuple[int, ...]:
+    """The reduced dims, non-negative and sorted; None / () / [] mean all (a 0-dim tensor takes dim 0 or -1)."""
+    if isinstance(dim, str) or (isinstance(dim, (tuple, list)) and any(isinstance(d, str) for d in dim)):
+        raise UnsupportedOpError(f"reductions over named dims ({dim!r}) are not supported")
+    dims = (dim,) if isinstance(dim, int) else tuple(int(d) for d in (dim or ()))
+    rank = x.dim()
+    if not dims:
+        return tuple(range(rank))
+    lo, hi = -max(rank, 1), max(rank, 1) - 1
+    if any(not lo <= d <= hi for d in dims):
+        raise InputMismatchError(f"dim {list(dims)} out of range for a {rank}-D input (expected in [{lo}, {hi}])")
+    norm = sorted(d % max(rank, 1) for d in dims)
+    if len(set(norm)) != len(norm):
+        raise InputMismatchError(f"dim {list(dims)} names a dim more than once")
+    return tuple(norm) if rank else ()
+
+
+def _parse_sum(*args, **kwargs) -> Parsed:
+    a = _sum_args(args, kwargs)
+    x = a["input"]
+    if a["out"] is not None or (a["dtype"] is not None and a["dtype"] != x.dtype):
+        raise UnsupportedOpError("sum/mean with out= or a dtype= other than the input's is not supported")
+    return [x], {"dim": _reduce_dims(x, a["dim"]), "keepdim": bool(a["keepdim"])}
+
+
+def _parse_amax(*args, **kwargs) -> Parsed:
+    a = _amax_args(args, kwargs)
+    if a["out"] is not None:
+        raise UnsupportedOpError("amax with out= is not supported")
+    return [a["input"]], {"dim": _reduce_dims(a["input"], a["dim"]), "keepdim": bool(a["keepdim"])}
+
+
+@op("sum", "reduce", [torch.sum, Tensor.sum], _parse_sum, "x.sum(dims, keepdim), torch.sum (any dims, or all)",
+    lower="reduce", backward="reduce", backward_file="kernels/reduce.py")
+def sum_(t, a):
+    return torch.sum(t[0], a["dim"], a["keepdim"])
+
+
+@op("mean", "reduce", [torch.mean, Tensor.mean], _parse_sum,
+    "x.mean(dims, keepdim), torch.mean (any dims, or all; x.mean((2, 3)) is global average pooling)",
+    lower="reduce", backward="reduce", backward_file="kernels/reduce.py")
+def mean(t, a):
+    return torch.mean(t[0], a["dim"], a["keepdim"])
+
+
+@op("amax", "reduce", [torch.amax, Tensor.amax], _parse_amax,
+    "x.amax(dims, keepdim), torch.amax (ties share the gradient evenly, as in torch)",
+    lower="reduce", backward="reduce", backward_file="kernels/reduce.py")
+def amax(t, a):
+    return torch.amax(t[0], a["dim"], a["keepdim"])
+
+
+# -- concatenation ---------------------------------------------------------------------------------------
+def _parse_cat(*args, **kwargs) -> Parsed:
+    a = binder("tensors, dim=0, *, out=None, axis=None")(args, kwargs)  # torch.concatenate says axis
+    xs = a["tensors"]
+    if a["axis"] is not None:
+        a["dim"] = a["axis"]
+    if a["out"] is not None:
+        raise UnsupportedOpError("cat with out= is not supported")
+    if isinstance(a["dim"], str):
+        raise UnsupportedOpError(f"cat along a named dim ({a['dim']!r}) is not supported")
+    if isinstance(xs, Tensor) or not all(isinstance(x, Tensor) for x in xs):
+        raise TypeError("cat expects a sequence of tensors")
+    return list(xs), {"dim": int(a["dim"])}
+
+
+def cat_dim(shapes: Sequence[tuple[int, ...]], dim: int) -> int:
+    """The concatenated dim, non-negative, by the rank of the inputs that are not legacy empty [0] tensors."""
+    ranks = [len(s) for s in shapes if tuple(s) != (0,)] or [1]
+    return dim % ranks[0]
+
+
+@op("cat", "cat", [torch.cat, torch.concat, torch.concatenate], _parse_cat,
+    "torch.cat / torch.concat of 2+ tensors along any dim", lower="cat", backward="cat",
+    backward_file="kernels/cat.py")
+def cat(t, a):
+    return torch.cat(list(t), a["dim"])
 
 
 # -- losses ------------------------------------------------------------------------------------------
