@@ -86,7 +86,7 @@ def _reduce_bwd_kernel(
             mask = m_ok[:, None] & (r[None, :] < R)
             xv = tl.load(x_ptr + x_m[:, None] + x_r[None, :], mask=mask, other=0.0)
             cnt += tl.where(mask & (xv == y[:, None]), 1.0, 0.0)
-        g = g / tl.sum(cnt, axis=1)
+        g = g / tl.where(m_ok, tl.sum(cnt, axis=1), 1.0)  # rows past the end: no 0 / 0
     else:
         g = g / div
     for r0 in range(0, R, BLOCK_R):
