@@ -17,6 +17,7 @@ Gradients of values with several users are summed (`GradSum`: into a new tensor,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -259,7 +260,8 @@ def _bn_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: s
 def _dropout_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.dropout import dropout_backward
 
-    return [dropout_backward(dy, env.extra[(n.out, "seed")], p=n.attrs["p"])]
+    inner = math.prod(n.out.type.shape[2:]) if n.op == "dropout2d" else 0
+    return [dropout_backward(dy, env.extra[(n.out, "seed")], p=n.attrs["p"], inner=inner)]
 
 
 def _eager_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:

@@ -347,7 +347,8 @@ def _lower_batch_norm(n: Node, precision: str) -> Step:
 
 def _lower_dropout(n: Node, precision: str) -> Step:
     x = n.inputs[0]
-    k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"])
+    inner = _numel(x.type.shape[2:]) if n.op == "dropout2d" else 0
+    k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"], inner=inner)
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])

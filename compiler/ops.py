@@ -100,7 +100,9 @@ def empty_node(n: Any) -> bool:
 
 
 def softmax_dims(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
-    """A tensor seen as [outer, D, inner] around `dim`."""
+    """A tensor seen as [outer, D, inner] around `dim` (a 0-dim tensor as [1, 1, 1])."""
+    if not shape:
+        return 1, 1, 1
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
@@ -284,7 +286,7 @@ def _parse_softmax(*args, **kwargs) -> Parsed:
         raise CompileError("softmax without dim is ambiguous: pass dim explicitly")
     if a["dtype"] is not None:
         raise UnsupportedOpError("softmax(dtype=...) is not supported")
-    return [x], {"dim": int(a["dim"]) % x.dim()}
+    return [x], {"dim": int(a["dim"]) % max(x.dim(), 1)}  # a 0-dim tensor takes dim 0 or -1
 
 
 @op("softmax", "softmax", [F.softmax, torch.softmax, Tensor.softmax], _parse_softmax, "F.softmax, nn.Softmax (any dim)",
@@ -410,6 +412,20 @@ def _parse_dropout(*args, **kwargs) -> Parsed:
     backward="dropout", backward_file="kernels/dropout.py")
 def dropout(t, a):
     return F.dropout(t[0], a["p"], a["training"])
+
+
+def _parse_dropout2d(*args, **kwargs) -> Parsed:
+    ins, attrs = _parse_dropout(*args, **kwargs)
+    if ins[0].dim() < 2:
+        raise UnsupportedOpError(f"dropout2d of a {ins[0].dim()}-D input (torch deprecates it): use dropout")
+    return ins, attrs
+
+
+@op("dropout2d", "dropout", [F.dropout2d], _parse_dropout2d,
+    "F.dropout2d, nn.Dropout2d (channel-wise: one mask per (n, c); train and eval)", lower="dropout",
+    backward="dropout", backward_file="kernels/dropout.py")
+def dropout2d(t, a):
+    return F.dropout2d(t[0], a["p"], a["training"])
 
 
 _bn_args = binder("input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05")

@@ -31,7 +31,7 @@ def canonicalize(graph: Graph) -> Graph:
     producer: dict[Value, Node] = {}
     for n in graph.nodes:
         x = n.inputs[0] if n.inputs else None
-        identity = (n.op == "dropout" and (not n.attrs["training"] or n.attrs["p"] == 0.0)) or (
+        identity = (n.op in ("dropout", "dropout2d") and (not n.attrs["training"] or n.attrs["p"] == 0.0)) or (
             n.op == "reshape" and x is not None and x.type.shape == n.out.type.shape)
         if identity and x is not None and n.out not in graph.outputs:
             _replace_uses(graph, n.out, x)
