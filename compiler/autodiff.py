@@ -7,7 +7,8 @@ What each pattern saves (and nothing more):
   linear_relu     x, w, the output y (for act')
   relu/sigmoid/tanh  the output; leaky_relu, prelu: the input (and prelu's weight); mul: the other operand
   max pools       the int32 flat argmax per output; avg pools: nothing
-  softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
+  softmax         the output; cross_entropy: logits, target, weight, a per-row log-sum-exp and (mean) the
+                  denominator; nll_loss the same without the log-sum-exp
   sum, mean, cat  nothing; amax: its input and result (ties share the gradient)
   batch_norm      x, weight, the per-channel mean and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
@@ -208,18 +209,25 @@ def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
 
 
 def _loss_saves(n: Node) -> list[Value | str]:
-    return list(n.inputs) + (["lse"] if n.op == "cross_entropy" else [])
+    if n.op not in ("cross_entropy", "nll_loss"):
+        return list(n.inputs)
+    extra = (["lse"] if n.op == "cross_entropy" else []) + (["den"] if n.attrs["reduction"] == "mean" else [])
+    return [v for v in n.inputs if v is not None] + extra
 
 
 def _loss_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.losses import cross_entropy_backward, point_loss_backward
 
-    x, t = n.inputs
     red = n.attrs["reduction"]
-    if n.op == "cross_entropy":
-        g = cross_entropy_backward(dy, env.values[x].contiguous(), env.values[t].contiguous(),
-                                   env.extra[(n.out, "lse")], reduction=red, ignore_index=n.attrs["ignore_index"])
-        return [g, None]
+    if n.op in ("cross_entropy", "nll_loss"):
+        x, t, w = n.inputs
+        dx, dt = cross_entropy_backward(
+            dy, env.values[x].contiguous(), env.values[t].contiguous(), env.extra.get((n.out, "lse")),
+            reduction=red, ignore_index=n.attrs["ignore_index"],
+            weight=None if w is None else env.values[w].contiguous(), den=env.extra.get((n.out, "den")),
+            label_smoothing=n.attrs.get("label_smoothing", 0.0), nll=n.op == "nll_loss", needs_dt=needs[1])
+        return [dx, dt, None]
+    x, t = n.inputs
     dx, dt = point_loss_backward(dy, env.values[x].contiguous(), env.values[t].contiguous(),
                                  kind="mse" if n.op == "mse_loss" else "l1", reduction=red,
                                  needs_dx=needs[0], needs_dt=needs[1])

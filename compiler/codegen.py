@@ -255,25 +255,44 @@ def _lower_softmax(n: Node, precision: str) -> Step:
 
 
 def _lower_loss(n: Node, precision: str) -> Step:
-    x, t = n.inputs
     red = n.attrs["reduction"]
-    if n.op == "cross_entropy":
-        N, C = x.type.shape
-        k = _emit(n, losses.generate, losses.CrossEntropySpec, N=N, C=C, reduction=red,
-                  ignore_index=n.attrs["ignore_index"])
-    else:
-        k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
-                  kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
+    if n.op in ("cross_entropy", "nll_loss"):
+        return _lower_class_loss(n)
+    x, t = n.inputs
+    k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
+              kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
 
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
         loss = _empty(n.out, xt)
-        if n.op == "cross_entropy":
-            lse = torch.empty(xt.shape[0], dtype=torch.float32, device=xt.device)
+        k.module.launch(xt, tt, loss)
+        env.values[n.out] = loss
+
+    return Step(n, k, run)
+
+
+def _lower_class_loss(n: Node) -> Step:
+    """cross_entropy / nll_loss over logits [C], [N, C] or [N, C, d...]: rows are (n, d...), classes dim 1."""
+    x, t, w = n.inputs
+    shape = x.type.shape
+    C = shape[1] if len(shape) > 1 else shape[0]
+    nll, mean = n.op == "nll_loss", n.attrs["reduction"] == "mean"
+    k = _emit(n, losses.generate, losses.CrossEntropySpec, N=shape[0] if len(shape) > 1 else 1, C=C,
+              reduction=n.attrs["reduction"], ignore_index=n.attrs["ignore_index"], inner=_numel(shape[2:]),
+              label_smoothing=n.attrs.get("label_smoothing", 0.0), prob=t.type.dtype.is_floating_point,
+              weight=w is not None, nll=nll)
+
+    def run(env: Env) -> None:
+        xt, tt = _c(env.values[x]), _c(env.values[t])
+        loss = _empty(n.out, xt)
+        lse = den = None
+        if not nll:
+            lse = torch.empty(xt.numel() // C, dtype=torch.float32, device=xt.device)
             env.extra[(n.out, "lse")] = lse
-            k.module.launch(xt, tt, loss, lse)
-        else:
-            k.module.launch(xt, tt, loss)
+        if mean:
+            den = torch.empty(1, dtype=torch.float32, device=xt.device)
+            env.extra[(n.out, "den")] = den
+        k.module.launch(xt, tt, _c(env.values[w]) if w is not None else None, loss, lse, den)
         env.values[n.out] = loss
 
     return Step(n, k, run)

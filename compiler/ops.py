@@ -619,14 +619,34 @@ _ce_args = binder("input, target, weight=None, size_average=None, ignore_index=-
 _point_loss_args = binder("input, target, size_average=None, reduce=None, reduction='mean', weight=None")
 
 
+_nll_args = binder("input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean'")
+
+
+def _class_loss(a: dict, what: str) -> Parsed:
+    """Inputs [logits, target, weight] and attrs of cross_entropy / nll_loss, after torch's own checks."""
+    if a["size_average"] is not None or a["reduce"] is not None:
+        raise UnsupportedOpError(f"{what} with the deprecated size_average / reduce: use reduction=")
+    x, t, w = a["input"], a["target"], a["weight"]
+    if a["reduction"] not in ("mean", "sum", "none"):
+        raise ValueError(f"{a['reduction']!r} is not a valid value for reduction")
+    if x.dim() < 1:
+        raise InputMismatchError(f"{what} expects logits [C], [N, C] or [N, C, d1, ...], got a 0-dim tensor")
+    if not t.is_floating_point() and t.dtype != torch.int64:
+        raise InputMismatchError(f"{what} expects int64 class targets or float class probabilities, got {t.dtype}")
+    return [x, t, w], dict(reduction=a["reduction"], ignore_index=int(a["ignore_index"]))
+
+
 def _parse_cross_entropy(*args, **kwargs) -> Parsed:
     a = _ce_args(args, kwargs)
-    if a["weight"] is not None or a["label_smoothing"] or a["size_average"] is not None or a["reduce"] is not None:
-        raise UnsupportedOpError("cross_entropy supports reduction and ignore_index only "
-                                 "(no class weights, label_smoothing, size_average or reduce)")
-    if a["input"].dim() != 2 or a["target"].dim() != 1 or a["target"].dtype != torch.int64:
-        raise UnsupportedOpError("cross_entropy supports logits [N, C] with int64 class targets [N] only")
-    return [a["input"], a["target"]], dict(reduction=a["reduction"], ignore_index=int(a["ignore_index"]))
+    ins, attrs = _class_loss(a, "cross_entropy")
+    eps = float(a["label_smoothing"])
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {eps}")
+    return ins, {**attrs, "label_smoothing": eps}
+
+
+def _parse_nll_loss(*args, **kwargs) -> Parsed:
+    return _class_loss(_nll_args(args, kwargs), "nll_loss")
 
 
 def _parse_point_loss(*args, **kwargs) -> Parsed:
@@ -638,10 +658,20 @@ def _parse_point_loss(*args, **kwargs) -> Parsed:
     return [a["input"], a["target"]], dict(reduction=a["reduction"])
 
 
-@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy, "F.cross_entropy (reduction, ignore_index)",
-    lower="loss", backward="cross_entropy", backward_file="kernels/losses.py", int_operands=(1,))
+@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy,
+    "F.cross_entropy, nn.CrossEntropyLoss ([C], [N, C] or [N, C, d...]; class or probability targets; weight, "
+    "ignore_index, label_smoothing, reduction)", lower="loss", backward="cross_entropy",
+    backward_file="kernels/losses.py", int_operands=(1,))
 def cross_entropy(t, a):
-    return F.cross_entropy(t[0], t[1], reduction=a["reduction"], ignore_index=a["ignore_index"])
+    return F.cross_entropy(t[0], t[1], t[2], reduction=a["reduction"], ignore_index=a["ignore_index"],
+                           label_smoothing=a["label_smoothing"])
+
+
+@op("nll_loss", "loss", [F.nll_loss], _parse_nll_loss,
+    "F.nll_loss, nn.NLLLoss ([C], [N, C] or [N, C, d...]; weight, ignore_index, reduction)", lower="loss",
+    backward="cross_entropy", backward_file="kernels/losses.py", int_operands=(1,))
+def nll_loss(t, a):
+    return F.nll_loss(t[0], t[1], t[2], reduction=a["reduction"], ignore_index=a["ignore_index"])
 
 
 @op("mse_loss", "loss", [F.mse_loss], _parse_point_loss, "F.mse_loss (reduction)", lower="loss",

@@ -24,18 +24,24 @@ def ce_spec(N: int, C: int, reduction: str, ignore_index: int = -100) -> CrossEn
 
 
 def run_cross_entropy(logits, target, reduction, ignore_index=-100):
-    """Generate, load and launch the forward; returns (loss, lse)."""
+    """Generate, load and launch the forward; returns (loss, lse, den)."""
     N, C = logits.shape
     spec = ce_spec(N, C, reduction, ignore_index)
     loss = torch.empty(N) if reduction == "none" else torch.empty(())
-    lse = torch.empty(N)
-    load(generate(spec), spec.name).launch(logits, target, loss, lse)
-    return loss, lse
+    lse, den = torch.empty(N), torch.empty(1) if reduction == "mean" else None
+    load(generate(spec), spec.name).launch(logits, target, None, loss, lse, den)
+    return loss, lse, den
+
+
+def ce_backward(dloss, logits, target, lse, den, reduction, ignore_index=-100):
+    """dlogits from kernels/losses.py."""
+    return cross_entropy_backward(dloss, logits, target, lse, reduction=reduction, ignore_index=ignore_index,
+                                  den=den)[0]
 
 
 def check_cross_entropy(logits, target, reduction, ignore_index=-100):
     """Loss and dlogits against torch in float64, with a random upstream gradient."""
-    loss, lse = run_cross_entropy(logits, target, reduction, ignore_index)
+    loss, lse, den = run_cross_entropy(logits, target, reduction, ignore_index)
     x64 = logits.double().requires_grad_()
     ref = F.cross_entropy(x64, target, reduction=reduction, ignore_index=ignore_index)
     assert loss.shape == ref.shape
@@ -43,7 +49,7 @@ def check_cross_entropy(logits, target, reduction, ignore_index=-100):
     assert rel_err(lse, torch.logsumexp(x64.detach(), 1)) <= TOL
     dloss = torch.randn_like(loss)
     ref.backward(dloss.double())
-    dx = cross_entropy_backward(dloss, logits, target, lse, reduction=reduction, ignore_index=ignore_index)
+    dx = ce_backward(dloss, logits, target, lse, den, reduction, ignore_index)
     assert rel_err(dx, x64.grad) <= TOL
 
 
@@ -73,12 +79,12 @@ def test_cross_entropy_loss_and_grad_match_torch(N, C, ignore_index, reduction):
 def test_cross_entropy_with_every_target_ignored_matches_torch(reduction):
     # mean divides by the count of kept targets, 0: NaN as torch; the gradient is zero everywhere
     logits, t = torch.randn(5, 10), torch.full((5,), -100)
-    loss, lse = run_cross_entropy(logits, t, reduction)
+    loss, lse, den = run_cross_entropy(logits, t, reduction)
     ref = F.cross_entropy(logits.double(), t, reduction=reduction)
     assert torch.equal(torch.isnan(loss), torch.isnan(ref))
     assert torch.equal(loss.nan_to_num(), ref.float().nan_to_num())
     dloss = torch.randn_like(loss)
-    dx = cross_entropy_backward(dloss, logits, t, lse, reduction=reduction, ignore_index=-100)
+    dx = ce_backward(dloss, logits, t, lse, den, reduction, -100)
     assert torch.equal(dx, torch.zeros_like(dx))
 
 
@@ -93,12 +99,12 @@ def test_cross_entropy_of_confident_right_predictions_matches_torch():
     # round u away in fp32 (this is where a trained classifier's loss lives)
     logits, t = torch.randn(9, 10), torch.randint(0, 10, (9,))
     logits[torch.arange(9), t] += torch.linspace(5, 20, 9)
-    loss, lse = run_cross_entropy(logits, t, "none")
+    loss, lse, den = run_cross_entropy(logits, t, "none")
     x64 = logits.double().requires_grad_()
     ref = F.cross_entropy(x64, t, reduction="none")
     dloss = torch.randn_like(loss)
     ref.backward(dloss.double())
-    dx = cross_entropy_backward(dloss, logits, t, lse, reduction="none", ignore_index=-100)
+    dx = ce_backward(dloss, logits, t, lse, den, "none", -100)
     for i in range(9):  # row by row: the largest loss must not hide the smallest
         assert rel_err(loss[i], ref[i]) <= TOL, i
         assert rel_err(dx[i], x64.grad[i]) <= TOL, i
@@ -108,7 +114,7 @@ def test_cross_entropy_of_confident_right_predictions_matches_torch():
 def test_cross_entropy_target_out_of_range_gives_nan(bad):
     # torch raises; a kernel cannot, so the row's loss is NaN (never a read outside the row)
     logits, t = torch.randn(4, 10), torch.tensor([1, bad, 3, 4])
-    loss, _ = run_cross_entropy(logits, t, "none")
+    loss, _, _ = run_cross_entropy(logits, t, "none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
     assert torch.isnan(run_cross_entropy(logits, t, "mean")[0])
 
@@ -117,8 +123,8 @@ def test_cross_entropy_is_deterministic():
     logits, t = torch.randn(300, 37), targets(300, 37, -100)
     runs = []
     for _ in range(2):
-        loss, lse = run_cross_entropy(logits, t, "mean")
-        dx = cross_entropy_backward(torch.tensor(1.7), logits, t, lse, reduction="mean", ignore_index=-100)
+        loss, lse, den = run_cross_entropy(logits, t, "mean")
+        dx = ce_backward(torch.tensor(1.7), logits, t, lse, den, "mean")
         runs.append((loss, dx))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
@@ -126,11 +132,10 @@ def test_cross_entropy_is_deterministic():
 def test_cross_entropy_forward_is_one_launch():
     logits, t = torch.randn(7, 10), torch.randint(0, 10, (7,))
     with recording() as launches:
-        loss, lse = run_cross_entropy(logits, t, "mean")
-        cross_entropy_backward(torch.tensor(1.0), logits, t, lse, reduction="mean", ignore_index=-100)
-    # the mean's backward counts the kept targets first (the forward's launch signature saves only lse)
-    assert [kernel_name(r.kernel) for r in launches] == [
-        "fnn_cross_entropy_mean_test", "_cross_entropy_bwd_scale_kernel", "_cross_entropy_bwd_dx_kernel"]
+        loss, lse, den = run_cross_entropy(logits, t, "mean")
+        ce_backward(torch.tensor(1.0), logits, t, lse, den, "mean")
+    # the mean's denominator (the kept targets' weight) is saved by the forward: the backward is one launch
+    assert [kernel_name(r.kernel) for r in launches] == ["fnn_cross_entropy_mean_test", "_cross_entropy_bwd_dx_kernel"]
 
 
 def pl_spec(numel: int, kind: str, reduction: str) -> PointLossSpec:
@@ -193,7 +198,7 @@ def test_point_loss_sum_is_deterministic():
 
 
 def test_generated_loss_sources_have_header_labels_and_launch():
-    for spec, sig in [(ce_spec(7, 10, "mean"), "launch(logits, target, loss, lse)"),
+    for spec, sig in [(ce_spec(7, 10, "mean"), "launch(logits, target, weight, loss, lse, den)"),
                       (pl_spec(35, "l1", "none"), "launch(x, t, loss)")]:
         text = generate(spec)
         assert text.startswith(spec.header)
@@ -218,11 +223,26 @@ def test_loss_kernels_compile_for_sm90_without_spills():
     def program():
         N, C = 300, 10
         logits, t, lse = torch.empty(N, C), torch.zeros(N, dtype=torch.int64), torch.empty(N)
+        w, den = torch.ones(C), torch.ones(1)
         for reduction in ("mean", "none"):
             spec = ce_spec(N, C, reduction)
             loss = torch.empty(N) if reduction == "none" else torch.empty(())
-            load(generate(spec), spec.name).launch(logits, t, loss, lse)
-            cross_entropy_backward(loss, logits, t, lse, reduction=reduction, ignore_index=-100)
+            load(generate(spec), spec.name).launch(logits, t, None, loss, lse, den)
+            ce_backward(loss, logits, t, lse, den, reduction)
+        # the general forms: K-dim logits with weights and label smoothing, probability targets, nll_loss
+        x4 = torch.empty(8, C, 4, 4)
+        t4 = torch.zeros(8, 4, 4, dtype=torch.int64)
+        for name, kw, tt in (("fnn_ce_kdim", dict(weight=True, label_smoothing=0.1), t4),
+                             ("fnn_ce_prob", dict(prob=True, weight=True, label_smoothing=0.1), x4),
+                             ("fnn_nll", dict(nll=True, weight=True), t4)):
+            spec = CrossEntropySpec(name, header(name, ["%2 cross_entropy"], ["F.cross_entropy"],
+                                                 "kernels/losses.py"), ("%2 cross_entropy",), 8, C, "mean", -100, 16,
+                                    **kw)
+            lse4 = None if kw.get("nll") else torch.empty(8 * 16)
+            load(generate(spec), name).launch(x4, tt, w, torch.empty(()), lse4, den)
+            cross_entropy_backward(torch.ones(()), x4, tt, lse4, reduction="mean", weight=w, den=den,
+                                   label_smoothing=kw.get("label_smoothing", 0.0), nll=kw.get("nll", False),
+                                   needs_dt=kw.get("prob", False))
         x = torch.empty(5000)
         for kind, reduction in (("mse", "sum"), ("l1", "none")):
             spec = pl_spec(x.numel(), kind, reduction)
@@ -231,7 +251,7 @@ def test_loss_kernels_compile_for_sm90_without_spills():
             point_loss_backward(loss, x, x, kind=kind, reduction=reduction, needs_dx=True, needs_dt=kind == "l1")
 
     compiled = aot.compile_launches(aot.collect(program))
-    assert {c.name for c in compiled} >= {"_cross_entropy_bwd_scale_kernel", "_cross_entropy_bwd_dx_kernel",
-                                          "_point_loss_bwd_dx_kernel", "fnn_cross_entropy_mean_test"}
+    assert {c.name for c in compiled} >= {"_cross_entropy_bwd_dx_kernel", "_point_loss_bwd_dx_kernel",
+                                          "fnn_cross_entropy_mean_test", "fnn_ce_kdim", "fnn_ce_prob", "fnn_nll"}
     for c in compiled:
         assert not c.resources.spills, c.resources
