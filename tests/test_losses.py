@@ -12,6 +12,7 @@ from fusednn.compiler.templates.losses import CrossEntropySpec, PointLossSpec, g
 from fusednn.kernels.losses import cross_entropy_backward, point_loss_backward
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
+from tests.opcheck import build, check_fn, check_module, describe, module_samples, op_samples, sample_fn
 
 TOL = 1e-5
 REDUCTIONS = ["mean", "sum", "none"]
@@ -255,3 +256,83 @@ def test_loss_kernels_compile_for_sm90_without_spills():
                                           "fnn_cross_entropy_mean_test", "fnn_ce_kdim", "fnn_ce_prob", "fnn_nll"}
     for c in compiled:
         assert not c.resources.spills, c.resources
+
+
+# -- cross_entropy / nll_loss through fusednn.compile: every option torch allows -----------------------
+def _class_case(shape, prob, weighted, ignore_index, eps):
+    C = shape[1] if len(shape) > 1 else shape[0]
+    x = torch.randn(shape) * 2
+    if prob:
+        t = torch.softmax(torch.randn(shape), 1 if len(shape) > 1 else 0)
+    else:
+        t = torch.randint(0, C, (shape[0],) + shape[2:] if len(shape) > 1 else ())
+        if ignore_index in range(C) and t.dim():
+            t.view(-1)[0] = ignore_index  # at least one row ignored
+    return [x, t] + ([torch.rand(C) + 0.5] if weighted else [])
+
+
+# (logits shape, probability targets, class weights, ignore_index, label_smoothing): unbatched [C], [N, C],
+# K-dim [N, C, d1, d2]; torch refuses ignore_index with probability targets
+CLASS_CASES = [
+    ((7, 5), False, False, -100, 0.0), ((7, 5), False, True, 1, 0.0), ((7, 5), False, True, 1, 0.2),
+    ((3, 4, 2, 3), False, True, 2, 0.15), ((3, 4, 5), False, False, -100, 0.1), ((5,), False, True, -100, 0.1),
+    ((7, 5), True, False, -100, 0.0), ((3, 4, 2, 3), True, True, -100, 0.2), ((5,), True, True, -100, 0.0),
+    ((1, 1), False, False, -100, 0.3), ((1, 1), True, True, -100, 0.0),
+]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape,prob,weighted,ignore_index,eps", CLASS_CASES,
+                         ids=["x".join(map(str, c[0])) + f"-{'prob' if c[1] else 'class'}{'-w' if c[2] else ''}"
+                              f"-ii{c[3]}-ls{c[4]}" for c in CLASS_CASES])
+def test_cross_entropy_options_match_torch_through_compile(shape, prob, weighted, ignore_index, eps, reduction,
+                                                           fuse):
+    ins = _class_case(shape, prob, weighted, ignore_index, eps)
+
+    def ce(x, t, *w):
+        return F.cross_entropy(x, t, w[0] if w else None, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=eps)
+
+    check_fn(ce, ins, fuse=fuse, grads=[True, prob, False])  # weights are not differentiated
+    if not prob and not eps:
+        def nll(x, t, *w):
+            return F.nll_loss(F.log_softmax(x, 1 if x.dim() > 1 else 0), t, w[0] if w else None,
+                              ignore_index=ignore_index, reduction=reduction)
+        check_fn(nll, ins, fuse=fuse, grads=[True, False, False])
+
+
+def test_nll_loss_of_log_probabilities_matches_torch_with_every_target_ignored():
+    x, t = torch.randn(4, 3).log_softmax(1), torch.full((4,), 1)
+    for reduction in REDUCTIONS:  # mean: 0 / 0 = NaN, as torch; the gradient is zero
+        check_fn(lambda x, t: F.nll_loss(x, t, ignore_index=1, reduction=reduction), [x, t])
+
+
+def test_cross_entropy_with_a_class_weight_that_requires_grad_is_refused_by_torch_too():
+    # torch's nll_loss does not differentiate weights either; fusednn gives them no gradient
+    with pytest.raises(RuntimeError, match="weight"):
+        F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), torch.rand(3, requires_grad=True)).backward()
+
+
+# torch's own samples. All are supported (weights are not differentiated, as in torch).
+OP_SAMPLES = op_samples("nn.functional.cross_entropy") + op_samples("nn.functional.nll_loss")
+
+
+@pytest.mark.parametrize("info,sample", OP_SAMPLES, ids=[f"{i.name.split('.')[-1]}-{describe(s)}" for i, s in OP_SAMPLES])
+def test_op_db_samples_match_torch(info, sample):
+    fn, tensors = sample_fn(info.op, sample)
+    check_fn(fn, tensors, grads=[t.requires_grad for t in tensors])
+
+
+MODULE_SAMPLES = [(training, p) for training in (True, False) for cls in (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
+                  for p in module_samples(cls, training)]
+
+
+@pytest.mark.parametrize("training,pair", MODULE_SAMPLES,
+                         ids=[f"{p[0].module_cls.__name__}-{'train' if t else 'eval'}-{i}"
+                              for i, (t, p) in enumerate(MODULE_SAMPLES)])
+def test_module_db_samples_match_torch(training, pair):
+    # nn.CrossEntropyLoss and nn.NLLLoss (losses are never fused: one form covers both)
+    info, sample = pair
+    m, xs, kw = build(info, sample, training)
+    check_module(m, xs, kwargs=kw)
