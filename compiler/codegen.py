@@ -231,13 +231,24 @@ def _lower_pool(n: Node, precision: str) -> Step:
         xt = _as4d(_c(env.values[x]))
         y = _empty(n.out, xt)
         idx = None
-        if kind == "max":
-            idx = torch.empty((N, C, OH, OW), dtype=torch.int32, device=xt.device)
+        if kind == "max":  # int64 when the indices are a result (return_indices=True), as torch's
+            idx = torch.empty((N, C, OH, OW), dtype=torch.int64 if n.attrs.get("indices") else torch.int32,
+                              device=xt.device)
             env.extra[(n.out, "idx")] = idx
         k.module.launch(xt, _as4d(y), idx)
         env.values[n.out] = y
 
     return Step(n, k, run)
+
+
+def _lower_pool_indices(n: Node, precision: str) -> Step:
+    """max_pool2d(return_indices=True)'s indices: the int64 argmax its pool node's kernel wrote; no kernel."""
+    pool = n.inputs[1]
+
+    def run(env: Env) -> None:
+        env.values[n.out] = env.extra[(pool, "idx")].view(n.out.type.shape)
+
+    return Step(n, None, run)
 
 
 def _lower_softmax(n: Node, precision: str) -> Step:
@@ -412,7 +423,7 @@ LOWER: dict[str, Callable[[Node, str], Step]] = {
     "conv": _lower_conv, "linear": _lower_linear, "pointwise": _lower_pointwise, "pool": _lower_pool,
     "softmax": _lower_softmax, "loss": _lower_loss, "batch_norm": _lower_batch_norm, "dropout": _lower_dropout,
     "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager, "reduce": _lower_reduce,
-    "cat": _lower_cat,
+    "cat": _lower_cat, "pool_indices": _lower_pool_indices,
 }
 
 

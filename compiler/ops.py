@@ -323,8 +323,6 @@ def _pool_stride(a: dict, k: tuple[int, int]) -> tuple[int, int]:
 
 def _parse_max_pool(*args, **kwargs) -> Parsed:
     a = _maxpool_args(args, kwargs)
-    if a["return_indices"]:
-        raise UnsupportedOpError("max_pool2d(return_indices=True) is not supported")
     k = pair(a["kernel_size"], "kernel_size")
     s, p, d = _pool_stride(a, k), pair(a["padding"], "padding"), pair(a["dilation"], "dilation")
     _check_pool(a["input"], k, s, p, d)
@@ -348,7 +346,7 @@ def _parse_avg_pool(*args, **kwargs) -> Parsed:
     "F.max_pool2d, nn.MaxPool2d (kernel, stride, padding, dilation, ceil_mode)", lower="pool", backward="pool",
     backward_file="kernels/pool.py")
 def max_pool2d(t, a):
-    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], False)
 
 
 @op("avg_pool2d", "pool", [F.avg_pool2d], _parse_avg_pool,
@@ -361,8 +359,6 @@ def avg_pool2d(t, a):
 
 def _parse_adaptive(*args, **kwargs) -> Parsed:
     a = binder("input, output_size, return_indices=False")(args, kwargs)
-    if a["return_indices"]:
-        raise UnsupportedOpError("adaptive_max_pool2d(return_indices=True) is not supported")
     x, size = a["input"], a["output_size"]
     size = (size, size) if isinstance(size, int) or size is None else tuple(size)
     size = tuple(int(x.shape[-2 + i]) if s is None else int(s) for i, s in enumerate(size))
@@ -379,6 +375,32 @@ def adaptive_avg_pool2d(t, a):
     lower="pool", backward="adaptive_pool", backward_file="kernels/pool.py")
 def adaptive_max_pool2d(t, a):
     return F.adaptive_max_pool2d(t[0], a["output_size"])
+
+
+# (values, indices) pools: F.max_pool2d(..., return_indices=True) and nn.MaxPool2d(return_indices=True) reach
+# F.max_pool2d_with_indices. The call becomes two nodes (`_outputs`): the pool, whose kernel then writes its
+# argmax as int64 (and does not fuse), and a non-differentiable `*_indices` node that hands that argmax out.
+def _with_indices(parse: Callable[..., Parsed], pool: str) -> Callable[..., Parsed]:
+    def parse_with_indices(*args, **kwargs) -> Parsed:
+        ins, attrs = parse(*args, **kwargs)
+        return ins, {**attrs, "indices": True, "_outputs": (pool, pool + "_indices")}
+
+    return parse_with_indices
+
+
+@op("max_pool2d_indices", "pool", [F.max_pool2d_with_indices], _with_indices(_parse_max_pool, "max_pool2d"),
+    "F.max_pool2d / nn.MaxPool2d with return_indices=True: the int64 flat h*W+w argmax (inputs: x, the pool)",
+    lower="pool_indices", backward=None, backward_file="- (not differentiable)", int_operands=(1,))
+def max_pool2d_indices(t, a):
+    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], True)[1]
+
+
+@op("adaptive_max_pool2d_indices", "pool", [F.adaptive_max_pool2d_with_indices],
+    _with_indices(_parse_adaptive, "adaptive_max_pool2d"),
+    "F.adaptive_max_pool2d / nn.AdaptiveMaxPool2d with return_indices=True: the int64 argmax (inputs: x, the pool)",
+    lower="pool_indices", backward=None, backward_file="- (not differentiable)", int_operands=(1,))
+def adaptive_max_pool2d_indices(t, a):
+    return F.adaptive_max_pool2d(t[0], a["output_size"], True)[1]
 
 
 # -- shape ops: all become reshape with a concrete shape ----------------------------------------------

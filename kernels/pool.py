@@ -62,7 +62,7 @@ def _avg_extent(o, size, K: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
 @triton.jit
 def _pool_bwd_dx_kernel(
     dy_ptr,  # upstream gradient [N, C, OH, OW], fp32
-    idx_ptr,  # int32 argmax [N, C, OH, OW] (flat h*W+w in the plane) for max; None for avg
+    idx_ptr,  # int32 (int64 with return_indices) argmax [N, C, OH, OW] (flat h*W+w in the plane); None for avg
     dx_ptr,  # output [N, C, H, W], fp32
     total,  # N*C*H*W
     H, W, OH, OW,
@@ -107,7 +107,7 @@ def _pool_bwd_dx_kernel(
 @triton.jit
 def _adaptive_pool_bwd_dx_kernel(
     dy_ptr,  # upstream gradient [N, C, OH, OW], fp32
-    idx_ptr,  # int32 argmax [N, C, OH, OW] (flat h*W+w in the plane) for max; None for avg
+    idx_ptr,  # int32 (int64 with return_indices) argmax [N, C, OH, OW] (flat h*W+w in the plane); None for avg
     dx_ptr,  # output [N, C, H, W], fp32
     total,  # N*C*H*W
     H, W, OH, OW,
@@ -158,8 +158,9 @@ def _check_grads(op: str, dy: torch.Tensor, idx: torch.Tensor | None, kind: str,
     if dy.dtype != torch.float32 or not dy.is_contiguous():
         raise ValueError(f"{op}: dy must be contiguous float32, got {dy.dtype}")
     if kind == "max":
-        if idx is None or tuple(idx.shape) != want or idx.dtype != torch.int32 or not idx.is_contiguous():
-            raise ValueError(f"{op}: max pool needs the forward's contiguous int32 idx of shape {want}")
+        if idx is None or tuple(idx.shape) != want or idx.dtype not in (torch.int32, torch.int64) \
+                or not idx.is_contiguous():
+            raise ValueError(f"{op}: max pool needs the forward's contiguous int32 (or int64) idx of shape {want}")
 
 
 def pool2d_backward(dy: torch.Tensor, idx: torch.Tensor | None, *, kind: str,

@@ -14,9 +14,6 @@ REFUSED = {
     # LPPool2d: F.lp_pool2d ((Σ x^p)^(1/p) over a window) has no IR op: it would need pow/sign/abs or
     # its own pool template and backward.
     "LPPool2d": "lp_pool2d",
-    # MaxPool2d(return_indices=True): a node has one result; the (values, int64 indices) pair needs a
-    # second, non-differentiable result of the pool node.
-    "MaxPool2d(return_indices)": "max_pool2d_with_indices",
 }
 
 

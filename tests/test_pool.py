@@ -16,6 +16,7 @@ from fusednn.kernels.pool import pool_out_size
 from fusednn.kernels.pool import adaptive_pool2d_backward, pool2d_backward
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
+from tests.opcheck import check_module
 
 TOL = 1e-5
 
@@ -253,7 +254,7 @@ def test_pool_backward_rejects_mismatched_gradient():
     y, idx, meta = run_pool(x, "max", kernel=2)
     with pytest.raises(ValueError, match="dy has shape"):
         pool2d_backward(torch.randn(1, 2, 4, 3), idx, **meta)
-    with pytest.raises(ValueError, match="int32 idx"):
+    with pytest.raises(ValueError, match="int32 \\(or int64\\) idx"):
         pool2d_backward(torch.randn_like(y), None, **meta)
 
 
@@ -319,3 +320,38 @@ def test_pool_kernels_compile_for_sm90_without_spills():
     compiled = aot.compile_launches(aot.collect(program))
     assert len(compiled) == 12
     assert not [c.name for c in compiled if c.resources.spills]
+
+
+# -- through fusednn.compile: return_indices=True, adaptive max pools after a fused conv ------------------
+class ConvPoolIndices(torch.nn.Module):
+    """conv + relu, then a max pool that also returns its indices (the pool then stays out of the conv)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.pool = torch.nn.Conv2d(2, 3, 3), pool
+
+    def forward(self, x):
+        y, i = self.pool(F.relu(self.conv(x)))
+        return y * 2.0, i
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("pool", [torch.nn.MaxPool2d(2, return_indices=True),
+                                  torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True, return_indices=True),
+                                  torch.nn.AdaptiveMaxPool2d((2, 3), return_indices=True)],
+                         ids=["2x2", "3s2p1-ceil", "adaptive"])
+def test_max_pool_return_indices_gives_torch_int64_indices_and_grads(pool, fuse):
+    x = torch.randn(2, 2, 9, 10, dtype=torch.float64, requires_grad=True)
+    c = check_module(ConvPoolIndices(pool).double(), [x], fuse=fuse)
+    ops = [n.op for n in c.fused_graph.nodes]
+    assert ops[-2].endswith("max_pool2d_indices") and ops[0] == ("conv_relu_pool" if fuse else "conv2d")
+
+
+def test_max_pool_return_indices_of_an_unbatched_input():
+    check_module(torch.nn.MaxPool2d(3, 2, 1, return_indices=True), [torch.randn(3, 7, 7, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_adaptive_max_pool_after_conv_matches_torch(fuse):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(2)).double()
+    check_module(m, [torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)], fuse=fuse)

@@ -99,7 +99,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
         src.writeline("x_ptr,  # input [N, C, H, W], contiguous fp32")
         src.writeline("y_ptr,  # output [N, C, OH, OW], fp32")
         if is_max:
-            src.writeline("idx_ptr,  # output [N, C, OH, OW], int32: flat h*W+w of each window's max")
+            src.writeline("idx_ptr,  # output [N, C, OH, OW], int32 (int64 for return_indices): flat h*W+w of each window's max")
         src.writeline("total,  # N*C*OH*OW")
         consts = ["H", "W", "OH", "OW"]
         if not adaptive:
