@@ -6,7 +6,7 @@ What each pattern saves (and nothing more):
                   with avg pool and an activation, the full-size activation (act' cannot come from the mean)
   linear_relu     x, w, the output y (for act')
   relu/sigmoid/tanh  the output; leaky_relu, prelu: the input (and prelu's weight); mul: the other operand
-  max pools       the int32 flat argmax per output; avg pools: nothing
+  max pools       the int32 flat argmax per output; avg pools: nothing; lp_pool2d: its input and output
   softmax         the output; cross_entropy: logits, target, weight, a per-row log-sum-exp and (mean) the
                   denominator; nll_loss the same without the log-sum-exp
   sum, mean, cat  nothing; amax: its input and result (ties share the gradient)
@@ -201,6 +201,16 @@ def _pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
     return [dx.reshape(x.type.shape)]
 
 
+def _lp_pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.pool import lp_pool2d_backward
+
+    x = n.inputs[0]
+    a = n.attrs
+    dx = lp_pool2d_backward(_as4d(dy), _as4d(env.values[x].contiguous()), _as4d(env.values[n.out].contiguous()),
+                            norm_type=a["norm_type"], kernel=a["kernel"], stride=a["stride"], ceil_mode=a["ceil_mode"])
+    return [dx.reshape(x.type.shape)]
+
+
 def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.softmax import softmax_backward
 
@@ -299,6 +309,7 @@ VJPS: dict[str, Rule] = {
     "pointwise": Rule(("per absorbed op",), _chain_saves, _chain_vjp),
     "pool": Rule(("pool2d_backward",), _pool_saves, _pool_vjp),
     "adaptive_pool": Rule(("adaptive_pool2d_backward",), _pool_saves, _pool_vjp),
+    "lp_pool": Rule(("lp_pool2d_backward",), lambda n: [n.inputs[0], n.out], _lp_pool_vjp),
     "softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
     "cross_entropy": Rule(("cross_entropy_backward",), _loss_saves, _loss_vjp),
     "point_loss": Rule(("point_loss_backward",), _loss_saves, _loss_vjp),

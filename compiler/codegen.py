@@ -217,15 +217,16 @@ def _lower_pool(n: Node, precision: str) -> Step:
     x = n.inputs[0]
     N, C, H, W = (1,) * (4 - len(x.type.shape)) + x.type.shape
     OH, OW = n.out.type.shape[-2:]
-    kind = "max" if "max" in n.op else "avg"
+    kind = "max" if "max" in n.op else "lp" if n.op == "lp_pool2d" else "avg"
     if n.op.startswith("adaptive"):
         k = _emit(n, pool.generate, pool.AdaptivePoolSpec, kind=kind, N=N, C=C, H=H, W=W, OH=OH, OW=OW)
     else:
         a = n.attrs
         k = _emit(n, pool.generate, pool.PoolSpec, kind=kind, N=N, C=C, H=H, W=W, OH=OH, OW=OW,
-                  kernel=a["kernel"], stride=a["stride"], padding=a["padding"], dilation=a.get("dilation", (1, 1)),
-                  ceil_mode=a["ceil_mode"], count_include_pad=a.get("count_include_pad", False),
-                  divisor_override=a.get("divisor_override"))
+                  kernel=a["kernel"], stride=a["stride"], padding=a.get("padding", (0, 0)),
+                  dilation=a.get("dilation", (1, 1)), ceil_mode=a["ceil_mode"],
+                  count_include_pad=a.get("count_include_pad", kind == "lp"),
+                  divisor_override=a.get("divisor_override"), norm_type=a.get("norm_type", 0.0))
 
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))

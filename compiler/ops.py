@@ -357,6 +357,27 @@ def avg_pool2d(t, a):
                         a["divisor_override"])
 
 
+def _parse_lp_pool(*args, **kwargs) -> Parsed:
+    a = binder("input, norm_type, kernel_size, stride=None, ceil_mode=False")(args, kwargs)
+    p = float(a["norm_type"])
+    for e in (p, 1.0 / p if p else 0.0):
+        if p <= 0 or (e.is_integer() and e > 3):
+            # the kernels' x**p is exact for p in {1, 2, 3, 0.5}; other integer powers of negative x
+            # (which torch computes) would come out NaN
+            raise UnsupportedOpError(f"lp_pool2d with norm_type {p}: fusednn takes p > 0 whose p and 1/p are not "
+                                     "integers above 3")
+    k = pair(a["kernel_size"], "kernel_size")
+    s = _pool_stride(a, k)
+    _check_pool(a["input"], k, s, (0, 0), (1, 1))
+    return [a["input"]], dict(norm_type=p, kernel=k, stride=s, ceil_mode=bool(a["ceil_mode"]))
+
+
+@op("lp_pool2d", "pool", [F.lp_pool2d], _parse_lp_pool, "F.lp_pool2d, nn.LPPool2d (norm_type, kernel, stride, ceil_mode)",
+    lower="pool", backward="lp_pool", backward_file="kernels/pool.py")
+def lp_pool2d(t, a):
+    return F.lp_pool2d(t[0], a["norm_type"], a["kernel"], a["stride"], a["ceil_mode"])
+
+
 def _parse_adaptive(*args, **kwargs) -> Parsed:
     a = binder("input, output_size, return_indices=False")(args, kwargs)
     x, size = a["input"], a["output_size"]
