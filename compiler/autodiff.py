@@ -7,8 +7,10 @@ What each pattern saves (and nothing more):
   linear_relu     x, w, the output y (for act')
   activations     the output (relu, sigmoid, tanh, relu6, hardtanh) or the input (the others), as
                   kernels/activation.SAVES says; neg nothing; prelu the input and weight; mul: the other operand
-  max pools       the int32 flat argmax per output; avg pools: nothing
-  softmax         the output; cross_entropy: logits, target and a per-row log-sum-exp
+  max pools       the int32 flat argmax per output; avg pools: nothing; lp_pool2d: its input and output
+  softmax         the output; cross_entropy: logits, target, weight, a per-row log-sum-exp and (mean) the
+                  denominator; nll_loss the same without the log-sum-exp
+  sum, mean, cat  nothing; amax: its input and result (ties share the gradient)
   batch_norm      x, weight, the per-channel mean and 1/std
   layer/group/instance_norm  x, weight, each row's mean (as m1 + mean_lo) and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
@@ -18,13 +20,14 @@ Gradients of values with several users are summed (`GradSum`: into a new tensor,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from fusednn.compiler.ir import Env, Graph, Node, Value
-from fusednn.compiler.ops import REGISTRY, empty_node, norm_geometry, softmax_dims
+from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, norm_geometry, softmax_dims
 
 Grads = list[torch.Tensor | None]
 Vjp = Callable[[Node, Env, torch.Tensor, list[bool], str], Grads]
@@ -207,6 +210,16 @@ def _pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
     return [dx.reshape(x.type.shape)]
 
 
+def _lp_pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.pool import lp_pool2d_backward
+
+    x = n.inputs[0]
+    a = n.attrs
+    dx = lp_pool2d_backward(_as4d(dy), _as4d(env.values[x].contiguous()), _as4d(env.values[n.out].contiguous()),
+                            norm_type=a["norm_type"], kernel=a["kernel"], stride=a["stride"], ceil_mode=a["ceil_mode"])
+    return [dx.reshape(x.type.shape)]
+
+
 def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.softmax import softmax_backward
 
@@ -215,22 +228,45 @@ def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
 
 
 def _loss_saves(n: Node) -> list[Value | str]:
-    return list(n.inputs) + (["lse"] if n.op == "cross_entropy" else [])
+    if n.op not in ("cross_entropy", "nll_loss"):
+        return list(n.inputs)
+    extra = (["lse"] if n.op == "cross_entropy" else []) + (["den"] if n.attrs["reduction"] == "mean" else [])
+    return [v for v in n.inputs if v is not None] + extra
 
 
 def _loss_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.losses import cross_entropy_backward, point_loss_backward
 
-    x, t = n.inputs
     red = n.attrs["reduction"]
-    if n.op == "cross_entropy":
-        g = cross_entropy_backward(dy, env.values[x].contiguous(), env.values[t].contiguous(),
-                                   env.extra[(n.out, "lse")], reduction=red, ignore_index=n.attrs["ignore_index"])
-        return [g, None]
+    if n.op in ("cross_entropy", "nll_loss"):
+        x, t, w = n.inputs
+        dx, dt = cross_entropy_backward(
+            dy, env.values[x].contiguous(), env.values[t].contiguous(), env.extra.get((n.out, "lse")),
+            reduction=red, ignore_index=n.attrs["ignore_index"],
+            weight=None if w is None else env.values[w].contiguous(), den=env.extra.get((n.out, "den")),
+            label_smoothing=n.attrs.get("label_smoothing", 0.0), nll=n.op == "nll_loss", needs_dt=needs[1])
+        return [dx, dt, None]
+    x, t = n.inputs
     dx, dt = point_loss_backward(dy, env.values[x].contiguous(), env.values[t].contiguous(),
                                  kind="mse" if n.op == "mse_loss" else "l1", reduction=red,
                                  needs_dx=needs[0], needs_dt=needs[1])
     return [dx, dt]
+
+
+def _reduce_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.reduce import reduce_backward
+
+    x = n.inputs[0]
+    amax = n.op == "amax"
+    return [reduce_backward(dy, x.type.shape, n.attrs["dim"], kind=n.op,
+                            x=env.values[x] if amax else None, y=env.values[n.out] if amax else None)]
+
+
+def _cat_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    from fusednn.kernels.cat import cat_backward
+
+    shapes = [v.type.shape for v in n.inputs]
+    return cat_backward(dy, shapes, cat_dim(shapes, n.attrs["dim"]), needs)
 
 
 def _bn_saves(n: Node) -> list[Value | str]:
@@ -282,7 +318,8 @@ def _norm_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
 def _dropout_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.dropout import dropout_backward
 
-    return [dropout_backward(dy, env.extra[(n.out, "seed")], p=n.attrs["p"])]
+    inner = math.prod(n.out.type.shape[2:]) if n.op == "dropout2d" else 0
+    return [dropout_backward(dy, env.extra[(n.out, "seed")], p=n.attrs["p"], inner=inner)]
 
 
 def _eager_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
@@ -312,6 +349,7 @@ VJPS: dict[str, Rule] = {
     "pointwise": Rule(("per absorbed op",), _chain_saves, _chain_vjp),
     "pool": Rule(("pool2d_backward",), _pool_saves, _pool_vjp),
     "adaptive_pool": Rule(("adaptive_pool2d_backward",), _pool_saves, _pool_vjp),
+    "lp_pool": Rule(("lp_pool2d_backward",), lambda n: [n.inputs[0], n.out], _lp_pool_vjp),
     "softmax": Rule(("softmax_backward",), lambda n: [n.out], _softmax_vjp),
     "cross_entropy": Rule(("cross_entropy_backward",), _loss_saves, _loss_vjp),
     "point_loss": Rule(("point_loss_backward",), _loss_saves, _loss_vjp),
@@ -319,6 +357,8 @@ VJPS: dict[str, Rule] = {
     "norm": Rule(("norm_backward",), _norm_saves, _norm_vjp),
     "dropout": Rule(("dropout_backward",), lambda n: ["seed"], _dropout_vjp),
     "reshape": Rule((), _NONE, _reshape_vjp),
+    "reduce": Rule(("reduce_backward",), lambda n: [n.inputs[0], n.out] if n.op == "amax" else [], _reduce_vjp),
+    "cat": Rule(("cat_backward",), _NONE, _cat_vjp),
     "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),
 }
 

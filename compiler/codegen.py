@@ -24,8 +24,9 @@ import torch
 from fusednn.compiler import source
 from fusednn.compiler.autodiff import saved_values
 from fusednn.compiler.ir import Env, Graph, Node, Value
-from fusednn.compiler.ops import REGISTRY, empty_node, norm_geometry, softmax_dims
-from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, norm, pointwise, pool, softmax)
+from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, norm_geometry, softmax_dims
+from fusednn.compiler.templates import (batch_norm, cat, conv, dropout, linear, losses, norm, pointwise, pool,
+                                        reduce, softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 log = logging.getLogger("fusednn")
@@ -218,27 +219,39 @@ def _lower_pool(n: Node, precision: str) -> Step:
     x = n.inputs[0]
     N, C, H, W = (1,) * (4 - len(x.type.shape)) + x.type.shape
     OH, OW = n.out.type.shape[-2:]
-    kind = "max" if "max" in n.op else "avg"
+    kind = "max" if "max" in n.op else "lp" if n.op == "lp_pool2d" else "avg"
     if n.op.startswith("adaptive"):
         k = _emit(n, pool.generate, pool.AdaptivePoolSpec, kind=kind, N=N, C=C, H=H, W=W, OH=OH, OW=OW)
     else:
         a = n.attrs
         k = _emit(n, pool.generate, pool.PoolSpec, kind=kind, N=N, C=C, H=H, W=W, OH=OH, OW=OW,
-                  kernel=a["kernel"], stride=a["stride"], padding=a["padding"], dilation=a.get("dilation", (1, 1)),
-                  ceil_mode=a["ceil_mode"], count_include_pad=a.get("count_include_pad", False),
-                  divisor_override=a.get("divisor_override"))
+                  kernel=a["kernel"], stride=a["stride"], padding=a.get("padding", (0, 0)),
+                  dilation=a.get("dilation", (1, 1)), ceil_mode=a["ceil_mode"],
+                  count_include_pad=a.get("count_include_pad", kind == "lp"),
+                  divisor_override=a.get("divisor_override"), norm_type=a.get("norm_type", 0.0))
 
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
         y = _empty(n.out, xt)
         idx = None
-        if kind == "max":
-            idx = torch.empty((N, C, OH, OW), dtype=torch.int32, device=xt.device)
+        if kind == "max":  # int64 when the indices are a result (return_indices=True), as torch's
+            idx = torch.empty((N, C, OH, OW), dtype=torch.int64 if n.attrs.get("indices") else torch.int32,
+                              device=xt.device)
             env.extra[(n.out, "idx")] = idx
         k.module.launch(xt, _as4d(y), idx)
         env.values[n.out] = y
 
     return Step(n, k, run)
+
+
+def _lower_pool_indices(n: Node, precision: str) -> Step:
+    """max_pool2d(return_indices=True)'s indices: the int64 argmax its pool node's kernel wrote; no kernel."""
+    pool = n.inputs[1]
+
+    def run(env: Env) -> None:
+        env.values[n.out] = env.extra[(pool, "idx")].view(n.out.type.shape)
+
+    return Step(n, None, run)
 
 
 def _lower_softmax(n: Node, precision: str) -> Step:
@@ -256,26 +269,79 @@ def _lower_softmax(n: Node, precision: str) -> Step:
 
 
 def _lower_loss(n: Node, precision: str) -> Step:
-    x, t = n.inputs
     red = n.attrs["reduction"]
-    if n.op == "cross_entropy":
-        N, C = x.type.shape
-        k = _emit(n, losses.generate, losses.CrossEntropySpec, N=N, C=C, reduction=red,
-                  ignore_index=n.attrs["ignore_index"])
-    else:
-        k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
-                  kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
+    if n.op in ("cross_entropy", "nll_loss"):
+        return _lower_class_loss(n)
+    x, t = n.inputs
+    k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
+              kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
 
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
         loss = _empty(n.out, xt)
-        if n.op == "cross_entropy":
-            lse = torch.empty(xt.shape[0], dtype=torch.float32, device=xt.device)
-            env.extra[(n.out, "lse")] = lse
-            k.module.launch(xt, tt, loss, lse)
-        else:
-            k.module.launch(xt, tt, loss)
+        k.module.launch(xt, tt, loss)
         env.values[n.out] = loss
+
+    return Step(n, k, run)
+
+
+def _lower_class_loss(n: Node) -> Step:
+    """cross_entropy / nll_loss over logits [C], [N, C] or [N, C, d...]: rows are (n, d...), classes dim 1."""
+    x, t, w = n.inputs
+    shape = x.type.shape
+    C = shape[1] if len(shape) > 1 else shape[0]
+    nll, mean = n.op == "nll_loss", n.attrs["reduction"] == "mean"
+    k = _emit(n, losses.generate, losses.CrossEntropySpec, N=shape[0] if len(shape) > 1 else 1, C=C,
+              reduction=n.attrs["reduction"], ignore_index=n.attrs["ignore_index"], inner=_numel(shape[2:]),
+              label_smoothing=n.attrs.get("label_smoothing", 0.0), prob=t.type.dtype.is_floating_point,
+              weight=w is not None, nll=nll)
+
+    def run(env: Env) -> None:
+        xt, tt = _c(env.values[x]), _c(env.values[t])
+        loss = _empty(n.out, xt)
+        lse = den = None
+        if not nll:
+            lse = torch.empty(xt.numel() // C, dtype=torch.float32, device=xt.device)
+            env.extra[(n.out, "lse")] = lse
+        if mean:
+            den = torch.empty(1, dtype=torch.float32, device=xt.device)
+            env.extra[(n.out, "den")] = den
+        k.module.launch(xt, tt, _c(env.values[w]) if w is not None else None, loss, lse, den)
+        env.values[n.out] = loss
+
+    return Step(n, k, run)
+
+
+def _lower_reduce(n: Node, precision: str) -> Step:
+    """sum / mean / amax over any dims: one kernel over x's dims merged into kept and reduced runs."""
+    from fusednn.kernels.reduce import reduce_layout
+
+    x = n.inputs[0]
+    try:
+        reduce_layout(x.type.shape, n.attrs["dim"])
+    except ValueError as e:
+        raise UnsupportedOpError(f"{where(n)}: {e}; reshape the input to fewer dims first") from None
+    k = _emit(n, reduce.generate, reduce.ReduceSpec, kind=n.op, dims=n.attrs["dim"])
+
+    def run(env: Env) -> None:
+        xt = _c(env.values[x])
+        y = _empty(n.out, xt)
+        k.module.launch(xt, y)
+        env.values[n.out] = y
+
+    return Step(n, k, run)
+
+
+def _lower_cat(n: Node, precision: str) -> Step:
+    """torch.cat: one copy launch per input into its slice of the result."""
+    dim = cat_dim([v.type.shape for v in n.inputs], n.attrs["dim"])
+    k = _emit(n, cat.generate, cat.CatSpec, n_inputs=len(n.inputs), dim=dim)
+
+    def run(env: Env) -> None:
+        xs = [_c(env.values[v]) for v in n.inputs]
+        y = _empty(n.out, xs[0])
+        k.module.launch(xs, y)
+        env.values[n.out] = y
 
     return Step(n, k, run)
 
@@ -359,7 +425,8 @@ def _lower_norm(n: Node, precision: str) -> Step:
 
 def _lower_dropout(n: Node, precision: str) -> Step:
     x = n.inputs[0]
-    k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"])
+    inner = _numel(x.type.shape[2:]) if n.op == "dropout2d" else 0
+    k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"], inner=inner)
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])
@@ -403,8 +470,8 @@ def _lower_counter(n: Node, precision: str) -> Step:
 LOWER: dict[str, Callable[[Node, str], Step]] = {
     "conv": _lower_conv, "linear": _lower_linear, "pointwise": _lower_pointwise, "pool": _lower_pool,
     "softmax": _lower_softmax, "loss": _lower_loss, "batch_norm": _lower_batch_norm, "norm": _lower_norm,
-    "dropout": _lower_dropout,
-    "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager,
+    "dropout": _lower_dropout, "reshape": _lower_reshape, "counter": _lower_counter, "eager": _lower_eager,
+    "reduce": _lower_reduce, "cat": _lower_cat, "pool_indices": _lower_pool_indices,
 }
 
 
@@ -432,7 +499,8 @@ def check(graph: Graph) -> None:
                     "elements: split the batch or the input")
         if n.op == "eager":  # torch runs it: any dtype, any size
             continue
-        if not empty_node(n) and any(v is not None and v.type.numel == 0 for v in n.inputs):
+        empty_ok = REGISTRY[n.op].kind == "cat"  # an empty input of a cat adds nothing
+        if not empty_node(n) and not empty_ok and any(v is not None and v.type.numel == 0 for v in n.inputs):
             raise CompileError(f"{where(n)} reduces over an empty operand ({', '.join(map(str, n.inputs))} : "
                                f"{', '.join(str(v.type) for v in n.inputs if v is not None)}) to a non-empty "
                                f"{n.out.type}; fusednn does not support this")

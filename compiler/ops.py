@@ -30,7 +30,7 @@ class OpDef:
     Args:
         name: the IR op name.
         kind: what it is ("conv" | "linear" | "act" | "arith" | "pool" | "softmax" | "loss" | "norm" |
-            "dropout" | "view" | "counter" | "eager" | "fused").
+            "reduce" | "cat" | "dropout" | "view" | "counter" | "eager" | "fused").
         ref: the torch reference `ref(inputs, attrs)`; also the shape rule (`infer`).
         parse: a traced call's (args, kwargs) -> (tensor inputs, attrs).
         torch_fns: the torch callables that trace to it.
@@ -103,7 +103,9 @@ def empty_node(n: Any) -> bool:
 
 
 def softmax_dims(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
-    """A tensor seen as [outer, D, inner] around `dim`."""
+    """A tensor seen as [outer, D, inner] around `dim` (a 0-dim tensor as [1, 1, 1])."""
+    if not shape:
+        return 1, 1, 1
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
@@ -442,7 +444,7 @@ def _parse_softmax(*args, **kwargs) -> Parsed:
         raise CompileError("softmax without dim is ambiguous: pass dim explicitly")
     if a["dtype"] is not None:
         raise UnsupportedOpError("softmax(dtype=...) is not supported")
-    return [x], {"dim": int(a["dim"]) % x.dim()}
+    return [x], {"dim": int(a["dim"]) % max(x.dim(), 1)}  # a 0-dim tensor takes dim 0 or -1
 
 
 @op("softmax", "softmax", [F.softmax, torch.softmax, Tensor.softmax], _parse_softmax, "F.softmax, nn.Softmax (any dim)",
@@ -479,8 +481,6 @@ def _pool_stride(a: dict, k: tuple[int, int]) -> tuple[int, int]:
 
 def _parse_max_pool(*args, **kwargs) -> Parsed:
     a = _maxpool_args(args, kwargs)
-    if a["return_indices"]:
-        raise UnsupportedOpError("max_pool2d(return_indices=True) is not supported")
     k = pair(a["kernel_size"], "kernel_size")
     s, p, d = _pool_stride(a, k), pair(a["padding"], "padding"), pair(a["dilation"], "dilation")
     _check_pool(a["input"], k, s, p, d)
@@ -504,7 +504,7 @@ def _parse_avg_pool(*args, **kwargs) -> Parsed:
     "F.max_pool2d, nn.MaxPool2d (kernel, stride, padding, dilation, ceil_mode)", lower="pool", backward="pool",
     backward_file="kernels/pool.py")
 def max_pool2d(t, a):
-    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], False)
 
 
 @op("avg_pool2d", "pool", [F.avg_pool2d], _parse_avg_pool,
@@ -515,10 +515,29 @@ def avg_pool2d(t, a):
                         a["divisor_override"])
 
 
+def _parse_lp_pool(*args, **kwargs) -> Parsed:
+    a = binder("input, norm_type, kernel_size, stride=None, ceil_mode=False")(args, kwargs)
+    p = float(a["norm_type"])
+    for e in (p, 1.0 / p if p else 0.0):
+        if p <= 0 or (e.is_integer() and e > 3):
+            # the kernels' x**p is exact for p in {1, 2, 3, 0.5}; other integer powers of negative x
+            # (which torch computes) would come out NaN
+            raise UnsupportedOpError(f"lp_pool2d with norm_type {p}: fusednn takes p > 0 whose p and 1/p are not "
+                                     "integers above 3")
+    k = pair(a["kernel_size"], "kernel_size")
+    s = _pool_stride(a, k)
+    _check_pool(a["input"], k, s, (0, 0), (1, 1))
+    return [a["input"]], dict(norm_type=p, kernel=k, stride=s, ceil_mode=bool(a["ceil_mode"]))
+
+
+@op("lp_pool2d", "pool", [F.lp_pool2d], _parse_lp_pool, "F.lp_pool2d, nn.LPPool2d (norm_type, kernel, stride, ceil_mode)",
+    lower="pool", backward="lp_pool", backward_file="kernels/pool.py")
+def lp_pool2d(t, a):
+    return F.lp_pool2d(t[0], a["norm_type"], a["kernel"], a["stride"], a["ceil_mode"])
+
+
 def _parse_adaptive(*args, **kwargs) -> Parsed:
     a = binder("input, output_size, return_indices=False")(args, kwargs)
-    if a["return_indices"]:
-        raise UnsupportedOpError("adaptive_max_pool2d(return_indices=True) is not supported")
     x, size = a["input"], a["output_size"]
     size = (size, size) if isinstance(size, int) or size is None else tuple(size)
     size = tuple(int(x.shape[-2 + i]) if s is None else int(s) for i, s in enumerate(size))
@@ -535,6 +554,32 @@ def adaptive_avg_pool2d(t, a):
     lower="pool", backward="adaptive_pool", backward_file="kernels/pool.py")
 def adaptive_max_pool2d(t, a):
     return F.adaptive_max_pool2d(t[0], a["output_size"])
+
+
+# (values, indices) pools: F.max_pool2d(..., return_indices=True) and nn.MaxPool2d(return_indices=True) reach
+# F.max_pool2d_with_indices. The call becomes two nodes (`_outputs`): the pool, whose kernel then writes its
+# argmax as int64 (and does not fuse), and a non-differentiable `*_indices` node that hands that argmax out.
+def _with_indices(parse: Callable[..., Parsed], pool: str) -> Callable[..., Parsed]:
+    def parse_with_indices(*args, **kwargs) -> Parsed:
+        ins, attrs = parse(*args, **kwargs)
+        return ins, {**attrs, "indices": True, "_outputs": (pool, pool + "_indices")}
+
+    return parse_with_indices
+
+
+@op("max_pool2d_indices", "pool", [F.max_pool2d_with_indices], _with_indices(_parse_max_pool, "max_pool2d"),
+    "F.max_pool2d / nn.MaxPool2d with return_indices=True: the int64 flat h*W+w argmax (inputs: x, the pool)",
+    lower="pool_indices", backward=None, backward_file="- (not differentiable)", int_operands=(1,))
+def max_pool2d_indices(t, a):
+    return F.max_pool2d(t[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], True)[1]
+
+
+@op("adaptive_max_pool2d_indices", "pool", [F.adaptive_max_pool2d_with_indices],
+    _with_indices(_parse_adaptive, "adaptive_max_pool2d"),
+    "F.adaptive_max_pool2d / nn.AdaptiveMaxPool2d with return_indices=True: the int64 argmax (inputs: x, the pool)",
+    lower="pool_indices", backward=None, backward_file="- (not differentiable)", int_operands=(1,))
+def adaptive_max_pool2d_indices(t, a):
+    return F.adaptive_max_pool2d(t[0], a["output_size"], True)[1]
 
 
 # -- shape ops: all become reshape with a concrete shape ----------------------------------------------
@@ -568,6 +613,20 @@ def _parse_dropout(*args, **kwargs) -> Parsed:
     backward="dropout", backward_file="kernels/dropout.py")
 def dropout(t, a):
     return F.dropout(t[0], a["p"], a["training"])
+
+
+def _parse_dropout2d(*args, **kwargs) -> Parsed:
+    ins, attrs = _parse_dropout(*args, **kwargs)
+    if ins[0].dim() < 2:
+        raise UnsupportedOpError(f"dropout2d of a {ins[0].dim()}-D input (torch deprecates it): use dropout")
+    return ins, attrs
+
+
+@op("dropout2d", "dropout", [F.dropout2d], _parse_dropout2d,
+    "F.dropout2d, nn.Dropout2d (channel-wise: one mask per (n, c); train and eval)", lower="dropout",
+    backward="dropout", backward_file="kernels/dropout.py")
+def dropout2d(t, a):
+    return F.dropout2d(t[0], a["p"], a["training"])
 
 
 _bn_args = binder("input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05")
@@ -731,20 +790,125 @@ def mul(t, a):
     return torch.mul(t[0], y)
 
 
+# -- reductions ----------------------------------------------------------------------------------------
+_sum_args = binder("input, dim=None, keepdim=False, *, dtype=None, out=None")
+_amax_args = binder("input, dim=(), keepdim=False, *, out=None")
+
+
+def _reduce_dims(x: Tensor, dim: Any) -> tuple[int, ...]:
+    """The reduced dims, non-negative and sorted; None / () / [] mean all (a 0-dim tensor takes dim 0 or -1)."""
+    if isinstance(dim, str) or (isinstance(dim, (tuple, list)) and any(isinstance(d, str) for d in dim)):
+        raise UnsupportedOpError(f"reductions over named dims ({dim!r}) are not supported")
+    dims = (dim,) if isinstance(dim, int) else tuple(int(d) for d in (dim or ()))
+    rank = x.dim()
+    if not dims:
+        return tuple(range(rank))
+    lo, hi = -max(rank, 1), max(rank, 1) - 1
+    if any(not lo <= d <= hi for d in dims):
+        raise InputMismatchError(f"dim {list(dims)} out of range for a {rank}-D input (expected in [{lo}, {hi}])")
+    norm = sorted(d % max(rank, 1) for d in dims)
+    if len(set(norm)) != len(norm):
+        raise InputMismatchError(f"dim {list(dims)} names a dim more than once")
+    return tuple(norm) if rank else ()
+
+
+def _parse_sum(*args, **kwargs) -> Parsed:
+    a = _sum_args(args, kwargs)
+    x = a["input"]
+    if a["out"] is not None or (a["dtype"] is not None and a["dtype"] != x.dtype):
+        raise UnsupportedOpError("sum/mean with out= or a dtype= other than the input's is not supported")
+    return [x], {"dim": _reduce_dims(x, a["dim"]), "keepdim": bool(a["keepdim"])}
+
+
+def _parse_amax(*args, **kwargs) -> Parsed:
+    a = _amax_args(args, kwargs)
+    if a["out"] is not None:
+        raise UnsupportedOpError("amax with out= is not supported")
+    return [a["input"]], {"dim": _reduce_dims(a["input"], a["dim"]), "keepdim": bool(a["keepdim"])}
+
+
+@op("sum", "reduce", [torch.sum, Tensor.sum], _parse_sum, "x.sum(dims, keepdim), torch.sum (any dims, or all)",
+    lower="reduce", backward="reduce", backward_file="kernels/reduce.py")
+def sum_(t, a):
+    return torch.sum(t[0], a["dim"], a["keepdim"])
+
+
+@op("mean", "reduce", [torch.mean, Tensor.mean], _parse_sum,
+    "x.mean(dims, keepdim), torch.mean (any dims, or all; x.mean((2, 3)) is global average pooling)",
+    lower="reduce", backward="reduce", backward_file="kernels/reduce.py")
+def mean(t, a):
+    return torch.mean(t[0], a["dim"], a["keepdim"])
+
+
+@op("amax", "reduce", [torch.amax, Tensor.amax], _parse_amax,
+    "x.amax(dims, keepdim), torch.amax (ties share the gradient evenly, as in torch)",
+    lower="reduce", backward="reduce", backward_file="kernels/reduce.py")
+def amax(t, a):
+    return torch.amax(t[0], a["dim"], a["keepdim"])
+
+
+# -- concatenation ---------------------------------------------------------------------------------------
+def _parse_cat(*args, **kwargs) -> Parsed:
+    a = binder("tensors, dim=0, *, out=None, axis=None")(args, kwargs)  # torch.concatenate says axis
+    xs = a["tensors"]
+    if a["axis"] is not None:
+        a["dim"] = a["axis"]
+    if a["out"] is not None:
+        raise UnsupportedOpError("cat with out= is not supported")
+    if isinstance(a["dim"], str):
+        raise UnsupportedOpError(f"cat along a named dim ({a['dim']!r}) is not supported")
+    if isinstance(xs, Tensor) or not all(isinstance(x, Tensor) for x in xs):
+        raise TypeError("cat expects a sequence of tensors")
+    return list(xs), {"dim": int(a["dim"])}
+
+
+def cat_dim(shapes: Sequence[tuple[int, ...]], dim: int) -> int:
+    """The concatenated dim, non-negative, by the rank of the inputs that are not legacy empty [0] tensors."""
+    ranks = [len(s) for s in shapes if tuple(s) != (0,)] or [1]
+    return dim % ranks[0]
+
+
+@op("cat", "cat", [torch.cat, torch.concat, torch.concatenate], _parse_cat,
+    "torch.cat / torch.concat of 2+ tensors along any dim", lower="cat", backward="cat",
+    backward_file="kernels/cat.py")
+def cat(t, a):
+    return torch.cat(list(t), a["dim"])
+
+
 # -- losses ------------------------------------------------------------------------------------------
 _ce_args = binder("input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
                   "reduction='mean', label_smoothing=0.0")
 _point_loss_args = binder("input, target, size_average=None, reduce=None, reduction='mean', weight=None")
 
 
+_nll_args = binder("input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean'")
+
+
+def _class_loss(a: dict, what: str) -> Parsed:
+    """Inputs [logits, target, weight] and attrs of cross_entropy / nll_loss, after torch's own checks."""
+    if a["size_average"] is not None or a["reduce"] is not None:
+        raise UnsupportedOpError(f"{what} with the deprecated size_average / reduce: use reduction=")
+    x, t, w = a["input"], a["target"], a["weight"]
+    if a["reduction"] not in ("mean", "sum", "none"):
+        raise ValueError(f"{a['reduction']!r} is not a valid value for reduction")
+    if x.dim() < 1:
+        raise InputMismatchError(f"{what} expects logits [C], [N, C] or [N, C, d1, ...], got a 0-dim tensor")
+    if not t.is_floating_point() and t.dtype != torch.int64:
+        raise InputMismatchError(f"{what} expects int64 class targets or float class probabilities, got {t.dtype}")
+    return [x, t, w], dict(reduction=a["reduction"], ignore_index=int(a["ignore_index"]))
+
+
 def _parse_cross_entropy(*args, **kwargs) -> Parsed:
     a = _ce_args(args, kwargs)
-    if a["weight"] is not None or a["label_smoothing"] or a["size_average"] is not None or a["reduce"] is not None:
-        raise UnsupportedOpError("cross_entropy supports reduction and ignore_index only "
-                                 "(no class weights, label_smoothing, size_average or reduce)")
-    if a["input"].dim() != 2 or a["target"].dim() != 1 or a["target"].dtype != torch.int64:
-        raise UnsupportedOpError("cross_entropy supports logits [N, C] with int64 class targets [N] only")
-    return [a["input"], a["target"]], dict(reduction=a["reduction"], ignore_index=int(a["ignore_index"]))
+    ins, attrs = _class_loss(a, "cross_entropy")
+    eps = float(a["label_smoothing"])
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {eps}")
+    return ins, {**attrs, "label_smoothing": eps}
+
+
+def _parse_nll_loss(*args, **kwargs) -> Parsed:
+    return _class_loss(_nll_args(args, kwargs), "nll_loss")
 
 
 def _parse_point_loss(*args, **kwargs) -> Parsed:
@@ -756,10 +920,20 @@ def _parse_point_loss(*args, **kwargs) -> Parsed:
     return [a["input"], a["target"]], dict(reduction=a["reduction"])
 
 
-@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy, "F.cross_entropy (reduction, ignore_index)",
-    lower="loss", backward="cross_entropy", backward_file="kernels/losses.py", int_operands=(1,))
+@op("cross_entropy", "loss", [F.cross_entropy], _parse_cross_entropy,
+    "F.cross_entropy, nn.CrossEntropyLoss ([C], [N, C] or [N, C, d...]; class or probability targets; weight, "
+    "ignore_index, label_smoothing, reduction)", lower="loss", backward="cross_entropy",
+    backward_file="kernels/losses.py", int_operands=(1,))
 def cross_entropy(t, a):
-    return F.cross_entropy(t[0], t[1], reduction=a["reduction"], ignore_index=a["ignore_index"])
+    return F.cross_entropy(t[0], t[1], t[2], reduction=a["reduction"], ignore_index=a["ignore_index"],
+                           label_smoothing=a["label_smoothing"])
+
+
+@op("nll_loss", "loss", [F.nll_loss], _parse_nll_loss,
+    "F.nll_loss, nn.NLLLoss ([C], [N, C] or [N, C, d...]; weight, ignore_index, reduction)", lower="loss",
+    backward="cross_entropy", backward_file="kernels/losses.py", int_operands=(1,))
+def nll_loss(t, a):
+    return F.nll_loss(t[0], t[1], t[2], reduction=a["reduction"], ignore_index=a["ignore_index"])
 
 
 @op("mse_loss", "loss", [F.mse_loss], _parse_point_loss, "F.mse_loss (reduction)", lower="loss",

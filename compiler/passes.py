@@ -31,7 +31,7 @@ def canonicalize(graph: Graph) -> Graph:
     producer: dict[Value, Node] = {}
     for n in graph.nodes:
         x = n.inputs[0] if n.inputs else None
-        identity = (n.op == "dropout" and (not n.attrs["training"] or n.attrs["p"] == 0.0)) or (
+        identity = (n.op in ("dropout", "dropout2d") and (not n.attrs["training"] or n.attrs["p"] == 0.0)) or (
             n.op == "reshape" and x is not None and x.type.shape == n.out.type.shape)
         if identity and x is not None and n.out not in graph.outputs:
             _replace_uses(graph, n.out, x)
@@ -82,8 +82,8 @@ def _epilogue_act(n: Node | None) -> bool:
 
 def fusable_pool(n: Node | None) -> bool:
     """A pool the conv template reduces in its epilogue: square, non-overlapping, unpadded, floor mode."""
-    if n is None or n.op not in ("max_pool2d", "avg_pool2d"):
-        return False
+    if n is None or n.op not in ("max_pool2d", "avg_pool2d") or n.attrs.get("indices"):
+        return False  # a pool whose indices are read writes its int64 argmax itself
     a = n.attrs
     k = a["kernel"]
     ok = k[0] == k[1] and tuple(a["stride"]) == tuple(k) and tuple(a["padding"]) == (0, 0) and not a["ceil_mode"]

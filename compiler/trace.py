@@ -160,6 +160,9 @@ class _Recorder(TorchFunctionMode):
         except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
             raise InputMismatchError(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
         opname = attrs.pop("_op", d.name)  # a parse may name a sibling op: torch.sub(2, x) is rsub
+        outputs = attrs.pop("_outputs", None)
+        if outputs is not None:  # several results: one node each, the later ones reading the first
+            return self._record_tuple(outputs, ins, attrs, out, where)
         if d.name == "add" and ins[0] is not None and ins[0].kind == "buffer" and not ins[0].type.dtype.is_floating_point:
             opname, attrs = "count_", {"by": int(attrs.get("scalar", 1) * attrs.get("alpha", 1))}
             ins = ins[:1]
@@ -180,6 +183,19 @@ class _Recorder(TorchFunctionMode):
         """Whether t is an integer buffer's value after a traced count_ (BatchNorm's num_batches_tracked)."""
         v = self.values.get(id(t))
         return v is not None and any(n.out is v and n.op == "count_" for n in self.nodes)
+
+    def _record_tuple(self, ops_: tuple[str, ...], ins: tuple, attrs: dict, out: tuple, where: str) -> tuple:
+        """A call returning a tuple (max_pool2d with indices): node i computes result i; nodes after the first
+        read the call's first input and the first node's result (its kernel wrote what they hand out)."""
+        first: Value | None = None
+        for opname, t in zip(ops_, out):
+            result = Value("?", TensorType(tuple(t.shape), t.dtype))
+            node_ins = ins if first is None else (ins[0], first)
+            self.nodes.append(Node(opname, node_ins, dict(attrs), result, module=self.module, source=where))
+            self.values[id(t)] = result
+            self.keep.append(t)
+            first = first or result
+        return out
 
     def _aliases(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Traced tensors other than t that share t's memory (views made by reshape, flatten, squeeze, ...)."""

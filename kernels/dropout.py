@@ -29,7 +29,8 @@ def _dropout_keep(seed, offsets, p):
 #
 # Forward: y = x * m, m = keep ? 1/(1-p) : 0 (torch's form: x * mask * scale, so a NaN x stays NaN even
 # where dropped; scale = 0 for p = 1). y is linear in x with a diagonal Jacobian m, so dx = dy * m, with
-# m regenerated from (seed, index, p).
+# m regenerated from (seed, index, p). Channel-wise dropout (dropout2d) draws one mask per (n, c): the
+# draw's index is the element's index // INNER, INNER = the product of the dims after the channel.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -39,13 +40,15 @@ def _dropout_bwd_dx_kernel(
     dx_ptr,  # [numel] gradient w.r.t. the dropout input (written)
     seed,  # the forward's seed
     numel,
+    INNER,  # elements per (n, c) when CHANNELWISE
+    CHANNELWISE: tl.constexpr,  # dropout2d: one draw per (n, c)
     P: tl.constexpr,  # drop probability, same value the forward baked in
     SCALE: tl.constexpr,  # dropout_scale(P)
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    keep = _dropout_keep(seed, offs, P)
+    keep = _dropout_keep(seed, offs // INNER if CHANNELWISE else offs, P)
     dy = tl.load(dy_ptr + offs, mask=mask)
     tl.store(dx_ptr + offs, dy * tl.where(keep, SCALE, 0.0), mask=mask)
 
@@ -75,14 +78,15 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
 
-def dropout_backward(dy: torch.Tensor, seed: int, *, p: float) -> torch.Tensor:
-    """Gradient w.r.t. the input of a dropout that ran with (seed, p): dy * mask / (1-p), a new tensor."""
+def dropout_backward(dy: torch.Tensor, seed: int, *, p: float, inner: int = 0) -> torch.Tensor:
+    """Gradient w.r.t. the input of a dropout that ran with (seed, p): dy * mask / (1-p), a new tensor.
+    inner > 0: channel-wise dropout (dropout2d), one mask value per `inner` consecutive elements."""
     p, seed = check_p(p), check_seed(seed)
     if not dy.is_contiguous() or dy.numel() >= 2**31:
         raise ValueError("dropout_backward: dy must be contiguous with fewer than 2**31 elements")
     dx = torch.empty_like(dy)
     numel = dy.numel()
     meta = configs.elementwise(numel)
-    launch(_dropout_bwd_dx_kernel, (triton.cdiv(numel, meta["BLOCK"]),), dy, dx, seed, numel,
-           P=p, SCALE=dropout_scale(p), **meta)
+    launch(_dropout_bwd_dx_kernel, (triton.cdiv(numel, meta["BLOCK"]),), dy, dx, seed, numel, max(inner, 1),
+           CHANNELWISE=inner > 0, P=p, SCALE=dropout_scale(p), **meta)
     return dx

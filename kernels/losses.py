@@ -1,4 +1,4 @@
-"""Backward of the losses: cross-entropy over [N, C] logits, and pointwise mse / l1.
+"""Backward of the losses: cross-entropy and nll_loss over [N, C, *d] logits, and pointwise mse / l1.
 
 Forwards are generated from compiler/templates/losses.py.
 """
@@ -11,68 +11,99 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.launch import launch
 
-# Cross-entropy VJP. Row n with target t_n: loss_n = lse_n − x_{n,t_n}, lse_n = log Σ_c e^{x_{n,c}}, so
-#   ∂loss_n/∂x_{n,c} = softmax(x_n)_c − [c = t_n] = e^{x_{n,c} − lse_n} − [c = t_n].
-# The upstream weight g_n of row n is dloss[n] ("none"), dloss ("sum") or dloss / count ("mean", count =
-# rows whose target is not ignore_index); ignored rows get g_n = 0. So dx_{n,c} = g_n (e^{x − lse} − onehot).
-# "mean" needs count, which the forward does not save: one small program counts the targets in a fixed
-# order and writes g = dloss / count, then the dx kernel reads it.
+# Cross-entropy VJP. Row r (logits[r // inner, :, r % inner]) with p = softmax(x_r), w = class weights
+# (1 without), ε = label smoothing, g_r = dloss[r] ("none"), dloss ("sum") or dloss / den ("mean", den
+# saved by the forward: Σ w_t over kept rows, or the number of rows for probability targets):
+#   class target t:  loss = (1−ε) w_t (−log p_t) + ε/C Σ_c w_c (−log p_c),  ∂/∂x_c −log p_k = p_c − [c = k]
+#                    dx_c = g [(1−ε) w_t (p_c − [c = t]) + ε/C (W p_c − w_c)],  W = Σ_c w_c;  0 if t ignored
+#   probabilities:   loss = Σ_k w_k q'_k (−log p_k), q' = (1−ε) q + ε/C
+#                    dx_c = g (S p_c − w_c q'_c), S = Σ_k w_k q'_k;   dq_c = −g (1−ε) w_c log p_c
+#   nll_loss:        loss = −w_t x_t,  dx_c = −g w_t [c = t]
 # Precision: lse is saved in fp32, so for logits near 1e4 it is off by up to half an ulp (~5e-4) and
 # e^{x − lse} by as much relatively. That error is one factor e^{−δ} common to the whole row, so the kernel
-# renormalises, softmax = e^{x − lse} / Σ e^{x − lse}, which cancels it (and x − lse ≤ 0 cannot overflow).
-
-
-@triton.jit
-def _cross_entropy_bwd_scale_kernel(
-    dloss_ptr,  # [] upstream gradient of the mean loss
-    target_ptr,  # [N] int64 targets
-    scale_ptr,  # [1] dloss / (number of targets != IGNORE_INDEX), written
-    N,
-    IGNORE_INDEX,
-    BLOCK: tl.constexpr,
-):
-    count = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        t = tl.load(target_ptr + offs, mask=offs < N, other=IGNORE_INDEX)
-        count += (t != IGNORE_INDEX).to(tl.float32)
-    tl.store(scale_ptr, tl.load(dloss_ptr) / tl.sum(count, axis=0))
+# renormalises, p = e^{x − lse} / Σ e^{x − lse}, which cancels it (and x − lse ≤ 0 cannot overflow).
+# p_t − 1 is formed as −Σ_{c≠t} e_c / Σe: it would cancel when the target holds nearly all the mass.
 
 
 @triton.jit
 def _cross_entropy_bwd_dx_kernel(
-    g_ptr,  # [N] per-row upstream gradient (PER_ROW), else [] one weight shared by every row
-    logits_ptr,  # [N, C] forward input
-    target_ptr,  # [N] int64 targets
-    lse_ptr,  # [N] log-sum-exp of each row, saved by the forward
-    dx_ptr,  # [N, C] gradient of the logits, written
-    N,
+    g_ptr,  # [N, inner] per-row upstream gradient (PER_ROW), else [] one weight shared by every row
+    den_ptr,  # [1] the mean's denominator saved by the forward (MEAN), else None
+    logits_ptr,  # [N, C, inner] forward input (log-probabilities for NLL)
+    target_ptr,  # [N, inner] int64 targets, or [N, C, inner] probabilities (PROB)
+    w_ptr,  # [C] class weights (WEIGHT), else None
+    lse_ptr,  # [N, inner] log-sum-exp of each row saved by the forward (None for NLL)
+    dx_ptr,  # [N, C, inner] gradient of the logits, written
+    dt_ptr,  # [N, C, inner] gradient of the probabilities, written when NEEDS_DT
+    n_rows,  # N * inner
     C,
+    INNER,
     IGNORE_INDEX,
+    EPS: tl.constexpr,  # label smoothing
     PER_ROW: tl.constexpr,
+    MEAN: tl.constexpr,
+    PROB: tl.constexpr,
+    WEIGHT: tl.constexpr,
+    NLL: tl.constexpr,
+    NEEDS_DT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < N
+    row_ok = rows < n_rows
+    base = (rows // INNER) * (C * INNER) + rows % INNER
     mask = row_ok[:, None] & (cols[None, :] < C)
-    offs = rows[:, None] * C + cols[None, :]
-    x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    t = tl.load(target_ptr + rows, mask=row_ok, other=IGNORE_INDEX)
+    offs = base[:, None] + cols[None, :] * INNER
     if PER_ROW:
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     else:
-        g = tl.load(g_ptr)
-    g = tl.where(t != IGNORE_INDEX, g, 0.0)
-    e = tl.exp(x - lse[:, None])
-    onehot = cols[None, :] == t[:, None]
-    # softmax_c − [c = t] = (e_c − [c = t] Σe) / Σe; at c = t that is −Σ_{c≠t} e_c / Σe, summed directly:
-    # p_t − 1 would cancel when the target holds nearly all the mass
-    den = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
-    rest = tl.sum(tl.where(onehot, 0.0, e), axis=1)
-    dx = g[:, None] * (tl.where(onehot, -rest[:, None], e) / den[:, None])
+        g = tl.load(g_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
+    if MEAN:
+        g = g / tl.load(den_ptr)
+    if WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
+    if PROB:
+        x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        e = tl.exp(x - lse[:, None])
+        p = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
+        q = tl.load(target_ptr + offs, mask=mask, other=0.0)
+        if EPS > 0.0:
+            q = tl.where(mask, q * (1.0 - EPS) + EPS / C, 0.0)
+        wq = q
+        if WEIGHT:
+            wq = w[None, :] * q
+        dx = g[:, None] * (tl.sum(wq, axis=1)[:, None] * p - wq)
+        if NEEDS_DT:
+            dq = -g[:, None] * (1.0 - EPS) * tl.where(mask, x - lse[:, None], 0.0)
+            if WEIGHT:
+                dq = dq * w[None, :]
+            tl.store(dt_ptr + offs, dq, mask=mask)
+    else:
+        t = tl.load(target_ptr + rows, mask=row_ok, other=IGNORE_INDEX)
+        keep = t != IGNORE_INDEX
+        onehot = cols[None, :] == t[:, None]
+        w_t = tl.where(keep, 1.0, 0.0)
+        if WEIGHT:
+            w_t = tl.load(w_ptr + t, mask=row_ok & keep & (t >= 0) & (t < C), other=0.0)
+        gw = tl.where(keep, g, 0.0)
+        if NLL:
+            dx = tl.where(onehot, -(gw * w_t)[:, None], 0.0)
+        else:
+            x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+            e = tl.exp(x - lse[:, None])
+            den = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
+            rest = tl.sum(tl.where(onehot, 0.0, e), axis=1)
+            dx = (w_t * (1.0 - EPS))[:, None] * (tl.where(onehot, -rest[:, None], e) / den[:, None])
+            if EPS > 0.0:
+                p = e / den[:, None]
+                if WEIGHT:
+                    dx += (EPS / C) * (tl.sum(w, axis=0) * p - w[None, :])
+                else:
+                    dx += EPS * (p - 1.0 / C)
+            dx = gw[:, None] * dx
     tl.store(dx_ptr + offs, dx, mask=mask)
 
 
@@ -116,29 +147,38 @@ def _point_loss_bwd_dx_kernel(
 
 
 def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                           lse: torch.Tensor, *, reduction: str, ignore_index: int) -> torch.Tensor:
-    """Gradient of cross_entropy(logits, target) with respect to the logits.
+                           lse: torch.Tensor | None, *, reduction: str, ignore_index: int = -100,
+                           weight: torch.Tensor | None = None, den: torch.Tensor | None = None,
+                           label_smoothing: float = 0.0, nll: bool = False,
+                           needs_dt: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients (dlogits, dtarget) of cross_entropy (or nll_loss, nll=True) of logits [N, C, *d] or [C].
 
     Args:
-        dloss: upstream gradient: 0-d for "mean"/"sum", [N] for "none".
-        logits: [N, C] forward input; target: [N] int64; lse: [N] log-sum-exp saved by the forward.
-        reduction: "mean" | "sum" | "none", as in the forward; ignore_index: the target that is skipped.
-    Returns dlogits [N, C] (zero rows where the target is ignore_index).
+        dloss: upstream gradient: 0-d for "mean"/"sum", shaped like the per-row loss for "none".
+        logits: the forward input, contiguous; target: int64 class targets [N, *d], or float class
+            probabilities shaped like the logits; lse: [N, *d] log-sum-exp saved by the forward (None: nll).
+        reduction: "mean" | "sum" | "none"; den: the mean's denominator the forward saved ("mean" only).
+        weight: [C] class weights or None; label_smoothing: ε in [0, 1].
+        needs_dt: write the gradient of probability targets (else dtarget is None).
+    Returns dlogits shaped like the logits (zero rows where the target is ignore_index) and dtarget.
     """
-    N, C = logits.shape
-    dx = torch.empty_like(logits)
-    g = dloss.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
-    if reduction == "mean":
-        g = torch.empty(1, device=logits.device, dtype=torch.float32)
-        block = configs.elementwise(N)["BLOCK"]
-        launch(_cross_entropy_bwd_scale_kernel, (1,), dloss, target, g, N, ignore_index, BLOCK=block)
-    elif reduction not in ("sum", "none"):
+    if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    cfg = configs.rows(N, C)
-    grid = (triton.cdiv(N, cfg["BLOCK_R"]),)
-    launch(_cross_entropy_bwd_dx_kernel, grid, g, logits, target, lse, dx, N, C, ignore_index,
-           PER_ROW=reduction == "none", **cfg)
-    return dx
+    if reduction == "mean" and den is None:
+        raise ValueError("cross_entropy_backward: reduction='mean' needs den, saved by the forward")
+    C = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    inner = logits[0, 0].numel() if logits.dim() > 2 else 1
+    n_rows = logits.numel() // C if C else 0
+    prob = target.is_floating_point()
+    dx = torch.empty_like(logits)
+    dt = torch.empty_like(target) if prob and needs_dt else None
+    g = dloss.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
+    cfg = configs.rows(n_rows, C)
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    launch(_cross_entropy_bwd_dx_kernel, grid, g, den, logits, target, weight, lse, dx, dt, n_rows, C, inner,
+           ignore_index, EPS=float(label_smoothing), PER_ROW=reduction == "none", MEAN=reduction == "mean",
+           PROB=prob, WEIGHT=weight is not None, NLL=nll, NEEDS_DT=dt is not None, **cfg)
+    return dx, dt
 
 
 def point_loss_backward(dloss: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *, kind: str, reduction: str,

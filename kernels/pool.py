@@ -62,7 +62,7 @@ def _avg_extent(o, size, K: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
 @triton.jit
 def _pool_bwd_dx_kernel(
     dy_ptr,  # upstream gradient [N, C, OH, OW], fp32
-    idx_ptr,  # int32 argmax [N, C, OH, OW] (flat h*W+w in the plane) for max; None for avg
+    idx_ptr,  # int32 (int64 with return_indices) argmax [N, C, OH, OW] (flat h*W+w in the plane); None for avg
     dx_ptr,  # output [N, C, H, W], fp32
     total,  # N*C*H*W
     H, W, OH, OW,
@@ -107,7 +107,7 @@ def _pool_bwd_dx_kernel(
 @triton.jit
 def _adaptive_pool_bwd_dx_kernel(
     dy_ptr,  # upstream gradient [N, C, OH, OW], fp32
-    idx_ptr,  # int32 argmax [N, C, OH, OW] (flat h*W+w in the plane) for max; None for avg
+    idx_ptr,  # int32 (int64 with return_indices) argmax [N, C, OH, OW] (flat h*W+w in the plane); None for avg
     dx_ptr,  # output [N, C, H, W], fp32
     total,  # N*C*H*W
     H, W, OH, OW,
@@ -158,8 +158,9 @@ def _check_grads(op: str, dy: torch.Tensor, idx: torch.Tensor | None, kind: str,
     if dy.dtype != torch.float32 or not dy.is_contiguous():
         raise ValueError(f"{op}: dy must be contiguous float32, got {dy.dtype}")
     if kind == "max":
-        if idx is None or tuple(idx.shape) != want or idx.dtype != torch.int32 or not idx.is_contiguous():
-            raise ValueError(f"{op}: max pool needs the forward's contiguous int32 idx of shape {want}")
+        if idx is None or tuple(idx.shape) != want or idx.dtype not in (torch.int32, torch.int64) \
+                or not idx.is_contiguous():
+            raise ValueError(f"{op}: max pool needs the forward's contiguous int32 (or int64) idx of shape {want}")
 
 
 def pool2d_backward(dy: torch.Tensor, idx: torch.Tensor | None, *, kind: str,
@@ -205,4 +206,84 @@ def adaptive_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor | None, *, kind
     launch(_adaptive_pool_bwd_dx_kernel, (triton.cdiv(total, cfg["BLOCK"]),),
            dy, idx if kind == "max" else None, dx, total, H, W, OH, OW,
            MH=adaptive_window(OH, H), MW=adaptive_window(OW, W), IS_MAX=kind == "max", **cfg)
+    return dx
+
+
+
+# LP pool (F.lp_pool2d, norm p): with A the avg_pool2d of x^p (no padding, count_include_pad; ceil_mode
+# windows clipped), K = KH·KW, torch computes y = (sign(A)·relu(|A|)·K)^(1/p) = S^(1/p), S = K·A. So
+#   dS = dy · (1/p) S^(1/p − 1) · [A ≠ 0]   (relu's derivative at 0 is 0, and it masks, as a where)
+#   dx_q = p x_q^(p−1) · Σ_{o ∋ q} K dS_o / div(o)
+# and since S^(1/p − 1) = y^(1 − p), with g_o = K dy_o y_o^(1−p) [y_o ≠ 0] (the 1/p and p cancel):
+#   dx_q = x_q^(p−1) · (avg_pool2d backward of g)_q
+# Three launches: g (outputs), the avg pool's gather (above), the product with x^(p−1) (inputs).
+@triton.jit
+def lp_pow(x, P: tl.constexpr):
+    """x ** P as torch computes it for a float exponent: exact products for small integer P (negative x
+    allowed), else exp2(P log2 x), NaN for x < 0 as torch; 0 ** P = 0 for P > 0."""
+    if P == 0.0:
+        return x * 0.0 + 1.0
+    elif P == 1.0:
+        return x
+    elif P == 2.0:
+        return x * x
+    elif P == 3.0:
+        return x * x * x
+    elif P == 0.5:
+        return tl.sqrt(x)
+    else:
+        return tl.exp2(P * tl.log2(x))
+
+
+@triton.jit
+def _lp_pool_bwd_scale_kernel(
+    dy_ptr,  # [N, C, OH, OW] upstream gradient
+    y_ptr,  # [N, C, OH, OW] the forward output
+    g_ptr,  # [N, C, OH, OW] K · dy · y^(1−p), 0 where y = 0 (written)
+    total,  # N*C*OH*OW
+    K,  # KH * KW
+    ONE_MINUS_P: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < total
+    dy = tl.load(dy_ptr + offs, mask=live, other=0.0)
+    y = tl.load(y_ptr + offs, mask=live, other=1.0)
+    g = tl.where(y == 0.0, 0.0, dy * K * lp_pow(y, ONE_MINUS_P))
+    tl.store(g_ptr + offs, g, mask=live)
+
+
+@triton.jit
+def _lp_pool_bwd_dx_kernel(
+    gx_ptr,  # [N, C, H, W] the avg pool's gather of g
+    x_ptr,  # [N, C, H, W] the forward input
+    dx_ptr,  # [N, C, H, W] gradient of x (written; may be gx)
+    total,  # N*C*H*W
+    P_MINUS_1: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < total
+    gx = tl.load(gx_ptr + offs, mask=live, other=0.0)
+    x = tl.load(x_ptr + offs, mask=live, other=1.0)
+    tl.store(dx_ptr + offs, gx * lp_pow(x, P_MINUS_1), mask=live)
+
+
+def lp_pool2d_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, norm_type: float,
+                       kernel: tuple[int, int], stride: tuple[int, int], ceil_mode: bool) -> torch.Tensor:
+    """dx of F.lp_pool2d(x, norm_type, kernel, stride, ceil_mode) from dy, its input x and output y (all 4-D,
+    contiguous); freshly allocated."""
+    (KH, KW), p = _pair(kernel), float(norm_type)
+    g = torch.empty_like(y)
+    n_out = g.numel()
+    cfg = configs.elementwise(n_out)
+    launch(_lp_pool_bwd_scale_kernel, (triton.cdiv(n_out, cfg["BLOCK"]),), dy.contiguous(), y, g, n_out,
+           float(KH * KW), ONE_MINUS_P=1.0 - p, **cfg)
+    dx = pool2d_backward(g, None, kind="avg", x_shape=tuple(x.shape), kernel=(KH, KW), stride=stride,
+                         padding=(0, 0), dilation=(1, 1), ceil_mode=ceil_mode, count_include_pad=True,
+                         divisor_override=None)
+    total = dx.numel()
+    cfg = configs.elementwise(total)
+    launch(_lp_pool_bwd_dx_kernel, (triton.cdiv(total, cfg["BLOCK"]),), dx, x, dx, total, P_MINUS_1=p - 1.0,
+           **cfg)
     return dx

@@ -131,7 +131,9 @@ _AOT_SCRIPT = textwrap.dedent(
         assert k.asm["cubin"], fn.__name__
 
     for p in (0.0, 0.3, 1.0):
-        compile(_dropout_bwd_dx_kernel, {"P": p, "SCALE": dropout_scale(p), "BLOCK": 1024})
+        for channelwise in (False, True):
+            compile(_dropout_bwd_dx_kernel, {"CHANNELWISE": channelwise, "P": p, "SCALE": dropout_scale(p),
+                                             "BLOCK": 1024})
     for i, path in enumerate(sys.argv[1:]):
         mod = load(open(path).read(), f"fnn_dropout_aot{i}")
         compile(getattr(mod, f"fnn_dropout_aot{i}"), {"BLOCK": 1024})
@@ -145,13 +147,53 @@ def test_dropout_kernels_compile_for_sm90(tmp_path):
     # Triton's interpreter skips the compiler: compile for sm_90 in a subprocess with TRITON_INTERPRET=0
     # (triton 3.9 here; .ci/aot_triton36.sh runs it under triton 3.6).
     paths = []
-    for i, p in enumerate((0.0, 0.3, 1.0)):
+    for i, (p, inner) in enumerate(((0.0, 0), (0.3, 0), (1.0, 0), (0.3, 49))):  # inner 49: dropout2d
         name = f"fnn_dropout_aot{i}"
         path = tmp_path / f"{name}.txt"
         path.write_text(generate(DropoutSpec(name, header(name, ["%3 dropout"], ["drop"], "kernels/dropout.py"),
-                                             ("%3 dropout",), 50000, p)))
+                                             ("%3 dropout",), 50000, p, inner)))
         paths.append(str(path))
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, *paths], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# -- dropout2d (nn.Dropout2d): one mask value per (n, c) ------------------------------------------------
+class Drop2d(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.drop = torch.nn.Dropout2d(p)
+
+    def forward(self, x):
+        return self.drop(x) * 1.0  # the graph output is not the dropout itself (eval: an identity)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 7), (2, 6, 9), (1, 1, 1, 1)], ids=["4d", "3d-ncl", "1-element"])
+def test_dropout2d_masks_whole_channels_and_grad_uses_the_same_mask(shape, fuse):
+    import fusednn
+
+    p = 0.4
+    c = fusednn.compile(Drop2d(p), fuse=fuse)
+    x = nonzero_input(shape).requires_grad_()
+    y = c(x)
+    keep = (y != 0).detach()
+    k = keep.reshape(shape[0], shape[1], -1)
+    assert torch.equal(k, k[:, :, :1].expand_as(k))  # one mask value per (n, c)
+    assert torch.allclose(y, x * keep / (1 - p), rtol=1e-6, atol=0)
+    dy = torch.randn(shape)
+    y.backward(dy)
+    assert torch.allclose(x.grad, dy * keep / (1 - p), rtol=1e-6, atol=0)
+    assert "dropout2d" in [n.op for n in c.fused_graph.nodes]
+
+
+def test_dropout2d_drops_about_p_of_the_channels_and_eval_is_identity():
+    import fusednn
+
+    m = Drop2d(0.3)
+    x = nonzero_input((64, 32, 2, 2))
+    kept = (fusednn.compile(m)(x) != 0).reshape(64, 32, -1)[:, :, 0].float().mean().item()
+    assert abs(kept - 0.7) < 0.05
+    c = fusednn.compile(m.eval())
+    assert torch.equal(c(x), x) and "dropout2d" not in [n.op for n in c.fused_graph.nodes]

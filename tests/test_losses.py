@@ -12,6 +12,7 @@ from fusednn.compiler.templates.losses import CrossEntropySpec, PointLossSpec, g
 from fusednn.kernels.losses import cross_entropy_backward, point_loss_backward
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
+from tests.opcheck import build, check_fn, check_module, describe, module_samples, op_samples, sample_fn
 
 TOL = 1e-5
 REDUCTIONS = ["mean", "sum", "none"]
@@ -24,18 +25,24 @@ def ce_spec(N: int, C: int, reduction: str, ignore_index: int = -100) -> CrossEn
 
 
 def run_cross_entropy(logits, target, reduction, ignore_index=-100):
-    """Generate, load and launch the forward; returns (loss, lse)."""
+    """Generate, load and launch the forward; returns (loss, lse, den)."""
     N, C = logits.shape
     spec = ce_spec(N, C, reduction, ignore_index)
     loss = torch.empty(N) if reduction == "none" else torch.empty(())
-    lse = torch.empty(N)
-    load(generate(spec), spec.name).launch(logits, target, loss, lse)
-    return loss, lse
+    lse, den = torch.empty(N), torch.empty(1) if reduction == "mean" else None
+    load(generate(spec), spec.name).launch(logits, target, None, loss, lse, den)
+    return loss, lse, den
+
+
+def ce_backward(dloss, logits, target, lse, den, reduction, ignore_index=-100):
+    """dlogits from kernels/losses.py."""
+    return cross_entropy_backward(dloss, logits, target, lse, reduction=reduction, ignore_index=ignore_index,
+                                  den=den)[0]
 
 
 def check_cross_entropy(logits, target, reduction, ignore_index=-100):
     """Loss and dlogits against torch in float64, with a random upstream gradient."""
-    loss, lse = run_cross_entropy(logits, target, reduction, ignore_index)
+    loss, lse, den = run_cross_entropy(logits, target, reduction, ignore_index)
     x64 = logits.double().requires_grad_()
     ref = F.cross_entropy(x64, target, reduction=reduction, ignore_index=ignore_index)
     assert loss.shape == ref.shape
@@ -43,7 +50,7 @@ def check_cross_entropy(logits, target, reduction, ignore_index=-100):
     assert rel_err(lse, torch.logsumexp(x64.detach(), 1)) <= TOL
     dloss = torch.randn_like(loss)
     ref.backward(dloss.double())
-    dx = cross_entropy_backward(dloss, logits, target, lse, reduction=reduction, ignore_index=ignore_index)
+    dx = ce_backward(dloss, logits, target, lse, den, reduction, ignore_index)
     assert rel_err(dx, x64.grad) <= TOL
 
 
@@ -73,12 +80,12 @@ def test_cross_entropy_loss_and_grad_match_torch(N, C, ignore_index, reduction):
 def test_cross_entropy_with_every_target_ignored_matches_torch(reduction):
     # mean divides by the count of kept targets, 0: NaN as torch; the gradient is zero everywhere
     logits, t = torch.randn(5, 10), torch.full((5,), -100)
-    loss, lse = run_cross_entropy(logits, t, reduction)
+    loss, lse, den = run_cross_entropy(logits, t, reduction)
     ref = F.cross_entropy(logits.double(), t, reduction=reduction)
     assert torch.equal(torch.isnan(loss), torch.isnan(ref))
     assert torch.equal(loss.nan_to_num(), ref.float().nan_to_num())
     dloss = torch.randn_like(loss)
-    dx = cross_entropy_backward(dloss, logits, t, lse, reduction=reduction, ignore_index=-100)
+    dx = ce_backward(dloss, logits, t, lse, den, reduction, -100)
     assert torch.equal(dx, torch.zeros_like(dx))
 
 
@@ -93,12 +100,12 @@ def test_cross_entropy_of_confident_right_predictions_matches_torch():
     # round u away in fp32 (this is where a trained classifier's loss lives)
     logits, t = torch.randn(9, 10), torch.randint(0, 10, (9,))
     logits[torch.arange(9), t] += torch.linspace(5, 20, 9)
-    loss, lse = run_cross_entropy(logits, t, "none")
+    loss, lse, den = run_cross_entropy(logits, t, "none")
     x64 = logits.double().requires_grad_()
     ref = F.cross_entropy(x64, t, reduction="none")
     dloss = torch.randn_like(loss)
     ref.backward(dloss.double())
-    dx = cross_entropy_backward(dloss, logits, t, lse, reduction="none", ignore_index=-100)
+    dx = ce_backward(dloss, logits, t, lse, den, "none", -100)
     for i in range(9):  # row by row: the largest loss must not hide the smallest
         assert rel_err(loss[i], ref[i]) <= TOL, i
         assert rel_err(dx[i], x64.grad[i]) <= TOL, i
@@ -108,7 +115,7 @@ def test_cross_entropy_of_confident_right_predictions_matches_torch():
 def test_cross_entropy_target_out_of_range_gives_nan(bad):
     # torch raises; a kernel cannot, so the row's loss is NaN (never a read outside the row)
     logits, t = torch.randn(4, 10), torch.tensor([1, bad, 3, 4])
-    loss, _ = run_cross_entropy(logits, t, "none")
+    loss, _, _ = run_cross_entropy(logits, t, "none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
     assert torch.isnan(run_cross_entropy(logits, t, "mean")[0])
 
@@ -117,8 +124,8 @@ def test_cross_entropy_is_deterministic():
     logits, t = torch.randn(300, 37), targets(300, 37, -100)
     runs = []
     for _ in range(2):
-        loss, lse = run_cross_entropy(logits, t, "mean")
-        dx = cross_entropy_backward(torch.tensor(1.7), logits, t, lse, reduction="mean", ignore_index=-100)
+        loss, lse, den = run_cross_entropy(logits, t, "mean")
+        dx = ce_backward(torch.tensor(1.7), logits, t, lse, den, "mean")
         runs.append((loss, dx))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
@@ -126,11 +133,10 @@ def test_cross_entropy_is_deterministic():
 def test_cross_entropy_forward_is_one_launch():
     logits, t = torch.randn(7, 10), torch.randint(0, 10, (7,))
     with recording() as launches:
-        loss, lse = run_cross_entropy(logits, t, "mean")
-        cross_entropy_backward(torch.tensor(1.0), logits, t, lse, reduction="mean", ignore_index=-100)
-    # the mean's backward counts the kept targets first (the forward's launch signature saves only lse)
-    assert [kernel_name(r.kernel) for r in launches] == [
-        "fnn_cross_entropy_mean_test", "_cross_entropy_bwd_scale_kernel", "_cross_entropy_bwd_dx_kernel"]
+        loss, lse, den = run_cross_entropy(logits, t, "mean")
+        ce_backward(torch.tensor(1.0), logits, t, lse, den, "mean")
+    # the mean's denominator (the kept targets' weight) is saved by the forward: the backward is one launch
+    assert [kernel_name(r.kernel) for r in launches] == ["fnn_cross_entropy_mean_test", "_cross_entropy_bwd_dx_kernel"]
 
 
 def pl_spec(numel: int, kind: str, reduction: str) -> PointLossSpec:
@@ -193,7 +199,7 @@ def test_point_loss_sum_is_deterministic():
 
 
 def test_generated_loss_sources_have_header_labels_and_launch():
-    for spec, sig in [(ce_spec(7, 10, "mean"), "launch(logits, target, loss, lse)"),
+    for spec, sig in [(ce_spec(7, 10, "mean"), "launch(logits, target, weight, loss, lse, den)"),
                       (pl_spec(35, "l1", "none"), "launch(x, t, loss)")]:
         text = generate(spec)
         assert text.startswith(spec.header)
@@ -218,11 +224,26 @@ def test_loss_kernels_compile_for_sm90_without_spills():
     def program():
         N, C = 300, 10
         logits, t, lse = torch.empty(N, C), torch.zeros(N, dtype=torch.int64), torch.empty(N)
+        w, den = torch.ones(C), torch.ones(1)
         for reduction in ("mean", "none"):
             spec = ce_spec(N, C, reduction)
             loss = torch.empty(N) if reduction == "none" else torch.empty(())
-            load(generate(spec), spec.name).launch(logits, t, loss, lse)
-            cross_entropy_backward(loss, logits, t, lse, reduction=reduction, ignore_index=-100)
+            load(generate(spec), spec.name).launch(logits, t, None, loss, lse, den)
+            ce_backward(loss, logits, t, lse, den, reduction)
+        # the general forms: K-dim logits with weights and label smoothing, probability targets, nll_loss
+        x4 = torch.empty(8, C, 4, 4)
+        t4 = torch.zeros(8, 4, 4, dtype=torch.int64)
+        for name, kw, tt in (("fnn_ce_kdim", dict(weight=True, label_smoothing=0.1), t4),
+                             ("fnn_ce_prob", dict(prob=True, weight=True, label_smoothing=0.1), x4),
+                             ("fnn_nll", dict(nll=True, weight=True), t4)):
+            spec = CrossEntropySpec(name, header(name, ["%2 cross_entropy"], ["F.cross_entropy"],
+                                                 "kernels/losses.py"), ("%2 cross_entropy",), 8, C, "mean", -100, 16,
+                                    **kw)
+            lse4 = None if kw.get("nll") else torch.empty(8 * 16)
+            load(generate(spec), name).launch(x4, tt, w, torch.empty(()), lse4, den)
+            cross_entropy_backward(torch.ones(()), x4, tt, lse4, reduction="mean", weight=w, den=den,
+                                   label_smoothing=kw.get("label_smoothing", 0.0), nll=kw.get("nll", False),
+                                   needs_dt=kw.get("prob", False))
         x = torch.empty(5000)
         for kind, reduction in (("mse", "sum"), ("l1", "none")):
             spec = pl_spec(x.numel(), kind, reduction)
@@ -231,7 +252,87 @@ def test_loss_kernels_compile_for_sm90_without_spills():
             point_loss_backward(loss, x, x, kind=kind, reduction=reduction, needs_dx=True, needs_dt=kind == "l1")
 
     compiled = aot.compile_launches(aot.collect(program))
-    assert {c.name for c in compiled} >= {"_cross_entropy_bwd_scale_kernel", "_cross_entropy_bwd_dx_kernel",
-                                          "_point_loss_bwd_dx_kernel", "fnn_cross_entropy_mean_test"}
+    assert {c.name for c in compiled} >= {"_cross_entropy_bwd_dx_kernel", "_point_loss_bwd_dx_kernel",
+                                          "fnn_cross_entropy_mean_test", "fnn_ce_kdim", "fnn_ce_prob", "fnn_nll"}
     for c in compiled:
         assert not c.resources.spills, c.resources
+
+
+# -- cross_entropy / nll_loss through fusednn.compile: every option torch allows -----------------------
+def _class_case(shape, prob, weighted, ignore_index, eps):
+    C = shape[1] if len(shape) > 1 else shape[0]
+    x = torch.randn(shape) * 2
+    if prob:
+        t = torch.softmax(torch.randn(shape), 1 if len(shape) > 1 else 0)
+    else:
+        t = torch.randint(0, C, (shape[0],) + shape[2:] if len(shape) > 1 else ())
+        if ignore_index in range(C) and t.dim():
+            t.view(-1)[0] = ignore_index  # at least one row ignored
+    return [x, t] + ([torch.rand(C) + 0.5] if weighted else [])
+
+
+# (logits shape, probability targets, class weights, ignore_index, label_smoothing): unbatched [C], [N, C],
+# K-dim [N, C, d1, d2]; torch refuses ignore_index with probability targets
+CLASS_CASES = [
+    ((7, 5), False, False, -100, 0.0), ((7, 5), False, True, 1, 0.0), ((7, 5), False, True, 1, 0.2),
+    ((3, 4, 2, 3), False, True, 2, 0.15), ((3, 4, 5), False, False, -100, 0.1), ((5,), False, True, -100, 0.1),
+    ((7, 5), True, False, -100, 0.0), ((3, 4, 2, 3), True, True, -100, 0.2), ((5,), True, True, -100, 0.0),
+    ((1, 1), False, False, -100, 0.3), ((1, 1), True, True, -100, 0.0),
+]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape,prob,weighted,ignore_index,eps", CLASS_CASES,
+                         ids=["x".join(map(str, c[0])) + f"-{'prob' if c[1] else 'class'}{'-w' if c[2] else ''}"
+                              f"-ii{c[3]}-ls{c[4]}" for c in CLASS_CASES])
+def test_cross_entropy_options_match_torch_through_compile(shape, prob, weighted, ignore_index, eps, reduction,
+                                                           fuse):
+    ins = _class_case(shape, prob, weighted, ignore_index, eps)
+
+    def ce(x, t, *w):
+        return F.cross_entropy(x, t, w[0] if w else None, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=eps)
+
+    check_fn(ce, ins, fuse=fuse, grads=[True, prob, False])  # weights are not differentiated
+    if not prob and not eps:
+        def nll(x, t, *w):
+            return F.nll_loss(F.log_softmax(x, 1 if x.dim() > 1 else 0), t, w[0] if w else None,
+                              ignore_index=ignore_index, reduction=reduction)
+        check_fn(nll, ins, fuse=fuse, grads=[True, False, False])
+
+
+def test_nll_loss_of_log_probabilities_matches_torch_with_every_target_ignored():
+    x, t = torch.randn(4, 3).log_softmax(1), torch.full((4,), 1)
+    for reduction in REDUCTIONS:  # mean: 0 / 0 = NaN, as torch; the gradient is zero
+        check_fn(lambda x, t: F.nll_loss(x, t, ignore_index=1, reduction=reduction), [x, t])
+
+
+def test_cross_entropy_with_a_class_weight_that_requires_grad_is_refused_by_torch_too():
+    # torch's nll_loss does not differentiate weights either; fusednn gives them no gradient
+    with pytest.raises(RuntimeError, match="weight"):
+        F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), torch.rand(3, requires_grad=True)).backward()
+
+
+# torch's own samples. All are supported (weights are not differentiated, as in torch).
+OP_SAMPLES = op_samples("nn.functional.cross_entropy") + op_samples("nn.functional.nll_loss")
+
+
+@pytest.mark.parametrize("info,sample", OP_SAMPLES, ids=[f"{i.name.split('.')[-1]}-{describe(s)}" for i, s in OP_SAMPLES])
+def test_op_db_samples_match_torch(info, sample):
+    fn, tensors = sample_fn(info.op, sample)
+    check_fn(fn, tensors, grads=[t.requires_grad for t in tensors])
+
+
+MODULE_SAMPLES = [(training, p) for training in (True, False) for cls in (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
+                  for p in module_samples(cls, training)]
+
+
+@pytest.mark.parametrize("training,pair", MODULE_SAMPLES,
+                         ids=[f"{p[0].module_cls.__name__}-{'train' if t else 'eval'}-{i}"
+                              for i, (t, p) in enumerate(MODULE_SAMPLES)])
+def test_module_db_samples_match_torch(training, pair):
+    # nn.CrossEntropyLoss and nn.NLLLoss (losses are never fused: one form covers both)
+    info, sample = pair
+    m, xs, kw = build(info, sample, training)
+    check_module(m, xs, kwargs=kw)

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.pool import AdaptivePoolSpec, PoolSpec, generate
 from fusednn.kernels.pool import pool_out_size
-from fusednn.kernels.pool import adaptive_pool2d_backward, pool2d_backward
+from fusednn.kernels.pool import adaptive_pool2d_backward, lp_pool2d_backward, pool2d_backward
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
+from tests.opcheck import check_module
 
 TOL = 1e-5
 
@@ -253,7 +254,7 @@ def test_pool_backward_rejects_mismatched_gradient():
     y, idx, meta = run_pool(x, "max", kernel=2)
     with pytest.raises(ValueError, match="dy has shape"):
         pool2d_backward(torch.randn(1, 2, 4, 3), idx, **meta)
-    with pytest.raises(ValueError, match="int32 idx"):
+    with pytest.raises(ValueError, match="int32 \\(or int64\\) idx"):
         pool2d_backward(torch.randn_like(y), None, **meta)
 
 
@@ -315,7 +316,77 @@ def test_pool_kernels_compile_for_sm90_without_spills():
         for kind in ("max", "avg"):
             y, idx = run_adaptive(x, kind, (5, 7))
             adaptive_pool2d_backward(y, idx, kind=kind, x_shape=tuple(x.shape))
+        # return_indices=True: the max pool's argmax written and read as int64
+        y, idx, meta = run_pool(x, "max", kernel=3, stride=2, padding=1)
+        pool2d_backward(y, idx.long(), **meta)
+        # lp pool, p = 1.5 (exp2/log2 powers) and p = 2: forward, and its backward's two own kernels
+        for p in (1.5, 2.0):
+            name = f"fnn_lp_pool2d_aot{int(p * 10)}"
+            spec = PoolSpec(name, header(name, ["%1 lp_pool2d"], ["pool"], "kernels/pool.py"), ("%1 lp_pool2d",),
+                            "lp", 4, 8, 33, 30, 16, 15, (3, 2), (2, 2), (0, 0), (1, 1), True, True, None, p)
+            y = torch.empty(4, 8, 16, 15)
+            load(generate(spec), name).launch(x, y, None)
+            lp_pool2d_backward(y, x, y, norm_type=p, kernel=(3, 2), stride=(2, 2), ceil_mode=True)
 
     compiled = aot.compile_launches(aot.collect(program))
-    assert len(compiled) == 12
+    assert len(compiled) > 12  # each distinct (kernel, constexprs, argument types) compiles once
+    assert {"fnn_lp_pool2d_aot15", "fnn_lp_pool2d_aot20", "_lp_pool_bwd_scale_kernel",
+            "_lp_pool_bwd_dx_kernel"} <= {c.name for c in compiled}
     assert not [c.name for c in compiled if c.resources.spills]
+
+
+# -- through fusednn.compile: return_indices=True, adaptive max pools after a fused conv ------------------
+class ConvPoolIndices(torch.nn.Module):
+    """conv + relu, then a max pool that also returns its indices (the pool then stays out of the conv)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.pool = torch.nn.Conv2d(2, 3, 3), pool
+
+    def forward(self, x):
+        y, i = self.pool(F.relu(self.conv(x)))
+        return y * 2.0, i
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("pool", [torch.nn.MaxPool2d(2, return_indices=True),
+                                  torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True, return_indices=True),
+                                  torch.nn.AdaptiveMaxPool2d((2, 3), return_indices=True)],
+                         ids=["2x2", "3s2p1-ceil", "adaptive"])
+def test_max_pool_return_indices_gives_torch_int64_indices_and_grads(pool, fuse):
+    x = torch.randn(2, 2, 9, 10, dtype=torch.float64, requires_grad=True)
+    c = check_module(ConvPoolIndices(pool).double(), [x], fuse=fuse)
+    ops = [n.op for n in c.fused_graph.nodes]
+    assert ops[-2].endswith("max_pool2d_indices") and ops[0] == ("conv_relu_pool" if fuse else "conv2d")
+
+
+def test_max_pool_return_indices_of_an_unbatched_input():
+    check_module(torch.nn.MaxPool2d(3, 2, 1, return_indices=True), [torch.randn(3, 7, 7, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_adaptive_max_pool_after_conv_matches_torch(fuse):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(2)).double()
+    check_module(m, [torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)], fuse=fuse)
+
+
+# (norm_type, kernel, stride, ceil_mode, input shape): integer p with negative inputs, p = 1.5 (NaN for
+# negative inputs, as torch), overlapping and ceil_mode windows, an unbatched input
+LP_CASES = [(2.0, 2, None, False, (2, 3, 7, 8)), (1.0, (2, 3), 2, True, (1, 2, 7, 8)), (3.0, 3, 2, True, (3, 7, 7)),
+            (1.5, 3, 1, False, (2, 2, 6, 5)), (2.0, 1, 1, False, (1, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("p,k,s,ceil,shape", LP_CASES, ids=[f"p{c[0]}-k{c[1]}-s{c[2]}-{'ceil' if c[3] else 'floor'}"
+                                                             for c in LP_CASES])
+def test_lp_pool_forward_and_grad_match_torch(p, k, s, ceil, shape, fuse):
+    x = torch.randn(shape, dtype=torch.float64)
+    x.view(-1)[0] = 0.0  # a zero window sum: y = 0 and no gradient through it, as torch
+    check_module(torch.nn.LPPool2d(p, k, s, ceil), [x.requires_grad_()], fuse=fuse)
+
+
+def test_lp_pool_with_an_integer_power_above_3_is_refused_naming_the_op():
+    import fusednn
+
+    with pytest.raises(fusednn.UnsupportedOpError, match=r"lp_pool2d .*\(test_pool.py:\d+\).*norm_type 4.0"):
+        fusednn.compile(lambda x: F.lp_pool2d(x, 4, 2))(torch.randn(1, 1, 4, 4))

@@ -145,3 +145,14 @@ def test_softmax_kernels_compile_for_sm90_without_spills():
     assert {c.name for c in compiled} == {"fnn_softmax_test", "fnn_log_softmax_test", "_softmax_bwd_dx_kernel"}
     for c in compiled:
         assert not c.resources.spills, c.resources
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("dim", [0, -1])
+def test_softmax_and_log_softmax_of_a_0_dim_tensor_match_torch(dim, fuse):
+    # softmax of a single value is 1 (log: 0), its gradient 0; torch accepts dim 0 and -1 here
+    from tests.opcheck import check_fn
+
+    x = torch.tensor(1.7)
+    check_fn(lambda x: torch.nn.Softmax(dim)(x), [x], fuse=fuse)
+    check_fn(lambda x: torch.nn.LogSoftmax(dim)(x), [x], fuse=fuse)

@@ -178,3 +178,28 @@ def test_inplace_write_into_a_parameter_is_refused():
     with pytest.raises(fusednn.UnsupportedOpError, match="writes into param 'fc.weight'"):
         fusednn.compile(m)(torch.randn(2, 3))
     assert torch.equal(m.fc.weight, keep)
+
+
+def test_flatten_forms_trace_to_reshape_and_identity_to_nothing():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat, self.id = nn.Flatten(), nn.Identity()
+
+        def forward(self, x):
+            return self.id(self.flat(x)), torch.flatten(x, 0, 2), x.flatten(2)
+
+    g = trace(Head(), torch.randn(2, 3, 4, 5))
+    assert [n.op for n in g.nodes] == ["reshape"] * 3
+    assert [n.out.type.shape for n in g.nodes] == [(2, 60), (24, 5), (2, 3, 20)]
+    from tests.opcheck import check_module
+
+    check_module(Head().double(), [torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)])
+    check_module(nn.Identity(), [torch.randn(2, 3, dtype=torch.float64, requires_grad=True)])  # returns its input
+
+
+def test_a_call_returning_a_tuple_traces_as_one_node_per_result():
+    g = trace(lambda x: F.max_pool2d(x, 2, return_indices=True), torch.randn(1, 2, 4, 4))
+    assert [n.op for n in g.nodes] == ["max_pool2d", "max_pool2d_indices"]
+    assert g.nodes[1].inputs == (g.inputs[0], g.nodes[0].out) and str(g.nodes[1].out.type) == "i64[1,2,2,2]"
+    assert g.outputs == [g.nodes[0].out, g.nodes[1].out]

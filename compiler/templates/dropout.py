@@ -1,4 +1,5 @@
-"""Template: training-mode dropout as one 1-D Triton kernel, y = x * keep / (1 - p).
+"""Template: training-mode dropout as one 1-D Triton kernel, y = x * keep / (1 - p); channel-wise
+(dropout2d, `inner` > 0) draws one keep per (n, c), i.e. per `inner` consecutive elements.
 
 The keep mask comes from `fusednn.kernels.dropout._dropout_keep(seed, index, p)`, imported by the
 generated file, so the backward (kernels/dropout.py) regenerates the same mask from the same seed.
@@ -13,13 +14,15 @@ from fusednn.kernels.dropout import check_p, dropout_scale
 
 @dataclass(frozen=True, slots=True)
 class DropoutSpec:
-    """Dropout over `numel` elements with drop probability p; `labels` are the IR nodes it implements."""
+    """Dropout over `numel` elements with drop probability p (inner > 0: one draw per `inner` elements);
+    `labels` are the IR nodes it implements."""
 
     name: str
     header: str
     labels: tuple[str, ...]
     numel: int
     p: float
+    inner: int = 0
 
 
 def generate(spec: DropoutSpec) -> str:
@@ -60,7 +63,8 @@ def generate(spec: DropoutSpec) -> str:
         src.writeline("x = tl.load(x_ptr + offs, mask=mask)")
         for label in spec.labels:
             src.writeline(f"# {label}")
-        src.writeline(f"keep = _dropout_keep(seed, offs, {p!r})  # the mask depends on (seed, index) only")
+        draw = f"offs // {spec.inner}" if spec.inner > 0 else "offs"  # dropout2d: one draw per (n, c)
+        src.writeline(f"keep = _dropout_keep(seed, {draw}, {p!r})  # the mask depends on (seed, index) only")
         # x * 0 rather than 0 where dropped: a NaN x stays NaN, as in torch (x * mask * scale).
         src.writeline(f"y = x * tl.where(keep, {dropout_scale(p)!r}, 0.0)")
         src.writeline("tl.store(y_ptr + offs, y, mask=mask)")

@@ -1,4 +1,4 @@
-"""Forward templates for losses: cross-entropy over [N, C] logits, and pointwise mse / l1 losses.
+"""Forward templates for losses: cross-entropy / nll_loss over [N, C, *d] logits, and pointwise mse / l1 losses.
 
 Reduced losses ("mean", "sum") are summed by a single program that walks the rows (elements) in a fixed
 order: the loss is bit-identical from run to run (no atomics) and the whole loss is one launch. That suits
@@ -18,7 +18,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @dataclass(frozen=True, slots=True)
 class CrossEntropySpec:
-    """cross_entropy(logits [N, C], target int64 [N]) with torch's reduction and ignore_index rules."""
+    """cross_entropy (or nll_loss, nll=True) of logits [N, C, *d] (inner = Π d) with torch's rules: int64
+    class targets [N, *d] (ignore_index skipped) or class probabilities (prob=True, shaped like the
+    logits), optional class weights, label_smoothing, every reduction."""
 
     name: str
     header: str
@@ -27,6 +29,11 @@ class CrossEntropySpec:
     C: int
     reduction: str = "mean"
     ignore_index: int = -100
+    inner: int = 1
+    label_smoothing: float = 0.0
+    prob: bool = False
+    weight: bool = False
+    nll: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +78,24 @@ def _labels(s: Source, labels: tuple[str, ...], part: int, parts: int) -> None:
 
 
 def generate_cross_entropy(spec: CrossEntropySpec) -> str:
-    """The text of a kernel file defining `spec.name` and `launch(logits, target, loss, lse)`."""
+    """The text of a kernel file defining `spec.name` and `launch(logits, target, weight, loss, lse, den)`.
+
+    Row r (of N·inner) is logits[r // inner, :, r % inner] (class stride inner). With z = x − max and
+    log_den = log Σ e^z, −log p_c = log_den − z_c, and per row (w = class weights, 1 without; ε = label
+    smoothing):
+      class target t:  loss = (1 − ε) w_t (log_den − z_t) + ε/C Σ_c w_c (log_den − z_c); 0 when t is ignored
+      probabilities q: loss = Σ_c w_c q'_c (log_den − z_c), q' = (1 − ε) q + ε/C
+      nll_loss:        loss = −w_t x_t (x holds log-probabilities)
+    "mean" divides the sum by den = Σ w_t over rows not ignored (class targets; all ignored: 0/0 = NaN, as
+    torch) or by the number of rows (probabilities); den is saved for the backward.
+    """
     _check_reduction(spec.reduction)
+    if spec.nll and (spec.prob or spec.label_smoothing):
+        raise ValueError(f"{spec.name}: nll_loss takes class targets and no label_smoothing")
+    if not 0.0 <= spec.label_smoothing <= 1.0:
+        raise ValueError(f"{spec.name}: label_smoothing must be in [0, 1], got {spec.label_smoothing}")
     reduce = spec.reduction != "none"
+    eps = float(spec.label_smoothing)
     s = Source()
     s.writelines(spec.header)
     s.writelines(_IMPORTS)
@@ -82,14 +104,18 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
     s.writeline("@triton.jit")
     s.writeline(f"def {spec.name}(")
     with s.indent():
+        target = "[N, C, inner] class probabilities" if spec.prob else "[N, inner] int64 class index"
         s.writelines(
             f"""
-            logits_ptr,  # [N, C] float32
-            target_ptr,  # [N] int64 class index; IGNORE_INDEX rows add nothing
-            loss_ptr,  # {"[] the reduced loss" if reduce else "[N] loss of each row"}
-            lse_ptr,  # [N] log-sum-exp of each row, saved for backward
-            N: tl.constexpr,
+            logits_ptr,  # [N, C, inner] float32{" log-probabilities" if spec.nll else ""}
+            target_ptr,  # {target}
+            w_ptr,  # [C] class weights{"" if spec.weight else " (unused: None)"}
+            loss_ptr,  # {"[] the reduced loss" if reduce else "[N, inner] loss of each row"}
+            lse_ptr,  # [N, inner] log-sum-exp of each row, saved for backward{" (unused: None)" if spec.nll else ""}
+            den_ptr,  # [1] the mean's denominator, saved for backward{"" if spec.reduction == "mean" else " (unused: None)"}
+            n_rows,  # N * inner
             C: tl.constexpr,
+            INNER: tl.constexpr,
             IGNORE_INDEX: tl.constexpr,
             BLOCK_R: tl.constexpr,
             BLOCK_C: tl.constexpr,
@@ -104,7 +130,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
                 total = tl.zeros([BLOCK_R], dtype=tl.float32)
                 count = tl.zeros([BLOCK_R], dtype=tl.float32)
                 # this one program walks every row in order: a fixed-order, deterministic sum
-                for r0 in range(0, N, BLOCK_R):
+                for r0 in range(0, n_rows, BLOCK_R):
                 """
             )
         with s.indent() if reduce else contextlib.nullcontext():
@@ -114,60 +140,96 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
                 s.writeline("rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)")
             s.writelines(
                 """
-                row_ok = rows < N
+                row_ok = rows < n_rows
+                base = (rows // INNER) * (C * INNER) + rows % INNER
                 mask = row_ok[:, None] & (cols[None, :] < C)
-                x = tl.load(logits_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=float("-inf"))
+                offs = base[:, None] + cols[None, :] * INNER
                 """
             )
-            _labels(s, spec.labels, 0, 2)
-            s.writelines(
-                """
-                # subtract the row max so exp never overflows
-                m = tl.where(row_ok, tl.max(x, axis=1), 0.0)  # rows past the end are all -inf
-                e = tl.exp(x - m[:, None])
-                """
-            )
-            emit_log_den(s)
-            s.writeline("tl.store(lse_ptr + rows, m + log_den, mask=row_ok)")
-            _labels(s, spec.labels, 1, 2)
-            s.writelines(
-                """
-                t = tl.load(target_ptr + rows, mask=row_ok, other=IGNORE_INDEX)
-                keep = row_ok & (t != IGNORE_INDEX)
-                in_range = (t >= 0) & (t < C)
-                x_t = tl.load(logits_ptr + rows * C + t, mask=keep & in_range, other=0.0)
-                # lse - x_t as log_den - (x_t - m): no cancellation between two large numbers.
-                # A target outside [0, C) gives NaN (torch raises; a kernel cannot) instead of a wild read.
-                loss = tl.where(in_range, log_den - (x_t - m), float("nan"))
-                loss = tl.where(keep, loss, 0.0)
-                """
-            )
+            if not spec.nll:
+                s.writeline('x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))')
+                _labels(s, spec.labels, 0, 2)
+                s.writelines(
+                    """
+                    # subtract the row max so exp never overflows
+                    m = tl.where(row_ok, tl.max(x, axis=1), 0.0)  # rows past the end are all -inf
+                    e = tl.exp(x - m[:, None])
+                    """
+                )
+                emit_log_den(s)
+                s.writeline("tl.store(lse_ptr + rows, m + log_den, mask=row_ok)")
+                # −log p_c = log_den − z_c, 0 outside the row (masked cells hold -inf)
+                s.writeline("nlp = tl.where(mask, log_den[:, None] - (x - m[:, None]), 0.0)")
+            _labels(s, spec.labels, 1 if not spec.nll else 0, 2 if not spec.nll else 1)
+            if spec.weight:
+                s.writeline("w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)")
+            if spec.prob:
+                s.writeline("q = tl.load(target_ptr + offs, mask=mask, other=0.0)")
+                if eps:
+                    s.writeline(f"q = tl.where(mask, q * {1.0 - eps!r} + {eps / spec.C!r}, 0.0)")
+                wq = "w[None, :] * q" if spec.weight else "q"
+                s.writeline(f"loss = tl.sum({wq} * nlp, axis=1)")
+                s.writeline("loss = tl.where(row_ok, loss, 0.0)")
+                s.writeline("keep_w = row_ok.to(tl.float32)  # the mean divides by the number of rows")
+            else:
+                s.writelines(
+                    """
+                    t = tl.load(target_ptr + rows, mask=row_ok, other=IGNORE_INDEX)
+                    keep = row_ok & (t != IGNORE_INDEX)
+                    in_range = (t >= 0) & (t < C)
+                    x_t = tl.load(logits_ptr + base + t * INNER, mask=keep & in_range, other=0.0)
+                    """
+                )
+                if spec.weight:
+                    s.writeline("w_t = tl.load(w_ptr + t, mask=keep & in_range, other=0.0)")
+                else:
+                    s.writeline("w_t = 1.0")
+                if spec.nll:
+                    s.writeline("loss = -(w_t * x_t)")
+                else:
+                    # lse - x_t as log_den - (x_t - m): no cancellation between two large numbers
+                    nll = "(log_den - (x_t - m))"
+                    s.writeline(f"loss = w_t * {nll}" if not eps else f"loss = {1.0 - eps!r} * w_t * {nll}")
+                    if eps:
+                        smooth = "tl.sum(w[None, :] * nlp, axis=1)" if spec.weight else "tl.sum(nlp, axis=1)"
+                        s.writeline(f"loss += {eps / spec.C!r} * {smooth}")
+                s.writelines(
+                    """
+                    # A target outside [0, C) gives NaN (torch raises; a kernel cannot) instead of a wild read.
+                    loss = tl.where(in_range, loss, float("nan"))
+                    loss = tl.where(keep, loss, 0.0)
+                    keep_w = tl.where(keep, w_t, 0.0)  # torch's mean divides by the weights of the kept targets
+                    """
+                )
             if reduce:
                 s.writeline("total += loss")
-                s.writeline("count += keep.to(tl.float32)")
+                s.writeline("count += keep_w")
             else:
                 s.writeline("tl.store(loss_ptr + rows, loss, mask=row_ok)")
         if spec.reduction == "mean":
-            s.writeline("# torch's rule: divide by the number of rows not ignored (all ignored: 0 / 0 = NaN)")
-            s.writeline("tl.store(loss_ptr, tl.sum(total, axis=0) / tl.sum(count, axis=0))")
+            s.writeline("den = tl.sum(count, axis=0)")
+            s.writeline("tl.store(den_ptr, den)")
+            s.writeline("tl.store(loss_ptr, tl.sum(total, axis=0) / den)  # all ignored: 0 / 0 = NaN, as torch")
         elif spec.reduction == "sum":
             s.writeline("tl.store(loss_ptr, tl.sum(total, axis=0))")
     s.writeline()
     s.writeline()
-    s.writeline("def launch(logits, target, loss, lse):")
+    s.writeline("def launch(logits, target, weight, loss, lse, den):")
     with s.indent():
+        fn = "nll_loss" if spec.nll else "cross_entropy"
         s.writeline(
-            f'"""cross_entropy(logits [{spec.N}, {spec.C}], target [{spec.N}], '
-            f'reduction={spec.reduction!r}) into loss; lse [{spec.N}] for backward."""'
+            f'"""{fn}(logits [N, {spec.C}, {spec.inner}], reduction={spec.reduction!r}) into loss; lse [N, '
+            f'{spec.inner}] and den [1] for backward (None where unused)."""'
         )
-        s.writeline(f"cfg = configs.rows({spec.N}, {spec.C})")
+        s.writeline(f"n_rows = logits.numel() // {spec.C}")
+        s.writeline(f"cfg = configs.rows(n_rows, {spec.C})")
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline(f'grid = (triton.cdiv({spec.N}, cfg["BLOCK_R"]),)')
+            s.writeline('grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)')
         s.writeline(
-            f"run_kernel({spec.name}, grid, logits, target, loss, lse, N={spec.N}, C={spec.C}, "
-            f"IGNORE_INDEX={spec.ignore_index}, **cfg)"
+            f"run_kernel({spec.name}, grid, logits, target, weight, loss, lse, den, n_rows, C={spec.C}, "
+            f"INNER={spec.inner}, IGNORE_INDEX={spec.ignore_index}, **cfg)"
         )
     return s.getvalue()
 

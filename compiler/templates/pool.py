@@ -30,7 +30,7 @@ class PoolSpec:
     name: str
     header: str
     labels: tuple[str, ...]
-    kind: str  # "max" | "avg"
+    kind: str  # "max" | "avg" | "lp"
     N: int
     C: int
     H: int
@@ -44,6 +44,7 @@ class PoolSpec:
     ceil_mode: bool
     count_include_pad: bool
     divisor_override: int | None
+    norm_type: float = 0.0  # lp: the p of (KH·KW · avg(x^p))^(1/p) (F.lp_pool2d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +64,15 @@ class AdaptivePoolSpec:
 
 
 def _check(spec: PoolSpec | AdaptivePoolSpec) -> None:
-    if spec.kind not in ("max", "avg"):
-        raise ValueError(f"{spec.name}: pool kind must be 'max' or 'avg', got {spec.kind!r}")
+    kinds = ("max", "avg", "lp") if isinstance(spec, PoolSpec) else ("max", "avg")
+    if spec.kind not in kinds:
+        raise ValueError(f"{spec.name}: pool kind must be one of {kinds}, got {spec.kind!r}")
+    if spec.kind == "lp" and (spec.norm_type <= 0 or tuple(spec.padding) != (0, 0) or not spec.count_include_pad):
+        raise ValueError(f"{spec.name}: lp pool needs norm_type > 0, no padding, count_include_pad")
     if min(spec.N, spec.C, spec.H, spec.W, spec.OH, spec.OW) < 1:
         raise ValueError(f"{spec.name}: empty pool shape {spec}")
     if isinstance(spec, PoolSpec):
-        if spec.kind == "avg" and tuple(spec.dilation) != (1, 1):
+        if spec.kind != "max" and tuple(spec.dilation) != (1, 1):
             raise ValueError(f"{spec.name}: avg_pool2d has no dilation, got {spec.dilation}")
         if spec.divisor_override is not None and spec.divisor_override == 0:
             raise ValueError(f"{spec.name}: divisor_override must be non-zero")
@@ -89,6 +93,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
         import triton.language as tl
 
         from fusednn.compiler import configs
+        from fusednn.kernels.pool import lp_pow
         from fusednn.launch import launch as _launch
 
 
@@ -99,7 +104,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
         src.writeline("x_ptr,  # input [N, C, H, W], contiguous fp32")
         src.writeline("y_ptr,  # output [N, C, OH, OW], fp32")
         if is_max:
-            src.writeline("idx_ptr,  # output [N, C, OH, OW], int32: flat h*W+w of each window's max")
+            src.writeline("idx_ptr,  # output [N, C, OH, OW], int32 (int64 for return_indices): flat h*W+w of each window's max")
         src.writeline("total,  # N*C*OH*OW")
         consts = ["H", "W", "OH", "OW"]
         if not adaptive:
@@ -161,6 +166,9 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
                         best = tl.where(take, v, best)
                         arg = tl.where(take, (ih * W + iw).to(tl.int32), arg)
                     ''')
+                elif spec.kind == "lp":
+                    src.writeline(f"acc += tl.where(ok, lp_pow(tl.load(x_plane + ih * W + iw, mask=ok, other=1.0), "
+                                  f"{float(spec.norm_type)!r}), 0.0)")
                 else:
                     src.writeline("acc += tl.load(x_plane + ih * W + iw, mask=ok, other=0.0)")
         if is_max:
@@ -172,6 +180,12 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
             src.writelines('''
                 tl.store(y_ptr + offs, acc / ((h1 - h0) * (w1 - w0)).to(tl.float32), mask=live)
             ''')
+        elif spec.kind == "lp":
+            _emit_avg_divisor(src, spec)
+            p = float(spec.norm_type)
+            src.writeline(f"# torch: (sign(A) relu(|A|) KH KW)^(1/p), A = avg_pool2d(x^p); that is S^(1/p), S = KH KW A")
+            src.writeline(f"s = acc / div * {float(spec.kernel[0] * spec.kernel[1])!r}")
+            src.writeline(f"tl.store(y_ptr + offs, tl.where(s == 0.0, 0.0, lp_pow(s, {1.0 / p!r})), mask=live)")
         else:
             _emit_avg_divisor(src, spec)
             src.writelines('''
