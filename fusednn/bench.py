@@ -104,13 +104,18 @@ def step_cost(model: nn.Module, batch: int, momentum: bool = True) -> dict:
 @contextlib.contextmanager
 def torch_precision(precision: str) -> Iterator[None]:
     """Strict fp32 ("ieee") or TF32 for torch's own matmuls and cuDNN convolutions inside the block."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     on = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = on, on
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
     try:
-        yield
+        # cuDNN's through its flags() context: setting the global is refused once a process has called
+        # torch.backends.disable_global_flags() (torch's own test utilities do, on import)
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=on):
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def skip_reason(v: Variant, device: torch.device) -> str | None:

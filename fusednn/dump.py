@@ -27,17 +27,9 @@ from typing import Any
 import torch
 
 from fusednn.errors import CompileError
+from fusednn.repro import example
 
 log = logging.getLogger("fusednn")
-
-
-def _example(v: Any, named: dict[str, torch.Tensor]) -> torch.Tensor:
-    if v.kind != "input":
-        return named[v.name].detach().clone()
-    shape, dtype = v.type.shape, v.type.dtype
-    if dtype.is_floating_point:
-        return torch.randn(shape, dtype=dtype)
-    return torch.zeros(shape, dtype=dtype)
 
 
 def training_launches(spec: Any, named: dict[str, torch.Tensor]) -> list:
@@ -48,7 +40,7 @@ def training_launches(spec: Any, named: dict[str, torch.Tensor]) -> list:
     exe = spec.executable
     device = next((t.device for t in named.values()), torch.device("cpu"))
     with torch.random.fork_rng(devices=[]), launch.recording(execute=False) as rec, configs.use_target("gpu"):
-        ins = [_example(v, named).to(device) for v in spec.graph.inputs]
+        ins = [example(v, named).to(device) for v in spec.graph.inputs]
         ins = [t.requires_grad_() if t.is_floating_point() else t for t in ins]
         outs = [o for o in exe.apply(*ins) if o.requires_grad]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])

@@ -50,17 +50,26 @@ def _val(v: Any) -> str:
     return "%" + v.name
 
 
+def example(v: Any, named: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A tensor for graph input v: the named parameter or buffer itself (cloned), else random of its type."""
+    if v.kind != "input":
+        return named[v.name].detach().clone()
+    shape, dtype = v.type.shape, v.type.dtype
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
 def record_step(spec: Any, named: dict[str, torch.Tensor], with_sgd: bool = True) -> list[Unit]:
     """Forward, backward and (with_sgd) one fusednn.optim.SGD step of `spec`, recorded (not run) with GPU
     launch configs."""
     from fusednn.compiler import autodiff, configs
     from fusednn.compiler.ops import REGISTRY
-    from fusednn.dump import _example
 
     exe, graph = spec.executable, spec.graph
     units: list[Unit] = []
     with torch.random.fork_rng(devices=[]), launch.recording(execute=False) as rec, configs.use_target("gpu"):
-        ins = [_example(v, named) for v in graph.inputs]
+        ins = [example(v, named) for v in graph.inputs]
         env_vals = dict(zip(graph.inputs, ins))
         from fusednn.compiler.ir import Env
         env = Env(env_vals)
