@@ -67,8 +67,9 @@ def _emit(n: Node, gen: Callable[..., str], spec_cls: type, **fields: Any) -> Ke
     return Kernel(name, text, source.load(text, name))
 
 
-def _empty(v: Value, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(v.type.shape, dtype=v.type.dtype, device=like.device)
+def _empty(env: Env, v: Value, like: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor for v at this call's shape (its batch, when the graph is batch-polymorphic)."""
+    return torch.empty(env.shape(v), dtype=v.type.dtype, device=like.device)
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
     a = n.attrs
     act, pool_kind, pool_k = a.get("act", "none"), a.get("pool", "none"), a.get("pool_k", 1)
     save_act = pool_kind == "avg" and act != "none"
-    act_shape = n.absorbed[1].out.type.shape if save_act else ()
+    act_value = n.absorbed[1].out if save_act else None
     k = _emit(n, conv.generate, conv.ConvSpec, N=N, C=C, H=H, W=W, K=K, R=R, S=S, stride=a["stride"],
               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], bias=b is not None, act=act,
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
@@ -96,12 +97,13 @@ def _lower_conv(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         idx = aout = None
         if pool_kind == "max":
             idx = torch.empty(_as4d(y).shape, dtype=torch.uint8, device=xt.device)
             env.extra[(n.out, "idx")] = idx
         if save_act:  # the activation before the pool: the absorbed activation node's shape
+            act_shape = env.shape(act_value)
             aout = torch.empty((1,) * (4 - len(act_shape)) + act_shape, dtype=y.dtype, device=y.device)
             env.extra[(n.out, "act")] = aout
         k.module.launch(xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
@@ -118,9 +120,9 @@ def _lower_linear(n: Node, precision: str) -> Step:
               act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision)
 
     def run(env: Env) -> None:
-        xt = _c(env.values[x]).reshape(M, K)
-        y = _empty(n.out, xt)
-        k.module.launch(xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(M, Nout))
+        xt = _c(env.values[x]).reshape(-1, K)  # [M, K]; M follows the batch
+        y = _empty(env, n.out, xt)
+        k.module.launch(xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(-1, Nout))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -184,7 +186,7 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         ins = [_c(env.values[v]) for v in tensor_inputs]
-        outs = [_empty(v, ins[0]) for v in keep]
+        outs = [_empty(env, v, ins[0]) for v in keep]
         k.module.launch(*ins, *outs)
         env.values.update(zip(keep, outs))
 
@@ -228,10 +230,10 @@ def _lower_pool(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         idx = None
         if kind == "max":
-            idx = torch.empty((N, C, OH, OW), dtype=torch.int32, device=xt.device)
+            idx = torch.empty(_as4d(y).shape, dtype=torch.int32, device=xt.device)
             env.extra[(n.out, "idx")] = idx
         k.module.launch(xt, _as4d(y), idx)
         env.values[n.out] = y
@@ -246,7 +248,7 @@ def _lower_softmax(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         k.module.launch(xt, y)
         env.values[n.out] = y
 
@@ -266,7 +268,7 @@ def _lower_loss(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
-        loss = _empty(n.out, xt)
+        loss = _empty(env, n.out, xt)
         if n.op == "cross_entropy":
             lse = torch.empty(xt.shape[0], dtype=torch.float32, device=xt.device)
             env.extra[(n.out, "lse")] = lse
@@ -292,7 +294,7 @@ def _lower_batch_norm(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         mean = torch.empty(C, dtype=torch.float32, device=xt.device)
         invstd = torch.empty_like(mean)
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
@@ -316,7 +318,7 @@ def _lower_dropout(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         # The mask is a function of (seed, index): draw the seed from torch's CPU RNG, so
         # torch.manual_seed makes runs repeatable, and keep it for the backward.
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -329,7 +331,8 @@ def _lower_dropout(n: Node, precision: str) -> Step:
 
 def _lower_reshape(n: Node, precision: str) -> Step:
     def run(env: Env) -> None:
-        env.values[n.out] = env.values[n.inputs[0]].reshape(n.attrs["shape"])  # a view when contiguous
+        # The traced target shape, with this call's batch where it follows the batch; a view when contiguous.
+        env.values[n.out] = env.values[n.inputs[0]].reshape(env.shape(n.out))
 
     return Step(n, None, run)
 
@@ -369,6 +372,17 @@ def where(n: Node) -> str:
     head = n.absorbed[0] if n.absorbed else n
     mod = f" in module '{head.module}'" if head.module else " at the top level"
     return f"{head.op}{mod}" + (f" ({head.source})" if head.source else "")
+
+
+def check_batch(graph: Graph, batch: int) -> None:
+    """A batch-polymorphic graph called at a new batch: every value that follows it still fits 32-bit
+    offsets (`check` saw the nominal batch)."""
+    for v in [*graph.inputs, *(a.out for n in graph.nodes for a in (*n.absorbed, n))]:
+        if v.name in graph.dynamic and v.type.shape and batch * (v.type.numel // v.type.shape[0]) > MAX_NUMEL:
+            raise CompileError(
+                f"%{v.name} : {v.type} would have {batch * (v.type.numel // v.type.shape[0])} elements at batch "
+                f"{batch}; fusednn's kernels use 32-bit offsets, so a tensor may have at most 2**31 - 1 elements: "
+                "split the batch")
 
 
 def check(graph: Graph) -> None:

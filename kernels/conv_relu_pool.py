@@ -83,13 +83,16 @@ def _conv_relu_pool_dz(
     return dz
 
 
-@triton.jit
+# N, the batch, is a runtime int (not specialised: batch 1 or a multiple of 16 must not compile anew), so
+# one compiled kernel serves every batch size; every other shape is a constexpr.
+@triton.jit(do_not_specialize=["N"])
 def _conv_relu_pool_bwd_dx_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     w_ptr,  # filters [K, C // GROUPS, R, S]
     dx_ptr,  # out: input gradient [N, C, H, W]
     slope,  # leaky_relu's negative slope
-    N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    N,  # batch
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
@@ -139,20 +142,22 @@ def _conv_relu_pool_bwd_dx_kernel(
     tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SLICE"])
 def _conv_relu_pool_bwd_dw_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     x_ptr,  # input [N, C, H, W]
     dw_ptr,  # out: [SPLIT, K, C // GROUPS * R * S] weight-gradient partials, one per row slice
     db_ptr,  # out: [SPLIT, K] bias-gradient partials
     slope,  # leaky_relu's negative slope
-    N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    N,  # batch
+    SLICE,  # rows per slice, a multiple of BLOCK_K (grows with the batch; a slice may be empty)
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
-    SPLIT: tl.constexpr, SLICE: tl.constexpr,  # row slices and rows per slice (a multiple of BLOCK_K)
+    SPLIT: tl.constexpr,  # row slices
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -264,7 +269,7 @@ def conv_relu_pool_backward(
     # never touch (a stand-in tensor there would be counted as bytes moved; see launch.tensor_bytes).
     bufs = (dy, idx if pool == "max" else None, y if act != "none" and pool != "avg" else None,
             a if act != "none" and pool == "avg" else None)
-    meta = dict(N=N, C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,
+    meta = dict(C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,
                 PAD_H=pad_h, PAD_W=pad_w, DIL_H=dil_h, DIL_W=dil_w, OH=OH, OW=OW, PH=PH, PW=PW,
                 ACT=act, POOL=pool, POOL_K=P, PRECISION=precision)
     KG = K // groups
@@ -272,25 +277,25 @@ def conv_relu_pool_backward(
 
     if needs_dx:
         dx = torch.empty_like(x)
-        cfg = configs.gemm(N * H * W, CG, KG * R * S, gather=True)
+        cfg = configs.gemm(configs.nominal(N * H * W), CG, KG * R * S, gather=True)
         grid = (triton.cdiv(N * H * W, cfg["BLOCK_M"]), triton.cdiv(CG, cfg["BLOCK_N"]), groups)
-        launch(_conv_relu_pool_bwd_dx_kernel, grid, *bufs, w, dx, float(act_param or 0.0), **meta, **cfg)
+        launch(_conv_relu_pool_bwd_dx_kernel, grid, *bufs, w, dx, float(act_param or 0.0), N, **meta, **cfg)
 
     if needs_dw or needs_db:
         rows, crs = N * OH * OW, CG * R * S
-        cfg = configs.gemm(KG, crs, rows, gather=True)
+        cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=True)
         tiles_m, tiles_n = triton.cdiv(KG, cfg["BLOCK_M"]), triton.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
-        steps = triton.cdiv(rows, cfg["BLOCK_K"])
-        split = configs.split_k(tiles_m * tiles_n * groups, steps)
-        slice_rows = triton.cdiv(steps, split) * cfg["BLOCK_K"]
-        split = triton.cdiv(rows, slice_rows)  # no empty slice
+        # SPLIT is a constexpr: chosen at the nominal batch; the slices cut the actual rows (an empty
+        # slice writes zero partials).
+        split = configs.split_k(tiles_m * tiles_n * groups, triton.cdiv(configs.nominal(rows), cfg["BLOCK_K"]))
+        slice_rows = triton.cdiv(triton.cdiv(rows, cfg["BLOCK_K"]), split) * cfg["BLOCK_K"]
         dw_part = torch.empty((split, K, crs) if needs_dw else (0,), device=x.device, dtype=torch.float32)
         db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=torch.float32)
         launch(_conv_relu_pool_bwd_dw_kernel, (tiles_m, tiles_n, groups * split), *bufs, x, dw_part, db_part,
-               float(act_param or 0.0), **meta, SPLIT=split, SLICE=slice_rows, COMPUTE_DW=needs_dw,
+               float(act_param or 0.0), N, slice_rows, **meta, SPLIT=split, COMPUTE_DW=needs_dw,
                COMPUTE_DB=needs_db, **cfg)
         if needs_dw:
-            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:])).view(w.shape)
+            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False)).view(w.shape)
         if needs_db:
-            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:])).view(K)
+            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:], batched=False)).view(K)
     return dx, dw, db

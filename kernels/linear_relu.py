@@ -52,7 +52,7 @@ def _linear_relu_dz(
     return dz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def _linear_relu_bwd_dx_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
@@ -88,7 +88,7 @@ def _linear_relu_bwd_dx_kernel(
     tl.store(dx_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'm_per_split'])
 def _linear_relu_bwd_dw_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
@@ -188,7 +188,7 @@ def linear_relu_backward(
     dx = dw = db = None
     if needs_dx:
         dx = torch.empty((M, K), device=x.device, dtype=torch.float32)
-        cfg = configs.gemm(M, K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
+        cfg = configs.gemm(configs.nominal(M), K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
         launch(
             _linear_relu_bwd_dx_kernel, grid,
@@ -198,15 +198,16 @@ def linear_relu_backward(
             PRECISION=precision, num_warps=cfg["num_warps"],
         )
     if needs_dw or needs_db:
-        cfg = configs.gemm(N, K, M)  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
+        cfg = configs.gemm(N, K, configs.nominal(M))  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
         bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         # db alone needs one program per N tile
         tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)
         # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
         # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order.
-        steps = triton.cdiv(M, bm)
-        per_split = triton.cdiv(steps, configs.split_k(tiles[0] * tiles[1], steps))
-        split = triton.cdiv(steps, per_split)  # no empty slice
+        # The slice count is chosen at the nominal batch (it sets the tiles of the parts' sum); the slices
+        # cut the actual rows, and a slice past them writes a zero part.
+        split = configs.split_k(tiles[0] * tiles[1], triton.cdiv(configs.nominal(M), bm))
+        per_split = triton.cdiv(triton.cdiv(M, bm), split)
         n_dw = N * K if needs_dw else 0
         length = n_dw + (N if needs_db else 0)  # dw and db share one buffer, [dw | db]
         parts = torch.empty((split, length), device=x.device, dtype=torch.float32)
@@ -218,7 +219,7 @@ def linear_relu_backward(
             ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
             PRECISION=precision, num_warps=cfg["num_warps"],
         )
-        out = parts[0] if split == 1 else sum_to(parts, (length,))  # the parts, added in a fixed order
+        out = parts[0] if split == 1 else sum_to(parts, (length,), batched=False)  # the parts, added in a fixed order
         dw = out[:n_dw].view(N, K) if needs_dw else None
         db = out[n_dw:] if needs_db else None
     return dx, dw, db

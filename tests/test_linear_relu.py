@@ -252,8 +252,10 @@ def test_generated_launch_rejects_wrong_shapes():
     x, w, b = make_inputs(4, 6, 8, True)
     with pytest.raises(ValueError, match="fnn_linear_relu_0"):
         mod.launch(x, w, None, torch.empty(4, 6))  # the spec has a bias
+    with pytest.raises(ValueError, match="fnn_linear_relu_0"):  # any row count, but the same in x and y
+        mod.launch(x[:3], w, b, torch.empty(4, 6))
     with pytest.raises(ValueError, match="fnn_linear_relu_0"):
-        mod.launch(x[:3], w, b, torch.empty(3, 6))
+        mod.launch(x[:, :7], w, b, torch.empty(4, 6))
 
 
 def test_generate_rejects_bad_specs():

@@ -79,7 +79,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
     s.writelines(_IMPORTS)
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["N"])  # N, the batch: one kernel for every batch size')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         s.writelines(
@@ -88,7 +88,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
             target_ptr,  # [N] int64 class index; IGNORE_INDEX rows add nothing
             loss_ptr,  # {"[] the reduced loss" if reduce else "[N] loss of each row"}
             lse_ptr,  # [N] log-sum-exp of each row, saved for backward
-            N: tl.constexpr,
+            N,  # rows: the batch, a runtime int
             C: tl.constexpr,
             IGNORE_INDEX: tl.constexpr,
             BLOCK_R: tl.constexpr,
@@ -157,16 +157,17 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
     s.writeline("def launch(logits, target, loss, lse):")
     with s.indent():
         s.writeline(
-            f'"""cross_entropy(logits [{spec.N}, {spec.C}], target [{spec.N}], '
-            f'reduction={spec.reduction!r}) into loss; lse [{spec.N}] for backward."""'
+            f'"""cross_entropy(logits [N, {spec.C}], target [N], reduction={spec.reduction!r}) into loss; '
+            f'lse [N] for backward. Any batch N; the tiles are picked at N = {spec.N}."""'
         )
+        s.writeline("n = logits.shape[0]")
         s.writeline(f"cfg = configs.rows({spec.N}, {spec.C})")
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline(f'grid = (triton.cdiv({spec.N}, cfg["BLOCK_R"]),)')
+            s.writeline('grid = (triton.cdiv(n, cfg["BLOCK_R"]),)')
         s.writeline(
-            f"run_kernel({spec.name}, grid, logits, target, loss, lse, N={spec.N}, C={spec.C}, "
+            f"run_kernel({spec.name}, grid, logits, target, loss, lse, n, C={spec.C}, "
             f"IGNORE_INDEX={spec.ignore_index}, **cfg)"
         )
     return s.getvalue()
@@ -183,7 +184,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
     s.writelines(_IMPORTS)
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["NUMEL"])  # NUMEL follows the batch')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         s.writelines(
@@ -191,7 +192,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
             x_ptr,  # [NUMEL] input
             t_ptr,  # [NUMEL] target
             loss_ptr,  # {"[] the reduced loss" if reduce else "[NUMEL] loss of each element"}
-            NUMEL: tl.constexpr,
+            NUMEL,  # runtime: one compiled kernel serves every batch size ('mean' divides by it)
             BLOCK: tl.constexpr,
             """
         )
@@ -230,13 +231,15 @@ def generate_point_loss(spec: PointLossSpec) -> str:
     fn = "mse_loss" if spec.kind == "mse" else "l1_loss"
     s.writeline("def launch(x, t, loss):")
     with s.indent():
-        s.writeline(f'"""{fn}(x, t, reduction={spec.reduction!r}) over {spec.numel} elements into loss."""')
+        s.writeline(f'"""{fn}(x, t, reduction={spec.reduction!r}) over x\'s elements into loss ({spec.numel} at '
+                    f'the nominal batch, which picks the block)."""')
+        s.writeline("numel = x.numel()")
         s.writeline(f"cfg = configs.elementwise({spec.numel})")
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline(f'grid = (triton.cdiv({spec.numel}, cfg["BLOCK"]),)')
-        s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, NUMEL={spec.numel}, **cfg)")
+            s.writeline('grid = (triton.cdiv(numel, cfg["BLOCK"]),)')
+        s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, numel, **cfg)")
     return s.getvalue()
 
 

@@ -199,7 +199,7 @@ def generate(spec: PointwiseSpec) -> str:
         from fusednn.launch import launch as _launch
 
 
-        @triton.jit
+        @triton.jit(do_not_specialize=["numel"])  # numel follows the batch: one kernel for every batch size
     """)
     src.writeline(f"def {spec.name}(")
     with src.indent():
@@ -233,9 +233,9 @@ def generate(spec: PointwiseSpec) -> str:
     params = ", ".join((*spec.inputs, *spec.outputs))
     src.writeline(f"def launch({params}):")
     with src.indent():
-        src.writeline(f'"""Run {spec.name} over {spec.numel} elements; outputs are preallocated '
-                      f'contiguous tensors."""')
+        src.writeline(f'"""Run {spec.name} over the outputs\' elements ({spec.numel} at the nominal batch, '
+                      f'which picks the block); outputs are preallocated contiguous tensors."""')
+        src.writeline(f"numel = {spec.outputs[-1]}.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
-        src.writeline(f'_launch({spec.name}, (triton.cdiv({spec.numel}, meta["BLOCK"]),), {params}, '
-                      f'{spec.numel}, **meta)')
+        src.writeline(f'_launch({spec.name}, (triton.cdiv(numel, meta["BLOCK"]),), {params}, numel, **meta)')
     return src.getvalue()

@@ -92,7 +92,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
         from fusednn.launch import launch as _launch
 
 
-        @triton.jit
+        @triton.jit(do_not_specialize=["total"])  # total follows the batch: one kernel for every batch size
     ''')
     src.writeline(f"def {spec.name}(")
     with src.indent():
@@ -214,12 +214,14 @@ def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[st
     src.writeline("def launch(x, y, idx):")
     with src.indent():
         what = "its int32 argmax into idx" if is_max else "idx is None"
-        src.writeline(f'"""Pool x [{spec.N}, {spec.C}, {spec.H}, {spec.W}] into y '
-                      f'[{spec.N}, {spec.C}, {spec.OH}, {spec.OW}]; {what}."""')
+        src.writeline(f'"""Pool x [N, {spec.C}, {spec.H}, {spec.W}] into y '
+                      f'[N, {spec.C}, {spec.OH}, {spec.OW}] (any batch N; the block is picked at N = {spec.N}); '
+                      f'{what}."""')
         if not is_max:
             src.writeline('assert idx is None, "avg pool has no argmax"')
         src.writeline(f"cfg = configs.window({total})  # a window of reads per output: 8 warps, no spill")
         args = "x, y, idx" if is_max else "x, y"
-        src.writeline(f'_launch({spec.name}, (triton.cdiv({total}, cfg["BLOCK"]),), {args}, {total},')
+        src.writeline("total = y.numel()")
+        src.writeline(f'_launch({spec.name}, (triton.cdiv(total, cfg["BLOCK"]),), {args}, total,')
         with src.indent():
             src.writeline(", ".join(f"{c}={values[c]}" for c in consts) + ", **cfg)")
