@@ -106,7 +106,7 @@ def _act_grad(dy, s, slope, ACT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=['numel'])
+@triton.jit(do_not_specialize=["numel"])
 def _activation_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     s_ptr,  # [numel] saved tensor: the output y (relu, sigmoid, tanh) or the input x (leaky_relu)
@@ -123,7 +123,7 @@ def _activation_bwd_dx_kernel(
     tl.store(dx_ptr + offs, _act_grad(dy, s, slope, ACT), mask=mask)
 
 
-@triton.jit(do_not_specialize=['numel'])
+@triton.jit(do_not_specialize=["numel"])
 def _prelu_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     x_ptr,  # [numel] prelu input
@@ -142,7 +142,7 @@ def _prelu_bwd_dx_kernel(
     tl.store(dx_ptr + offs, tl.where(x > 0, dy, w * dy), mask=mask)
 
 
-@triton.jit(do_not_specialize=['per_channel'])
+@triton.jit(do_not_specialize=["per_channel"])
 def _prelu_bwd_dw_kernel(
     dy_ptr,  # [outer, channels, inner] upstream gradient
     x_ptr,  # [outer, channels, inner] prelu input
@@ -165,7 +165,7 @@ def _prelu_bwd_dw_kernel(
     tl.store(dw_ptr + c, tl.sum(acc, axis=0))
 
 
-@triton.jit(do_not_specialize=['numel'])
+@triton.jit(do_not_specialize=["numel"])
 def _mul_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     other_ptr,  # [numel] the other factor (ignored when OTHER_IS_TENSOR is False)
@@ -185,7 +185,7 @@ def _mul_bwd_dx_kernel(
     tl.store(dx_ptr + offs, dx, mask=mask)
 
 
-@triton.jit(do_not_specialize=['numel'])
+@triton.jit(do_not_specialize=["numel"])
 def _add_kernel(
     a_ptr,  # [numel] first gradient
     b_ptr,  # [numel] gradient to add
@@ -217,7 +217,7 @@ def _check_same(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _grid(numel: int, meta: dict) -> tuple[int]:
-    return (triton.cdiv(numel, meta["BLOCK"]),)
+    return (configs.cdiv(numel, meta["BLOCK"]),)
 
 
 def activation_backward(dy: torch.Tensor, saved: torch.Tensor, *, act: str, act_param: float = 0.0) -> torch.Tensor:

@@ -41,7 +41,9 @@ def _unravel(rem, size, keep: tl.constexpr, dy_stride, o_stride, out_stride, off
     return rem, off_dy, off_o, off_out
 
 
-@triton.jit(do_not_specialize=['M', 'R', 'S0', 'S1', 'S2', 'S3', 'D0', 'D1', 'D2', 'D3', 'O0', 'O1', 'O2', 'O3', 'T0', 'T1', 'T2', 'T3'])
+# Every size and stride may follow the batch: none is specialised, so one compiled kernel serves every batch.
+@triton.jit(do_not_specialize=["M", "R", "S0", "S1", "S2", "S3", "D0", "D1", "D2", "D3",
+                               "O0", "O1", "O2", "O3", "T0", "T1", "T2", "T3"])
 def _sum_to_kernel(
     dy_ptr,  # [S] upstream gradient of the broadcast result, contiguous
     o_ptr,  # the other factor, read through strides so (0 where it broadcasts); unused unless HAS_OTHER
@@ -158,7 +160,7 @@ def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None 
     sizes, keep = [d[0] for d in dims], [int(d[1]) for d in dims]
     dys, os_, ts = [d[2] for d in dims], [d[3] for d in dims], [d[4] for d in dims]
     moved = (dy.numel() + out.numel() + (0 if other is None else other.numel())) * dy.element_size()
-    launch(_sum_to_kernel, (triton.cdiv(M, meta["BLOCK_M"]),), dy, dy if other is None else other, out,
+    launch(_sum_to_kernel, (configs.cdiv(M, meta["BLOCK_M"]),), dy, dy if other is None else other, out,
            float(scale), M, R, *sizes, *dys, *os_, *ts, K0=keep[0], K1=keep[1], K2=keep[2], K3=keep[3],
            HAS_OTHER=other is not None, nbytes=moved, **meta)  # dy stands in for an absent other
     return out

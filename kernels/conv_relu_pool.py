@@ -142,7 +142,8 @@ def _conv_relu_pool_bwd_dx_kernel(
     tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "SLICE"])
+# SLICE stays specialised: a multiple of BLOCK_K >= 16 at every batch, so it always compiles the same way.
+@triton.jit(do_not_specialize=["N"])
 def _conv_relu_pool_bwd_dw_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     x_ptr,  # input [N, C, H, W]
@@ -278,17 +279,17 @@ def conv_relu_pool_backward(
     if needs_dx:
         dx = torch.empty_like(x)
         cfg = configs.gemm(configs.nominal(N * H * W), CG, KG * R * S, gather=True)
-        grid = (triton.cdiv(N * H * W, cfg["BLOCK_M"]), triton.cdiv(CG, cfg["BLOCK_N"]), groups)
+        grid = (configs.cdiv(N * H * W, cfg["BLOCK_M"]), configs.cdiv(CG, cfg["BLOCK_N"]), groups)
         launch(_conv_relu_pool_bwd_dx_kernel, grid, *bufs, w, dx, float(act_param or 0.0), N, **meta, **cfg)
 
     if needs_dw or needs_db:
         rows, crs = N * OH * OW, CG * R * S
         cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=True)
-        tiles_m, tiles_n = triton.cdiv(KG, cfg["BLOCK_M"]), triton.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
+        tiles_m, tiles_n = configs.cdiv(KG, cfg["BLOCK_M"]), configs.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
         # SPLIT is a constexpr: chosen at the nominal batch; the slices cut the actual rows (an empty
         # slice writes zero partials).
-        split = configs.split_k(tiles_m * tiles_n * groups, triton.cdiv(configs.nominal(rows), cfg["BLOCK_K"]))
-        slice_rows = triton.cdiv(triton.cdiv(rows, cfg["BLOCK_K"]), split) * cfg["BLOCK_K"]
+        split = configs.split_k(tiles_m * tiles_n * groups, configs.cdiv(configs.nominal(rows), cfg["BLOCK_K"]))
+        slice_rows = configs.cdiv(configs.cdiv(rows, cfg["BLOCK_K"]), split) * cfg["BLOCK_K"]
         dw_part = torch.empty((split, K, crs) if needs_dw else (0,), device=x.device, dtype=torch.float32)
         db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=torch.float32)
         launch(_conv_relu_pool_bwd_dw_kernel, (tiles_m, tiles_n, groups * split), *bufs, x, dw_part, db_part,

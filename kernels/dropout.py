@@ -33,7 +33,7 @@ def _dropout_keep(seed, offsets, p):
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=['seed', 'numel'])
+@triton.jit(do_not_specialize=["seed", "numel"])
 def _dropout_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     dx_ptr,  # [numel] gradient w.r.t. the dropout input (written)
@@ -83,6 +83,6 @@ def dropout_backward(dy: torch.Tensor, seed: int, *, p: float) -> torch.Tensor:
     dx = torch.empty_like(dy)
     numel = dy.numel()
     meta = configs.elementwise(configs.nominal(numel))
-    launch(_dropout_bwd_dx_kernel, (triton.cdiv(numel, meta["BLOCK"]),), dy, dx, seed, numel,
+    launch(_dropout_bwd_dx_kernel, (configs.cdiv(numel, meta["BLOCK"]),), dy, dx, seed, numel,
            P=p, SCALE=dropout_scale(p), **meta)
     return dx

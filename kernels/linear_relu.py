@@ -52,7 +52,7 @@ def _linear_relu_dz(
     return dz
 
 
-@triton.jit(do_not_specialize=['M'])
+@triton.jit(do_not_specialize=["M"])
 def _linear_relu_bwd_dx_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
@@ -88,7 +88,32 @@ def _linear_relu_bwd_dx_kernel(
     tl.store(dx_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.jit(do_not_specialize=['M', 'm_per_split'])
+@triton.jit
+def _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, rows, offs_n, offs_k, M, N, K, slope,
+                         stride_dym, stride_dyn, stride_xm, stride_xk,
+                         ACT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, PRECISION: tl.constexpr,
+                         ROW_MASK: tl.constexpr):
+    """One BLOCK_M step of the dw/db reduction over the rows `rows` (masked against M only if ROW_MASK)."""
+    if ROW_MASK:
+        mask_nm = (offs_n[:, None] < N) & (rows[None, :] < M)
+        mask_mk = (rows[:, None] < M) & (offs_k[None, :] < K)
+    else:
+        mask_nm = (offs_n[:, None] < N) & (rows[None, :] >= 0)
+        mask_mk = (rows[:, None] >= 0) & (offs_k[None, :] < K)
+    # dzᵀ tile [BLOCK_N, BLOCK_M], read transposed straight from dy and y
+    dzt = _linear_relu_dz(dy_ptr, y_ptr, rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn, mask_nm, slope,
+                          ACT)
+    if HAS_DW:
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
+        acc = tl.dot(dzt, x, acc, input_precision=PRECISION)
+    if HAS_DB:
+        db += dzt
+    return acc, db
+
+
+# M follows the batch: not specialised. m_per_split stays specialised: a multiple of BLOCK_M >= 16 at every
+# batch, so it compiles the same way at every batch.
+@triton.jit(do_not_specialize=["M"])
 def _linear_relu_bwd_dw_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
@@ -112,28 +137,25 @@ def _linear_relu_bwd_dw_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
+    # Whole BLOCK_M blocks of rows first, with no row mask, then the one partial block at the end of M,
+    # masked: M follows the batch, so it is not specialised, and a row mask in every step (the compiler no
+    # longer knows M % 16) spilled predicates on sm_90 (LeNet unfused, batch 64: 8-byte stack).
     m_lo = pid_s * m_per_split
-    m_hi = tl.minimum(m_lo + m_per_split, M)
+    m_hi = m_lo + m_per_split  # slices end on BLOCK_M boundaries
+    m_full = (M // BLOCK_M) * BLOCK_M
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     # db sums the dzᵀ tiles elementwise and reduces across M once, after the loop: a tl.sum per step
     # costs a cross-thread reduction each time, and under triton 3.9 it left values spilled across the
     # loop (sm_90, LeNet fc1 at batch 64: 8-byte stack, 5 LDL/STL; now none).
     db = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        rows = m0 + offs_m  # slices end on BLOCK_M boundaries, so rows < M is the only mask needed
-        # dzᵀ tile [BLOCK_N, BLOCK_M], read transposed straight from dy and y
-        mask_nm = (offs_n[:, None] < N) & (rows[None, :] < M)
-        dzt = _linear_relu_dz(
-            dy_ptr, y_ptr, rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn, mask_nm, slope, ACT
-        )
-        if HAS_DW:
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=(rows[:, None] < M) & (offs_k[None, :] < K), other=0.0,
-            )
-            acc = tl.dot(dzt, x, acc, input_precision=PRECISION)
-        if HAS_DB:
-            db += dzt
+    for m0 in range(m_lo, tl.minimum(m_hi, m_full), BLOCK_M):
+        acc, db = _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, m0 + offs_m, offs_n, offs_k, M, N, K, slope,
+                                       stride_dym, stride_dyn, stride_xm, stride_xk,
+                                       ACT, HAS_DW, HAS_DB, PRECISION, False)
+    if (m_full >= m_lo) & (m_full < m_hi) & (m_full < M):
+        acc, db = _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, m_full + offs_m, offs_n, offs_k, M, N, K,
+                                       slope, stride_dym, stride_dyn, stride_xm, stride_xk,
+                                       ACT, HAS_DW, HAS_DB, PRECISION, True)
     if HAS_DW:
         dw_ptrs = dw_ptr + pid_s * stride_part + offs_n[:, None] * K + offs_k[None, :]
         tl.store(dw_ptrs, acc, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
@@ -189,7 +211,7 @@ def linear_relu_backward(
     if needs_dx:
         dx = torch.empty((M, K), device=x.device, dtype=torch.float32)
         cfg = configs.gemm(configs.nominal(M), K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
+        grid = (configs.cdiv(M, cfg["BLOCK_M"]), configs.cdiv(K, cfg["BLOCK_N"]))
         launch(
             _linear_relu_bwd_dx_kernel, grid,
             dy, y, w, dx, M, N, K, slope,
@@ -201,13 +223,13 @@ def linear_relu_backward(
         cfg = configs.gemm(N, K, configs.nominal(M))  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
         bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         # db alone needs one program per N tile
-        tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)
+        tiles = (configs.cdiv(N, bn), configs.cdiv(K, bk) if needs_dw else 1)
         # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
         # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order.
         # The slice count is chosen at the nominal batch (it sets the tiles of the parts' sum); the slices
         # cut the actual rows, and a slice past them writes a zero part.
-        split = configs.split_k(tiles[0] * tiles[1], triton.cdiv(configs.nominal(M), bm))
-        per_split = triton.cdiv(triton.cdiv(M, bm), split)
+        split = configs.split_k(tiles[0] * tiles[1], configs.cdiv(configs.nominal(M), bm))
+        per_split = configs.cdiv(configs.cdiv(M, bm), split)
         n_dw = N * K if needs_dw else 0
         length = n_dw + (N if needs_db else 0)  # dw and db share one buffer, [dw | db]
         parts = torch.empty((split, length), device=x.device, dtype=torch.float32)

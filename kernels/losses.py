@@ -22,7 +22,7 @@ from fusednn.launch import launch
 # renormalises, softmax = e^{x − lse} / Σ e^{x − lse}, which cancels it (and x − lse ≤ 0 cannot overflow).
 
 
-@triton.jit(do_not_specialize=['N'])
+@triton.jit(do_not_specialize=["N"])
 def _cross_entropy_bwd_scale_kernel(
     dloss_ptr,  # [] upstream gradient of the mean loss
     target_ptr,  # [N] int64 targets
@@ -39,7 +39,7 @@ def _cross_entropy_bwd_scale_kernel(
     tl.store(scale_ptr, tl.load(dloss_ptr) / tl.sum(count, axis=0))
 
 
-@triton.jit(do_not_specialize=['N'])
+@triton.jit(do_not_specialize=["N"])
 def _cross_entropy_bwd_dx_kernel(
     g_ptr,  # [N] per-row upstream gradient (PER_ROW), else [] one weight shared by every row
     logits_ptr,  # [N, C] forward input
@@ -81,7 +81,7 @@ def _cross_entropy_bwd_dx_kernel(
 #   dt = −dx in both.
 
 
-@triton.jit(do_not_specialize=['numel'])
+@triton.jit(do_not_specialize=["numel"])
 def _point_loss_bwd_dx_kernel(
     dloss_ptr,  # [numel] upstream gradient (PER_ELEMENT), else [] the reduced loss's gradient
     x_ptr,  # [numel] forward input
@@ -135,7 +135,7 @@ def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, target: to
     elif reduction not in ("sum", "none"):
         raise ValueError(f"cross_entropy reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     cfg = configs.rows(configs.nominal(N), C)
-    grid = (triton.cdiv(N, cfg["BLOCK_R"]),)
+    grid = (configs.cdiv(N, cfg["BLOCK_R"]),)
     launch(_cross_entropy_bwd_dx_kernel, grid, g, logits, target, lse, dx, N, C, ignore_index,
            PER_ROW=reduction == "none", **cfg)
     return dx
@@ -161,7 +161,7 @@ def point_loss_backward(dloss: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *
     numel = x.numel()
     inv_count = 1.0 / numel if reduction == "mean" and numel else 1.0
     cfg = configs.elementwise(configs.nominal(numel))
-    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    grid = (configs.cdiv(numel, cfg["BLOCK"]),)
     launch(_point_loss_bwd_dx_kernel, grid, dloss, x, t, dx, dt, numel, inv_count, L1=kind == "l1",
            PER_ELEMENT=reduction == "none", NEEDS_DX=needs_dx, NEEDS_DT=needs_dt, **cfg)
     return dx, dt

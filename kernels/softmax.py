@@ -19,7 +19,7 @@ from fusednn.launch import launch
 # One row-sum per row; BLOCK_C >= D, so each row is read once.
 
 
-@triton.jit(do_not_specialize=['n_rows'])
+@triton.jit(do_not_specialize=["n_rows"])
 def _softmax_bwd_dx_kernel(
     dy_ptr,  # [outer, D, inner] upstream gradient
     y_ptr,  # [outer, D, inner] saved forward output (softmax, or log_softmax when LOG)
@@ -61,6 +61,6 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, *, outer: int, D: int, i
     dx = torch.empty_like(y)
     n_rows = outer * inner
     cfg = configs.rows(configs.nominal(n_rows), D)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    grid = (configs.cdiv(n_rows, cfg["BLOCK_R"]),)
     launch(_softmax_bwd_dx_kernel, grid, dy, y, dx, n_rows, D, inner, LOG=log, **cfg)
     return dx

@@ -119,8 +119,8 @@ def generate(spec: BatchNormSpec) -> str:
                     f'save_mean, save_invstd; any batch N (the tiles are picked at N = {spec.N})."""')
         s.writeline("n = x.shape[0]")
         s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C})")
-        rows_grid = f'triton.cdiv(n * {spec.inner}, cfg["BLOCK_R"])' if use_running else "1"
-        s.writeline(f'grid = ({rows_grid}, triton.cdiv({spec.C}, cfg["BLOCK_C"]))')
+        rows_grid = f'configs.cdiv(n * {spec.inner}, cfg["BLOCK_R"])' if use_running else "1"
+        s.writeline(f'grid = ({rows_grid}, configs.cdiv({spec.C}, cfg["BLOCK_C"]))')
         args.append("n")
         meta = f"C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
         if update:

@@ -337,7 +337,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
             # the nominal batch {spec.N}, whatever x's batch
             n = x.shape[0]
             cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True)
-            grid = (triton.cdiv(n * {per_image}, cfg["BLOCK_M"]), triton.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
+            grid = (configs.cdiv(n * {per_image}, cfg["BLOCK_M"]), configs.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
             launch_kernel(
                 {spec.name}, grid, {", ".join(args)}, n,
     ''')

@@ -73,6 +73,6 @@ def generate(spec: DropoutSpec) -> str:
                       f'the nominal batch, which picks the block)."""')
         src.writeline("numel = x.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
-        src.writeline(f'_launch({spec.name}, (triton.cdiv(numel, meta["BLOCK"]),), x, y, '
+        src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), x, y, '
                       f'check_seed(seed), numel, **meta)')
     return src.getvalue()

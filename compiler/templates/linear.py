@@ -185,7 +185,7 @@ def generate(spec: LinearSpec) -> str:
                 raise ValueError(f"{spec.name}: launch(x, w, b, y) got shapes {{shapes}}, "
                                  f"built for [rows, K={{K}}] @ [N={{N}}, K]")
             cfg = configs.gemm(M, N, K)
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+            grid = (configs.cdiv(m, cfg["BLOCK_M"]) * configs.cdiv(N, cfg["BLOCK_N"]),)
             _launch(
                 {spec.name}, grid,
                 x, w, {b_pass}y, m, N, K,

@@ -165,7 +165,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline('grid = (triton.cdiv(n, cfg["BLOCK_R"]),)')
+            s.writeline('grid = (configs.cdiv(n, cfg["BLOCK_R"]),)')
         s.writeline(
             f"run_kernel({spec.name}, grid, logits, target, loss, lse, n, C={spec.C}, "
             f"IGNORE_INDEX={spec.ignore_index}, **cfg)"
@@ -238,7 +238,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline('grid = (triton.cdiv(numel, cfg["BLOCK"]),)')
+            s.writeline('grid = (configs.cdiv(numel, cfg["BLOCK"]),)')
         s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, numel, **cfg)")
     return s.getvalue()
 

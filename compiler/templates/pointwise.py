@@ -237,5 +237,5 @@ def generate(spec: PointwiseSpec) -> str:
                       f'which picks the block); outputs are preallocated contiguous tensors."""')
         src.writeline(f"numel = {spec.outputs[-1]}.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
-        src.writeline(f'_launch({spec.name}, (triton.cdiv(numel, meta["BLOCK"]),), {params}, numel, **meta)')
+        src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), {params}, numel, **meta)')
     return src.getvalue()

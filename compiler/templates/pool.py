@@ -222,6 +222,6 @@ def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[st
         src.writeline(f"cfg = configs.window({total})  # a window of reads per output: 8 warps, no spill")
         args = "x, y, idx" if is_max else "x, y"
         src.writeline("total = y.numel()")
-        src.writeline(f'_launch({spec.name}, (triton.cdiv(total, cfg["BLOCK"]),), {args}, total,')
+        src.writeline(f'_launch({spec.name}, (configs.cdiv(total, cfg["BLOCK"]),), {args}, total,')
         with src.indent():
             src.writeline(", ".join(f"{c}={values[c]}" for c in consts) + ", **cfg)")

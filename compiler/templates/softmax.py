@@ -116,7 +116,7 @@ def generate(spec: SoftmaxSpec) -> str:
             nominal batch, which picks the tiles); y is preallocated."""
             outer = x.numel() // {spec.D * spec.inner}
             cfg = configs.rows({spec.outer * spec.inner}, {spec.D})
-            grid = (triton.cdiv(outer * {spec.inner}, cfg["BLOCK_R"]),)
+            grid = (configs.cdiv(outer * {spec.inner}, cfg["BLOCK_R"]),)
             run_kernel({spec.name}, grid, x, y, outer, D={spec.D}, INNER={spec.inner}, **cfg)
             '''
         )
