@@ -27,6 +27,7 @@ from fusednn.compiler.ir import Env, Graph, Node, Value
 from fusednn.compiler.ops import REGISTRY, empty_node, softmax_dims
 from fusednn.compiler.templates import (batch_norm, conv, dropout, linear, losses, pointwise, pool, softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
+from fusednn.kernels.plan import bytes_once
 
 log = logging.getLogger("fusednn")
 
@@ -72,6 +73,11 @@ def _empty(env: Env, v: Value, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(env.shape(v), dtype=v.type.dtype, device=like.device)
 
 
+def _moved(cache: dict, batch: int | None, *tensors: torch.Tensor | None) -> int:
+    """The bytes a step's launch moves, measured once per batch size (kernels/plan.py)."""
+    return bytes_once(cache, batch, tensors)
+
+
 def _as4d(t: torch.Tensor) -> torch.Tensor:
     """Unbatched [C, H, W] inputs run as a batch of one."""
     return t if t.dim() == 4 else t.unsqueeze(0)
@@ -95,6 +101,8 @@ def _lower_conv(n: Node, precision: str) -> Step:
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
               precision=precision)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
         y = _empty(env, n.out, xt)
@@ -106,7 +114,8 @@ def _lower_conv(n: Node, precision: str) -> Step:
             act_shape = env.shape(act_value)
             aout = torch.empty((1,) * (4 - len(act_shape)) + act_shape, dtype=y.dtype, device=y.device)
             env.extra[(n.out, "act")] = aout
-        k.module.launch(xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
+        args = (xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
+        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -119,10 +128,13 @@ def _lower_linear(n: Node, precision: str) -> Step:
     k = _emit(n, linear.generate, linear.LinearSpec, M=M, N=Nout, K=K, bias=b is not None,
               act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x]).reshape(-1, K)  # [M, K]; M follows the batch
         y = _empty(env, n.out, xt)
-        k.module.launch(xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(-1, Nout))
+        args = (xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(-1, Nout))
+        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -184,10 +196,12 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
     k = Kernel(kname, text, source.load(text, kname))
     tensor_inputs = list(names)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         ins = [_c(env.values[v]) for v in tensor_inputs]
         outs = [_empty(env, v, ins[0]) for v in keep]
-        k.module.launch(*ins, *outs)
+        k.module.launch(*ins, *outs, nbytes=_moved(moved, env.batch, *ins, *outs))
         env.values.update(zip(keep, outs))
 
     return Step(n, k, run)
@@ -228,6 +242,8 @@ def _lower_pool(n: Node, precision: str) -> Step:
                   ceil_mode=a["ceil_mode"], count_include_pad=a.get("count_include_pad", False),
                   divisor_override=a.get("divisor_override"))
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
         y = _empty(env, n.out, xt)
@@ -235,7 +251,8 @@ def _lower_pool(n: Node, precision: str) -> Step:
         if kind == "max":
             idx = torch.empty(_as4d(y).shape, dtype=torch.int32, device=xt.device)
             env.extra[(n.out, "idx")] = idx
-        k.module.launch(xt, _as4d(y), idx)
+        y4 = _as4d(y)
+        k.module.launch(xt, y4, idx, nbytes=_moved(moved, env.batch, xt, y4, idx))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -246,10 +263,12 @@ def _lower_softmax(n: Node, precision: str) -> Step:
     outer, D, inner = softmax_dims(x.type.shape, n.attrs["dim"])
     k = _emit(n, softmax.generate, softmax.SoftmaxSpec, outer=outer, D=D, inner=inner, log=n.op == "log_softmax")
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x])
         y = _empty(env, n.out, xt)
-        k.module.launch(xt, y)
+        k.module.launch(xt, y, nbytes=_moved(moved, env.batch, xt, y))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -266,15 +285,17 @@ def _lower_loss(n: Node, precision: str) -> Step:
         k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
                   kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
         loss = _empty(env, n.out, xt)
         if n.op == "cross_entropy":
             lse = torch.empty(xt.shape[0], dtype=torch.float32, device=xt.device)
             env.extra[(n.out, "lse")] = lse
-            k.module.launch(xt, tt, loss, lse)
+            k.module.launch(xt, tt, loss, lse, nbytes=_moved(moved, env.batch, xt, tt, loss, lse))
         else:
-            k.module.launch(xt, tt, loss)
+            k.module.launch(xt, tt, loss, nbytes=_moved(moved, env.batch, xt, tt, loss))
         env.values[n.out] = loss
 
     return Step(n, k, run)
@@ -292,6 +313,8 @@ def _lower_batch_norm(n: Node, precision: str) -> Step:
               momentum=n.attrs["momentum"], eps=n.attrs["eps"], affine=w is not None,
               track_running_stats=rm is not None)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x])
         y = _empty(env, n.out, xt)
@@ -303,7 +326,8 @@ def _lower_batch_norm(n: Node, precision: str) -> Step:
         # contiguous copy that is written back, so the user's buffer object keeps the new values.
         stats = [get(rm), get(rv)]
         work = [_c(t) for t in stats]
-        k.module.launch(xt, _c(get(w)), _c(get(b)), *work, y, mean, invstd)
+        args = (xt, _c(get(w)), _c(get(b)), *work, y, mean, invstd)
+        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         for t, c in zip(stats, work):
             if c is not t:
                 t.copy_(c)
@@ -316,6 +340,8 @@ def _lower_dropout(n: Node, precision: str) -> Step:
     x = n.inputs[0]
     k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"])
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x])
         y = _empty(env, n.out, xt)
@@ -323,7 +349,7 @@ def _lower_dropout(n: Node, precision: str) -> Step:
         # torch.manual_seed makes runs repeatable, and keep it for the backward.
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         env.extra[(n.out, "seed")] = seed
-        k.module.launch(xt, y, seed)
+        k.module.launch(xt, y, seed, nbytes=_moved(moved, env.batch, xt, y))
         env.values[n.out] = y
 
     return Step(n, k, run)

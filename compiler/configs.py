@@ -18,11 +18,16 @@ from fusednn._backend import interpreting
 _forced: list[str] = []
 
 
+_switch: list[str] = []  # the interpreter switch, read on first use: it runs on every launch
+
+
 def target() -> str:
     """"gpu" or "interp": whose launch configs to use now."""
     if _forced:
         return _forced[-1]
-    return "interp" if interpreting() else "gpu"
+    if not _switch:  # kernels are interpreted or not from their decoration on, so it cannot change later
+        _switch.append("interp" if interpreting() else "gpu")
+    return _switch[0]
 
 
 @contextlib.contextmanager
@@ -74,6 +79,18 @@ def _per_target(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return cached(target(), args, tuple(kwargs.items()))
+
+    return wrapper
+
+
+def memo(fn: Callable) -> Callable:
+    """Memoise a launcher's plan: a pure function of hashable arguments (shapes, flags) that picks configs
+    and grids, per target and nominal batch (what `nominal` reads), so a steady-state launch reuses it."""
+    cached = functools.lru_cache(maxsize=1024)(lambda _target, _batch, args: fn(*args))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        return cached(target(), _batch, args)
 
     return wrapper
 

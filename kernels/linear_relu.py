@@ -4,6 +4,8 @@ Forward (generated from compiler/templates/linear.py): y[M, N] = act(x[M, K] @ w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +13,7 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
+from fusednn.kernels.plan import bytes_once
 from fusednn.launch import launch
 
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
@@ -164,6 +167,76 @@ def _linear_relu_bwd_dw_kernel(
             tl.store(db_ptr + pid_s * stride_part + offs_n, tl.sum(db, axis=1), mask=offs_n < N)
 
 
+@dataclass
+class _Plan:
+    """Everything shape-dependent about one backward call, computed once per shapes and batch, and the
+    bytes each launch moves, measured on its first call (then its arguments' shapes are the plan's)."""
+
+    M: int
+    N: int
+    K: int
+    slope: float
+    dx_grid: tuple
+    dx_strides: tuple
+    dx_meta: dict
+    split: int
+    m_per_split: int
+    n_dw: int
+    length: int
+    dw_grid: tuple
+    dw_strides: tuple
+    dw_meta: dict
+    nbytes: dict = field(default_factory=dict)
+
+    def moved(self, which: str, args: tuple) -> int:
+        """The bytes launch `which` moves (kernels/plan.py)."""
+        return bytes_once(self.nbytes, which, args)
+
+
+@configs.memo
+def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, y_shape: tuple | None, dy_stride: tuple,
+                   x_stride: tuple, w_stride: tuple, y_stride: tuple | None, act: str, act_param: float,
+                   precision: str, needs_dx: bool, needs_dw: bool, needs_db: bool) -> _Plan:
+    if act not in ACTS:
+        raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"linear_relu_backward: precision must be one of {PRECISIONS}, got {precision!r}")
+    if act == "leaky_relu" and not act_param >= 0.0:
+        raise ValueError(f"linear_relu_backward: leaky_relu needs negative_slope >= 0, got {act_param}")
+    M, K = x_shape
+    N = w_shape[0]
+    if act != "none" and y_shape is None:
+        raise ValueError(f"linear_relu_backward: act={act!r} needs the forward output y")
+    if not (dy_shape == (M, N) and w_shape == (N, K) and (y_shape is None or y_shape == (M, N))):
+        raise ValueError(f"linear_relu_backward: shapes dy {dy_shape}, x {x_shape}, w {w_shape}, y {y_shape} do not "
+                         "fit y[M, N] = act(x[M, K] @ w[N, K].T)")
+    if y_stride is not None and y_stride != dy_stride:
+        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
+    slope = float(act_param) if act == "leaky_relu" else 0.0
+    cfg = configs.gemm(configs.nominal(M), K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
+    dx_grid = (configs.cdiv(M, cfg["BLOCK_M"]), configs.cdiv(K, cfg["BLOCK_N"]))
+    dx_meta = dict(ACT=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"],
+                   PRECISION=precision, num_warps=cfg["num_warps"])
+    cfg = configs.gemm(N, K, configs.nominal(M))  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
+    bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    # db alone needs one program per N tile
+    tiles = (configs.cdiv(N, bn), configs.cdiv(K, bk) if needs_dw else 1)
+    # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
+    # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order. The slice count
+    # is chosen at the nominal batch (it sets the tiles of the parts' sum); the slices cut the actual rows,
+    # and a slice past them writes a zero part.
+    split = configs.split_k(tiles[0] * tiles[1], configs.cdiv(configs.nominal(M), bm))
+    per_split = configs.cdiv(configs.cdiv(M, bm), split)
+    n_dw = N * K if needs_dw else 0
+    length = n_dw + (N if needs_db else 0)
+    dw_meta = dict(ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
+                   PRECISION=precision, num_warps=cfg["num_warps"])
+    dx_strides = (dy_stride[0], dy_stride[1], w_stride[0], w_stride[1], K, 1)  # dx is a fresh [M, K]
+    dw_strides = (dy_stride[0], dy_stride[1], x_stride[0], x_stride[1], length)
+    return _Plan(M, N, K, slope, dx_grid, dx_strides, dx_meta, split, per_split * bm, n_dw, length,
+                 (*tiles, split), dw_strides, dw_meta)
+
+
 def linear_relu_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -187,61 +260,24 @@ def linear_relu_backward(
         act: "none" | "relu" | "leaky_relu" | "sigmoid" | "tanh";  act_param: leaky_relu's slope (>= 0).
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
     """
-    if act not in ACTS:
-        raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"linear_relu_backward: precision must be one of {PRECISIONS}, got {precision!r}")
-    if act == "leaky_relu" and not act_param >= 0.0:
-        raise ValueError(f"linear_relu_backward: leaky_relu needs negative_slope >= 0, got {act_param}")
-    M, K = x.shape
-    N = w.shape[0]
     if act == "none":
         y = None  # act' = 1: the kernels never read y
-    elif y is None:
-        raise ValueError(f"linear_relu_backward: act={act!r} needs the forward output y")
-    if not (dy.shape == (M, N) and w.shape == (N, K) and (y is None or y.shape == (M, N))):
-        raise ValueError(
-            f"linear_relu_backward: shapes dy {tuple(dy.shape)}, x {tuple(x.shape)}, w {tuple(w.shape)}, "
-            f"y {None if y is None else tuple(y.shape)} do not fit y[M, N] = act(x[M, K] @ w[N, K].T)"
-        )
-    if y is not None and y.stride() != dy.stride():
-        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
-    slope = float(act_param) if act == "leaky_relu" else 0.0
+    p = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), None if y is None else tuple(y.shape),
+                       dy.stride(), x.stride(), w.stride(), None if y is None else y.stride(), act,
+                       float(act_param), precision, needs_dx, needs_dw, needs_db)
     dx = dw = db = None
     if needs_dx:
-        dx = torch.empty((M, K), device=x.device, dtype=torch.float32)
-        cfg = configs.gemm(configs.nominal(M), K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
-        grid = (configs.cdiv(M, cfg["BLOCK_M"]), configs.cdiv(K, cfg["BLOCK_N"]))
-        launch(
-            _linear_relu_bwd_dx_kernel, grid,
-            dy, y, w, dx, M, N, K, slope,
-            dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), dx.stride(0), dx.stride(1),
-            ACT=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"],
-            PRECISION=precision, num_warps=cfg["num_warps"],
-        )
+        dx = torch.empty((p.M, p.K), device=x.device, dtype=torch.float32)  # dx[M, K] = dz[M, N] @ w[N, K]
+        args = (dy, y, w, dx, p.M, p.N, p.K, p.slope, *p.dx_strides)
+        launch(_linear_relu_bwd_dx_kernel, p.dx_grid, *args, nbytes=p.moved("dx", args), **p.dx_meta)
     if needs_dw or needs_db:
-        cfg = configs.gemm(N, K, configs.nominal(M))  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
-        bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        # db alone needs one program per N tile
-        tiles = (configs.cdiv(N, bn), configs.cdiv(K, bk) if needs_dw else 1)
-        # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
-        # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order.
-        # The slice count is chosen at the nominal batch (it sets the tiles of the parts' sum); the slices
-        # cut the actual rows, and a slice past them writes a zero part.
-        split = configs.split_k(tiles[0] * tiles[1], configs.cdiv(configs.nominal(M), bm))
-        per_split = configs.cdiv(configs.cdiv(M, bm), split)
-        n_dw = N * K if needs_dw else 0
-        length = n_dw + (N if needs_db else 0)  # dw and db share one buffer, [dw | db]
+        n_dw, length, split = p.n_dw, p.length, p.split  # dw and db share one buffer, [dw | db]
         parts = torch.empty((split, length), device=x.device, dtype=torch.float32)
-        launch(
-            _linear_relu_bwd_dw_kernel, (*tiles, split),
-            dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
-            M, N, K, per_split * bm, slope,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), length,
-            ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
-            PRECISION=precision, num_warps=cfg["num_warps"],
-        )
+        args = (dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
+                p.M, p.N, p.K, p.m_per_split, p.slope, *p.dw_strides)
+        launch(_linear_relu_bwd_dw_kernel, p.dw_grid, *args, nbytes=p.moved("dw", args), **p.dw_meta)
         out = parts[0] if split == 1 else sum_to(parts, (length,), batched=False)  # the parts, added in a fixed order
+        N, K = p.N, p.K
         dw = out[:n_dw].view(N, K) if needs_dw else None
         db = out[n_dw:] if needs_db else None
     return dx, dw, db

@@ -9,7 +9,10 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.plan import bytes_once
 from fusednn.launch import launch
+
+_moved: dict = {}  # bytes per launch site and shapes (kernels/plan.py)
 
 # Cross-entropy VJP. Row n with target t_n: loss_n = lse_n − x_{n,t_n}, lse_n = log Σ_c e^{x_{n,c}}, so
 #   ∂loss_n/∂x_{n,c} = softmax(x_n)_c − [c = t_n] = e^{x_{n,c} − lse_n} − [c = t_n].
@@ -131,13 +134,16 @@ def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, target: to
     if reduction == "mean":
         g = torch.empty(1, device=logits.device, dtype=torch.float32)
         block = configs.elementwise(configs.nominal(N))["BLOCK"]
-        launch(_cross_entropy_bwd_scale_kernel, (1,), dloss, target, g, N, ignore_index, BLOCK=block)
+        args = (dloss, target, g, N, ignore_index)
+        launch(_cross_entropy_bwd_scale_kernel, (1,), *args, BLOCK=block,
+               nbytes=bytes_once(_moved, ("scale", N, g.shape, dloss.shape), args))
     elif reduction not in ("sum", "none"):
         raise ValueError(f"cross_entropy reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     cfg = configs.rows(configs.nominal(N), C)
     grid = (configs.cdiv(N, cfg["BLOCK_R"]),)
-    launch(_cross_entropy_bwd_dx_kernel, grid, g, logits, target, lse, dx, N, C, ignore_index,
-           PER_ROW=reduction == "none", **cfg)
+    args = (g, logits, target, lse, dx, N, C, ignore_index)
+    launch(_cross_entropy_bwd_dx_kernel, grid, *args, PER_ROW=reduction == "none", **cfg,
+           nbytes=bytes_once(_moved, ("dx", N, C, g.shape), args))
     return dx
 
 

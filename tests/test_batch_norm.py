@@ -189,7 +189,7 @@ def test_generated_batch_norm_source_has_header_labels_and_launch():
     assert text.startswith(spec.header)
     assert "# %2 batch_norm\n" in text
     assert f"def {spec.name}(" in text
-    assert "\ndef launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd):" in text
+    assert "\ndef launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, nbytes=None):" in text
     compile(text, spec.name, "exec")
 
 

@@ -112,7 +112,7 @@ def generate(spec: BatchNormSpec) -> str:
             _emit_train(s, spec, update)
     s.writeline()
     s.writeline()
-    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd):")
+    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, nbytes=None):")
     with s.indent():
         mode = "running" if use_running else "batch"
         s.writeline(f'"""batch_norm of [N, {spec.C}, {spec.inner}] with {mode} statistics into y, '
@@ -125,7 +125,7 @@ def generate(spec: BatchNormSpec) -> str:
         meta = f"C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
         if update:
             meta += f", MOMENTUM={spec.momentum!r}"
-        s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, **cfg)")
+        s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, nbytes=nbytes, **cfg)")
     return s.getvalue()
 
 

@@ -331,7 +331,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     meta.append(f'PRECISION="{spec.precision}", **cfg,')
     stages = ", ".join(spec.labels)
     src.writelines(f'''
-        def launch(x, w, b, y, idx, a):
+        def launch(x, w, b, y, idx, a, nbytes=None):
             """{stages} in one launch; b, idx, a are None where this variant has none."""
             # GEMM view: M = N * {per_image} rows, N = {kg} channels per group, K = {crs} taps; tiles for
             # the nominal batch {spec.N}, whatever x's batch
@@ -339,7 +339,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
             cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True)
             grid = (configs.cdiv(n * {per_image}, cfg["BLOCK_M"]), configs.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
             launch_kernel(
-                {spec.name}, grid, {", ".join(args)}, n,
+                {spec.name}, grid, {", ".join(args)}, n, nbytes=nbytes,
     ''')
     with src.indent(), src.indent():
         for line in meta:

@@ -67,12 +67,12 @@ def generate(spec: DropoutSpec) -> str:
         src.writeline("tl.store(y_ptr + offs, y, mask=mask)")
     src.writeline()
     src.writeline()
-    src.writeline("def launch(x, y, seed: int):")
+    src.writeline("def launch(x, y, seed: int, nbytes=None):")
     with src.indent():
         src.writeline(f'"""Run {spec.name} (p = {p!r}) over x\'s elements into the preallocated y ({spec.numel} at '
                       f'the nominal batch, which picks the block)."""')
         src.writeline("numel = x.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
         src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), x, y, '
-                      f'check_seed(seed), numel, **meta)')
+                      f'check_seed(seed), numel, nbytes=nbytes, **meta)')
     return src.getvalue()

@@ -177,7 +177,7 @@ def generate(spec: LinearSpec) -> str:
     s.writeline()
     s.writelines(
         f"""
-        def launch(x, w, b, y):
+        def launch(x, w, b, y, nbytes=None):
             \"\"\"y[m, N] = {what}; x [m, K], w [N, K], b {b_doc}; fp32, contiguous; any row count m.\"\"\"
             m = x.shape[0]
             if not (x.shape == (m, K) and w.shape == (N, K) and y.shape == (m, N) and {b_check}):
@@ -190,7 +190,7 @@ def generate(spec: LinearSpec) -> str:
                 {spec.name}, grid,
                 x, w, {b_pass}y, m, N, K,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-                GROUP_M=GROUP_M, PRECISION={spec.precision!r}, **cfg,
+                GROUP_M=GROUP_M, PRECISION={spec.precision!r}, nbytes=nbytes, **cfg,
             )
         """
     )

@@ -154,7 +154,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
             s.writeline("tl.store(loss_ptr, tl.sum(total, axis=0))")
     s.writeline()
     s.writeline()
-    s.writeline("def launch(logits, target, loss, lse):")
+    s.writeline("def launch(logits, target, loss, lse, nbytes=None):")
     with s.indent():
         s.writeline(
             f'"""cross_entropy(logits [N, {spec.C}], target [N], reduction={spec.reduction!r}) into loss; '
@@ -168,7 +168,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
             s.writeline('grid = (configs.cdiv(n, cfg["BLOCK_R"]),)')
         s.writeline(
             f"run_kernel({spec.name}, grid, logits, target, loss, lse, n, C={spec.C}, "
-            f"IGNORE_INDEX={spec.ignore_index}, **cfg)"
+            f"IGNORE_INDEX={spec.ignore_index}, nbytes=nbytes, **cfg)"
         )
     return s.getvalue()
 
@@ -229,7 +229,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
     s.writeline()
     s.writeline()
     fn = "mse_loss" if spec.kind == "mse" else "l1_loss"
-    s.writeline("def launch(x, t, loss):")
+    s.writeline("def launch(x, t, loss, nbytes=None):")
     with s.indent():
         s.writeline(f'"""{fn}(x, t, reduction={spec.reduction!r}) over x\'s elements into loss ({spec.numel} at '
                     f'the nominal batch, which picks the block)."""')
@@ -239,7 +239,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
             s.writeline("grid = (1,)")
         else:
             s.writeline('grid = (configs.cdiv(numel, cfg["BLOCK"]),)')
-        s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, numel, **cfg)")
+        s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, numel, nbytes=nbytes, **cfg)")
     return s.getvalue()
 
 

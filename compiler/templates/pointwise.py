@@ -21,7 +21,7 @@ OPS = UNARY + BINARY + ("prelu",)
 
 _SYMBOL = {"add": "+", "mul": "*", "sub": "-"}
 # Names the generated kernel and launcher use themselves; IR values must not shadow them.
-_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", "_tanh", "_sigmoid", "_relu", "_leaky_relu",
+_RESERVED = {"pid", "offs", "mask", "numel", "nbytes", "BLOCK", "meta", "tl", "triton", "_tanh", "_sigmoid", "_relu", "_leaky_relu",
              "_configs", "_launch", "launch"}
 
 
@@ -231,11 +231,12 @@ def generate(spec: PointwiseSpec) -> str:
     src.writeline()
     src.writeline()
     params = ", ".join((*spec.inputs, *spec.outputs))
-    src.writeline(f"def launch({params}):")
+    src.writeline(f"def launch({params}, nbytes=None):")
     with src.indent():
         src.writeline(f'"""Run {spec.name} over the outputs\' elements ({spec.numel} at the nominal batch, '
                       f'which picks the block); outputs are preallocated contiguous tensors."""')
         src.writeline(f"numel = {spec.outputs[-1]}.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
-        src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), {params}, numel, **meta)')
+        src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), {params}, numel, nbytes=nbytes, '
+                      f'**meta)')
     return src.getvalue()

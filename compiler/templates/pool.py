@@ -211,7 +211,7 @@ def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[st
         values.update(KH=adaptive_window(spec.H, spec.OH), KW=adaptive_window(spec.W, spec.OW))
     total = spec.N * spec.C * spec.OH * spec.OW
     is_max = spec.kind == "max"
-    src.writeline("def launch(x, y, idx):")
+    src.writeline("def launch(x, y, idx, nbytes=None):")
     with src.indent():
         what = "its int32 argmax into idx" if is_max else "idx is None"
         src.writeline(f'"""Pool x [N, {spec.C}, {spec.H}, {spec.W}] into y '
@@ -224,4 +224,4 @@ def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[st
         src.writeline("total = y.numel()")
         src.writeline(f'_launch({spec.name}, (configs.cdiv(total, cfg["BLOCK"]),), {args}, total,')
         with src.indent():
-            src.writeline(", ".join(f"{c}={values[c]}" for c in consts) + ", **cfg)")
+            src.writeline(", ".join(f"{c}={values[c]}" for c in consts) + ", nbytes=nbytes, **cfg)")

@@ -108,7 +108,7 @@ def generate(spec: SoftmaxSpec) -> str:
     s.writeline()
     s.writeline()
     fn = "log_softmax" if spec.log else "softmax"
-    s.writeline("def launch(x, y):")
+    s.writeline("def launch(x, y, nbytes=None):")
     with s.indent():
         s.writelines(
             f'''
@@ -117,7 +117,7 @@ def generate(spec: SoftmaxSpec) -> str:
             outer = x.numel() // {spec.D * spec.inner}
             cfg = configs.rows({spec.outer * spec.inner}, {spec.D})
             grid = (configs.cdiv(outer * {spec.inner}, cfg["BLOCK_R"]),)
-            run_kernel({spec.name}, grid, x, y, outer, D={spec.D}, INNER={spec.inner}, **cfg)
+            run_kernel({spec.name}, grid, x, y, outer, D={spec.D}, INNER={spec.inner}, nbytes=nbytes, **cfg)
             '''
         )
     return s.getvalue()
