@@ -70,6 +70,7 @@ class TritonExecutable:
         self.precision = options.precision
         self.debug = debug_level()
         self.steps = codegen.lower(graph, options.precision, self.debug)
+        self.labels = [s.node.label() for s in self.steps]  # launch tags, built once
         self.plan = autodiff.plan(graph)
         self.saved_keys = self.plan.saved()
         # Counts only: keeping the launches themselves would pin every tensor of the last step (LeNet at
@@ -103,8 +104,8 @@ class TritonExecutable:
         batch = self._batch_of(tensors)
         env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
         with launch.counting() as counts, self.tiles_at(batch):
-            for step in self.steps:
-                with launch.tagged(step.node.label()):
+            for step, label in zip(self.steps, self.labels):
+                with launch.tagged(label):
                     step.run(env)
         self.forward_counts = counts
         if self.debug >= 2:
