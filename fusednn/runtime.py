@@ -105,6 +105,9 @@ class TritonExecutable:
         env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
         with launch.counting() as counts, self.tiles_at(batch):
             for step, label in zip(self.steps, self.labels):
+                if step.kernel is None:  # a view, an eager call, an empty node: no fusednn launch to label
+                    step.run(env)
+                    continue
                 with launch.tagged(label):
                     step.run(env)
         self.forward_counts = counts
