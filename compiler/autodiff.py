@@ -95,7 +95,7 @@ def _linear_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisio
         dy.reshape(-1, Nout), xt, env.values[w].contiguous(), None if y is None else y.reshape(-1, Nout),
         act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), needs_dx=needs[0],
         needs_dw=needs[1], needs_db=b is not None and needs[2], precision=precision)
-    return [None if dx is None else dx.reshape(x.type.shape), dw, db]
+    return [None if dx is None else dx.reshape(env.shape(x)), dw, db]
 
 
 def _act_saved(n: Node) -> Value | None:
@@ -142,7 +142,7 @@ def _arith_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
     from fusednn.kernels.broadcast import sum_to
 
     x, y = n.inputs
-    out = n.out.type.shape
+    out = env.shape(n.out)
     alpha = n.attrs.get("alpha", 1.0)
     scales = {"add": [1.0, alpha], "sub": [1.0, -alpha], "rsub": [-alpha, 1.0], "mul": [1.0, 1.0]}[n.op]
     grads: Grads = [None, None]
@@ -152,10 +152,10 @@ def _arith_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
         factor = None
         if n.op == "mul":
             factor = env.values[other].contiguous() if other is not None else n.attrs["scalar"]
-        if v.type.shape != out:
+        if env.shape(v) != out:
             t = factor if isinstance(factor, torch.Tensor) else None
             s = scales[i] * (factor if isinstance(factor, float) else 1.0)
-            grads[i] = sum_to(dy, v.type.shape, t, s)
+            grads[i] = sum_to(dy, env.shape(v), t, s)
         elif factor is not None and (not isinstance(factor, torch.Tensor) or factor.shape == dy.shape):
             grads[i] = mul_backward(dy, factor)
         elif factor is not None:  # the other factor is broadcast: read it through its strides
@@ -196,7 +196,8 @@ def _pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
     from fusednn.kernels.pool import adaptive_pool2d_backward, pool2d_backward
 
     x = n.inputs[0]
-    shape4 = (1,) * (4 - len(x.type.shape)) + x.type.shape
+    shape = env.shape(x)
+    shape4 = (1,) * (4 - len(shape)) + shape
     kind = "max" if "max" in n.op else "avg"
     idx = env.extra.get((n.out, "idx"))
     if n.op.startswith("adaptive"):
@@ -207,7 +208,7 @@ def _pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
                              padding=a["padding"], dilation=a.get("dilation", (1, 1)), ceil_mode=a["ceil_mode"],
                              count_include_pad=a.get("count_include_pad", False),
                              divisor_override=a.get("divisor_override"))
-    return [dx.reshape(x.type.shape)]
+    return [dx.reshape(shape)]
 
 
 def _lp_pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
@@ -217,13 +218,13 @@ def _lp_pool_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
     a = n.attrs
     dx = lp_pool2d_backward(_as4d(dy), _as4d(env.values[x].contiguous()), _as4d(env.values[n.out].contiguous()),
                             norm_type=a["norm_type"], kernel=a["kernel"], stride=a["stride"], ceil_mode=a["ceil_mode"])
-    return [dx.reshape(x.type.shape)]
+    return [dx.reshape(env.shape(x))]
 
 
 def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.softmax import softmax_backward
 
-    outer, D, inner = softmax_dims(n.inputs[0].type.shape, n.attrs["dim"])
+    outer, D, inner = softmax_dims(env.shape(n.inputs[0]), n.attrs["dim"])
     return [softmax_backward(dy, env.values[n.out], outer=outer, D=D, inner=inner, log=n.op == "log_softmax")]
 
 
@@ -258,14 +259,14 @@ def _reduce_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisio
 
     x = n.inputs[0]
     amax = n.op == "amax"
-    return [reduce_backward(dy, x.type.shape, n.attrs["dim"], kind=n.op,
+    return [reduce_backward(dy, env.shape(x), n.attrs["dim"], kind=n.op,
                             x=env.values[x] if amax else None, y=env.values[n.out] if amax else None)]
 
 
 def _cat_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     from fusednn.kernels.cat import cat_backward
 
-    shapes = [v.type.shape for v in n.inputs]
+    shapes = [env.shape(v) for v in n.inputs]
     return cat_backward(dy, shapes, cat_dim(shapes, n.attrs["dim"]), needs)
 
 
@@ -335,7 +336,7 @@ def _eager_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
 
 
 def _reshape_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
-    return [dy.reshape(n.inputs[0].type.shape)]
+    return [dy.reshape(env.shape(n.inputs[0]))]
 
 
 _NONE: Callable[[Node], list[Value | str]] = lambda n: []  # noqa: E731
@@ -445,7 +446,7 @@ class BackwardPlan:
                 continue
             needs = [v is not None and need.get(v, False) for v in n.inputs]
             if empty_node(n):  # batch 0: nothing flows back; parameters get zeros, as in torch
-                outs = [torch.zeros(v.type.shape, dtype=v.type.dtype, device=dy.device) if nd else None
+                outs = [torch.zeros(env.shape(v), dtype=v.type.dtype, device=dy.device) if nd else None
                         for v, nd in zip(n.inputs, needs)]
             else:
                 outs = rule(n).vjp(n, env, dy.contiguous(), needs, precision)

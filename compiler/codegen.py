@@ -28,6 +28,7 @@ from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, norm_geometry, s
 from fusednn.compiler.templates import (batch_norm, cat, conv, dropout, linear, losses, norm, pointwise, pool,
                                         reduce, softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
+from fusednn.kernels.plan import bytes_once
 
 log = logging.getLogger("fusednn")
 
@@ -68,8 +69,14 @@ def _emit(n: Node, gen: Callable[..., str], spec_cls: type, **fields: Any) -> Ke
     return Kernel(name, text, source.load(text, name))
 
 
-def _empty(v: Value, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(v.type.shape, dtype=v.type.dtype, device=like.device)
+def _empty(env: Env, v: Value, like: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor for v at this call's shape (its batch, when the graph is batch-polymorphic)."""
+    return torch.empty(env.shape(v), dtype=v.type.dtype, device=like.device)
+
+
+def _moved(cache: dict, batch: int | None, *tensors: torch.Tensor | None) -> int:
+    """The bytes a step's launch moves, measured once per batch size (kernels/plan.py)."""
+    return bytes_once(cache, batch, tensors)
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
@@ -89,23 +96,27 @@ def _lower_conv(n: Node, precision: str) -> Step:
     a = n.attrs
     act, pool_kind, pool_k = a.get("act", "none"), a.get("pool", "none"), a.get("pool_k", 1)
     save_act = pool_kind == "avg" and act != "none"
-    act_shape = n.absorbed[1].out.type.shape if save_act else ()
+    act_value = n.absorbed[1].out if save_act else None
     k = _emit(n, conv.generate, conv.ConvSpec, N=N, C=C, H=H, W=W, K=K, R=R, S=S, stride=a["stride"],
               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], bias=b is not None, act=act,
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
               precision=precision)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         idx = aout = None
         if pool_kind == "max":
             idx = torch.empty(_as4d(y).shape, dtype=torch.uint8, device=xt.device)
             env.extra[(n.out, "idx")] = idx
         if save_act:  # the activation before the pool: the absorbed activation node's shape
+            act_shape = env.shape(act_value)
             aout = torch.empty((1,) * (4 - len(act_shape)) + act_shape, dtype=y.dtype, device=y.device)
             env.extra[(n.out, "act")] = aout
-        k.module.launch(xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
+        args = (xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
+        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -118,10 +129,13 @@ def _lower_linear(n: Node, precision: str) -> Step:
     k = _emit(n, linear.generate, linear.LinearSpec, M=M, N=Nout, K=K, bias=b is not None,
               act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
-        xt = _c(env.values[x]).reshape(M, K)
-        y = _empty(n.out, xt)
-        k.module.launch(xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(M, Nout))
+        xt = _c(env.values[x]).reshape(-1, K)  # [M, K]; M follows the batch
+        y = _empty(env, n.out, xt)
+        args = (xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(-1, Nout))
+        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -185,10 +199,12 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
     k = Kernel(kname, text, source.load(text, kname))
     tensor_inputs = list(names)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         ins = [_c(env.values[v]) for v in tensor_inputs]
-        outs = [_empty(v, ins[0]) for v in keep]
-        k.module.launch(*ins, *outs)
+        outs = [_empty(env, v, ins[0]) for v in keep]
+        k.module.launch(*ins, *outs, nbytes=_moved(moved, env.batch, *ins, *outs))
         env.values.update(zip(keep, outs))
 
     return Step(n, k, run)
@@ -230,15 +246,18 @@ def _lower_pool(n: Node, precision: str) -> Step:
                   count_include_pad=a.get("count_include_pad", kind == "lp"),
                   divisor_override=a.get("divisor_override"), norm_type=a.get("norm_type", 0.0))
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _as4d(_c(env.values[x]))
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         idx = None
         if kind == "max":  # int64 when the indices are a result (return_indices=True), as torch's
-            idx = torch.empty((N, C, OH, OW), dtype=torch.int64 if n.attrs.get("indices") else torch.int32,
+            idx = torch.empty(_as4d(y).shape, dtype=torch.int64 if n.attrs.get("indices") else torch.int32,
                               device=xt.device)
             env.extra[(n.out, "idx")] = idx
-        k.module.launch(xt, _as4d(y), idx)
+        y4 = _as4d(y)
+        k.module.launch(xt, y4, idx, nbytes=_moved(moved, env.batch, xt, y4, idx))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -249,7 +268,7 @@ def _lower_pool_indices(n: Node, precision: str) -> Step:
     pool = n.inputs[1]
 
     def run(env: Env) -> None:
-        env.values[n.out] = env.extra[(pool, "idx")].view(n.out.type.shape)
+        env.values[n.out] = env.extra[(pool, "idx")].view(env.shape(n.out))
 
     return Step(n, None, run)
 
@@ -259,10 +278,12 @@ def _lower_softmax(n: Node, precision: str) -> Step:
     outer, D, inner = softmax_dims(x.type.shape, n.attrs["dim"])
     k = _emit(n, softmax.generate, softmax.SoftmaxSpec, outer=outer, D=D, inner=inner, log=n.op == "log_softmax")
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
-        k.module.launch(xt, y)
+        y = _empty(env, n.out, xt)
+        k.module.launch(xt, y, nbytes=_moved(moved, env.batch, xt, y))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -276,10 +297,12 @@ def _lower_loss(n: Node, precision: str) -> Step:
     k = _emit(n, losses.generate, losses.PointLossSpec, numel=x.type.numel,
               kind="mse" if n.op == "mse_loss" else "l1", reduction=red)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
-        loss = _empty(n.out, xt)
-        k.module.launch(xt, tt, loss)
+        loss = _empty(env, n.out, xt)
+        k.module.launch(xt, tt, loss, nbytes=_moved(moved, env.batch, xt, tt, loss))
         env.values[n.out] = loss
 
     return Step(n, k, run)
@@ -298,7 +321,7 @@ def _lower_class_loss(n: Node) -> Step:
 
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
-        loss = _empty(n.out, xt)
+        loss = _empty(env, n.out, xt)
         lse = den = None
         if not nll:
             lse = torch.empty(xt.numel() // C, dtype=torch.float32, device=xt.device)
@@ -325,7 +348,7 @@ def _lower_reduce(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         k.module.launch(xt, y)
         env.values[n.out] = y
 
@@ -339,7 +362,7 @@ def _lower_cat(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xs = [_c(env.values[v]) for v in n.inputs]
-        y = _empty(n.out, xs[0])
+        y = _empty(env, n.out, xs[0])
         k.module.launch(xs, y)
         env.values[n.out] = y
 
@@ -362,9 +385,11 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
               momentum=momentum, eps=n.attrs["eps"], weight=w is not None, bias=b is not None,
               track_running_stats=rm is not None)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         mean = torch.empty(C, dtype=torch.float32, device=xt.device)
         invstd = torch.empty_like(mean)
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
@@ -410,7 +435,7 @@ def _lower_norm(n: Node, precision: str) -> Step:
 
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         rows = xt.numel() // (CPG * INNER)
         saved = [torch.empty(rows, dtype=torch.float32, device=xt.device) for _ in range(3)]
         for key, t in zip(("mean", "mean_lo", "invstd"), saved):
@@ -428,14 +453,16 @@ def _lower_dropout(n: Node, precision: str) -> Step:
     inner = _numel(x.type.shape[2:]) if n.op == "dropout2d" else 0
     k = _emit(n, dropout.generate, dropout.DropoutSpec, numel=x.type.numel, p=n.attrs["p"], inner=inner)
 
+    moved: dict = {}
+
     def run(env: Env) -> None:
         xt = _c(env.values[x])
-        y = _empty(n.out, xt)
+        y = _empty(env, n.out, xt)
         # The mask is a function of (seed, index): draw the seed from torch's CPU RNG, so
         # torch.manual_seed makes runs repeatable, and keep it for the backward.
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         env.extra[(n.out, "seed")] = seed
-        k.module.launch(xt, y, seed)
+        k.module.launch(xt, y, seed, nbytes=_moved(moved, env.batch, xt, y))
         env.values[n.out] = y
 
     return Step(n, k, run)
@@ -443,7 +470,8 @@ def _lower_dropout(n: Node, precision: str) -> Step:
 
 def _lower_reshape(n: Node, precision: str) -> Step:
     def run(env: Env) -> None:
-        env.values[n.out] = env.values[n.inputs[0]].reshape(n.attrs["shape"])  # a view when contiguous
+        # The traced target shape, with this call's batch where it follows the batch; a view when contiguous.
+        env.values[n.out] = env.values[n.inputs[0]].reshape(env.shape(n.out))
 
     return Step(n, None, run)
 
@@ -484,6 +512,17 @@ def where(n: Node) -> str:
     head = n.absorbed[0] if n.absorbed else n
     mod = f" in module '{head.module}'" if head.module else " at the top level"
     return f"{head.op}{mod}" + (f" ({head.source})" if head.source else "")
+
+
+def check_batch(graph: Graph, batch: int) -> None:
+    """A batch-polymorphic graph called at a new batch: every value that follows it still fits 32-bit
+    offsets (`check` saw the nominal batch)."""
+    for v in [*graph.inputs, *(a.out for n in graph.nodes for a in (*n.absorbed, n))]:
+        if v.name in graph.dynamic and v.type.shape and batch * (v.type.numel // v.type.shape[0]) > MAX_NUMEL:
+            raise CompileError(
+                f"%{v.name} : {v.type} would have {batch * (v.type.numel // v.type.shape[0])} elements at batch "
+                f"{batch}; fusednn's kernels use 32-bit offsets, so a tensor may have at most 2**31 - 1 elements: "
+                "split the batch")
 
 
 def check(graph: Graph) -> None:

@@ -8,7 +8,8 @@ for sm_90 on a CPU machine with the configs the GPU path would choose.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Any, Callable, Iterator
 
 import triton
 
@@ -17,11 +18,16 @@ from fusednn._backend import interpreting
 _forced: list[str] = []
 
 
+_switch: list[str] = []  # the interpreter switch, read on first use: it runs on every launch
+
+
 def target() -> str:
     """"gpu" or "interp": whose launch configs to use now."""
     if _forced:
         return _forced[-1]
-    return "interp" if interpreting() else "gpu"
+    if not _switch:  # kernels are interpreted or not from their decoration on, so it cannot change later
+        _switch.append("interp" if interpreting() else "gpu")
+    return _switch[0]
 
 
 @contextlib.contextmanager
@@ -36,12 +42,71 @@ def use_target(name: str) -> Iterator[None]:
         _forced.pop()
 
 
+# (nominal, actual) batch while a batch-polymorphic specialisation runs (fusednn/runtime.py sets it).
+_batch: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def nominal_batch(nominal: int, actual: int) -> Iterator[None]:
+    """Inside the block, `nominal(size)` maps sizes that grow with a batch of `actual` to `nominal`."""
+    global _batch
+    prev, _batch = _batch, (nominal, actual)
+    try:
+        yield
+    finally:
+        _batch = prev
+
+
+def nominal(size: int) -> int:
+    """A size proportional to the batch (rows N*H*W, a numel), as it is at the nominal batch.
+
+    Tiles are constexprs: chosen from the actual batch, every batch size would compile its own kernel.
+    Launchers pass the batch-proportional sizes they pick tiles from through here, and use the actual
+    size for grids and bounds, so one compiled kernel serves every batch. A size the actual batch does not
+    divide cannot be proportional to it and is returned unchanged; a batch-independent size that it divides
+    (batch 1 divides all) is scaled too: that changes tiles, so costs a compile, never a result.
+    """
+    if _batch is None or size % _batch[1]:
+        return size
+    return size // _batch[1] * _batch[0]
+
+
+def _per_target(fn: Callable) -> Callable:
+    """Memoise a config function per (target, arguments): it runs on every launch, and three
+    next_power_of_2 calls cost ~8 us of host time. The returned dicts are shared: never mutate them."""
+    cached = functools.lru_cache(maxsize=4096)(lambda _target, args, kwargs: fn(*args, **dict(kwargs)))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return cached(target(), args, tuple(kwargs.items()))
+
+    return wrapper
+
+
+def memo(fn: Callable) -> Callable:
+    """Memoise a launcher's plan: a pure function of hashable arguments (shapes, flags) that picks configs
+    and grids, per target and nominal batch (what `nominal` reads), so a steady-state launch reuses it."""
+    cached = functools.lru_cache(maxsize=1024)(lambda _target, _batch, args: fn(*args))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        return cached(target(), _batch, args)
+
+    return wrapper
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the grids: triton.cdiv is a @jit function whose Python call costs ~2 us a launch."""
+    return -(-a // b)
+
+
 def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
     """next_power_of_2(n) clamped to [lo, hi]."""
     p = max(lo, triton.next_power_of_2(max(int(n), 1)))
     return min(p, hi) if hi is not None else p
 
 
+@_per_target
 def gemm(M: int, N: int, K: int, gather: bool = False) -> dict:
     """Tiles for a GEMM-shaped kernel (implicit-GEMM conv included): out[M, N] = A[M, K] @ B[K, N].
 
@@ -67,6 +132,7 @@ def gemm(M: int, N: int, K: int, gather: bool = False) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
 
 
+@_per_target
 def elementwise(n: int) -> dict:
     """Block for a 1-D pointwise kernel over n elements."""
     if target() == "interp":
@@ -74,6 +140,7 @@ def elementwise(n: int) -> dict:
     return dict(BLOCK=1024, num_warps=4)
 
 
+@_per_target
 def window(n: int) -> dict:
     """Block for a kernel that reads a window of inputs for each of its n outputs (a standalone pool).
 
@@ -86,6 +153,7 @@ def window(n: int) -> dict:
     return dict(BLOCK=1024, num_warps=8)
 
 
+@_per_target
 def rows(n_rows: int, row_len: int) -> dict:
     """Tiles for a kernel that reduces each of n_rows rows of row_len elements (softmax, losses, norms)."""
     bc = pow2(row_len, 16)
@@ -94,6 +162,7 @@ def rows(n_rows: int, row_len: int) -> dict:
     return dict(BLOCK_R=max(1, min(pow2(n_rows), 4096 // bc)), BLOCK_C=bc, num_warps=4)
 
 
+@_per_target
 def norm_rows(n_rows: int, row_len: int) -> dict:
     """Tiles for a row normalization (layer/group/instance norm, forward and dx): each program owns BLOCK_R
     rows and walks them in BLOCK_L steps, so a row of any length fits."""
@@ -104,6 +173,7 @@ def norm_rows(n_rows: int, row_len: int) -> dict:
     return dict(BLOCK_R=max(1, min(pow2(n_rows), 2048 // bl)), BLOCK_L=bl, num_warps=4)
 
 
+@_per_target
 def norm_cols(n_rows: int, n_cols: int) -> dict:
     """Tiles for a row normalization's dweight/dbias: as `reduce_cols`, but each tile element also gathers
     its row's three statistics, so GPU tiles are a quarter of reduce_cols' (no spills on sm_90)."""
@@ -112,6 +182,7 @@ def norm_cols(n_rows: int, n_cols: int) -> dict:
     return dict(BLOCK_R=32, BLOCK_C=pow2(n_cols, 16, 32), num_warps=4)
 
 
+@_per_target
 def reduce_cols(n_rows: int, n_cols: int) -> dict:
     """Tiles for a deterministic column reduction (bias gradients, batch-norm statistics): each program
     owns BLOCK_C columns and walks all rows in BLOCK_R steps, in a fixed order."""
@@ -120,6 +191,7 @@ def reduce_cols(n_rows: int, n_cols: int) -> dict:
     return dict(BLOCK_R=64, BLOCK_C=pow2(n_cols, 16, 64), num_warps=4)
 
 
+@_per_target
 def split_k(tiles: int, steps: int) -> int:
     """Slices for a deterministic split-K reduction (weight gradients): `steps` BLOCK_K steps over
     `tiles` output tiles are cut into this many slices, each writing a partial tile that a second pass
@@ -130,6 +202,7 @@ def split_k(tiles: int, steps: int) -> int:
     return max(1, min(steps // 8, -(-264 // max(tiles, 1))))
 
 
+@_per_target
 def sum_to(n_out: int, n_sum: int) -> dict:
     """Tiles for summing a broadcast gradient (kernels/broadcast.py): each program owns BLOCK_M outputs and
     walks the n_sum positions of each in BLOCK_R steps, in a fixed order."""

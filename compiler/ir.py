@@ -46,6 +46,12 @@ class TensorType:
     def __str__(self) -> str:
         return f"{dtype_name(self.dtype)}[{','.join(str(s) for s in self.shape)}]"
 
+    def format(self, batch: bool = False) -> str:
+        """batch=True marks dim 0 as the batch of a batch-polymorphic graph: f32[N=8,6,28,28]."""
+        if not batch or not self.shape:
+            return str(self)
+        return f"{dtype_name(self.dtype)}[N={','.join(str(s) for s in self.shape)}]"
+
 
 @dataclass(eq=False, slots=True)
 class Value:
@@ -80,11 +86,13 @@ class Node:
         """`%3 max_pool2d`: how generated code and comments name this node."""
         return f"%{self.out.name} {self.op}"
 
-    def format(self, locations: bool = False) -> str:
+    def format(self, locations: bool = False, dynamic: frozenset[str] = frozenset()) -> str:
+        """One line of IR text; values named in `dynamic` print their dim 0 as the batch (N=...)."""
         args = [("None" if v is None else str(v)) for v in self.inputs]
-        args += [f"{k}={format_attr(v)}" for k, v in self.attrs.items()]
+        batched = self.out.name in dynamic
+        args += [f"{k}={format_attr(('N', *v[1:]) if batched and k == 'shape' else v)}" for k, v in self.attrs.items()]
         op = f"{self.op}[{self.tag}]" if self.tag else self.op
-        line = f"{self.out} = {op}({', '.join(args)}) : {self.out.type}"
+        line = f"{self.out} = {op}({', '.join(args)}) : {self.out.type.format(batched)}"
         where = [w for w in (self.module, self.source if locations else "") if w]
         if where:
             line += "  # " + " ".join(where)
@@ -113,6 +121,10 @@ class Graph:
     outputs: list[Value]
     out_spec: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Batch polymorphism (fusednn/batch.py): the names of the values whose dim 0 is the batch, when one
+    # compiled graph serves every batch size; empty when the batch is fixed. Their IR shapes hold the
+    # batch the graph was traced at.
+    dynamic: frozenset[str] = frozenset()
 
     # -- queries -----------------------------------------------------------------------------
     def users(self) -> dict[Value, list[Node]]:
@@ -137,12 +149,14 @@ class Graph:
         return [v for v in self.inputs if v.kind == "input"]
 
     # -- text -------------------------------------------------------------------------------
-    def format(self, locations: bool = False) -> str:
-        """The stable text form (docs/IR.md); locations=True adds each node's file:line."""
-        head = ", ".join(f"{v}: {v.type}" for v in self.inputs)
+    def format(self, locations: bool = False, batch: bool = False) -> str:
+        """The stable text form (docs/IR.md); locations=True adds each node's file:line; batch=True marks
+        the dims that follow the batch in a batch-polymorphic graph (`f32[N=8,6,28,28]`)."""
+        dyn = self.dynamic if batch else frozenset()
+        head = ", ".join(f"{v}: {v.type.format(v.name in dyn)}" for v in self.inputs)
         lines = [f"graph {self.name}({head}) {{"]
         for n in self.nodes:
-            lines.append("  " + n.format(locations))
+            lines.append("  " + n.format(locations, dyn))
             if n.absorbed:
                 parts = []
                 for a in n.absorbed:
@@ -197,3 +211,11 @@ class Env:
 
     values: dict[Value, torch.Tensor] = field(default_factory=dict)
     extra: dict[tuple[Value, str], Any] = field(default_factory=dict)
+    batch: int | None = None  # this call's batch, when the graph is batch-polymorphic
+    dynamic: frozenset[str] = frozenset()  # Graph.dynamic
+
+    def shape(self, v: Value) -> tuple[int, ...]:
+        """v's shape in this call: its IR shape, with dim 0 this call's batch where v follows the batch."""
+        if self.batch is None or v.name not in self.dynamic:
+            return v.type.shape
+        return (self.batch,) + v.type.shape[1:]

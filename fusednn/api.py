@@ -9,6 +9,9 @@ looked up by name at every call, so `load_state_dict`, in-place edits and `.to()
 A specialisation's key (`_signature`) is every input's and parameter's shape, dtype, device,
 requires_grad and layout (contiguous, channels_last or the strides), other arguments by repr, and each
 submodule's train/eval mode and settings (`extra_repr`: a stride or slope changed after compile).
+The batch (dim 0 of the inputs that share the first input's dim 0) is looked up as a wildcard first: a
+specialisation whose graph follows the batch alone (compiler/batch.py, decided at compile time by tracing
+at other batch sizes too) serves every batch size >= its `min_batch`; any other keeps the batch in its key.
 A new key compiles once, logged at INFO with what changed; past `max_specializations` a warning lists
 what keeps changing.
 """
@@ -23,6 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fusednn._backend import debug_level
+from fusednn.compiler import batch as batching
 from fusednn.compiler import passes
 from fusednn.compiler.codegen import where
 from fusednn.compiler.ir import Graph
@@ -47,12 +51,22 @@ class Options:
 
 
 class Specialization:
-    """One compiled input signature: the traced graph, the transformed graph and its executable."""
+    """One compiled input signature: the traced graph, the transformed graph and its executable.
 
-    def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor]):
+    With the Triton backend, a batch of at least 2 in `positions` (the inputs whose dim 0 is the batch) is
+    traced again at batch + 1 and at 1: when the graphs follow the batch alone, this specialisation serves
+    every batch >= `min_batch` (1, or 2 when batch 1 traces differently), else `min_batch` is None.
+    """
+
+    def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
+                 positions: tuple[int, ...] = ()):
         self.traced = trace(fn, *example, strict=options.strict)
         _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
-        g = passes.run(copy.deepcopy(self.traced, {id(self.traced.out_spec): self.traced.out_spec}), passes.pipeline(options.fuse), debug=debug_level() >= 1)
+        g = _transform(self.traced, options)
+        self.min_batch: int | None = None
+        batch = example[positions[0]].shape[0] if positions else 0
+        if options.backend == "triton" and batch >= 2:
+            self.min_batch = self._find_polymorphism(fn, example, options, positions, batch, g)
         self.graph: Graph = g
         self.options = options
         if options.backend == "reference":
@@ -65,11 +79,39 @@ class Specialization:
             self.executable = TritonExecutable(g, options)
         self.calls = 0
 
+    def _find_polymorphism(self, fn: Callable, example: tuple, options: Options, positions: tuple[int, ...],
+                           batch: int, g: Graph) -> int | None:
+        """Mark the values that follow the batch (traced and transformed graphs); the least batch served."""
+        traced: dict[int, Graph] = {batch: self.traced}
+        fused: dict[int, Graph] = {batch: g}
+
+        def build(which: dict[int, Graph], make: Callable[[int], Graph]) -> Callable[[int], Graph]:
+            return lambda b: which[b] if b in which else which.setdefault(b, make(b))
+
+        def trace_at(b: int) -> Graph:
+            return trace(fn, *batching.at_batch(example, positions, b), strict=options.strict)
+
+        for sizes, least in (([batch, batch + 1, 1], 1), ([batch, batch + 1], 2)):
+            dyn_t = batching.polymorphic(build(traced, trace_at), sizes)
+            dyn_f = batching.polymorphic(
+                build(fused, lambda b: _transform(build(traced, trace_at)(b), options, debug=False)),
+                sizes) if dyn_t is not None else None
+            if dyn_t is not None and dyn_f is not None:
+                self.traced.dynamic, g.dynamic = dyn_t, dyn_f
+                return least
+        return None
+
     def run(self, tensors: dict[str, torch.Tensor], args: tuple) -> Any:
         self.calls += 1
         user = [a for a in args if isinstance(a, torch.Tensor)]
         flat = self.executable(user, tensors)
         return pytree.tree_unflatten(flat, self.graph.out_spec)
+
+
+def _transform(traced: Graph, options: Options, debug: bool = True) -> Graph:
+    """The pass pipeline on a copy of the traced graph."""
+    return passes.run(copy.deepcopy(traced, {id(traced.out_spec): traced.out_spec}), passes.pipeline(options.fuse),
+                      debug=debug and debug_level() >= 1)
 
 
 def _check_devices(graph: Graph, user: list[torch.Tensor], tensors: dict[str, torch.Tensor], backend: str) -> None:
@@ -114,14 +156,28 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.device, t.requires_grad, layout(t))
 
 
-def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]]) -> tuple:
+def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]],
+               batch_at: tuple[int, ...] = ()) -> tuple:
     """What a specialisation is compiled for: every input's and parameter's shape, dtype, device,
-    requires_grad and layout, other arguments by repr, and each submodule's mode and settings."""
+    requires_grad and layout, other arguments by repr, and each submodule's mode and settings. The
+    arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it back)."""
     sig: list[tuple] = [(i, _tensor_key(a) if isinstance(a, torch.Tensor) else ("value", repr(a)))
                         for i, a in enumerate(args)]
+    for i in batch_at:
+        shape, *rest = sig[i][1]
+        sig[i] = (i, ((None, *shape[1:]), *rest))
     sig += [(name, _tensor_key(t)) for name, t in tensors.items()]
     sig += [(("module", name), ("train" if m.training else "eval", m.extra_repr())) for name, m in modules]
     return tuple(sig)
+
+
+def _with_batch(sig: tuple, batch_at: tuple[int, ...], batch: int) -> tuple:
+    """The signature with the batch wildcard replaced by `batch`: the exact key of one batch size."""
+    out = list(sig)
+    for i in batch_at:
+        shape, *rest = sig[i][1]
+        out[i] = (i, ((batch, *shape[1:]), *rest))
+    return tuple(out)
 
 
 def _fmt(field: str, v: Any) -> str:
@@ -205,14 +261,23 @@ class _Compiled:
         self.__dict__["_fnn_fn"] = fn
         self.__dict__["_fnn_options"] = options
         self.__dict__["_fnn_modules"] = modules
-        self.__dict__["_fnn_cache"] = {}
+        self.__dict__["_fnn_cache"] = {}  # exact signature -> Specialization (every one compiled)
+        self.__dict__["_fnn_poly"] = {}  # signature with the batch wildcard -> batch-polymorphic one
         self.__dict__["_fnn_last"] = None
-        self.__dict__["_fnn_last_sig"] = None
+        self.__dict__["_fnn_last_key"] = None  # (wildcard signature, batch positions, batch) of the last call
         self.__dict__["trace_count"] = 0
 
     def _fnn_call(self, args: tuple) -> Any:
         tensors = self._tensors()
-        sig = _signature(args, tensors, self._fnn_named_modules())
+        batch, batch_at = batching.batch_of(args)
+        wild = _signature(args, tensors, self._fnn_named_modules(), batch_at)
+        spec = self._fnn_poly.get(wild)
+        prev = self._fnn_last_key
+        self.__dict__["_fnn_last_key"] = (wild, batch_at, batch)
+        if spec is not None and batch >= spec.min_batch:
+            self.__dict__["_fnn_last"] = spec
+            return spec.run(tensors, args)
+        sig = _with_batch(wild, batch_at, batch)
         spec = self._fnn_cache.get(sig)
         if spec is None:
             from fusednn.compiler.trace import input_names
@@ -220,19 +285,20 @@ class _Compiled:
             names = input_names(self._fnn_fn, len(args))
             what = self._fnn_name()
             log.info("fusednn: compiling a new specialisation of %s (%s)", what,
-                     _describe_change(self._fnn_last_sig, sig, names))
+                     _describe_change(None if prev is None else _with_batch(*prev), sig, names))
             cap = self._fnn_options.max_specializations
             if len(self._fnn_cache) >= cap:
                 log.warning("fusednn: %s has now compiled %d specialisations (max_specializations=%d); the input "
                             "signature keeps changing: %s. Each one traces and generates kernels again: pad inputs "
                             "to fixed shapes, keep one dtype/layout (x.contiguous()), or raise max_specializations.",
                             what, len(self._fnn_cache) + 1, cap, _what_varies([*self._fnn_cache, sig], names))
-            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors)
+            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors, batch_at)
             self._warn_eager(spec)
             self._fnn_cache[sig] = spec
+            if spec.min_batch is not None:
+                self._fnn_poly[wild] = spec
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
-        self.__dict__["_fnn_last_sig"] = sig
         return spec.run(tensors, args)
 
     def _warn_eager(self, spec: Specialization) -> None:

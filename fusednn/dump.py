@@ -63,8 +63,9 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
     except OSError as e:
         raise CompileError(f"fusednn.dump: cannot write to {directory}: {e.strerror or e}") from None
     written: list[str] = []
-    _write(d / "traced.ir", spec.traced.format(locations=True) + "\n", written)
-    _write(d / "fused.ir", spec.graph.format(locations=True) + "\n", written)
+    # batch=True: a batch-polymorphic graph prints the dims that follow the batch as N=<traced batch>
+    _write(d / "traced.ir", spec.traced.format(locations=True, batch=True) + "\n", written)
+    _write(d / "fused.ir", spec.graph.format(locations=True, batch=True) + "\n", written)
     _write(d / "graph.dot", spec.graph.to_dot(), written)
     if shutil.which("dot"):
         svg = d / "graph.svg"

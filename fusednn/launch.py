@@ -144,13 +144,21 @@ def counting() -> Iterator[LaunchCounts]:
         yield counts
 
 
-@contextlib.contextmanager
-def tagged(tag: str) -> Iterator[None]:
-    """Label the launches made inside the block (e.g. with the IR group they implement)."""
-    _tags.append(tag)
-    try:
-        yield
-    finally:
+class tagged:
+    """Label the launches made inside the block (e.g. with the IR group they implement).
+
+    A class, not a generator context manager: the runtime enters one per step, and this costs ~0.3 us
+    where @contextlib.contextmanager costs ~1.5 us."""
+
+    __slots__ = ("tag",)
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __enter__(self) -> None:
+        _tags.append(self.tag)
+
+    def __exit__(self, *exc: object) -> None:
         _tags.pop()
 
 

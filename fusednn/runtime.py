@@ -7,6 +7,7 @@ accumulates as torch does. Under `torch.no_grad()` / `inference_mode()` nothing 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from fusednn import launch
 from fusednn._backend import debug_level
-from fusednn.compiler import autodiff, codegen
+from fusednn.compiler import autodiff, codegen, configs
 from fusednn.compiler.ir import Env, Graph
 from fusednn.errors import InputMismatchError
 
@@ -29,6 +30,7 @@ class _GraphFunction(torch.autograd.Function):
         env = exe.forward(tensors)
         vals, extra = exe.saved_keys
         ctx.exe = exe
+        ctx.batch = env.batch
         ctx.val_keys = [v for v in vals if v in env.values]
         ctx.extra_keys = [k for k in extra if isinstance(env.extra.get(k), torch.Tensor)]
         ctx.extra_ints = {k: env.extra[k] for k in extra if k in env.extra and not isinstance(env.extra[k], torch.Tensor)}
@@ -47,13 +49,14 @@ class _GraphFunction(torch.autograd.Function):
         exe: TritonExecutable = ctx.exe
         saved = ctx.saved_tensors
         nv = len(ctx.val_keys)
-        env = Env(dict(zip(ctx.val_keys, saved[:nv])), dict(zip(ctx.extra_keys, saved[nv:])))
+        env = Env(dict(zip(ctx.val_keys, saved[:nv])), dict(zip(ctx.extra_keys, saved[nv:])), ctx.batch,
+                  exe.graph.dynamic)
         env.extra.update(ctx.extra_ints)
         g = {}
         for v, d in zip(exe.graph.outputs, grads):
             if d is not None and v.type.dtype.is_floating_point:
                 g[v] = d if v not in g else g[v] + d
-        with launch.counting() as counts:
+        with launch.counting() as counts, exe.tiles_at(env.batch):
             out = exe.plan.run(env, g, tuple(ctx.needs_input_grad[1:]), exe.precision)
         exe.backward_counts = counts
         return (None, *out)
@@ -67,6 +70,7 @@ class TritonExecutable:
         self.precision = options.precision
         self.debug = debug_level()
         self.steps = codegen.lower(graph, options.precision, self.debug)
+        self.labels = [s.node.label() for s in self.steps]  # launch tags, built once
         self.plan = autodiff.plan(graph)
         self.saved_keys = self.plan.saved()
         # Counts only: keeping the launches themselves would pin every tensor of the last step (LeNet at
@@ -74,12 +78,37 @@ class TritonExecutable:
         # arguments record them explicitly (launch.recording()).
         self.forward_counts = launch.LaunchCounts()
         self.backward_counts = launch.LaunchCounts()
+        # Batch polymorphism: the graph's IR shapes hold the nominal batch; a call reads its own from the
+        # first user input that follows the batch, and every kernel keeps the tiles of the nominal batch.
+        dyn = [i for i, v in enumerate(graph.inputs) if v.name in graph.dynamic]
+        self.batch_input = dyn[0] if dyn else None
+        self.nominal = graph.inputs[dyn[0]].type.shape[0] if dyn else None
+        self._batches_checked = {self.nominal}
+
+    def tiles_at(self, batch: int | None) -> Any:
+        """Launch configs chosen as at the nominal batch while a call of another batch runs."""
+        if batch is None or batch == self.nominal:
+            return contextlib.nullcontext()
+        return configs.nominal_batch(self.nominal, batch)
+
+    def _batch_of(self, tensors: tuple[torch.Tensor, ...]) -> int | None:
+        if self.batch_input is None:
+            return None
+        batch = tensors[self.batch_input].shape[0]
+        if batch not in self._batches_checked:
+            codegen.check_batch(self.graph, batch)
+            self._batches_checked.add(batch)
+        return batch
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
-        env = Env(dict(zip(self.graph.inputs, tensors)))
-        with launch.counting() as counts:
-            for step in self.steps:
-                with launch.tagged(step.node.label()):
+        batch = self._batch_of(tensors)
+        env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
+        with launch.counting() as counts, self.tiles_at(batch):
+            for step, label in zip(self.steps, self.labels):
+                if step.kernel is None:  # a view, an eager call, an empty node: no fusednn launch to label
+                    step.run(env)
+                    continue
+                with launch.tagged(label):
                     step.run(env)
         self.forward_counts = counts
         if self.debug >= 2:

@@ -334,7 +334,7 @@ def _act_grad3(dy, s, p0, p1, p2, ACT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _activation_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     s_ptr,  # [numel] saved tensor: the output y or the input x, as SAVES[ACT] says (unread for neg)
@@ -356,7 +356,7 @@ def _activation_bwd_dx_kernel(
     tl.store(dx_ptr + offs, _act_grad3(dy, s, p0, p1, p2, ACT), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _prelu_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     x_ptr,  # [numel] prelu input
@@ -375,7 +375,7 @@ def _prelu_bwd_dx_kernel(
     tl.store(dx_ptr + offs, tl.where(x > 0, dy, w * dy), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["per_channel"])
 def _prelu_bwd_dw_kernel(
     dy_ptr,  # [outer, channels, inner] upstream gradient
     x_ptr,  # [outer, channels, inner] prelu input
@@ -398,7 +398,7 @@ def _prelu_bwd_dw_kernel(
     tl.store(dw_ptr + c, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _mul_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     other_ptr,  # [numel] the other factor (ignored when OTHER_IS_TENSOR is False)
@@ -418,7 +418,7 @@ def _mul_bwd_dx_kernel(
     tl.store(dx_ptr + offs, dx, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _add_kernel(
     a_ptr,  # [numel] first gradient
     b_ptr,  # [numel] gradient to add
@@ -461,7 +461,7 @@ def _check_same(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _grid(numel: int, meta: dict) -> tuple[int]:
-    return (triton.cdiv(numel, meta["BLOCK"]),)
+    return (configs.cdiv(numel, meta["BLOCK"]),)
 
 
 def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, *, act: str,
@@ -488,7 +488,7 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, *, act: st
             raise ValueError(f"activation_backward: {act} reads its saved {SAVES[act]}, got None")
         _check_same("activation_backward", dy, saved)
     dx = torch.empty_like(dy)
-    meta = configs.elementwise(dy.numel())
+    meta = configs.elementwise(configs.nominal(dy.numel()))
     launch(_activation_bwd_dx_kernel, _grid(dy.numel(), meta), dy, saved, dx, *params, dy.numel(),
            ACT=act, **meta)
     return dx
@@ -513,7 +513,7 @@ def prelu_backward(
     dx = dw = None
     if needs_dx:
         dx = torch.empty_like(x)
-        meta = configs.elementwise(numel)
+        meta = configs.elementwise(configs.nominal(numel))
         launch(_prelu_bwd_dx_kernel, _grid(numel, meta), dy, x, weight, dx, numel, channels, inner, **meta)
     if needs_dw:
         dw = torch.empty_like(weight)
@@ -521,7 +521,7 @@ def prelu_backward(
         if per_channel == 0:
             dw.zero_()
         else:
-            meta = configs.elementwise(per_channel)
+            meta = configs.elementwise(configs.nominal(per_channel))
             launch(_prelu_bwd_dw_kernel, (channels,), dy, x, dw, per_channel, channels, inner, **meta)
     return dx, dw
 
@@ -535,7 +535,7 @@ def mul_backward(dy: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
     else:
         _check_same("mul_backward", dy, dy)
         other_ptr, scalar, is_tensor = None, float(other), False  # the kernel reads no other tensor
-    meta = configs.elementwise(dy.numel())
+    meta = configs.elementwise(configs.nominal(dy.numel()))
     launch(_mul_bwd_dx_kernel, _grid(dy.numel(), meta), dy, other_ptr, dx, scalar, dy.numel(),
            OTHER_IS_TENSOR=is_tensor, **meta)
     return dx
@@ -545,7 +545,7 @@ def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b as a new tensor (the first sum of a value's gradients)."""
     _check_same("add", a, b)
     out = torch.empty_like(a)
-    meta = configs.elementwise(a.numel())
+    meta = configs.elementwise(configs.nominal(a.numel()))
     launch(_add_kernel, _grid(a.numel(), meta), a, b, out, a.numel(), **meta)
     return out
 
@@ -553,7 +553,7 @@ def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def accumulate_(acc: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """acc += g in place (a further sum into a gradient only fusednn holds); returns acc."""
     _check_same("accumulate_", acc, g)
-    meta = configs.elementwise(acc.numel())
+    meta = configs.elementwise(configs.nominal(acc.numel()))
     launch(_add_kernel, _grid(acc.numel(), meta), acc, g, acc, acc.numel(), nbytes=3 * acc.numel() * acc.element_size(),
            **meta)
     return acc

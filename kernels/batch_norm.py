@@ -23,7 +23,7 @@ from fusednn.launch import launch
 # every run), a second, parallel over rows and channels, writes dx from them.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _batch_norm_bwd_dwdb_kernel(
     dy_ptr,  # [N, C, INNER] upstream gradient
     x_ptr,  # [N, C, INNER] forward input
@@ -55,7 +55,7 @@ def _batch_norm_bwd_dwdb_kernel(
     tl.store(db_ptr + chans, tl.sum(acc_db, axis=0), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _batch_norm_bwd_dx_kernel(
     dy_ptr,  # [N, C, INNER] upstream gradient
     x_ptr,  # [N, C, INNER] forward input (read only in TRAINING)
@@ -114,15 +114,15 @@ def batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor 
     dy = dy.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     dx = torch.empty_like(x) if needs_dx else None
     dw = db = None
-    cfg = configs.reduce_cols(M, C)
+    cfg = configs.reduce_cols(configs.nominal(M), C)
     if needs_dweight or needs_dbias or (needs_dx and training):
         # Σ dy·x̂ and Σ dy per channel: dweight and dbias themselves, and what training dx reads
         dw = torch.empty(C, device=x.device, dtype=torch.float32)
         db = torch.empty(C, device=x.device, dtype=torch.float32)
-        launch(_batch_norm_bwd_dwdb_kernel, (triton.cdiv(C, cfg["BLOCK_C"]),), dy, x, save_mean, save_invstd,
+        launch(_batch_norm_bwd_dwdb_kernel, (configs.cdiv(C, cfg["BLOCK_C"]),), dy, x, save_mean, save_invstd,
                dw, db, M, C, inner, **cfg)
     if needs_dx:
-        grid = (triton.cdiv(M, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
+        grid = (configs.cdiv(M, cfg["BLOCK_R"]), configs.cdiv(C, cfg["BLOCK_C"]))
         launch(_batch_norm_bwd_dx_kernel, grid, dy, x, weight, save_mean, save_invstd, dw, db, dx,
                M, C, inner, TRAINING=training, HAS_WEIGHT=weight is not None, **cfg)
     return dx, (dw if needs_dweight else None), (db if needs_dbias else None)

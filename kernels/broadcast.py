@@ -41,7 +41,9 @@ def _unravel(rem, size, keep: tl.constexpr, dy_stride, o_stride, out_stride, off
     return rem, off_dy, off_o, off_out
 
 
-@triton.jit
+# Every size and stride may follow the batch: none is specialised, so one compiled kernel serves every batch.
+@triton.jit(do_not_specialize=["M", "R", "S0", "S1", "S2", "S3", "D0", "D1", "D2", "D3",
+                               "O0", "O1", "O2", "O3", "T0", "T1", "T2", "T3"])
 def _sum_to_kernel(
     dy_ptr,  # [S] upstream gradient of the broadcast result, contiguous
     o_ptr,  # the other factor, read through strides so (0 where it broadcasts); unused unless HAS_OTHER
@@ -121,7 +123,7 @@ def coalesce(out: tuple[int, ...], target: tuple[int, ...], other: tuple[int, ..
 
 
 def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None = None,
-           scale: float = 1.0) -> torch.Tensor:
+           scale: float = 1.0, batched: bool = True) -> torch.Tensor:
     """scale · (dy · other) summed over the dims where `shape` was broadcast to dy's shape, as a new
     contiguous tensor of `shape` (torch's `sum_to_size`).
 
@@ -131,6 +133,8 @@ def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None 
         other: a contiguous tensor broadcastable to dy's shape that multiplies dy first (a product's other
             factor), or None.
         scale: a number multiplying the sum (sub's -1, alpha).
+        batched: dy may follow the batch, so the tiles are picked at the nominal batch (`configs.nominal`);
+            False for sums whose sizes never do (split-K parts of a weight gradient).
     """
     out_shape = tuple(dy.shape)
     shape = tuple(shape)
@@ -152,11 +156,11 @@ def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None 
         return out
     if dy.numel() == 0:  # nothing was broadcast into: the sum over no positions
         return out.zero_()
-    meta = configs.sum_to(M, R)
+    meta = configs.sum_to(configs.nominal(M), configs.nominal(R)) if batched else configs.sum_to(M, R)
     sizes, keep = [d[0] for d in dims], [int(d[1]) for d in dims]
     dys, os_, ts = [d[2] for d in dims], [d[3] for d in dims], [d[4] for d in dims]
     moved = (dy.numel() + out.numel() + (0 if other is None else other.numel())) * dy.element_size()
-    launch(_sum_to_kernel, (triton.cdiv(M, meta["BLOCK_M"]),), dy, dy if other is None else other, out,
+    launch(_sum_to_kernel, (configs.cdiv(M, meta["BLOCK_M"]),), dy, dy if other is None else other, out,
            float(scale), M, R, *sizes, *dys, *os_, *ts, K0=keep[0], K1=keep[1], K2=keep[2], K3=keep[3],
            HAS_OTHER=other is not None, nbytes=moved, **meta)  # dy stands in for an absent other
     return out

@@ -6,6 +6,8 @@ gradient dy, the 1-byte argmax idx and the activation's output: the full-size gr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +15,7 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
+from fusednn.kernels.plan import bytes_once
 from fusednn.launch import launch
 
 # VJP of  z = conv2d(x, w) + b,  a = act(z),  y = pool(a)   (P = pool_k, per group g of channels):
@@ -83,13 +86,16 @@ def _conv_relu_pool_dz(
     return dz
 
 
-@triton.jit
+# N, the batch, is a runtime int (not specialised: batch 1 or a multiple of 16 must not compile anew), so
+# one compiled kernel serves every batch size; every other shape is a constexpr.
+@triton.jit(do_not_specialize=["N"])
 def _conv_relu_pool_bwd_dx_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     w_ptr,  # filters [K, C // GROUPS, R, S]
     dx_ptr,  # out: input gradient [N, C, H, W]
     slope,  # leaky_relu's negative slope
-    N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    N,  # batch
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
@@ -139,20 +145,23 @@ def _conv_relu_pool_bwd_dx_kernel(
     tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
+# SLICE stays specialised: a multiple of BLOCK_K >= 16 at every batch, so it always compiles the same way.
+@triton.jit(do_not_specialize=["N"])
 def _conv_relu_pool_bwd_dw_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     x_ptr,  # input [N, C, H, W]
     dw_ptr,  # out: [SPLIT, K, C // GROUPS * R * S] weight-gradient partials, one per row slice
     db_ptr,  # out: [SPLIT, K] bias-gradient partials
     slope,  # leaky_relu's negative slope
-    N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    N,  # batch
+    SLICE,  # rows per slice, a multiple of BLOCK_K (grows with the batch; a slice may be empty)
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
-    SPLIT: tl.constexpr, SLICE: tl.constexpr,  # row slices and rows per slice (a multiple of BLOCK_K)
+    SPLIT: tl.constexpr,  # row slices
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -207,6 +216,66 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+@dataclass
+class _Plan:
+    """Everything shape-dependent about one backward call, computed once per shapes and batch (the launch
+    configs, grids, split-K slices) and the bytes each launch moves, measured on its first call."""
+
+    N: int
+    crs: int
+    split: int
+    slice_rows: int
+    dx_grid: tuple
+    dx_meta: dict
+    dw_grid: tuple
+    dw_meta: dict
+    nbytes: dict = field(default_factory=dict)
+
+    def moved(self, which: str, args: tuple) -> int:
+        """The bytes launch `which` moves (kernels/plan.py)."""
+        return bytes_once(self.nbytes, which, args)
+
+
+@configs.memo
+def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tuple, padding: tuple, dilation: tuple,
+                   groups: int, act: str, pool: str, pool_k: int, out_hw: tuple, precision: str, no_y: bool,
+                   no_idx: bool, no_a: bool, needs_dx: bool, needs_dw: bool, needs_db: bool) -> _Plan:
+    (sh, sw), (pad_h, pad_w), (dil_h, dil_w) = stride, padding, dilation
+    N, C, H, W = x_shape
+    K, CG, R, S = w_shape
+    OH, OW = out_hw
+    P = pool_k if pool != "none" else 1
+    PH, PW = OH // P, OW // P
+    conv_hw = ((H + 2 * pad_h - dil_h * (R - 1) - 1) // sh + 1, (W + 2 * pad_w - dil_w * (S - 1) - 1) // sw + 1)
+    if (OH, OW) != conv_hw:
+        raise ValueError(f"conv_relu_pool_backward: out_hw {out_hw} is not the conv output {conv_hw} of "
+                         f"x {x_shape}, w {w_shape}")
+    if dy_shape != (N, K, PH, PW) or CG * groups != C:
+        raise ValueError(f"conv_relu_pool_backward: dy {dy_shape} / w {w_shape} do not fit "
+                         f"x {x_shape}, groups={groups}, pool {pool} {P}")
+    if pool == "max" and no_idx:
+        raise ValueError("conv_relu_pool_backward: max pool needs idx, the forward's argmax offsets")
+    if act != "none" and (no_a if pool == "avg" else no_y):  # where act' is read from
+        raise ValueError(f"conv_relu_pool_backward: act {act} with pool {pool} needs "
+                         f"{'a (forward with save_act)' if pool == 'avg' else 'y'}")
+    meta = dict(C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,
+                PAD_H=pad_h, PAD_W=pad_w, DIL_H=dil_h, DIL_W=dil_w, OH=OH, OW=OW, PH=PH, PW=PW,
+                ACT=act, POOL=pool, POOL_K=P, PRECISION=precision)
+    KG = K // groups
+    cfg = configs.gemm(configs.nominal(N * H * W), CG, KG * R * S, gather=True)
+    dx_grid = (configs.cdiv(N * H * W, cfg["BLOCK_M"]), configs.cdiv(CG, cfg["BLOCK_N"]), groups)
+    dx_meta = {**meta, **cfg}
+    rows, crs = N * OH * OW, CG * R * S
+    cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=True)
+    tiles_m, tiles_n = configs.cdiv(KG, cfg["BLOCK_M"]), configs.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
+    # SPLIT is a constexpr: chosen at the nominal batch; the slices cut the actual rows (an empty slice
+    # writes zero partials).
+    split = configs.split_k(tiles_m * tiles_n * groups, configs.cdiv(configs.nominal(rows), cfg["BLOCK_K"]))
+    slice_rows = configs.cdiv(configs.cdiv(rows, cfg["BLOCK_K"]), split) * cfg["BLOCK_K"]
+    dw_meta = {**meta, "SPLIT": split, "COMPUTE_DW": needs_dw, "COMPUTE_DB": needs_db, **cfg}
+    return _Plan(N, crs, split, slice_rows, dx_grid, dx_meta, (tiles_m, tiles_n, groups * split), dw_meta)
+
+
 def conv_relu_pool_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -242,55 +311,27 @@ def conv_relu_pool_backward(
         needs_dx, needs_dw, needs_db: which gradients to compute.
         precision: "ieee" or "tf32", for tl.dot.
     """
-    (sh, sw), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
-    N, C, H, W = x.shape
-    K, CG, R, S = w.shape
-    OH, OW = out_hw
-    P = pool_k if pool != "none" else 1
-    PH, PW = OH // P, OW // P
-    conv_hw = ((H + 2 * pad_h - dil_h * (R - 1) - 1) // sh + 1, (W + 2 * pad_w - dil_w * (S - 1) - 1) // sw + 1)
-    if (OH, OW) != conv_hw:
-        raise ValueError(f"conv_relu_pool_backward: out_hw {out_hw} is not the conv output {conv_hw} of "
-                         f"x {tuple(x.shape)}, w {tuple(w.shape)}")
-    if tuple(dy.shape) != (N, K, PH, PW) or CG * groups != C:
-        raise ValueError(f"conv_relu_pool_backward: dy {tuple(dy.shape)} / w {tuple(w.shape)} do not fit "
-                         f"x {tuple(x.shape)}, groups={groups}, pool {pool} {P}")
-    if pool == "max" and idx is None:
-        raise ValueError("conv_relu_pool_backward: max pool needs idx, the forward's argmax offsets")
-    if act != "none" and (a if pool == "avg" else y) is None:  # where act' is read from
-        raise ValueError(f"conv_relu_pool_backward: act {act} with pool {pool} needs "
-                         f"{'a (forward with save_act)' if pool == 'avg' else 'y'}")
+    plan = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), _pair(stride), _pair(padding),
+                          _pair(dilation), groups, act, pool, pool_k, tuple(out_hw), precision,
+                          y is None, idx is None, a is None, needs_dx, needs_dw, needs_db)
     # Only the buffers this variant reads are passed; the others are None, which the constexpr branches
     # never touch (a stand-in tensor there would be counted as bytes moved; see launch.tensor_bytes).
     bufs = (dy, idx if pool == "max" else None, y if act != "none" and pool != "avg" else None,
             a if act != "none" and pool == "avg" else None)
-    meta = dict(N=N, C=C, H=H, W=W, K=K, R=R, S=S, GROUPS=groups, STRIDE_H=sh, STRIDE_W=sw,
-                PAD_H=pad_h, PAD_W=pad_w, DIL_H=dil_h, DIL_W=dil_w, OH=OH, OW=OW, PH=PH, PW=PW,
-                ACT=act, POOL=pool, POOL_K=P, PRECISION=precision)
-    KG = K // groups
+    slope = float(act_param or 0.0)
     dx = dw = db = None
-
     if needs_dx:
         dx = torch.empty_like(x)
-        cfg = configs.gemm(N * H * W, CG, KG * R * S, gather=True)
-        grid = (triton.cdiv(N * H * W, cfg["BLOCK_M"]), triton.cdiv(CG, cfg["BLOCK_N"]), groups)
-        launch(_conv_relu_pool_bwd_dx_kernel, grid, *bufs, w, dx, float(act_param or 0.0), **meta, **cfg)
-
+        args = (*bufs, w, dx, slope, plan.N)
+        launch(_conv_relu_pool_bwd_dx_kernel, plan.dx_grid, *args, nbytes=plan.moved("dx", args), **plan.dx_meta)
     if needs_dw or needs_db:
-        rows, crs = N * OH * OW, CG * R * S
-        cfg = configs.gemm(KG, crs, rows, gather=True)
-        tiles_m, tiles_n = triton.cdiv(KG, cfg["BLOCK_M"]), triton.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
-        steps = triton.cdiv(rows, cfg["BLOCK_K"])
-        split = configs.split_k(tiles_m * tiles_n * groups, steps)
-        slice_rows = triton.cdiv(steps, split) * cfg["BLOCK_K"]
-        split = triton.cdiv(rows, slice_rows)  # no empty slice
-        dw_part = torch.empty((split, K, crs) if needs_dw else (0,), device=x.device, dtype=torch.float32)
+        split, K = plan.split, w.shape[0]
+        dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=torch.float32)
         db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=torch.float32)
-        launch(_conv_relu_pool_bwd_dw_kernel, (tiles_m, tiles_n, groups * split), *bufs, x, dw_part, db_part,
-               float(act_param or 0.0), **meta, SPLIT=split, SLICE=slice_rows, COMPUTE_DW=needs_dw,
-               COMPUTE_DB=needs_db, **cfg)
+        args = (*bufs, x, dw_part, db_part, slope, plan.N, plan.slice_rows)
+        launch(_conv_relu_pool_bwd_dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
         if needs_dw:
-            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:])).view(w.shape)
+            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False)).view(w.shape)
         if needs_db:
-            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:])).view(K)
+            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:], batched=False)).view(K)
     return dx, dw, db

@@ -34,7 +34,7 @@ def _dropout_keep(seed, offsets, p):
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "numel"])
 def _dropout_bwd_dx_kernel(
     dy_ptr,  # [numel] upstream gradient
     dx_ptr,  # [numel] gradient w.r.t. the dropout input (written)
@@ -86,7 +86,7 @@ def dropout_backward(dy: torch.Tensor, seed: int, *, p: float, inner: int = 0) -
         raise ValueError("dropout_backward: dy must be contiguous with fewer than 2**31 elements")
     dx = torch.empty_like(dy)
     numel = dy.numel()
-    meta = configs.elementwise(numel)
-    launch(_dropout_bwd_dx_kernel, (triton.cdiv(numel, meta["BLOCK"]),), dy, dx, seed, numel, max(inner, 1),
+    meta = configs.elementwise(configs.nominal(numel))
+    launch(_dropout_bwd_dx_kernel, (configs.cdiv(numel, meta["BLOCK"]),), dy, dx, seed, numel, max(inner, 1),
            CHANNELWISE=inner > 0, P=p, SCALE=dropout_scale(p), **meta)
     return dx

@@ -4,6 +4,8 @@ Forward (generated from compiler/templates/linear.py): y[M, N] = act(x[M, K] @ w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +13,7 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
+from fusednn.kernels.plan import bytes_once
 from fusednn.launch import launch
 
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
@@ -52,7 +55,7 @@ def _linear_relu_dz(
     return dz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_relu_bwd_dx_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
@@ -89,6 +92,31 @@ def _linear_relu_bwd_dx_kernel(
 
 
 @triton.jit
+def _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, rows, offs_n, offs_k, M, N, K, slope,
+                         stride_dym, stride_dyn, stride_xm, stride_xk,
+                         ACT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, PRECISION: tl.constexpr,
+                         ROW_MASK: tl.constexpr):
+    """One BLOCK_M step of the dw/db reduction over the rows `rows` (masked against M only if ROW_MASK)."""
+    if ROW_MASK:
+        mask_nm = (offs_n[:, None] < N) & (rows[None, :] < M)
+        mask_mk = (rows[:, None] < M) & (offs_k[None, :] < K)
+    else:
+        mask_nm = (offs_n[:, None] < N) & (rows[None, :] >= 0)
+        mask_mk = (rows[:, None] >= 0) & (offs_k[None, :] < K)
+    # dzᵀ tile [BLOCK_N, BLOCK_M], read transposed straight from dy and y
+    dzt = _linear_relu_dz(dy_ptr, y_ptr, rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn, mask_nm, slope,
+                          ACT)
+    if HAS_DW:
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
+        acc = tl.dot(dzt, x, acc, input_precision=PRECISION)
+    if HAS_DB:
+        db += dzt
+    return acc, db
+
+
+# M follows the batch: not specialised. m_per_split stays specialised: a multiple of BLOCK_M >= 16 at every
+# batch, so it compiles the same way at every batch.
+@triton.jit(do_not_specialize=["M"])
 def _linear_relu_bwd_dw_kernel(
     dy_ptr,  # [M, N] upstream gradient
     y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
@@ -112,34 +140,101 @@ def _linear_relu_bwd_dw_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
+    # Whole BLOCK_M blocks of rows first, with no row mask, then the one partial block at the end of M,
+    # masked: M follows the batch, so it is not specialised, and a row mask in every step (the compiler no
+    # longer knows M % 16) spilled predicates on sm_90 (LeNet unfused, batch 64: 8-byte stack).
     m_lo = pid_s * m_per_split
-    m_hi = tl.minimum(m_lo + m_per_split, M)
+    m_hi = m_lo + m_per_split  # slices end on BLOCK_M boundaries
+    m_full = (M // BLOCK_M) * BLOCK_M
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     # db sums the dzᵀ tiles elementwise and reduces across M once, after the loop: a tl.sum per step
     # costs a cross-thread reduction each time, and under triton 3.9 it left values spilled across the
     # loop (sm_90, LeNet fc1 at batch 64: 8-byte stack, 5 LDL/STL; now none).
     db = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        rows = m0 + offs_m  # slices end on BLOCK_M boundaries, so rows < M is the only mask needed
-        # dzᵀ tile [BLOCK_N, BLOCK_M], read transposed straight from dy and y
-        mask_nm = (offs_n[:, None] < N) & (rows[None, :] < M)
-        dzt = _linear_relu_dz(
-            dy_ptr, y_ptr, rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn, mask_nm, slope, ACT
-        )
-        if HAS_DW:
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=(rows[:, None] < M) & (offs_k[None, :] < K), other=0.0,
-            )
-            acc = tl.dot(dzt, x, acc, input_precision=PRECISION)
-        if HAS_DB:
-            db += dzt
+    for m0 in range(m_lo, tl.minimum(m_hi, m_full), BLOCK_M):
+        acc, db = _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, m0 + offs_m, offs_n, offs_k, M, N, K, slope,
+                                       stride_dym, stride_dyn, stride_xm, stride_xk,
+                                       ACT, HAS_DW, HAS_DB, PRECISION, False)
+    if (m_full >= m_lo) & (m_full < m_hi) & (m_full < M):
+        acc, db = _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, m_full + offs_m, offs_n, offs_k, M, N, K,
+                                       slope, stride_dym, stride_dyn, stride_xm, stride_xk,
+                                       ACT, HAS_DW, HAS_DB, PRECISION, True)
     if HAS_DW:
         dw_ptrs = dw_ptr + pid_s * stride_part + offs_n[:, None] * K + offs_k[None, :]
         tl.store(dw_ptrs, acc, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
     if HAS_DB:
         if pid_k == 0:  # every K-tile program of this (pid_n, pid_s) holds the same sums; one writes them
             tl.store(db_ptr + pid_s * stride_part + offs_n, tl.sum(db, axis=1), mask=offs_n < N)
+
+
+@dataclass
+class _Plan:
+    """Everything shape-dependent about one backward call, computed once per shapes and batch, and the
+    bytes each launch moves, measured on its first call (then its arguments' shapes are the plan's)."""
+
+    M: int
+    N: int
+    K: int
+    slope: float
+    dx_grid: tuple
+    dx_strides: tuple
+    dx_meta: dict
+    split: int
+    m_per_split: int
+    n_dw: int
+    length: int
+    dw_grid: tuple
+    dw_strides: tuple
+    dw_meta: dict
+    nbytes: dict = field(default_factory=dict)
+
+    def moved(self, which: str, args: tuple) -> int:
+        """The bytes launch `which` moves (kernels/plan.py)."""
+        return bytes_once(self.nbytes, which, args)
+
+
+@configs.memo
+def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, y_shape: tuple | None, dy_stride: tuple,
+                   x_stride: tuple, w_stride: tuple, y_stride: tuple | None, act: str, act_param: float,
+                   precision: str, needs_dx: bool, needs_dw: bool, needs_db: bool) -> _Plan:
+    if act not in ACTS:
+        raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"linear_relu_backward: precision must be one of {PRECISIONS}, got {precision!r}")
+    if act == "leaky_relu" and not act_param >= 0.0:
+        raise ValueError(f"linear_relu_backward: leaky_relu needs negative_slope >= 0, got {act_param}")
+    M, K = x_shape
+    N = w_shape[0]
+    if act != "none" and y_shape is None:
+        raise ValueError(f"linear_relu_backward: act={act!r} needs the forward output y")
+    if not (dy_shape == (M, N) and w_shape == (N, K) and (y_shape is None or y_shape == (M, N))):
+        raise ValueError(f"linear_relu_backward: shapes dy {dy_shape}, x {x_shape}, w {w_shape}, y {y_shape} do not "
+                         "fit y[M, N] = act(x[M, K] @ w[N, K].T)")
+    if y_stride is not None and y_stride != dy_stride:
+        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
+    slope = float(act_param) if act == "leaky_relu" else 0.0
+    cfg = configs.gemm(configs.nominal(M), K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
+    dx_grid = (configs.cdiv(M, cfg["BLOCK_M"]), configs.cdiv(K, cfg["BLOCK_N"]))
+    dx_meta = dict(ACT=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"],
+                   PRECISION=precision, num_warps=cfg["num_warps"])
+    cfg = configs.gemm(N, K, configs.nominal(M))  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
+    bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    # db alone needs one program per N tile
+    tiles = (configs.cdiv(N, bn), configs.cdiv(K, bk) if needs_dw else 1)
+    # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
+    # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order. The slice count
+    # is chosen at the nominal batch (it sets the tiles of the parts' sum); the slices cut the actual rows,
+    # and a slice past them writes a zero part.
+    split = configs.split_k(tiles[0] * tiles[1], configs.cdiv(configs.nominal(M), bm))
+    per_split = configs.cdiv(configs.cdiv(M, bm), split)
+    n_dw = N * K if needs_dw else 0
+    length = n_dw + (N if needs_db else 0)
+    dw_meta = dict(ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
+                   PRECISION=precision, num_warps=cfg["num_warps"])
+    dx_strides = (dy_stride[0], dy_stride[1], w_stride[0], w_stride[1], K, 1)  # dx is a fresh [M, K]
+    dw_strides = (dy_stride[0], dy_stride[1], x_stride[0], x_stride[1], length)
+    return _Plan(M, N, K, slope, dx_grid, dx_strides, dx_meta, split, per_split * bm, n_dw, length,
+                 (*tiles, split), dw_strides, dw_meta)
 
 
 def linear_relu_backward(
@@ -165,60 +260,24 @@ def linear_relu_backward(
         act: "none" | "relu" | "leaky_relu" | "sigmoid" | "tanh";  act_param: leaky_relu's slope (>= 0).
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
     """
-    if act not in ACTS:
-        raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"linear_relu_backward: precision must be one of {PRECISIONS}, got {precision!r}")
-    if act == "leaky_relu" and not act_param >= 0.0:
-        raise ValueError(f"linear_relu_backward: leaky_relu needs negative_slope >= 0, got {act_param}")
-    M, K = x.shape
-    N = w.shape[0]
     if act == "none":
         y = None  # act' = 1: the kernels never read y
-    elif y is None:
-        raise ValueError(f"linear_relu_backward: act={act!r} needs the forward output y")
-    if not (dy.shape == (M, N) and w.shape == (N, K) and (y is None or y.shape == (M, N))):
-        raise ValueError(
-            f"linear_relu_backward: shapes dy {tuple(dy.shape)}, x {tuple(x.shape)}, w {tuple(w.shape)}, "
-            f"y {None if y is None else tuple(y.shape)} do not fit y[M, N] = act(x[M, K] @ w[N, K].T)"
-        )
-    if y is not None and y.stride() != dy.stride():
-        raise ValueError("linear_relu_backward: y and dy must have the same strides (both contiguous)")
-    slope = float(act_param) if act == "leaky_relu" else 0.0
+    p = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), None if y is None else tuple(y.shape),
+                       dy.stride(), x.stride(), w.stride(), None if y is None else y.stride(), act,
+                       float(act_param), precision, needs_dx, needs_dw, needs_db)
     dx = dw = db = None
     if needs_dx:
-        dx = torch.empty((M, K), device=x.device, dtype=torch.float32)
-        cfg = configs.gemm(M, K, N)  # dx[M, K] = dz[M, N] @ w[N, K]
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))
-        launch(
-            _linear_relu_bwd_dx_kernel, grid,
-            dy, y, w, dx, M, N, K, slope,
-            dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), dx.stride(0), dx.stride(1),
-            ACT=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"],
-            PRECISION=precision, num_warps=cfg["num_warps"],
-        )
+        dx = torch.empty((p.M, p.K), device=x.device, dtype=torch.float32)  # dx[M, K] = dz[M, N] @ w[N, K]
+        args = (dy, y, w, dx, p.M, p.N, p.K, p.slope, *p.dx_strides)
+        launch(_linear_relu_bwd_dx_kernel, p.dx_grid, *args, nbytes=p.moved("dx", args), **p.dx_meta)
     if needs_dw or needs_db:
-        cfg = configs.gemm(N, K, M)  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
-        bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        # db alone needs one program per N tile
-        tiles = (triton.cdiv(N, bn), triton.cdiv(K, bk) if needs_dw else 1)
-        # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
-        # interpreter). Each slice writes its own part; sum_to adds the parts in a fixed order.
-        steps = triton.cdiv(M, bm)
-        per_split = triton.cdiv(steps, configs.split_k(tiles[0] * tiles[1], steps))
-        split = triton.cdiv(steps, per_split)  # no empty slice
-        n_dw = N * K if needs_dw else 0
-        length = n_dw + (N if needs_db else 0)  # dw and db share one buffer, [dw | db]
+        n_dw, length, split = p.n_dw, p.length, p.split  # dw and db share one buffer, [dw | db]
         parts = torch.empty((split, length), device=x.device, dtype=torch.float32)
-        launch(
-            _linear_relu_bwd_dw_kernel, (*tiles, split),
-            dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
-            M, N, K, per_split * bm, slope,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), length,
-            ACT=act, HAS_DW=needs_dw, HAS_DB=needs_db, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
-            PRECISION=precision, num_warps=cfg["num_warps"],
-        )
-        out = parts[0] if split == 1 else sum_to(parts, (length,))  # the parts, added in a fixed order
+        args = (dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
+                p.M, p.N, p.K, p.m_per_split, p.slope, *p.dw_strides)
+        launch(_linear_relu_bwd_dw_kernel, p.dw_grid, *args, nbytes=p.moved("dw", args), **p.dw_meta)
+        out = parts[0] if split == 1 else sum_to(parts, (length,), batched=False)  # the parts, added in a fixed order
+        N, K = p.N, p.K
         dw = out[:n_dw].view(N, K) if needs_dw else None
         db = out[n_dw:] if needs_db else None
     return dx, dw, db

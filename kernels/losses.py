@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.plan import bytes_once
 from fusednn.launch import launch
 
 # Cross-entropy VJP. Row r (logits[r // inner, :, r % inner]) with p = softmax(x_r), w = class weights
@@ -25,7 +26,7 @@ from fusednn.launch import launch
 # p_t − 1 is formed as −Σ_{c≠t} e_c / Σe: it would cancel when the target holds nearly all the mass.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _cross_entropy_bwd_dx_kernel(
     g_ptr,  # [N, inner] per-row upstream gradient (PER_ROW), else [] one weight shared by every row
     den_ptr,  # [1] the mean's denominator saved by the forward (MEAN), else None
@@ -112,7 +113,7 @@ def _cross_entropy_bwd_dx_kernel(
 #   dt = −dx in both.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _point_loss_bwd_dx_kernel(
     dloss_ptr,  # [numel] upstream gradient (PER_ELEMENT), else [] the reduced loss's gradient
     x_ptr,  # [numel] forward input
@@ -173,8 +174,8 @@ def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, target: to
     dx = torch.empty_like(logits)
     dt = torch.empty_like(target) if prob and needs_dt else None
     g = dloss.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
-    cfg = configs.rows(n_rows, C)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    cfg = configs.rows(configs.nominal(n_rows), C)
+    grid = (configs.cdiv(n_rows, cfg["BLOCK_R"]),)
     launch(_cross_entropy_bwd_dx_kernel, grid, g, den, logits, target, weight, lse, dx, dt, n_rows, C, inner,
            ignore_index, EPS=float(label_smoothing), PER_ROW=reduction == "none", MEAN=reduction == "mean",
            PROB=prob, WEIGHT=weight is not None, NLL=nll, NEEDS_DT=dt is not None, **cfg)
@@ -200,8 +201,8 @@ def point_loss_backward(dloss: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *
     dloss = dloss.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     numel = x.numel()
     inv_count = 1.0 / numel if reduction == "mean" and numel else 1.0
-    cfg = configs.elementwise(numel)
-    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    cfg = configs.elementwise(configs.nominal(numel))
+    grid = (configs.cdiv(numel, cfg["BLOCK"]),)
     launch(_point_loss_bwd_dx_kernel, grid, dloss, x, t, dx, dt, numel, inv_count, L1=kind == "l1",
            PER_ELEMENT=reduction == "none", NEEDS_DX=needs_dx, NEEDS_DT=needs_dt, **cfg)
     return dx, dt

@@ -59,7 +59,7 @@ def _avg_extent(o, size, K: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
     return hi - lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total"])
 def _pool_bwd_dx_kernel(
     dy_ptr,  # upstream gradient [N, C, OH, OW], fp32
     idx_ptr,  # int32 (int64 with return_indices) argmax [N, C, OH, OW] (flat h*W+w in the plane); None for avg
@@ -104,7 +104,7 @@ def _pool_bwd_dx_kernel(
     tl.store(dx_ptr + offs, acc, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total"])
 def _adaptive_pool_bwd_dx_kernel(
     dy_ptr,  # upstream gradient [N, C, OH, OW], fp32
     idx_ptr,  # int32 (int64 with return_indices) argmax [N, C, OH, OW] (flat h*W+w in the plane); None for avg
@@ -183,8 +183,8 @@ def pool2d_backward(dy: torch.Tensor, idx: torch.Tensor | None, *, kind: str,
         raise ValueError("pool2d_backward: divisor_override must be non-zero")
     dx = torch.empty((N, C, H, W), dtype=dy.dtype, device=dy.device)
     total = dx.numel()
-    cfg = configs.elementwise(total)
-    launch(_pool_bwd_dx_kernel, (triton.cdiv(total, cfg["BLOCK"]),),
+    cfg = configs.elementwise(configs.nominal(total))
+    launch(_pool_bwd_dx_kernel, (configs.cdiv(total, cfg["BLOCK"]),),
            dy, idx if kind == "max" else None, dx, total, H, W, *out_hw,
            KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW,
            IS_MAX=kind == "max", COUNT_INCLUDE_PAD=bool(count_include_pad),
@@ -202,8 +202,8 @@ def adaptive_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor | None, *, kind
     _check_grads("adaptive_pool2d_backward", dy, idx, kind, (N, C, H, W), (OH, OW))
     dx = torch.empty((N, C, H, W), dtype=dy.dtype, device=dy.device)
     total = dx.numel()
-    cfg = configs.elementwise(total)
-    launch(_adaptive_pool_bwd_dx_kernel, (triton.cdiv(total, cfg["BLOCK"]),),
+    cfg = configs.elementwise(configs.nominal(total))
+    launch(_adaptive_pool_bwd_dx_kernel, (configs.cdiv(total, cfg["BLOCK"]),),
            dy, idx if kind == "max" else None, dx, total, H, W, OH, OW,
            MH=adaptive_window(OH, H), MW=adaptive_window(OW, W), IS_MAX=kind == "max", **cfg)
     return dx

@@ -19,7 +19,7 @@ from fusednn.launch import launch
 # One row-sum per row; BLOCK_C >= D, so each row is read once.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _softmax_bwd_dx_kernel(
     dy_ptr,  # [outer, D, inner] upstream gradient
     y_ptr,  # [outer, D, inner] saved forward output (softmax, or log_softmax when LOG)
@@ -60,7 +60,7 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, *, outer: int, D: int, i
     dy = dy.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     dx = torch.empty_like(y)
     n_rows = outer * inner
-    cfg = configs.rows(n_rows, D)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    cfg = configs.rows(configs.nominal(n_rows), D)
+    grid = (configs.cdiv(n_rows, cfg["BLOCK_R"]),)
     launch(_softmax_bwd_dx_kernel, grid, dy, y, dx, n_rows, D, inner, LOG=log, **cfg)
     return dx

@@ -254,10 +254,12 @@ def test_conv_generated_source_starts_with_header_and_labels_each_stage():
     assert text.startswith("# fusednn generated kernel fnn_conv_relu_pool_0\n")
     for label in spec.labels:
         assert f"# {label}" in text
-    assert "def fnn_conv_relu_pool_0(" in text and "def launch(x, w, b, y, idx, a):" in text
-    # temporaries named after the IR values, shapes baked in as constexpr arguments of the launch
+    assert "def fnn_conv_relu_pool_0(" in text and "def launch(x, w, b, y, idx, a, nbytes=None):" in text
+    # temporaries named after the IR values, shapes baked in as constexpr arguments of the launch, except
+    # the batch: a runtime argument the kernel does not specialise on
     assert "relu_2 = " in text and "max_pool2d_3 = " in text
-    assert "N=2, C=1, H=12, W=12, K=6, R=5, S=5" in text
+    assert "C=1, H=12, W=12, K=6, R=5, S=5" in text
+    assert '@triton.jit(do_not_specialize=["N"])' in text and " N: tl.constexpr" not in text
     compile(text, spec.name, "exec")
 
 

@@ -112,7 +112,7 @@ def test_generated_dropout_source_imports_the_shared_mask_and_labels_its_block()
     assert text.startswith("# fusednn generated kernel fnn_dropout_src\n")
     assert "from fusednn.kernels.dropout import _dropout_keep, check_seed" in lines
     assert lines[lines.index("# %3 dropout") + 1].startswith("keep = _dropout_keep(seed, offs, 0.5)")
-    assert "def launch(x, y, seed: int):" in lines
+    assert "def launch(x, y, seed: int, nbytes=None):" in lines
 
 
 _AOT_SCRIPT = textwrap.dedent(

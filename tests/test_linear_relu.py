@@ -239,7 +239,7 @@ def test_generated_source_has_header_and_labels():
     body = text.splitlines()
     i_linear, i_relu = body.index("    # %7 linear"), body.index("    # %8 relu")
     assert i_linear < i_relu
-    assert "def fnn_linear_relu_0(" in text and "\ndef launch(x, w, b, y):" in text
+    assert "def fnn_linear_relu_0(" in text and "\ndef launch(x, w, b, y, nbytes=None):" in text
     assert "v7 = acc + b[None, :]" in text and "v8 = " in text  # temporaries carry IR names
     no_bias = generate(make_spec(4, 6, 8, False, "none"))
     assert "b_ptr" not in no_bias and "# %8" not in no_bias and "    # %7 linear" in no_bias
@@ -252,8 +252,10 @@ def test_generated_launch_rejects_wrong_shapes():
     x, w, b = make_inputs(4, 6, 8, True)
     with pytest.raises(ValueError, match="fnn_linear_relu_0"):
         mod.launch(x, w, None, torch.empty(4, 6))  # the spec has a bias
+    with pytest.raises(ValueError, match="fnn_linear_relu_0"):  # any row count, but the same in x and y
+        mod.launch(x[:3], w, b, torch.empty(4, 6))
     with pytest.raises(ValueError, match="fnn_linear_relu_0"):
-        mod.launch(x[:3], w, b, torch.empty(3, 6))
+        mod.launch(x[:, :7], w, b, torch.empty(4, 6))
 
 
 def test_generate_rejects_bad_specs():

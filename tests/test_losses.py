@@ -199,8 +199,8 @@ def test_point_loss_sum_is_deterministic():
 
 
 def test_generated_loss_sources_have_header_labels_and_launch():
-    for spec, sig in [(ce_spec(7, 10, "mean"), "launch(logits, target, weight, loss, lse, den)"),
-                      (pl_spec(35, "l1", "none"), "launch(x, t, loss)")]:
+    for spec, sig in [(ce_spec(7, 10, "mean"), "launch(logits, target, weight, loss, lse, den, nbytes=None)"),
+                      (pl_spec(35, "l1", "none"), "launch(x, t, loss, nbytes=None)")]:
         text = generate(spec)
         assert text.startswith(spec.header)
         assert f"# {spec.labels[0]}\n" in text

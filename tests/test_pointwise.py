@@ -172,7 +172,7 @@ def test_generated_source_labels_each_step_and_names_temporaries():
     assert lines.index("# %1 mul") < lines.index("# %2 prelu") < lines.index("# %3 leaky_relu")
     assert "tl.store(v3_ptr + offs, v3, mask=mask)" in lines
     assert not any(ln.startswith(("tl.store(v1_ptr", "tl.store(v2_ptr")) for ln in lines)  # only outputs stored
-    assert "def launch(x, w, v3):" in lines
+    assert "def launch(x, w, v3, nbytes=None):" in lines
 
 
 @pytest.mark.parametrize("bad", [

@@ -123,7 +123,7 @@ def test_generated_softmax_source_has_header_labels_and_launch():
     text = generate(spec)
     assert text.startswith(spec.header)
     assert "# %1 softmax\n" in text
-    assert f"def {spec.name}(" in text and "\ndef launch(x, y):" in text
+    assert f"def {spec.name}(" in text and "\ndef launch(x, y, nbytes=None):" in text
     compile(text, spec.name, "exec")
 
 

@@ -78,7 +78,8 @@ def generate(spec: BatchNormSpec) -> str:
     if cma:
         params.append("count_ptr,  # [] int64 num_batches_tracked, already counted: the factor is 1/count")
         args.append("counter")
-    params += [f"{p}: tl.constexpr," for p in ("N", "C", "INNER", "EPS")]
+    params.append("N,  # batch, a runtime int: statistics divide by the actual N * INNER")
+    params += [f"{p}: tl.constexpr," for p in ("C", "INNER", "EPS")]
     if update and not cma:
         params.append("MOMENTUM: tl.constexpr,")
     params += ["BLOCK_R: tl.constexpr,", "BLOCK_C: tl.constexpr,"]
@@ -98,7 +99,7 @@ def generate(spec: BatchNormSpec) -> str:
     )
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every batch size')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         for p in params:
@@ -120,18 +121,21 @@ def generate(spec: BatchNormSpec) -> str:
             _emit_train(s, spec, update)
     s.writeline()
     s.writeline()
-    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None):")
+    s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None, "
+                "nbytes=None):")
     with s.indent():
         mode = "running" if use_running else "batch"
-        s.writeline(f'"""batch_norm of [{spec.N}, {spec.C}, {spec.inner}] with {mode} statistics into y, '
-                    f'save_mean, save_invstd."""')
+        s.writeline(f'"""batch_norm of [N, {spec.C}, {spec.inner}] with {mode} statistics into y, '
+                    f'save_mean, save_invstd; any batch N (the tiles are picked at N = {spec.N})."""')
+        s.writeline("n = x.shape[0]")
         s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C})")
-        rows_grid = f'triton.cdiv({M}, cfg["BLOCK_R"])' if use_running else "1"
-        s.writeline(f'grid = ({rows_grid}, triton.cdiv({spec.C}, cfg["BLOCK_C"]))')
-        meta = f"N={spec.N}, C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
+        rows_grid = f'configs.cdiv(n * {spec.inner}, cfg["BLOCK_R"])' if use_running else "1"
+        s.writeline(f'grid = ({rows_grid}, configs.cdiv({spec.C}, cfg["BLOCK_C"]))')
+        args.append("n")
+        meta = f"C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
         if update and not cma:
             meta += f", MOMENTUM={spec.momentum!r}"
-        s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, **cfg)")
+        s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, nbytes=nbytes, **cfg)")
     return s.getvalue()
 
 

@@ -11,7 +11,9 @@ rolled `range`, not `tl.static_range`: unrolled, LeNet conv1's four ieee-fp32 co
 and 2; rolled at the 32x16x16 tiles of `configs.gemm(..., gather=True)`: 96 registers, no stack).
 
 Shapes are baked into the generated text as constexpr arguments of the launch, so the source reads with
-its shapes; block sizes come from `configs.gemm(..., gather=True)` when `launch` runs.
+its shapes, except the batch N: a runtime int (not specialised), so one compiled kernel serves every batch
+size. Block sizes come from `configs.gemm(..., gather=True)` at the spec's (nominal) batch N, so they do not
+change with the batch either; the grid and the bounds use the actual batch, read from x.
 """
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ def generate(spec: ConvSpec) -> str:
     if spec.save_act:
         ptrs.append(("a_ptr", "activation before the pool [N, K, OH, OW], saved for backward"))
     consts = [
-        ("N, C, H, W", "input shape"),
+        ("C, H, W", "input shape [N, C, H, W]"),
         ("K, R, S, GROUPS", "filters"),
         ("STRIDE_H, STRIDE_W, PAD_H, PAD_W", "stride, zero padding"),
         ("DIL_H, DIL_W", "dilation"),
@@ -172,11 +174,12 @@ def generate(spec: ConvSpec) -> str:
     if spec.act == "leaky_relu":
         consts.append(("ACT_PARAM", "negative slope"))
     consts += [("BLOCK_M, BLOCK_N, BLOCK_K", ""), ("PRECISION", '"ieee" or "tf32"')]
-    src.writeline("@triton.jit")
+    src.writeline('@triton.jit(do_not_specialize=["N"])')
     src.writeline(f"def {spec.name}(")
     with src.indent():
         for p, doc in ptrs:
             src.writeline(f"{p},  # {doc}")
+        src.writeline("N,  # batch, a runtime int: one compiled kernel serves every batch size")
         for names, doc in consts:
             line = ", ".join(f"{c}: tl.constexpr" for c in names.split(", ")) + ","
             src.writeline(f"{line}  # {doc}" if doc else line)
@@ -309,13 +312,13 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     PH, PW = spec.pooled_hw
     dims = {"OH": OH, "OW": OW, "PH": PH, "PW": PW,
             "WIN_H": -(-OH // spec.pool_k), "WIN_W": -(-OW // spec.pool_k)}
-    rows = spec.N * dims[rows_h] * dims[rows_w]
+    per_image = dims[rows_h] * dims[rows_w]
     kg = spec.K // spec.groups
     crs = spec.C // spec.groups * spec.R * spec.S
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     args = ["x", "w"] + (["b"] if spec.bias else []) + ["y"]
     args += (["idx"] if spec.pool == "max" else []) + (["a"] if spec.save_act else [])
-    meta = [f"N={spec.N}, C={spec.C}, H={spec.H}, W={spec.W}, K={spec.K}, R={spec.R}, S={spec.S}, "
+    meta = [f"C={spec.C}, H={spec.H}, W={spec.W}, K={spec.K}, R={spec.R}, S={spec.S}, "
             f"GROUPS={spec.groups},",
             f"STRIDE_H={sh}, STRIDE_W={sw}, PAD_H={ph}, PAD_W={pw}, DIL_H={dh}, DIL_W={dw}, "
             f"OH={OH}, OW={OW},"]
@@ -328,13 +331,15 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     meta.append(f'PRECISION="{spec.precision}", **cfg,')
     stages = ", ".join(spec.labels)
     src.writelines(f'''
-        def launch(x, w, b, y, idx, a):
+        def launch(x, w, b, y, idx, a, nbytes=None):
             """{stages} in one launch; b, idx, a are None where this variant has none."""
-            # GEMM view: M = {rows} rows, N = {kg} channels per group, K = {crs} taps
-            cfg = configs.gemm({rows}, {kg}, {crs}, gather=True)
-            grid = (triton.cdiv({rows}, cfg["BLOCK_M"]), triton.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
+            # GEMM view: M = N * {per_image} rows, N = {kg} channels per group, K = {crs} taps; tiles for
+            # the nominal batch {spec.N}, whatever x's batch
+            n = x.shape[0]
+            cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True)
+            grid = (configs.cdiv(n * {per_image}, cfg["BLOCK_M"]), configs.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
             launch_kernel(
-                {spec.name}, grid, {", ".join(args)},
+                {spec.name}, grid, {", ".join(args)}, n, nbytes=nbytes,
     ''')
     with src.indent(), src.indent():
         for line in meta:

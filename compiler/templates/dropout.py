@@ -44,7 +44,8 @@ def generate(spec: DropoutSpec) -> str:
         from fusednn.launch import launch as _launch
 
 
-        @triton.jit
+        # numel follows the batch and seed changes every call: neither may pick a compiled variant
+        @triton.jit(do_not_specialize=["seed", "numel"])
     """)
     src.writeline(f"def {spec.name}(")
     with src.indent():
@@ -70,10 +71,12 @@ def generate(spec: DropoutSpec) -> str:
         src.writeline("tl.store(y_ptr + offs, y, mask=mask)")
     src.writeline()
     src.writeline()
-    src.writeline("def launch(x, y, seed: int):")
+    src.writeline("def launch(x, y, seed: int, nbytes=None):")
     with src.indent():
-        src.writeline(f'"""Run {spec.name} (p = {p!r}) over {spec.numel} elements into the preallocated y."""')
+        src.writeline(f'"""Run {spec.name} (p = {p!r}) over x\'s elements into the preallocated y ({spec.numel} at '
+                      f'the nominal batch, which picks the block)."""')
+        src.writeline("numel = x.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
-        src.writeline(f'_launch({spec.name}, (triton.cdiv({spec.numel}, meta["BLOCK"]),), x, y, '
-                      f'check_seed(seed), {spec.numel}, **meta)')
+        src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), x, y, '
+                      f'check_seed(seed), numel, nbytes=nbytes, **meta)')
     return src.getvalue()

@@ -2,7 +2,9 @@
 
 Modelled on Triton's 03-matrix-multiplication tutorial: grouped program order, fp32 accumulator, and the
 bias + activation epilogue applied while the accumulator is still fp32 in registers. Shapes, bias and
-activation are fixed per spec, so the generated file holds only the code of the stages present.
+activation are fixed per spec, so the generated file holds only the code of the stages present. The
+row count M (the batch, times any middle dims) is a runtime int the kernel does not specialise on, and
+the tiles are chosen for the spec's nominal M: one compiled kernel serves every batch size.
 Backward: kernels/linear_relu.py.
 """
 from __future__ import annotations
@@ -84,13 +86,13 @@ def generate(spec: LinearSpec) -> str:
         from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
         from fusednn.launch import launch as _launch
 
-        M, N, K = {spec.M}, {spec.N}, {spec.K}
+        M, N, K = {spec.M}, {spec.N}, {spec.K}  # M: rows at the nominal batch (tiles are chosen for it)
         # Programs walk output tiles in groups of GROUP_M rows so that neighbours share w tiles in L2
         # (the tutorial's swizzle); an ordering choice, not a tile size.
         GROUP_M = 8
 
 
-        @triton.jit
+        @triton.jit(do_not_specialize=["M"])  # M follows the batch
         def {spec.name}(
         """
     )
@@ -175,19 +177,20 @@ def generate(spec: LinearSpec) -> str:
     s.writeline()
     s.writelines(
         f"""
-        def launch(x, w, b, y):
-            \"\"\"y[M, N] = {what}; x [M, K], w [N, K], b {b_doc}; fp32, contiguous.\"\"\"
-            if not (x.shape == (M, K) and w.shape == (N, K) and y.shape == (M, N) and {b_check}):
+        def launch(x, w, b, y, nbytes=None):
+            \"\"\"y[m, N] = {what}; x [m, K], w [N, K], b {b_doc}; fp32, contiguous; any row count m.\"\"\"
+            m = x.shape[0]
+            if not (x.shape == (m, K) and w.shape == (N, K) and y.shape == (m, N) and {b_check}):
                 shapes = [None if t is None else tuple(t.shape) for t in (x, w, b, y)]
                 raise ValueError(f"{spec.name}: launch(x, w, b, y) got shapes {{shapes}}, "
-                                 f"built for M={{M}} N={{N}} K={{K}}")
+                                 f"built for [rows, K={{K}}] @ [N={{N}}, K]")
             cfg = configs.gemm(M, N, K)
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+            grid = (configs.cdiv(m, cfg["BLOCK_M"]) * configs.cdiv(N, cfg["BLOCK_N"]),)
             _launch(
                 {spec.name}, grid,
-                x, w, {b_pass}y, M, N, K,
+                x, w, {b_pass}y, m, N, K,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-                GROUP_M=GROUP_M, PRECISION={spec.precision!r}, **cfg,
+                GROUP_M=GROUP_M, PRECISION={spec.precision!r}, nbytes=nbytes, **cfg,
             )
         """
     )

@@ -101,7 +101,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
     s.writelines(_IMPORTS)
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["n_rows"])  # n_rows = N * inner, the batch: one kernel for every batch size')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         target = "[N, C, inner] class probabilities" if spec.prob else "[N, inner] int64 class index"
@@ -214,7 +214,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
             s.writeline("tl.store(loss_ptr, tl.sum(total, axis=0))")
     s.writeline()
     s.writeline()
-    s.writeline("def launch(logits, target, weight, loss, lse, den):")
+    s.writeline("def launch(logits, target, weight, loss, lse, den, nbytes=None):")
     with s.indent():
         fn = "nll_loss" if spec.nll else "cross_entropy"
         s.writeline(
@@ -222,14 +222,14 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
             f'{spec.inner}] and den [1] for backward (None where unused)."""'
         )
         s.writeline(f"n_rows = logits.numel() // {spec.C}")
-        s.writeline(f"cfg = configs.rows(n_rows, {spec.C})")
+        s.writeline(f"cfg = configs.rows({spec.N * spec.inner}, {spec.C})  # tiles picked at the spec's batch")
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline('grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)')
+            s.writeline('grid = (configs.cdiv(n_rows, cfg["BLOCK_R"]),)')
         s.writeline(
             f"run_kernel({spec.name}, grid, logits, target, weight, loss, lse, den, n_rows, C={spec.C}, "
-            f"INNER={spec.inner}, IGNORE_INDEX={spec.ignore_index}, **cfg)"
+            f"INNER={spec.inner}, IGNORE_INDEX={spec.ignore_index}, nbytes=nbytes, **cfg)"
         )
     return s.getvalue()
 
@@ -245,7 +245,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
     s.writelines(_IMPORTS)
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["NUMEL"])  # NUMEL follows the batch')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         s.writelines(
@@ -253,7 +253,7 @@ def generate_point_loss(spec: PointLossSpec) -> str:
             x_ptr,  # [NUMEL] input
             t_ptr,  # [NUMEL] target
             loss_ptr,  # {"[] the reduced loss" if reduce else "[NUMEL] loss of each element"}
-            NUMEL: tl.constexpr,
+            NUMEL,  # runtime: one compiled kernel serves every batch size ('mean' divides by it)
             BLOCK: tl.constexpr,
             """
         )
@@ -290,15 +290,17 @@ def generate_point_loss(spec: PointLossSpec) -> str:
     s.writeline()
     s.writeline()
     fn = "mse_loss" if spec.kind == "mse" else "l1_loss"
-    s.writeline("def launch(x, t, loss):")
+    s.writeline("def launch(x, t, loss, nbytes=None):")
     with s.indent():
-        s.writeline(f'"""{fn}(x, t, reduction={spec.reduction!r}) over {spec.numel} elements into loss."""')
+        s.writeline(f'"""{fn}(x, t, reduction={spec.reduction!r}) over x\'s elements into loss ({spec.numel} at '
+                    f'the nominal batch, which picks the block)."""')
+        s.writeline("numel = x.numel()")
         s.writeline(f"cfg = configs.elementwise({spec.numel})")
         if reduce:
             s.writeline("grid = (1,)")
         else:
-            s.writeline(f'grid = (triton.cdiv({spec.numel}, cfg["BLOCK"]),)')
-        s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, NUMEL={spec.numel}, **cfg)")
+            s.writeline('grid = (configs.cdiv(numel, cfg["BLOCK"]),)')
+        s.writeline(f"run_kernel({spec.name}, grid, x, t, loss, numel, nbytes=nbytes, **cfg)")
     return s.getvalue()
 
 

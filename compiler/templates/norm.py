@@ -87,7 +87,7 @@ def generate(spec: NormSpec) -> str:
     )
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["R"])  # R = N * G rows: one kernel for every batch size')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         s.writelines("\n".join(params))

@@ -24,7 +24,8 @@ OPS = UNARY + BINARY + ("prelu",)
 _SYMBOL = {"add": "+", "mul": "*", "sub": "-"}
 _HELPERS = tuple(f"_{a}" for a in UNARY if a != "neg")
 # Names the generated kernel and launcher use themselves; IR values must not shadow them.
-_RESERVED = {"pid", "offs", "mask", "numel", "BLOCK", "meta", "tl", "triton", *_HELPERS, "_configs", "_launch", "launch"}
+_RESERVED = {"pid", "offs", "mask", "numel", "nbytes", "BLOCK", "meta", "tl", "triton", *_HELPERS, "_configs", "_launch",
+             "launch"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ def generate(spec: PointwiseSpec) -> str:
     src.writeline("from fusednn.launch import launch as _launch")
     src.writeline()
     src.writeline()
-    src.writeline("@triton.jit")
+    src.writeline('@triton.jit(do_not_specialize=["numel"])  # numel follows the batch: one kernel for every batch size')
     src.writeline(f"def {spec.name}(")
     with src.indent():
         for n in spec.inputs:
@@ -240,11 +241,12 @@ def generate(spec: PointwiseSpec) -> str:
     src.writeline()
     src.writeline()
     params = ", ".join((*spec.inputs, *spec.outputs))
-    src.writeline(f"def launch({params}):")
+    src.writeline(f"def launch({params}, nbytes=None):")
     with src.indent():
-        src.writeline(f'"""Run {spec.name} over {spec.numel} elements; outputs are preallocated '
-                      f'contiguous tensors."""')
+        src.writeline(f'"""Run {spec.name} over the outputs\' elements ({spec.numel} at the nominal batch, '
+                      f'which picks the block); outputs are preallocated contiguous tensors."""')
+        src.writeline(f"numel = {spec.outputs[-1]}.numel()")
         src.writeline(f"meta = _configs.elementwise({spec.numel})")
-        src.writeline(f'_launch({spec.name}, (triton.cdiv({spec.numel}, meta["BLOCK"]),), {params}, '
-                      f'{spec.numel}, **meta)')
+        src.writeline(f'_launch({spec.name}, (_configs.cdiv(numel, meta["BLOCK"]),), {params}, numel, nbytes=nbytes, '
+                      f'**meta)')
     return src.getvalue()

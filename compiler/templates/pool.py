@@ -97,7 +97,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
         from fusednn.launch import launch as _launch
 
 
-        @triton.jit
+        @triton.jit(do_not_specialize=["total"])  # total follows the batch: one kernel for every batch size
     ''')
     src.writeline(f"def {spec.name}(")
     with src.indent():
@@ -225,15 +225,17 @@ def _emit_launch(src: Source, spec: PoolSpec | AdaptivePoolSpec, consts: list[st
         values.update(KH=adaptive_window(spec.H, spec.OH), KW=adaptive_window(spec.W, spec.OW))
     total = spec.N * spec.C * spec.OH * spec.OW
     is_max = spec.kind == "max"
-    src.writeline("def launch(x, y, idx):")
+    src.writeline("def launch(x, y, idx, nbytes=None):")
     with src.indent():
         what = "its int32 argmax into idx" if is_max else "idx is None"
-        src.writeline(f'"""Pool x [{spec.N}, {spec.C}, {spec.H}, {spec.W}] into y '
-                      f'[{spec.N}, {spec.C}, {spec.OH}, {spec.OW}]; {what}."""')
+        src.writeline(f'"""Pool x [N, {spec.C}, {spec.H}, {spec.W}] into y '
+                      f'[N, {spec.C}, {spec.OH}, {spec.OW}] (any batch N; the block is picked at N = {spec.N}); '
+                      f'{what}."""')
         if not is_max:
             src.writeline('assert idx is None, "avg pool has no argmax"')
         src.writeline(f"cfg = configs.window({total})  # a window of reads per output: 8 warps, no spill")
         args = "x, y, idx" if is_max else "x, y"
-        src.writeline(f'_launch({spec.name}, (triton.cdiv({total}, cfg["BLOCK"]),), {args}, {total},')
+        src.writeline("total = y.numel()")
+        src.writeline(f'_launch({spec.name}, (configs.cdiv(total, cfg["BLOCK"]),), {args}, total,')
         with src.indent():
-            src.writeline(", ".join(f"{c}={values[c]}" for c in consts) + ", **cfg)")
+            src.writeline(", ".join(f"{c}={values[c]}" for c in consts) + ", nbytes=nbytes, **cfg)")

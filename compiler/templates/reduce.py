@@ -52,7 +52,7 @@ def generate(spec: ReduceSpec) -> str:
     )
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["M", "R"])  # sizes that may follow the batch')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         s.writelines(

@@ -61,14 +61,14 @@ def generate(spec: SoftmaxSpec) -> str:
     )
     s.writeline()
     s.writeline()
-    s.writeline("@triton.jit")
+    s.writeline('@triton.jit(do_not_specialize=["OUTER"])  # OUTER follows the batch')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         s.writelines(
             """
             x_ptr,  # [OUTER, D, INNER] input, contiguous
             y_ptr,  # [OUTER, D, INNER] output
-            OUTER: tl.constexpr,
+            OUTER,  # runtime: one compiled kernel serves every batch size
             D: tl.constexpr,
             INNER: tl.constexpr,
             BLOCK_R: tl.constexpr,
@@ -108,15 +108,16 @@ def generate(spec: SoftmaxSpec) -> str:
     s.writeline()
     s.writeline()
     fn = "log_softmax" if spec.log else "softmax"
-    s.writeline("def launch(x, y):")
+    s.writeline("def launch(x, y, nbytes=None):")
     with s.indent():
         s.writelines(
             f'''
-            """y = {fn}(x) over D of x viewed as [{spec.outer}, {spec.D}, {spec.inner}]; y is preallocated."""
-            n_rows = {spec.outer} * {spec.inner}
-            cfg = configs.rows(n_rows, {spec.D})
-            grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
-            run_kernel({spec.name}, grid, x, y, OUTER={spec.outer}, D={spec.D}, INNER={spec.inner}, **cfg)
+            """y = {fn}(x) over D of x viewed as [outer, {spec.D}, {spec.inner}] (outer = {spec.outer} at the
+            nominal batch, which picks the tiles); y is preallocated."""
+            outer = x.numel() // {spec.D * spec.inner}
+            cfg = configs.rows({spec.outer * spec.inner}, {spec.D})
+            grid = (configs.cdiv(outer * {spec.inner}, cfg["BLOCK_R"]),)
+            run_kernel({spec.name}, grid, x, y, outer, D={spec.D}, INNER={spec.inner}, nbytes=nbytes, **cfg)
             '''
         )
     return s.getvalue()
