@@ -87,7 +87,7 @@ install_cmd='
 phase install "$(cap 120 330)" bash -c "$install_cmd"
 # The package maps fusednn.compiler -> compiler/ and fusednn.kernels -> kernels/: check it imports
 # from here; if not, lay the package out flat in a temp dir and run everything from there.
-if ! "$PY" -c 'import fusednn.compiler.configs, fusednn.kernels.sgd, fusednn.bench, fusednn.step' >>"$OUT/install.log" 2>&1; then
+if ! "$PY" -c 'import fusednn.compiler.configs, fusednn.kernels.sgd, fusednn.tools.bench, fusednn.step' >>"$OUT/install.log" 2>&1; then
     FLAT=$(mktemp -d)/fusednn-flat
     mkdir -p "$FLAT"
     cp -r fusednn "$FLAT/fusednn" && cp -r compiler "$FLAT/fusednn/compiler" && cp -r kernels "$FLAT/fusednn/kernels"
@@ -102,7 +102,7 @@ fi
 if command -v fusednn >/dev/null 2>&1; then
     phase info "$(cap 60 300)" fusednn info
 else
-    phase info "$(cap 60 300)" "$PY" -m fusednn.cli info
+    phase info "$(cap 60 300)" "$PY" -m fusednn.tools.cli info
 fi
 
 # --- GPU-marked tests -----------------------------------------------------------------------------

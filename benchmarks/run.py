@@ -1,4 +1,4 @@
-"""Run the training-step benchmark (fusednn.bench.main) from the command line, or summarise results.
+"""Run the training-step benchmark (fusednn.tools.bench.main) from the command line, or summarise results.
 
     python benchmarks/run.py --out results/                     # GPU: batch 64, 512, 4096; fp32 and tf32
     python benchmarks/run.py --out /tmp/b --batch-sizes 8 --steps 2   # CPU: counts only (interpreter)
@@ -18,7 +18,7 @@ def _ints(text: str) -> list[int]:
 
 def summarize(paths: list[str], full: bool) -> int:
     """Print the targets and a table of each bench.json (e.g. of a run cut short by a timeout)."""
-    from fusednn.bench import matrix, table, targets
+    from fusednn.tools.bench import matrix, table, targets
 
     status = 0
     for path in paths:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="lenet", help="lenet or lenet5")
     p.add_argument("--precision", choices=["ieee", "tf32", "both"], default=None,
                    help="default: both on CUDA, ieee on CPU")
-    p.add_argument("--variants", default=None, help="comma-separated subset of fusednn.bench.VARIANTS")
+    p.add_argument("--variants", default=None, help="comma-separated subset of fusednn.tools.bench.VARIANTS")
     p.add_argument("--budget-s", type=float, default=None, help="start no new run that would not fit")
     p.add_argument("--summarize", nargs="+", metavar="BENCH_JSON", help="print tables of existing results")
     p.add_argument("--full", action="store_true", help="with --summarize: the full table, not the short one")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fusednn import bench
+    from fusednn.tools import bench
 
     cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     precisions = None if a.precision in (None, "both") else [a.precision]

@@ -363,8 +363,8 @@ class _Compiled:
 
     def dump(self, directory: str, aot: bool = True) -> list[str]:
         """Write IR before/after fusion, kernel sources, backward plan, stats, a graph picture and (aot=True)
-        each kernel's TTIR, PTX and sm_90 resource report; returns the paths written (see fusednn/dump.py)."""
-        from fusednn.dump import dump
+        each kernel's TTIR, PTX and sm_90 resource report; returns the paths written (see fusednn/tools/dump.py)."""
+        from fusednn.tools.dump import dump
 
         return dump(self._last(), directory, self._tensors(), aot=aot)
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler.ops import REGISTRY
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.pointwise import PointwiseSpec, PwStep, generate

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusednn  # noqa: F401  (interpreter switch before the kernel module is imported)
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler import configs
 from fusednn.kernels.adam import adam_step
 from fusednn.launch import kernel_name, recording

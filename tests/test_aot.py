@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for sm_90 (H100) without a GPU: fusednn.aot.
+"""Ahead-of-time compilation for sm_90 (H100) without a GPU: fusednn.tools.aot.
 
 These tests compile with Triton's real compiler (never the interpreter), so they also run in the triton 3.6
 venv of .ci/aot_triton36.sh, where TRITON_INTERPRET=0 and kernels compile in-process; under the main venv's
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 import fusednn  # noqa: F401  (before any kernel is defined: picks the interpreter on CPU-only machines)
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler import configs
 from fusednn.launch import launch
 
@@ -114,7 +114,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, precision: str, bl
 
 
 def cli_program() -> None:
-    """What `python -m fusednn.aot tests.test_aot:cli_program` records: two specialisations of one kernel."""
+    """What `python -m fusednn.tools.aot tests.test_aot:cli_program` records: two specialisations of one kernel."""
     relu_copy(torch.empty(100), torch.empty(100))
     relu_copy(torch.empty(4096), torch.empty(4096))
 
@@ -267,7 +267,7 @@ def test_cli_writes_reports_for_what_a_function_launches(tmp_path):
     root = Path(__file__).resolve().parents[1]
     # TRITON_INTERPRET=0: the CLI compiles in-process (the fixture above covers the worker subprocess)
     env = dict(os.environ, PYTHONPATH=str(root), TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "fusednn.aot", "tests.test_aot:cli_program", "-o", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "fusednn.tools.aot", "tests.test_aot:cli_program", "-o", str(tmp_path)],
                           cwd=root, check=False, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "2 launches, 2 distinct kernels" in proc.stdout

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fusednn
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.launch import Launch, kernel_name
 from fusednn.models import LeNet
 from fusednn.optim import SGD

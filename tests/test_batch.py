@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
-from fusednn import aot, launch
+from fusednn import launch
+from fusednn.tools import aot
 from fusednn.compiler import configs
 from tests.helpers import rel_err
 from tests.models import LeNet
@@ -154,7 +155,7 @@ def test_no_kernel_takes_the_batch_as_a_constexpr(fuse, target):
 
 def test_lenet_default_training_compiles_one_specialisation_per_mode(monkeypatch):
     """`fusednn train`'s loop: train batch 8 with a partial last batch, two evaluation batch sizes."""
-    from fusednn import train
+    from fusednn.tools import train
 
     made = []
     real = fusednn.compile

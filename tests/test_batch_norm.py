@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.batch_norm import BatchNormSpec, generate
 from fusednn.kernels.batch_norm import batch_norm_backward

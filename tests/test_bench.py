@@ -1,4 +1,4 @@
-"""fusednn.bench on the CPU: main() writes bench.json (device, versions, batch, per-variant launches and bytes,
+"""fusednn.tools.bench on the CPU: main() writes bench.json (device, versions, batch, per-variant launches and bytes,
 fused below unfused) and a PNG; the analytic step cost; the README targets and tables from a result dict."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 import fusednn
-from fusednn import bench
+from fusednn.tools import bench
 from fusednn.models import LeNet
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.cat import CatSpec, generate
 from fusednn.kernels.cat import cat_backward

@@ -1,4 +1,4 @@
-"""The `fusednn` command line through `fusednn.cli.main([...])`: train (checkpoints that load into plain
+"""The `fusednn` command line through `fusednn.tools.cli.main([...])`: train (checkpoints that load into plain
 torch models, resume equal to an uninterrupted run, plot, dump), dump, info, bench option parsing, and bad
 input reported as one line on stderr with a non-zero exit and no traceback."""
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import fusednn
-import fusednn.aot
-from fusednn.cli import main
+import fusednn.tools.aot
+from fusednn.tools.cli import main
 from fusednn.models import LeNet, LeNet5
 from fusednn.optim import SGD
-from fusednn.train import load_checkpoint, lr_at, save_checkpoint
+from fusednn.tools.train import load_checkpoint, lr_at, save_checkpoint
 from tests.helpers import rel_err
 
 TINY = ["train", "--dataset", "synthetic", "--limit", "16", "--batch-size", "8", "--schedule", "constant",
@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
         # The dump's sm_90 reports take ~15 s here; `fusednn dump` tests them, this run only the dump's timing.
-        mp.setattr(fusednn.aot, "unavailable_reason", lambda arch=90: "skipped by the test")
+        mp.setattr(fusednn.tools.aot, "unavailable_reason", lambda arch=90: "skipped by the test")
         a = run_cli(TINY + ["--epochs", 2, "--save", d / "a.pt", "--plot", d / "a.png", "--dump", d / "dump"])
     b = run_cli(TINY + ["--epochs", 1, "--save", d / "b.pt"])
     c = run_cli(TINY + ["--epochs", 2, "--resume", d / "b.pt", "--save", d / "c.pt"])
@@ -171,10 +171,10 @@ def test_info_prints_versions_device_interpreter_and_cache_dir(capsys):
 
 
 def test_bench_parses_repeated_and_comma_batch_sizes_and_calls_bench_main(monkeypatch, tmp_path):
-    import fusednn.bench
+    import fusednn.tools.bench
 
     calls = []
-    monkeypatch.setattr(fusednn.bench, "main", lambda *a, **k: calls.append((a, k)) or 7)
+    monkeypatch.setattr(fusednn.tools.bench, "main", lambda *a, **k: calls.append((a, k)) or 7)
     argv = ["bench", "--model", "lenet5", "--batch-size", "8,16", "--batch-size", "32", "--steps", "3",
             "--device", "cpu", "--out", str(tmp_path)]
     assert main(argv) == 7  # bench's exit status is passed through
@@ -248,12 +248,12 @@ def test_bad_input_gives_one_error_line_and_nonzero_exit_without_traceback(case,
 
 
 def test_interrupt_gives_one_line_and_exit_130(monkeypatch, capsys):
-    import fusednn.train
+    import fusednn.tools.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fusednn.train, "fit", interrupted)
+    monkeypatch.setattr(fusednn.tools.train, "fit", interrupted)
     assert main(TINY) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["fusednn: error: interrupted"]
 
@@ -287,7 +287,7 @@ def test_lr_schedules_start_at_lr_and_decay_to_zero(schedule, mid):
 def test_train_adamw_matches_torch_adamw_eager(tmp_path):
     """--optimizer adamw: fusednn.optim.AdamW in the same loop as torch eager with torch.optim.AdamW (same
     initial weights, batches and lr) ends at the same weights; its state loads into torch's AdamW."""
-    from fusednn.train import load_dataset, shard
+    from fusednn.tools.train import load_dataset, shard
 
     rc, _, err = run_cli(TINY + ["--epochs", 1, "--optimizer", "adamw", "--lr", "0.003", "--save", tmp_path / "a.pt"])
     assert rc == 0, err
@@ -298,7 +298,7 @@ def test_train_adamw_matches_torch_adamw_eager(tmp_path):
     init = {k: v.clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr=0.003, weight_decay=0.01)
     x, y = load_dataset("synthetic", seed=3, limit=16)[0].tensors
-    order = shard(len(y), __import__("fusednn.train", fromlist=["World"]).World(), 3, 0)
+    order = shard(len(y), __import__("fusednn.tools.train", fromlist=["World"]).World(), 3, 0)
     for b in range(2):
         idx = order[b * 8:(b + 1) * 8]
         opt.zero_grad()

@@ -308,7 +308,7 @@ def test_conv_relu_pool_grad_matches_torch_hypothesis(case):
 def test_conv_relu_pool_kernels_compile_for_sm90():
     """LeNet conv1 at batch 64 with the GPU launch configs: the generated forward and every backward kernel
     (split-K dw/db included) go through Triton's real compiler for sm_90, which the interpreter never runs."""
-    aot = pytest.importorskip("fusednn.aot")
+    aot = pytest.importorskip("fusednn.tools.aot")
     reason = aot.unavailable_reason(90)
     if reason is not None:
         pytest.skip(f"cannot compile for sm_90 here: {reason}")

@@ -1,4 +1,4 @@
-"""fusednn.data: the IDX reader on files the tests write (raw, gzipped, corrupt), MNIST loading from IDX
+"""fusednn.tools.data: the IDX reader on files the tests write (raw, gzipped, corrupt), MNIST loading from IDX
 files, the digits split and the synthetic set."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusednn.data import load_digits, load_mnist, read_idx, synthetic
+from fusednn.tools.data import load_digits, load_mnist, read_idx, synthetic
 
 IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
              np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 import fusednn
-import fusednn.train as train_mod
+import fusednn.tools.train as train_mod
 from fusednn.models import LeNet
 from fusednn.optim import SGD
-from fusednn.train import TrainConfig, World, fit, shard
+from fusednn.tools.train import TrainConfig, World, fit, shard
 from tests.helpers import rel_err
 from tests.test_step import fake_cuda  # noqa: F401  (fixture)
 

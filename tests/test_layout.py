@@ -6,13 +6,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"fusednn": ROOT / "fusednn", "fusednn.compiler": ROOT / "compiler",
+PACKAGES = {"fusednn": ROOT / "fusednn", "fusednn.tools": ROOT / "fusednn" / "tools", "fusednn.compiler": ROOT / "compiler",
             "fusednn.compiler.templates": ROOT / "compiler" / "templates", "fusednn.kernels": ROOT / "kernels"}
 # What runs on top of the library: the command line and what it drives. Nothing else may import these.
-TOOLS = {"fusednn.cli", "fusednn.__main__", "fusednn.train", "fusednn.bench", "fusednn.aot", "fusednn.dump",
-         "fusednn.data", "fusednn.models", "fusednn.repro"}
+TOOLS = {m for m in (f"fusednn.tools.{p.stem}" for p in (ROOT / "fusednn" / "tools").glob("*.py"))
+         if not m.endswith("__init__")} | {"fusednn.tools", "fusednn.__main__", "fusednn.models"}
 # The library entry points that hand over to a tool on request (CompiledModule.dump): allowed, one way.
-TOOL_DOORS = {("fusednn.api", "fusednn.dump")}
+TOOL_DOORS = {("fusednn.api", "fusednn.tools.dump")}
 
 
 def _modules() -> dict[str, Path]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.losses import CrossEntropySpec, PointLossSpec, generate
 from fusednn.kernels.losses import cross_entropy_backward, point_loss_backward

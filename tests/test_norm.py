@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.norm import NormSpec, generate
 from fusednn.kernels.norm import norm_backward

@@ -299,7 +299,7 @@ def test_random_pool_configs_match_torch(data):
 
 @pytest.mark.aot
 def test_pool_kernels_compile_for_sm90_without_spills():
-    from fusednn import aot
+    from fusednn.tools import aot
 
     reason = aot.unavailable_reason(90)
     if reason is not None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
-from fusednn import aot
+from fusednn.tools import aot
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.reduce import ReduceSpec, generate
 from fusednn.kernels.reduce import reduce_backward

@@ -1,4 +1,4 @@
-"""`repro/<kernel>.py` in a dump (fusednn/repro.py): every script of LeNet's and ResNet8's training-step dump
+"""`repro/<kernel>.py` in a dump (fusednn/tools/repro.py): every script of LeNet's and ResNet8's training-step dump
 runs alone (a subprocess, Triton's interpreter, no fusednn on its path) and its kernel matches the float64
 torch reference; a corrupted kernel makes its script fail."""
 from __future__ import annotations

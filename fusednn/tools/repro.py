@@ -316,7 +316,7 @@ def kernel_files(units: list[Unit]) -> dict[str, str]:
     return out
 
 
-_TEMPLATE = r'''"""Standalone repro of @TITLE@, written by fusednn (fusednn/repro.py).
+_TEMPLATE = r'''"""Standalone repro of @TITLE@, written by fusednn (fusednn/tools/repro.py).
 
 Builds the launch's arguments with the recorded shapes, dtypes and strides, launches the kernel with the
 recorded grid and meta-parameters, and checks what it wrote against a float64 torch reference of the IR nodes

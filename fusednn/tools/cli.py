@@ -16,7 +16,7 @@ from typing import Sequence, TextIO
 import fusednn  # first: it picks Triton's interpreter before any kernel is defined
 from fusednn.errors import FusednnError
 from fusednn.models import MODELS
-from fusednn.train import DATASETS, DEFAULT_LR, OPTIMIZERS, SCHEDULES, Progress, TrainConfig
+from fusednn.tools.train import DATASETS, DEFAULT_LR, OPTIMIZERS, SCHEDULES, Progress, TrainConfig
 
 USAGE_EXIT, ERROR_EXIT, INTERRUPT_EXIT = 2, 1, 130
 
@@ -133,7 +133,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fusednn.train import fit, world_from_env
+    from fusednn.tools.train import fit, world_from_env
 
     world = world_from_env()
     if args.nproc_per_node > 1:
@@ -184,7 +184,7 @@ def _dump(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from fusednn.train import build_model, check_writable, resolve_device
+    from fusednn.tools.train import build_model, check_writable, resolve_device
 
     device = resolve_device(None)
     check_writable(args.out, "dump directory", directory=True)
@@ -255,7 +255,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        from fusednn import bench
+        from fusednn.tools import bench
     except ImportError as e:
         raise ImportError(f"fusednn bench is not available in this installation ({e})") from None
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

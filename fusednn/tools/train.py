@@ -13,7 +13,7 @@ with the lr a device tensor the schedule fills before each replay. Loss and accu
 device and read on the host about once a second (`PROGRESS_EVERY_S`) and at the end of each epoch.
 
 Library code: it reports progress through callbacks and raises exceptions with clear messages; the CLI
-(`fusednn/cli.py`) draws and prints.
+(`fusednn/tools/cli.py`) draws and prints.
 
 Defaults (batch 8, lr 0.02, momentum 0.9, Nesterov, cosine decay per step, 2 epochs under the interpreter)
 come from a torch-eager sweep on the digits split with this loop's batch order (24 initialisation seeds, 2
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import fusednn
-from fusednn import data as datasets
+from fusednn.tools import data as datasets
 from fusednn._backend import default_device, interpreting
 from fusednn.models import MODELS
 from fusednn.optim import SGD, AdamW

@@ -10,9 +10,9 @@
                      resource report for sm_90, compiled ahead of time (on a CPU machine too);
                      resources.txt is the summary table
     repro/<kernel>.py  per kernel of a training step: a standalone script that launches it with the recorded
-                     arguments and checks it against torch (fusednn/repro.py); src_*.py are the kernel files
+                     arguments and checks it against torch (fusednn/tools/repro.py); src_*.py are the kernel files
     kernels.md       one row per kernel: where, IR nodes, grid/tiles/warps, registers/spills/shared, bytes,
-                     FLOPs (fusednn/kernel_table.py)
+                     FLOPs (fusednn/tools/kernel_table.py)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fusednn.errors import CompileError
-from fusednn.repro import example
+from fusednn.tools.repro import example
 
 log = logging.getLogger("fusednn")
 
@@ -61,7 +61,7 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
         (d / ".write-test").touch()
         (d / ".write-test").unlink()
     except OSError as e:
-        raise CompileError(f"fusednn.dump: cannot write to {directory}: {e.strerror or e}") from None
+        raise CompileError(f"fusednn.tools.dump: cannot write to {directory}: {e.strerror or e}") from None
     written: list[str] = []
     # batch=True: a batch-polymorphic graph prints the dims that follow the batch as N=<traced batch>
     _write(d / "traced.ir", spec.traced.format(locations=True, batch=True) + "\n", written)
@@ -81,7 +81,7 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
             if step.kernel is not None:
                 _write(d / "kernels" / f"{step.kernel.name}.py", step.kernel.source, written)
         if named is not None:
-            from fusednn import kernel_table, repro
+            from fusednn.tools import kernel_table, repro
 
             units = repro.record_step(spec, named)
             written.extend(repro.write(units, d / "repro"))
@@ -94,11 +94,11 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
 
 def _aot(spec: Any, named: dict[str, torch.Tensor], out: Path, written: list[str]) -> Any:
     """TTIR, PTX and resource reports for every kernel of a training step; a reason string when unavailable."""
-    from fusednn import aot
+    from fusednn.tools import aot
 
     reason = aot.unavailable_reason()
     if reason:
-        log.warning("fusednn.dump: no ahead-of-time reports: %s", reason)
+        log.warning("fusednn.tools.dump: no ahead-of-time reports: %s", reason)
         return f"unavailable: {reason}"
     launches = aot.unique(training_launches(spec, named))
     compiled = aot.compile_launches(launches)

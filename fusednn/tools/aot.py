@@ -9,14 +9,14 @@ shared memory and a count of SASS instruction classes per kernel.
 
 Under TRITON_INTERPRET=1 every `@triton.jit` object is an interpreter wrapper that Triton's compiler cannot
 take, so the compile then runs in one subprocess with TRITON_INTERPRET=0 that re-imports each kernel's
-module (`python -m fusednn.aot --worker`). With TRITON_INTERPRET=0 (a GPU machine, the triton 3.6 CI venv)
+module (`python -m fusednn.tools.aot --worker`). With TRITON_INTERPRET=0 (a GPU machine, the triton 3.6 CI venv)
 it runs in-process.
 
     launches = aot.collect(step, model, batch)         # records, runs nothing
     compiled = aot.compile_launches(launches)           # deduplicated, one subprocess
     aot.write_reports(compiled, "dump/aot")             # <kernel>.ttir/.ttgir/.ptx/.res.txt, resources.txt
 
-CLI: `python -m fusednn.aot MODULE:FUNCTION [-o DIR] [--arch 90]` calls FUNCTION() under `collect`,
+CLI: `python -m fusednn.tools.aot MODULE:FUNCTION [-o DIR] [--arch 90]` calls FUNCTION() under `collect`,
 compiles what it launched and prints the resource table.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ def unavailable_reason(arch: int = 90) -> str | None:
     try:  # the JIT's own argument specialisation, which job_of follows
         from triton._C.libtriton import native_specialize_impl  # noqa: F401
     except ImportError as e:
-        return f"this triton has no native_specialize_impl, which fusednn.aot uses to specialise as the JIT does: {e}"
+        return f"this triton has no native_specialize_impl, which fusednn.tools.aot uses to specialise as the JIT does: {e}"
     for name in ("ptxas", "cuobjdump", "nvdisasm"):
         path = _tool(name)
         if not path.is_file() or not os.access(path, os.X_OK):
@@ -428,13 +428,13 @@ def _compile_in_process(jobs: Sequence[Job], kernels: Sequence[Any] | None = Non
 
 
 def _compile_in_subprocess(jobs: Sequence[Job]) -> list[Compiled | str]:
-    """Run `python -m fusednn.aot --worker` with TRITON_INTERPRET=0 on the jobs; return its results."""
+    """Run `python -m fusednn.tools.aot --worker` with TRITON_INTERPRET=0 on the jobs; return its results."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
     with tempfile.TemporaryDirectory(prefix="fusednn-aot-") as tmp:
         jobs_path, results_path = Path(tmp) / "jobs.pkl", Path(tmp) / "results.pkl"
         jobs_path.write_bytes(pickle.dumps(list(jobs)))
-        cmd = [sys.executable, "-m", "fusednn.aot", "--worker", str(jobs_path), str(results_path)]
+        cmd = [sys.executable, "-m", "fusednn.tools.aot", "--worker", str(jobs_path), str(results_path)]
         try:
             proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
                                   timeout=_WORKER_TIMEOUT_S)
@@ -569,13 +569,13 @@ def _resolve(target: str) -> Callable[[], Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m fusednn.aot MODULE:FUNCTION [-o DIR] [--arch N]` (or the internal --worker mode)."""
+    """`python -m fusednn.tools.aot MODULE:FUNCTION [-o DIR] [--arch N]` (or the internal --worker mode)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         jobs = pickle.loads(Path(argv[1]).read_bytes())
         Path(argv[2]).write_bytes(pickle.dumps(_compile_in_process(jobs)))
         return 0
-    ap = argparse.ArgumentParser(prog="python -m fusednn.aot", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m fusednn.tools.aot", description=__doc__.splitlines()[0])
     ap.add_argument("target", help="MODULE:FUNCTION to call (no arguments) while recording its launches")
     ap.add_argument("-o", "--out", default="dump/aot", help="report directory (default dump/aot)")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
@@ -593,6 +593,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fusednn.aot import main as _main  # the package's module, so pickled results name fusednn.aot
+    from fusednn.tools.aot import main as _main  # the package's module, so pickled results name fusednn.tools.aot
 
     sys.exit(_main())
