@@ -52,7 +52,8 @@ class Source:
 
 
 def header(name: str, implements: list[str], modules: list[str], backward: str) -> str:
-    """The comment block every generated kernel file starts with (see CONVENTIONS.md)."""
+    """The comment block every generated kernel file starts with: its name, the IR nodes it implements (with
+    their modules) and its backward file."""
     mods = ", ".join(modules) if modules else "-"
     return (
         f"# fusednn generated kernel {name}\n"

@@ -161,5 +161,3 @@ class tagged:
     def __exit__(self, *exc: object) -> None:
         _tags.pop()
 
-
-Observer = Callable[[Launch], None]

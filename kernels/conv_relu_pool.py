@@ -212,6 +212,12 @@ def _conv_relu_pool_bwd_dw_kernel(
             tl.store(db_ptr + part * K + k, db_acc, mask=i_ok)
 
 
+def conv_out_hw(hw: tuple[int, int], rs: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int]) -> tuple[int, int]:
+    """A convolution's output (OH, OW), as torch computes it (the template and this file share it)."""
+    return tuple((hw[i] + 2 * padding[i] - dilation[i] * (rs[i] - 1) - 1) // stride[i] + 1 for i in range(2))
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -246,7 +252,7 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tupl
     OH, OW = out_hw
     P = pool_k if pool != "none" else 1
     PH, PW = OH // P, OW // P
-    conv_hw = ((H + 2 * pad_h - dil_h * (R - 1) - 1) // sh + 1, (W + 2 * pad_w - dil_w * (S - 1) - 1) // sw + 1)
+    conv_hw = conv_out_hw((H, W), (R, S), (sh, sw), (pad_h, pad_w), (dil_h, dil_w))
     if (OH, OW) != conv_hw:
         raise ValueError(f"conv_relu_pool_backward: out_hw {out_hw} is not the conv output {conv_hw} of "
                          f"x {x_shape}, w {w_shape}")

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source, header as file_header
+from fusednn.kernels.conv_relu_pool import conv_out_hw
 
 _BACKWARD = "kernels/conv_relu_pool.py"
 
@@ -94,9 +95,7 @@ class ConvSpec:
     @property
     def out_hw(self) -> tuple[int, int]:
         """The conv output (OH, OW)."""
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        return ((self.H + 2 * ph - dh * (self.R - 1) - 1) // sh + 1,
-                (self.W + 2 * pw - dw * (self.S - 1) - 1) // sw + 1)
+        return conv_out_hw((self.H, self.W), (self.R, self.S), self.stride, self.padding, self.dilation)
 
     @property
     def pooled_hw(self) -> tuple[int, int]:
