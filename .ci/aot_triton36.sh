@@ -16,7 +16,8 @@ VENV="$ROOT/.venv-triton36"
 # the torch wheel on disk is cp311
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 # torch 2.13.0: pip picks the CPU build shipped on this machine's disk (checked below: never a CUDA build).
-PINS="torch==2.13.0 triton==3.6.0 numpy pytest hypothesis"
+PINS="torch==2.13.0 triton==3.6.0 numpy pytest hypothesis expecttest"
+# expecttest: torch.testing._internal (op_db, module_db samples) imports it; collecting the test modules needs it.
 KEY=$({ cat pyproject.toml; echo "$PINS"; } | sha256sum | cut -c1-16)
 
 start=$(date +%s)
@@ -32,7 +33,7 @@ import sys, torch
 if torch.version.cuda is not None:
     sys.exit(f"aot_triton36: pip installed a CUDA build of torch ({torch.__version__}); expected the CPU build")
 EOF
-    "$VENV/bin/pip" install -q triton==3.6.0 numpy pytest hypothesis
+    "$VENV/bin/pip" install -q triton==3.6.0 numpy pytest hypothesis expecttest
     "$VENV/bin/pip" install -q --no-deps -e .
     echo "$KEY" > "$VENV/.fusednn-key"
 fi
