@@ -14,6 +14,7 @@ Timings live here, never in tests. They depend on the machine; numbers are media
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import Callable
@@ -44,6 +45,41 @@ def _median_us(phase: Callable[[], None], steps: int, rounds: int, before: Calla
             total += time.perf_counter() - t0
         per.append(total / steps * 1e6)
     return statistics.median(per)
+
+
+class _Nothing(torch.autograd.Function):
+    """torch's own cost of a custom autograd function of n inputs that computes nothing."""
+
+    @staticmethod
+    def forward(ctx, *ts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(*ts)
+        return ts[0].new_empty(())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple:  # type: ignore[override]
+        _ = ctx.saved_tensors
+        return (None,) * len(_)
+
+
+def _torch_floor(n_inputs: int, steps: int, rounds: int, opt: torch.optim.Optimizer) -> dict:
+    """What torch itself costs around fusednn's Python, per call: a custom autograd function's forward and
+    backward with as many inputs as the step's graph, and torch.optim.Optimizer.step's wrapper around a step
+    that does nothing. fusednn cannot go below these; its own cost is the phase minus the floor."""
+    ts = [torch.zeros(1, requires_grad=True) for _ in range(n_inputs)]
+    state: dict = {}
+
+    def fwd() -> None:
+        state["y"] = _Nothing.apply(*ts)
+
+    class _Empty(torch.optim.Optimizer):  # torch wraps every optimizer's step (hooks, profiler label)
+        @torch.no_grad()
+        def step(self, closure=None):  # type: ignore[override]
+            return None
+
+    empty = _Empty([p for g in opt.param_groups for p in g["params"]], {})
+    return {"forward": round(_median_us(fwd, steps, rounds), 1),
+            "backward": round(_median_us(lambda: state["y"].backward(), steps, rounds, fwd), 1),
+            "optimizer": round(_median_us(empty.step, steps, rounds), 1)}
 
 
 def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = True) -> dict:
@@ -82,12 +118,16 @@ def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = Tru
             us = _median_us(phase, steps, rounds, before, rec)
             out[name] = {"us_per_call": round(us, 1), "launches": n, "us_per_launch": round(us / n, 2)}
 
-    def key() -> None:
+    def full_key() -> None:
         tensors = step_fn._tensors()
         _, at = batching.batch_of((x, y))
         api._signature((x, y), tensors, step_fn._fnn_named_modules(), at)
 
-    out["key"] = {"us_per_call": round(_median_us(key, steps, rounds), 1)}
+    guard = step_fn._fnn_guard
+    assert guard is not None and guard.tensors((x, y)) is not None, "the steady-state guard must accept the call"
+    out["key"] = {"us_per_call": round(_median_us(lambda: guard.tensors((x, y)), steps, rounds), 1)}
+    out["full_key"] = {"us_per_call": round(_median_us(full_key, steps, rounds), 1)}
+    out["floor"] = _torch_floor(len(step_fn._tensors()) + 2, steps, rounds, opt)
     out["config"] = {"batch": batch, "fuse": fuse, "steps": steps, "rounds": rounds, "torch": torch.__version__,
                      "kernels": "not executed (launch.recording(execute=False))"}
     return out
@@ -99,15 +139,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--unfused", action="store_true", help="fuse=False: one kernel per op")
+    p.add_argument("--json", help="also write the figures to this file")
     a = p.parse_args()
     r = measure(a.batch, a.steps, a.rounds, fuse=not a.unfused)
     print(f"LeNet training step, batch {a.batch}, {'unfused' if a.unfused else 'fused'}, kernels not executed")
-    print(f"{'phase':<10} {'launches':>8} {'us/call':>9} {'us/launch':>10}")
+    print(f"{'phase':<10} {'launches':>8} {'us/call':>9} {'us/launch':>10} {'torch floor':>12} {'fusednn us/launch':>18}")
     for name in ("forward", "backward", "optimizer"):
-        e = r[name]
-        print(f"{name:<10} {e['launches']:>8} {e['us_per_call']:>9} {e['us_per_launch']:>10}")
-    print(f"{'key':<10} {'':>8} {r['key']['us_per_call']:>9}   (specialisation key, per call; part of forward)")
-
+        e, floor = r[name], r["floor"][name]
+        own = (e["us_per_call"] - floor) / e["launches"]
+        e["fusednn_us_per_launch"] = round(own, 2)
+        print(f"{name:<10} {e['launches']:>8} {e['us_per_call']:>9} {e['us_per_launch']:>10} {floor:>12} {own:>18.2f}")
+    print(f"{'key':<10} {'':>8} {r['key']['us_per_call']:>9}   (steady-state specialisation check per call; part of forward)")
+    print(f"{'full key':<10} {'':>8} {r['full_key']['us_per_call']:>9}   (the full key, on a call after a change)")
+    print("torch floor: a custom autograd.Function of as many inputs that computes nothing (forward, backward) and "
+          "torch.optim's step wrapper around an empty step; fusednn us/launch = (us/call - floor) / launches")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
 
 if __name__ == "__main__":
     main()

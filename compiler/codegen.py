@@ -318,6 +318,7 @@ def _lower_class_loss(n: Node) -> Step:
               reduction=n.attrs["reduction"], ignore_index=n.attrs["ignore_index"], inner=_numel(shape[2:]),
               label_smoothing=n.attrs.get("label_smoothing", 0.0), prob=t.type.dtype.is_floating_point,
               weight=w is not None, nll=nll)
+    moved: dict = {}
 
     def run(env: Env) -> None:
         xt, tt = _c(env.values[x]), _c(env.values[t])
@@ -329,7 +330,8 @@ def _lower_class_loss(n: Node) -> Step:
         if mean:
             den = torch.empty(1, dtype=torch.float32, device=xt.device)
             env.extra[(n.out, "den")] = den
-        k.module.launch(xt, tt, _c(env.values[w]) if w is not None else None, loss, lse, den)
+        args = (xt, tt, _c(env.values[w]) if w is not None else None, loss, lse, den)
+        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = loss
 
     return Step(n, k, run)

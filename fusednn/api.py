@@ -78,6 +78,7 @@ class Specialization:
 
             self.executable = TritonExecutable(g, options)
         self.calls = 0
+        self._leaf = g.out_spec is not None and g.out_spec.is_leaf() and len(g.outputs) == 1
 
     def _find_polymorphism(self, fn: Callable, example: tuple, options: Options, positions: tuple[int, ...],
                            batch: int, g: Graph) -> int | None:
@@ -105,6 +106,8 @@ class Specialization:
         self.calls += 1
         user = [a for a in args if isinstance(a, torch.Tensor)]
         flat = self.executable(user, tensors)
+        if self._leaf:  # one tensor out (a loss, logits): no tree to rebuild
+            return flat[0]
         return pytree.tree_unflatten(flat, self.graph.out_spec)
 
 
@@ -156,18 +159,70 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.device, t.requires_grad, layout(t))
 
 
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
+            torch.memory_format, torch.layout)
+# What nn.Module keeps in every instance's __dict__ and the key covers otherwise (tensors by name, children
+# by their own entries, the mode) or a forward never reads (state-dict hooks).
+_MODULE_INTERNALS = frozenset(("training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                               "_load_state_dict_post_hooks"))
+
+
+def _plain(v: Any) -> bool:
+    """Data a trace can bake in as constants and that is compared by value: scalars, callables (by
+    identity), and lists, tuples, sets and dicts of them."""
+    if isinstance(v, _SCALARS) or (callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor))):
+        return True
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return all(_plain(e) for e in v)
+    if isinstance(v, dict):
+        return all(_plain(k) and _plain(e) for k, e in v.items())
+    return False
+
+
+def _fingerprint(v: Any) -> str:
+    """A value as the key compares it: scalars and containers of them by value, callables and any other
+    object by identity (its type and address: a forward that reads an object's own state is not tracked)."""
+    if isinstance(v, _SCALARS):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__}(" + ", ".join(map(_fingerprint, v)) + ")"
+    if isinstance(v, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(_fingerprint, v))) + "}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_fingerprint(k)}: {_fingerprint(e)}" for k, e in v.items()) + "}"
+    name = getattr(v, "__qualname__", None) or type(v).__name__
+    return f"<{name} at {id(v):#x}>"
+
+
+def _attributes(m: torch.nn.Module, shown: str) -> str:
+    """A module's attributes a forward may read and a trace bakes in (numbers, flags, callables, hooks,
+    containers of them), those its extra_repr (`shown`) does not already show; tensors and children are
+    covered by their own key entries."""
+    parts = [f"{k}={_fingerprint(v)}" for k, v in m.__dict__.items()
+             if k not in _MODULE_INTERNALS and not isinstance(v, (torch.Tensor, torch.nn.Module)) and f"{k}=" not in shown
+             and not (isinstance(v, dict) and not v)]
+    return ", ".join(parts)
+
+
+def _module_key(m: torch.nn.Module) -> tuple[str, str, str]:
+    shown = m.extra_repr()
+    return ("train" if m.training else "eval", shown, _attributes(m, shown))
+
+
 def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]],
                batch_at: tuple[int, ...] = ()) -> tuple:
     """What a specialisation is compiled for: every input's and parameter's shape, dtype, device,
-    requires_grad and layout, other arguments by repr, and each submodule's mode and settings. The
-    arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it back)."""
+    requires_grad and layout, other arguments by repr, and each submodule's mode, settings (extra_repr)
+    and other attributes (`_attributes`). The arguments at `batch_at` show dim 0 as None (the batch
+    wildcard; `_with_batch` puts it back)."""
     sig: list[tuple] = [(i, _tensor_key(a) if isinstance(a, torch.Tensor) else ("value", repr(a)))
                         for i, a in enumerate(args)]
     for i in batch_at:
         shape, *rest = sig[i][1]
         sig[i] = (i, ((None, *shape[1:]), *rest))
     sig += [(name, _tensor_key(t)) for name, t in tensors.items()]
-    sig += [(("module", name), ("train" if m.training else "eval", m.extra_repr())) for name, m in modules]
+    sig += [(("module", name), _module_key(m)) for name, m in modules]
     return tuple(sig)
 
 
@@ -198,9 +253,10 @@ def _label(key: Any, names: list[str]) -> str:
 
 def _field_changes(key: Any, old: tuple, new: tuple) -> list[str]:
     """The changed fields of one signature entry: ["shape [4,3] -> [2,3]", ...]."""
-    if isinstance(key, tuple):  # a module: mode, then settings (its extra_repr)
+    if isinstance(key, tuple):  # a module: mode, settings (its extra_repr), other attributes
         out = [f"mode {old[0]} -> {new[0]}"] if old[0] != new[0] else []
-        return out + ([f"{old[1] or '-'} -> {new[1] or '-'}"] if old[1] != new[1] else [])
+        out += [f"{a or '-'} -> {b or '-'}" for a, b in zip(old[1:], new[1:]) if a != b]
+        return out
     if old[0] == "value" or new[0] == "value":
         return [f"{old[-1]} -> {new[-1]}"]
     return [f"{f} {_fmt(f, a)} -> {_fmt(f, b)}" for f, a, b in zip(_FIELDS, old, new) if a != b]
@@ -233,7 +289,7 @@ def _what_varies(sigs: list[tuple], names: list[str], most: int = 4) -> str:
     for sig in sigs:
         for key, fields in sig:
             if isinstance(key, tuple):
-                per = [("mode", fields[0]), ("settings", fields[1])]
+                per = [("mode", fields[0]), ("settings", fields[1]), ("attributes", fields[2])]
             elif fields[0] == "value":
                 per = [("value", fields[1])]
             else:
@@ -248,6 +304,99 @@ def _what_varies(sigs: list[tuple], names: list[str], most: int = 4) -> str:
             shown = ", ".join(map(str, vs[-most:]))
             parts.append(f"{label}: {f} took {len(vs)} values ({'..., ' if len(vs) > most else ''}{shown})")
     return "; ".join(parts) or "parameters or modules were added or removed"
+
+
+class _Guard:
+    """The steady-state key check: what the last call's full key (`_signature`) read, re-read cheaply.
+
+    The full key costs ~35 us a call (walking the module tree, `extra_repr` of every submodule). Once a
+    call has chosen a specialisation, the guard keeps what that key was computed from and accepts a later
+    call only when none of it changed: the same module tree (each submodule's attribute dict equal to a
+    snapshot, so mode and settings; the same children; the same parameter and buffer names, the same
+    ones None), every parameter and buffer read live from its owner's dict with the shape, dtype, device
+    and requires_grad it had and still contiguous where it was, and the arguments alike (dim 0 free at
+    the batch positions when the specialisation serves every batch). Anything else, or anything the guard
+    cannot compare, takes the full key, which then builds a new guard: the guard can only be stricter than
+    the key, never looser.
+    """
+
+    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch")
+
+    @staticmethod
+    def _tensor_state(t: torch.Tensor) -> tuple:
+        return (t.dtype, t.device, t.requires_grad)
+
+    @classmethod
+    def build(cls, owner: "_Compiled", spec: Specialization, args: tuple, tensors: dict[str, torch.Tensor],
+              sig: tuple, batch_at: tuple[int, ...]) -> "_Guard | None":
+        """A guard for `spec` as chosen by this call, or None where the call has something the guard does
+        not handle (a non-contiguous tensor, a non-tensor argument, a module tree it cannot re-derive)."""
+        if any(not isinstance(a, torch.Tensor) or not a.is_contiguous() for a in args):
+            return None
+        g = cls()
+        g.spec, g.batch_at = spec, batch_at
+        g.min_batch = spec.min_batch if batch_at else None
+        g.modules, g.entries = [], []
+        params, buffers = [], []
+        for m in owner._fnn_modules:
+            prefix = owner._fnn_prefix.get(id(m), "")
+            for path, sub in m.named_modules(remove_duplicate=False):
+                at = prefix + path + "." if path else prefix
+                g.modules.append((sub, {k: copy.deepcopy(v) if isinstance(v, (list, dict, set)) and _plain(v) else v
+                                        for k, v in sub.__dict__.items()}, dict(sub._modules), tuple(sub._parameters),
+                                  tuple(sub._buffers),
+                                  tuple(k for d in (sub._parameters, sub._buffers) for k, v in d.items() if v is None)))
+                params += [(at + k, sub._parameters, k) for k, v in sub._parameters.items() if v is not None]
+                buffers += [(at + k, sub._buffers, k) for k, v in sub._buffers.items() if v is not None]
+        g.entries = params + buffers
+        if [e[0] for e in g.entries] != list(tensors) or any(d[k] is not tensors[n] for n, d, k in g.entries):
+            return None  # a module that names its parameters its own way: the full key each call
+        if any(not t.is_contiguous() for t in tensors.values()):
+            return None
+        g.checks = [(t.shape, cls._tensor_state(t)) for t in tensors.values()]
+        g.args = [(a.shape[1:] if i in batch_at else a.shape, cls._tensor_state(a)) for i, a in enumerate(args)]
+        return g
+
+    def tensors(self, args: tuple) -> dict[str, torch.Tensor] | None:
+        """The live parameters and buffers by name when nothing the key reads has changed, else None."""
+        if len(args) != len(self.args):
+            return None
+        try:
+            for sub, attrs, children, pnames, bnames, nones in self.modules:
+                if (sub.__dict__ != attrs or sub._modules != children or tuple(sub._parameters) != pnames
+                        or tuple(sub._buffers) != bnames):
+                    return None
+                for k in nones:
+                    if (sub._parameters.get(k) if k in sub._parameters else sub._buffers.get(k)) is not None:
+                        return None
+        except Exception:  # an attribute whose == raises (a tensor attribute replaced): the full key decides
+            return None
+        batch = None
+        for i, (a, (shape, state)) in enumerate(zip(args, self.args)):
+            if not isinstance(a, torch.Tensor) or (a.dtype, a.device, a.requires_grad) != state:
+                return None
+            if i in self.batch_at:
+                if a.dim() == 0 or a.shape[1:] != shape:
+                    return None
+                if batch is None:
+                    batch = a.shape[0]
+                elif a.shape[0] != batch:
+                    return None
+            elif a.shape != shape:
+                return None
+            if not a.is_contiguous():
+                return None
+        if self.batch_at:
+            # the batch positions must be exactly those the full key would find (batching.batch_of)
+            if batch < self.min_batch or batching.batch_of(args) != (batch, self.batch_at):
+                return None
+        out = {}
+        for (name, d, k), (shape, state) in zip(self.entries, self.checks):
+            t = d[k]
+            if t is None or t.shape != shape or (t.dtype, t.device, t.requires_grad) != state or not t.is_contiguous():
+                return None
+            out[name] = t
+        return out
 
 
 class _Compiled:
@@ -265,9 +414,15 @@ class _Compiled:
         self.__dict__["_fnn_poly"] = {}  # signature with the batch wildcard -> batch-polymorphic one
         self.__dict__["_fnn_last"] = None
         self.__dict__["_fnn_last_key"] = None  # (wildcard signature, batch positions, batch) of the last call
+        self.__dict__["_fnn_guard"] = None  # the steady-state check (_Guard) of the last call's specialisation
         self.__dict__["trace_count"] = 0
 
     def _fnn_call(self, args: tuple) -> Any:
+        guard = self._fnn_guard
+        if guard is not None:
+            tensors = guard.tensors(args)
+            if tensors is not None:  # nothing the key reads has changed since the last call
+                return guard.spec.run(tensors, args)
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
         wild = _signature(args, tensors, self._fnn_named_modules(), batch_at)
@@ -276,6 +431,7 @@ class _Compiled:
         self.__dict__["_fnn_last_key"] = (wild, batch_at, batch)
         if spec is not None and batch >= spec.min_batch:
             self.__dict__["_fnn_last"] = spec
+            self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, wild, batch_at)
             return spec.run(tensors, args)
         sig = _with_batch(wild, batch_at, batch)
         spec = self._fnn_cache.get(sig)
@@ -299,6 +455,7 @@ class _Compiled:
                 self._fnn_poly[wild] = spec
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
+        self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
         return spec.run(tensors, args)
 
     def _warn_eager(self, spec: Specialization) -> None:

@@ -37,7 +37,10 @@ class LaunchCounts:
     per_kernel: dict[str, dict] = field(default_factory=dict)
 
     def add(self, rec: Launch) -> None:
-        e = self.per_kernel.setdefault(kernel_name(rec.kernel), {"launches": 0, "bytes": 0, "implements": rec.tag})
+        name = kernel_name(rec.kernel)
+        e = self.per_kernel.get(name)
+        if e is None:
+            e = self.per_kernel[name] = {"launches": 0, "bytes": 0, "implements": rec.tag}
         e["launches"] += 1
         e["bytes"] += rec.bytes
         self.launches += 1
@@ -62,7 +65,8 @@ _tags: list[str] = []
 def kernel_name(kernel: Any) -> str:
     """The Python name of a @triton.jit function (works for JIT and interpreted kernels)."""
     fn = getattr(kernel, "fn", kernel)
-    return getattr(fn, "__name__", repr(kernel))
+    name = getattr(fn, "__name__", None)
+    return repr(kernel) if name is None else name
 
 
 def tensor_bytes(args: tuple) -> int:
@@ -75,13 +79,16 @@ def tensor_bytes(args: tuple) -> int:
     spans: dict[torch.device, list[tuple[int, int]]] = {}
     total = 0
     for a in args:
-        if not isinstance(a, torch.Tensor) or a.numel() == 0:
+        if not isinstance(a, torch.Tensor):
             continue
-        n = a.numel() * a.element_size()
-        if a.device.type == "meta":  # no addresses to compare
+        n = a.nbytes
+        if n == 0:
+            continue
+        if a.is_meta:  # no addresses to compare
             total += n
             continue
-        spans.setdefault(a.device, []).append((a.data_ptr(), a.data_ptr() + n))
+        ptr = a.data_ptr()
+        spans.setdefault(a.device, []).append((ptr, ptr + n))
     for ranges in spans.values():
         end = None
         for lo, hi in sorted(ranges):
@@ -100,15 +107,17 @@ def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **me
     nbytes: the bytes the kernel must move, when the tensor arguments do not say it (e.g. a multi-tensor
     kernel that receives a table of addresses); by default the sum of the tensor arguments' sizes.
     """
-    grid = tuple(int(g) for g in grid)
-    if any(g <= 0 for g in grid):
-        return
-    moved = tensor_bytes(args) if nbytes is None else int(nbytes)
-    rec = Launch(kernel, grid, args, meta, moved, _tags[-1] if _tags else "")
+    grid = tuple(map(int, grid))
+    for g in grid:
+        if g <= 0:
+            return
     execute = True
-    for r in _recorders:
-        r.sink(rec)
-        execute = execute and r.execute
+    if _recorders:
+        moved = tensor_bytes(args) if nbytes is None else int(nbytes)
+        rec = Launch(kernel, grid, args, meta, moved, _tags[-1] if _tags else "")
+        for r in _recorders:
+            r.sink(rec)
+            execute = execute and r.execute
     if execute:
         kernel[grid](*args, **meta)
 
@@ -136,12 +145,23 @@ def recording(execute: bool = True) -> Iterator[list[Launch]]:
         yield launches
 
 
-@contextlib.contextmanager
-def counting() -> Iterator[LaunchCounts]:
-    """Count the launches and bytes of the block, per kernel, keeping no argument."""
-    counts = LaunchCounts()
-    with _observing(_Recorder(True, counts.add)):
-        yield counts
+class counting:
+    """Count the launches and bytes of the block, per kernel, keeping no argument (`with counting() as c`).
+
+    A class, not a generator context manager: the runtime enters one per forward and backward."""
+
+    __slots__ = ("counts", "_r")
+
+    def __init__(self) -> None:
+        self.counts = LaunchCounts()
+        self._r = _Recorder(True, self.counts.add)
+
+    def __enter__(self) -> LaunchCounts:
+        _recorders.append(self._r)
+        return self.counts
+
+    def __exit__(self, *exc: object) -> None:
+        _recorders.remove(self._r)
 
 
 class tagged:

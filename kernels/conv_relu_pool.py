@@ -116,10 +116,11 @@ def _conv_relu_pool_bwd_dx_kernel(
     g = tl.program_id(2)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = offs_m // (H * W)
-    ih = (offs_m // W) % H
-    iw = offs_m % W
     m_ok = offs_m < N * H * W
+    rows = tl.minimum(offs_m, N * H * W - 1)  # past the end: the last row again, so only the store is masked
+    n = rows // (H * W)
+    ih = (rows // W) % H
+    iw = rows % W
     offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = offs_j < CG
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -132,7 +133,7 @@ def _conv_relu_pool_bwd_dx_kernel(
         tw = iw[:, None] + PAD_W - (rs % S)[None, :] * DIL_W
         oh = th // STRIDE_H
         ow = tw // STRIDE_W
-        hit = (m_ok[:, None] & q_ok[None, :] & (th >= 0) & (tw >= 0)
+        hit = (q_ok[None, :] & (th >= 0) & (tw >= 0)
                & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < OH) & (ow < OW))
         dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], k[None, :], oh, ow, hit,
                                 K, OH, OW, PH, PW, ACT, POOL, POOL_K)

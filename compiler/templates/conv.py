@@ -199,10 +199,14 @@ def generate(spec: ConvSpec) -> str:
             g = tl.program_id(2)
 
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            n = offs_m // ({rows_h} * {rows_w})
-            {ri} = (offs_m // {rows_w}) % {rows_h}
-            {rj} = offs_m % {rows_w}
             m_ok = offs_m < N * {rows_h} * {rows_w}
+            # rows past the end repeat the last one: every load stays in bounds without a row mask (with
+            # the batch a runtime value, row predicates live through the main loop and spill on sm_90);
+            # only the stores are masked
+            rows = tl.minimum(offs_m, N * {rows_h} * {rows_w} - 1)
+            n = rows // ({rows_h} * {rows_w})
+            {ri} = (rows // {rows_w}) % {rows_h}
+            {rj} = rows % {rows_w}
             offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             j_ok = offs_j < KG
             k = g * KG + offs_j  # output channel
@@ -273,7 +277,7 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
             c = g * CG + q // (R * S)  # input channel
             ih = oh[:, None] * STRIDE_H - PAD_H + ((q // S) % R)[None, :] * DIL_H
             iw = ow[:, None] * STRIDE_W - PAD_W + (q % S)[None, :] * DIL_W
-            x_ok = {ok}[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_ok = q_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=x_ok, other=0.0)
             # w is [K, CG * R * S] row-major: the (c, r, s) taps of channel k are contiguous
             w_tile = tl.load(w_ptr + k[None, :] * CRS + q[:, None], mask=q_ok[:, None] & j_ok[None, :], other=0.0)
