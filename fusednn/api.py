@@ -102,10 +102,11 @@ class Specialization:
                 return least
         return None
 
-    def run(self, tensors: dict[str, torch.Tensor], args: tuple) -> Any:
+    def run(self, tensors: dict[str, torch.Tensor], args: tuple, checked: bool = False) -> Any:
+        """Run on a call's arguments and the live parameters/buffers; `checked`: by the steady-state guard."""
         self.calls += 1
         user = [a for a in args if isinstance(a, torch.Tensor)]
-        flat = self.executable(user, tensors)
+        flat = self.executable(user, tensors, checked)
         if self._leaf:  # one tensor out (a loss, logits): no tree to rebuild
             return flat[0]
         return pytree.tree_unflatten(flat, self.graph.out_spec)
@@ -422,7 +423,7 @@ class _Compiled:
         if guard is not None:
             tensors = guard.tensors(args)
             if tensors is not None:  # nothing the key reads has changed since the last call
-                return guard.spec.run(tensors, args)
+                return guard.spec.run(tensors, args, checked=True)
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
         wild = _signature(args, tensors, self._fnn_named_modules(), batch_at)

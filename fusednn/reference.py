@@ -24,7 +24,8 @@ class ReferenceExecutable:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
 
-    def __call__(self, user: list[torch.Tensor], named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, user: list[torch.Tensor], named: dict[str, torch.Tensor],
+                 checked: bool = False) -> list[torch.Tensor]:
         env: dict[Value, torch.Tensor] = dict(zip(self.graph.user_inputs, user))
         for v in self.graph.inputs:
             if v.kind != "input":

@@ -31,13 +31,15 @@ class _GraphFunction(torch.autograd.Function):
         vals, extra = exe.saved_keys
         ctx.exe = exe
         ctx.batch = env.batch
-        ctx.val_keys = [v for v in vals if v in env.values]
-        ctx.extra_keys = [k for k in extra if isinstance(env.extra.get(k), torch.Tensor)]
-        ctx.extra_ints = {k: env.extra[k] for k in extra if k in env.extra and not isinstance(env.extra[k], torch.Tensor)}
-        ctx.save_for_backward(*[env.values[v] for v in ctx.val_keys], *[env.extra[k] for k in ctx.extra_keys])
-        outs = [env.values[v] for v in exe.graph.outputs]
-        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
-        return tuple(outs)
+        values, ext = env.values, env.extra
+        ctx.val_keys = [v for v in vals if v in values]
+        ctx.extra_keys = [k for k in extra if isinstance(ext.get(k), torch.Tensor)]
+        ctx.extra_ints = {k: ext[k] for k in extra if k in ext and not isinstance(ext[k], torch.Tensor)}
+        ctx.save_for_backward(*[values[v] for v in ctx.val_keys], *[ext[k] for k in ctx.extra_keys])
+        outs = tuple(values[v] for v in exe.graph.outputs)
+        if exe.integer_outputs:
+            ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
@@ -72,7 +74,10 @@ class TritonExecutable:
         self.steps = codegen.lower(graph, options.precision, self.debug)
         self.labels = [s.node.label() for s in self.steps]  # launch tags, built once
         self.plan = autodiff.plan(graph)
-        self.saved_keys = self.plan.saved()
+        vals, extra = self.plan.saved()
+        self.saved_keys = (tuple(vals), tuple(extra))  # iterated on every call: tuples, in a fixed order
+        self._param_names = [v.name for v in graph.inputs if v.kind != "input"]
+        self.integer_outputs = any(not v.type.dtype.is_floating_point for v in graph.outputs)
         # Counts only: keeping the launches themselves would pin every tensor of the last step (LeNet at
         # batch 4096: ~67 MB of intermediates) until the next one. Tools that need the launches with their
         # arguments record them explicitly (launch.recording()).
@@ -122,9 +127,13 @@ class TritonExecutable:
                     f"fusednn's Triton kernels compute in float32; {v.kind} '{v.name}' is {t.dtype}. "
                     "Convert the model and inputs with .float(), or use backend='reference'")
 
-    def __call__(self, user: list[torch.Tensor], named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        tensors = list(user) + [named[v.name] for v in self.graph.inputs if v.kind != "input"]
-        self._check(tensors)
+    def __call__(self, user: list[torch.Tensor], named: dict[str, torch.Tensor],
+                 checked: bool = False) -> list[torch.Tensor]:
+        """Run on the user's tensors and the live parameters/buffers by name; `checked`: the caller has
+        seen these dtypes pass this check before (api._Guard), so it is skipped."""
+        tensors = user + [named[n] for n in self._param_names]
+        if not checked:
+            self._check(tensors)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return list(_GraphFunction.apply(self, *tensors))
         env = self.forward(tuple(tensors))
