@@ -28,6 +28,7 @@ import torch
 
 from fusednn.compiler.ir import Env, Graph, Node, Value
 from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, norm_geometry, softmax_dims
+from fusednn.errors import CompileError
 
 Grads = list[torch.Tensor | None]
 Vjp = Callable[[Node, Env, torch.Tensor, list[bool], str], Grads]
@@ -335,6 +336,11 @@ def _eager_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision
     return [next(grads) if t.requires_grad else None for t in ins]
 
 
+def _inference_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+    raise CompileError(f"{n.label()} is an inference-only kernel (batch norm folded into the conv) and autograd "
+                       "reached it; the runtime runs such graphs only for calls autograd does not record")
+
+
 def _reshape_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     return [dy.reshape(env.shape(n.inputs[0]))]
 
@@ -361,6 +367,7 @@ VJPS: dict[str, Rule] = {
     "reduce": Rule(("reduce_backward",), lambda n: [n.inputs[0], n.out] if n.op == "amax" else [], _reduce_vjp),
     "cat": Rule(("cat_backward",), _NONE, _cat_vjp),
     "eager": Rule(("torch autograd",), lambda n: list(n.inputs), _eager_vjp),
+    "inference": Rule((), _NONE, _inference_vjp),
 }
 
 

@@ -147,6 +147,76 @@ def fuse(graph: Graph) -> Graph:
     return graph
 
 
+def _inference_bn(n: Node | None, x: Value) -> bool:
+    """A batch norm of x that normalises with its running statistics (eval mode, statistics tracked):
+    a per-channel affine map a conv epilogue can apply."""
+    return (n is not None and n.op == "batch_norm" and not n.attrs["training"] and n.inputs[0] is x
+            and n.inputs[1] is not None and n.inputs[2] is not None)
+
+
+def _residual(n: Node | None, x: Value) -> Value | None:
+    """The other operand when n is `x + other` with other of x's shape and dtype (no broadcast, no alpha)."""
+    if n is None or n.op != "add" or len(n.inputs) != 2 or n.inputs[1] is None or n.attrs.get("alpha", 1) != 1:
+        return None
+    a, b = n.inputs
+    other = b if a is x else a if b is x else None
+    if other is None or other is x or other.type != x.type:
+        return None
+    return other
+
+
+def fold_batch_norm(graph: Graph) -> Graph:
+    """Inference graphs only: conv2d -> batch_norm (running statistics) -> [+ residual] -> [act] -> [pool]
+    becomes one conv_bn node, whose epilogue computes the per-channel scale and shift from the live
+    statistics and affine parameters on every call (nothing is copied or folded into the weights), adds the
+    residual (read once, at each conv output position), then applies the activation and the pool.
+
+    Only for calls autograd does not record (the runtime's inference executable): the fused node has no
+    backward. The node runs where its last absorbed node ran, so the residual is computed before it.
+    """
+    users = graph.users()
+    absorbed: set[int] = set()
+    fused_at: dict[int, Node] = {}  # id(last absorbed node) -> the fused node that replaces the chain
+    for head in graph.nodes:
+        if head.op != "conv2d" or id(head) in absorbed:
+            continue
+        bn = _sole_user(graph, head.out, users)
+        if not _inference_bn(bn, head.out) or id(bn) in absorbed:
+            continue
+        chain = [head, bn]
+        inputs = list(head.inputs) + list(bn.inputs[1:5])  # x, w, b, running mean, running var, weight, bias
+        nxt = _sole_user(graph, bn.out, users)
+        residual = _residual(nxt, bn.out) if nxt is not None and id(nxt) not in absorbed else None
+        if residual is not None:
+            chain.append(nxt)
+            nxt = _sole_user(graph, nxt.out, users)
+        inputs.append(residual)
+        act = nxt if _epilogue_act(nxt) and id(nxt) not in absorbed else None
+        if act is not None:
+            chain.append(act)
+            nxt = _sole_user(graph, act.out, users)
+        pool = nxt if fusable_pool(nxt) and id(nxt) not in absorbed else None
+        if pool is not None:
+            chain.append(pool)
+        attrs = dict(head.attrs, bn_eps=bn.attrs["eps"], residual=residual is not None,
+                     act=act.op if act else "none", pool="none", pool_k=1)
+        if act is not None and act.op == "leaky_relu":
+            attrs["act_param"] = act.attrs["negative_slope"]
+        if pool is not None:
+            attrs["pool"] = "max" if pool.op == "max_pool2d" else "avg"
+            attrs["pool_k"] = pool.attrs["kernel"][0]
+        tag = ["bias"] if head.inputs[2] is not None else []
+        tag += ["batch_norm"] + (["add"] if residual is not None else []) + ([act.op] if act else [])
+        if pool is not None:
+            tag.append(f"{pool.op}({pool.attrs['kernel'][0]},{pool.attrs['stride'][0]})")
+        absorbed.update(id(a) for a in chain)
+        fused_at[id(chain[-1])] = Node("conv_bn", tuple(inputs), attrs, chain[-1].out, module=head.module,
+                                       source=head.source, absorbed=tuple(chain), tag=",".join(tag))
+    graph.nodes = [fused_at[id(n)] if id(n) in fused_at else n for n in graph.nodes if id(n) not in absorbed
+                   or id(n) in fused_at]
+    return graph
+
+
 def fuse_pointwise(graph: Graph) -> Graph:
     """Elementwise nodes fuse into `pointwise` groups: a node whose result only one elementwise node of the
     same shape reads joins that node's group, so a group is a tree of nodes (a gate `tanh(a + b) * sigmoid(c)`
@@ -185,9 +255,12 @@ def fuse_pointwise(graph: Graph) -> Graph:
     return graph
 
 
-def pipeline(fuse_ops: bool) -> list[Pass]:
-    """The pass list a compile runs, in order."""
-    return [canonicalize, fuse, fuse_pointwise, dce] if fuse_ops else [canonicalize, dce]
+def pipeline(fuse_ops: bool, inference: bool = False) -> list[Pass]:
+    """The pass list a compile runs, in order; `inference`: for calls autograd does not record (batch
+    norms in eval mode fold into the conv before them)."""
+    if not fuse_ops:
+        return [canonicalize, dce]
+    return [canonicalize, *([fold_batch_norm] if inference else []), fuse, fuse_pointwise, dce]
 
 
 def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:

@@ -76,7 +76,7 @@ class Specialization:
         else:
             from fusednn.runtime import TritonExecutable
 
-            self.executable = TritonExecutable(g, options)
+            self.executable = TritonExecutable(g, options, inference=self._inference_executable)
         self.calls = 0
         self._leaf = g.out_spec is not None and g.out_spec.is_leaf() and len(g.outputs) == 1
 
@@ -102,6 +102,20 @@ class Specialization:
                 return least
         return None
 
+    def _inference_executable(self) -> Any:
+        """The executable of calls autograd does not record, where its graph differs (a batch norm in eval
+        mode folds into the conv before it); built on the first such call."""
+        from fusednn.runtime import TritonExecutable
+
+        if not self.options.fuse:
+            return None
+        g = _transform(self.traced, self.options, inference=True)
+        if not any(n.op == "conv_bn" for n in g.nodes):
+            return None
+        # the same values as the traced graph's (fused nodes keep their last value's name): the same batch
+        g.dynamic = self.traced.dynamic if self.min_batch is not None else frozenset()
+        return TritonExecutable(g, self.options)
+
     def run(self, tensors: dict[str, torch.Tensor], args: tuple, checked: bool = False) -> Any:
         """Run on a call's arguments and the live parameters/buffers; `checked`: by the steady-state guard."""
         self.calls += 1
@@ -112,10 +126,11 @@ class Specialization:
         return pytree.tree_unflatten(flat, self.graph.out_spec)
 
 
-def _transform(traced: Graph, options: Options, debug: bool = True) -> Graph:
-    """The pass pipeline on a copy of the traced graph."""
-    return passes.run(copy.deepcopy(traced, {id(traced.out_spec): traced.out_spec}), passes.pipeline(options.fuse),
-                      debug=debug and debug_level() >= 1)
+def _transform(traced: Graph, options: Options, debug: bool = True, inference: bool = False) -> Graph:
+    """The pass pipeline on a copy of the traced graph (`inference`: the pipeline of calls autograd does
+    not record)."""
+    return passes.run(copy.deepcopy(traced, {id(traced.out_spec): traced.out_spec}),
+                      passes.pipeline(options.fuse, inference), debug=debug and debug_level() >= 1)
 
 
 def _check_devices(graph: Graph, user: list[torch.Tensor], tensors: dict[str, torch.Tensor], backend: str) -> None:

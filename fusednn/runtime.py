@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,7 +17,7 @@ from fusednn import launch
 from fusednn._backend import debug_level
 from fusednn.compiler import autodiff, codegen, configs
 from fusednn.compiler.ir import Env, Graph
-from fusednn.errors import InputMismatchError
+from fusednn.errors import CompileError, InputMismatchError
 
 log = logging.getLogger("fusednn")
 
@@ -67,8 +67,15 @@ class _GraphFunction(torch.autograd.Function):
 class TritonExecutable:
     """A graph lowered to generated Triton kernels, with its backward plan."""
 
-    def __init__(self, graph: Graph, options: Any) -> None:
+    def __init__(self, graph: Graph, options: Any,
+                 inference: Callable[[], "TritonExecutable | None"] | None = None) -> None:
+        """inference: builds, on the first call autograd does not record, the executable of the graph such
+        calls run (batch norm folded into convs; see passes.fold_batch_norm), or None where it would be
+        this one."""
         self.graph = graph
+        self._make_inference = inference
+        self._inference: TritonExecutable | None = None
+        self.last_run: TritonExecutable = self  # the executable of the last call's forward (stats)
         self.precision = options.precision
         self.debug = debug_level()
         self.steps = codegen.lower(graph, options.precision, self.debug)
@@ -135,9 +142,22 @@ class TritonExecutable:
         if not checked:
             self._check(tensors)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            self.last_run = self
             return list(_GraphFunction.apply(self, *tensors))
-        env = self.forward(tuple(tensors))
-        return [env.values[v] for v in self.graph.outputs]
+        exe = self.inference_executable()
+        self.last_run = exe
+        env = exe.forward(tuple(tensors))
+        return [env.values[v] for v in exe.graph.outputs]
+
+    def inference_executable(self) -> "TritonExecutable":
+        """What calls autograd does not record run: the inference graph's executable, or this one."""
+        if self._make_inference is not None:
+            inf, self._make_inference = self._make_inference(), None
+            if inf is not None:
+                if [v.name for v in inf.graph.inputs] != [v.name for v in self.graph.inputs]:
+                    raise CompileError("the inference graph's inputs differ from the training graph's")
+                self._inference = inf
+        return self._inference or self
 
     def apply(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the graph under autograd on all its inputs (user inputs, then parameters and buffers, in
@@ -145,12 +165,15 @@ class TritonExecutable:
         return _GraphFunction.apply(self, *tensors)
 
     def stats(self) -> dict:
-        """Kernel groups, launches and bytes per forward and backward (from the last call)."""
-        kernels = [s.kernel.name for s in self.steps if s.kernel is not None]
+        """Kernel groups, launches and bytes of the last call's forward (the inference executable's where
+        that call ran it: "inference" says so) and of the last backward."""
+        last = self.last_run
+        kernels = [s.kernel.name for s in last.steps if s.kernel is not None]
         return {
             "groups": len(kernels),
             "kernels": kernels,
-            "forward": self.forward_counts.as_dict(),
+            "inference": last is not self,
+            "forward": last.forward_counts.as_dict(),
             "backward": self.backward_counts.as_dict(),
         }
 

@@ -45,9 +45,13 @@ class ConvSpec:
         act: one of ACTS; act_param: leaky_relu's negative slope.
         pool: one of POOLS; pool_k: window == stride, no padding, floor mode.
         save_act: also write the full-size activation a = act(z) [N, K, OH, OW].
+        bn: a batch norm with running statistics follows the conv (inference): (z - mean) * scale + shift
+            per channel, scale = weight / sqrt(var + bn_eps) and shift = bias, from the live tensors on
+            every call; bn_weight, bn_bias: whether it has each affine parameter.
+        residual: a tensor of the conv output's shape is added after the batch norm, before the activation.
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
         name: the kernel's name; header: the file's comment header (compiler.source.header).
-        labels: the IR labels of the stages present, in order: conv2d, then act, then pool.
+        labels: the IR labels of the stages present, in order: conv2d, batch norm, add, act, pool.
     """
 
     N: int
@@ -67,6 +71,11 @@ class ConvSpec:
     pool: str = "none"
     pool_k: int = 1
     save_act: bool = False
+    bn: bool = False
+    bn_weight: bool = False
+    bn_bias: bool = False
+    bn_eps: float = 1e-5
+    residual: bool = False
     precision: str = "ieee"
     name: str = "fnn_conv"
     header: str = ""
@@ -88,7 +97,9 @@ class ConvSpec:
             raise ValueError(f"ConvSpec {self.name}: empty conv output {oh}x{ow}")
         if self.pool != "none" and (self.pool_k < 1 or min(self.pooled_hw) < 1):
             raise ValueError(f"ConvSpec {self.name}: pool_k={self.pool_k} does not fit conv output {oh}x{ow}")
-        n_stages = 1 + (self.act != "none") + (self.pool != "none")
+        if (self.bn_weight or self.bn_bias) and not self.bn:
+            raise ValueError(f"ConvSpec {self.name}: bn_weight / bn_bias without bn")
+        n_stages = 1 + self.bn + self.residual + (self.act != "none") + (self.pool != "none")
         if len(self.labels) != n_stages:
             raise ValueError(f"ConvSpec {self.name}: {n_stages} stages but labels {self.labels}")
 
@@ -120,12 +131,19 @@ def _act_lines(act: str, z: str, out: str) -> list[str]:
     raise ValueError(f"unknown activation {act!r}")
 
 
+def _pre_act(spec: ConvSpec, conv_t: str) -> str:
+    """The temporary the activation reads: the conv's, or the batch norm's, or the residual add's."""
+    if spec.residual:
+        return _temp(spec.labels[1 + spec.bn], "r")
+    return _temp(spec.labels[1], "bn") if spec.bn else conv_t
+
+
 def generate(spec: ConvSpec) -> str:
     """The complete source of the kernel file for `spec`: header, the @triton.jit kernel, `launch`."""
     pooled = spec.pool != "none"
     act = spec.act != "none"
     conv_t = _temp(spec.labels[0], "z")
-    act_t = _temp(spec.labels[1], "a") if act else conv_t
+    act_t = _temp(spec.labels[1 + spec.bn + spec.residual], "a") if act else _pre_act(spec, conv_t)
     pool_t = _temp(spec.labels[-1], "p") if pooled else act_t
     OH, OW = spec.out_hw
     PH, PW = spec.pooled_hw
@@ -154,6 +172,14 @@ def generate(spec: ConvSpec) -> str:
     ptrs = [("x_ptr", "input [N, C, H, W]"), ("w_ptr", "filters [K, C // GROUPS, R, S]")]
     if spec.bias:
         ptrs.append(("b_ptr", "bias [K]"))
+    if spec.bn:
+        ptrs += [("rm_ptr", "batch norm running mean [K]"), ("rv_ptr", "batch norm running variance [K]")]
+        if spec.bn_weight:
+            ptrs.append(("bnw_ptr", "batch norm weight [K]"))
+        if spec.bn_bias:
+            ptrs.append(("bnb_ptr", "batch norm bias [K]"))
+    if spec.residual:
+        ptrs.append(("r_ptr", "residual [N, K, OH, OW], added after the batch norm"))
     ptrs.append(("y_ptr", "pooled output [N, K, PH, PW]" if pooled else "output [N, K, OH, OW]"))
     if spec.pool == "max":
         ptrs.append(("idx_ptr", "uint8 [N, K, PH, PW]: window offset dh * POOL_K + dw of each max"))
@@ -172,6 +198,8 @@ def generate(spec: ConvSpec) -> str:
         consts.append(("WIN_H, WIN_W", "pool windows visited, partial ones included (for a)"))
     if spec.act == "leaky_relu":
         consts.append(("ACT_PARAM", "negative slope"))
+    if spec.bn:
+        consts.append(("BN_EPS", "batch norm epsilon"))
     consts += [("BLOCK_M, BLOCK_N, BLOCK_K", ""), ("PRECISION", '"ieee" or "tf32"')]
     src.writeline('@triton.jit(do_not_specialize=["N"])')
     src.writeline(f"def {spec.name}(")
@@ -214,6 +242,16 @@ def generate(spec: ConvSpec) -> str:
         """)
         if spec.bias:
             src.writeline("bias = tl.load(b_ptr + k, mask=j_ok, other=0.0)")
+        if spec.bn:
+            src.writelines(f"""
+                # {spec.labels[1]} with the running statistics: per output channel, read on every call
+                bn_mean = tl.load(rm_ptr + k, mask=j_ok, other=0.0)
+                bn_scale = 1.0 / tl.sqrt(tl.load(rv_ptr + k, mask=j_ok, other=1.0) + BN_EPS)
+            """)
+            if spec.bn_weight:
+                src.writeline("bn_scale = bn_scale * tl.load(bnw_ptr + k, mask=j_ok, other=0.0)")
+            if spec.bn_bias:
+                src.writeline("bn_shift = tl.load(bnb_ptr + k, mask=j_ok, other=0.0)")
         src.writeline()
 
         if pooled:
@@ -284,9 +322,24 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
             acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
         {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
     """)
-    if spec.act != "none":
+    pre = conv_t
+    if spec.bn:  # the same expression as the batch norm kernel's, so fused and unfused agree
+        bn_t = _temp(spec.labels[1], "bn")
         src.writeline(f"# {spec.labels[1]}")
-        for line in _act_lines(spec.act, conv_t, act_t):
+        src.writeline(f"{bn_t} = ({conv_t} - bn_mean[None, :]) * bn_scale[None, :]"
+                      + (" + bn_shift[None, :]" if spec.bn_bias else ""))
+        pre = bn_t
+    if spec.residual:
+        add_t = _temp(spec.labels[1 + spec.bn], "r")
+        src.writelines(f"""
+            # {spec.labels[1 + spec.bn]}: the residual at the conv output positions
+            r_off = ((n[:, None] * K + k[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+            {add_t} = {pre} + tl.load(r_ptr + r_off, mask={"conv_ok[:, None] & " if partial else ""}j_ok[None, :], other=0.0)
+        """)
+        pre = add_t
+    if spec.act != "none":
+        src.writeline(f"# {spec.labels[1 + spec.bn + spec.residual]}")
+        for line in _act_lines(spec.act, pre, act_t):
             src.writeline(line)
     if spec.save_act and spec.pool != "none":
         src.writelines(f"""
@@ -319,7 +372,10 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     kg = spec.K // spec.groups
     crs = spec.C // spec.groups * spec.R * spec.S
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
-    args = ["x", "w"] + (["b"] if spec.bias else []) + ["y"]
+    args = ["x", "w"] + (["b"] if spec.bias else [])
+    if spec.bn:
+        args += ["rm", "rv"] + (["bn_w"] if spec.bn_weight else []) + (["bn_b"] if spec.bn_bias else [])
+    args += (["r"] if spec.residual else []) + ["y"]
     args += (["idx"] if spec.pool == "max" else []) + (["a"] if spec.save_act else [])
     meta = [f"C={spec.C}, H={spec.H}, W={spec.W}, K={spec.K}, R={spec.R}, S={spec.S}, "
             f"GROUPS={spec.groups},",
@@ -331,11 +387,16 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         meta.append(f"WIN_H={dims['WIN_H']}, WIN_W={dims['WIN_W']},")
     if spec.act == "leaky_relu":
         meta.append(f"ACT_PARAM={float(spec.act_param)!r},")
+    if spec.bn:
+        meta.append(f"BN_EPS={float(spec.bn_eps)!r},")
     meta.append(f'PRECISION="{spec.precision}", **cfg,')
     stages = ", ".join(spec.labels)
+    bn_args = spec.bn or spec.residual
+    extra = ", rm=None, rv=None, bn_w=None, bn_b=None, r=None" if bn_args else ""
+    extra_doc = " (the batch norm's rm, rv, bn_w, bn_b; the residual r)" if bn_args else ""
     src.writelines(f'''
-        def launch(x, w, b, y, idx, a, nbytes=None):
-            """{stages} in one launch; b, idx, a are None where this variant has none."""
+        def launch(x, w, b, y, idx, a{extra}, nbytes=None):
+            """{stages} in one launch; b, idx, a{extra_doc} are None where this variant has none."""
             # GEMM view: M = N * {per_image} rows, N = {kg} channels per group, K = {crs} taps; tiles for
             # the nominal batch {spec.N}, whatever x's batch
             n = x.shape[0]

@@ -493,7 +493,13 @@ def fit(cfg: TrainConfig, on_batch: Callable[[Progress], None] | None = None,
     if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _fit(cfg, world, device, epochs, start, on_batch, on_epoch, on_start)
+        result = _fit(cfg, world, device, epochs, start, on_batch, on_epoch, on_start)
+        if joined:
+            # every rank is done (rank 0 saves and plots after the others) before the group is torn down: a
+            # gloo process whose peer is still mid-run can abort in its teardown ("terminate called without
+            # an active exception", seen under load)
+            dist.barrier()
+        return result
     finally:
         if joined:
             dist.destroy_process_group()
