@@ -90,21 +90,23 @@ def _c(t: torch.Tensor | None) -> torch.Tensor | None:
 
 # -- one lowering per kernel family --------------------------------------------------------------------
 def _lower_conv(n: Node, precision: str) -> Step:
-    """conv2d, conv_relu_pool, and conv_bn (inputs x, w, b, then the batch norm's running mean and
+    """conv2d, conv_relu_pool, and conv_infer (inputs x, w, b, then the batch norm's running mean and
     variance, weight and bias, then the residual; no backward, so nothing saved)."""
     x, w, b = n.inputs[:3]
-    rm, rv, bn_w, bn_b, res = n.inputs[3:] if n.op == "conv_bn" else (None,) * 5
+    inference = n.op == "conv_infer"
+    rm, rv, bn_w, bn_b, res = n.inputs[3:] if inference else (None,) * 5
     N, C, H, W = (1,) * (4 - len(x.type.shape)) + x.type.shape
     K, _, R, S = w.type.shape
     a = n.attrs
     act, pool_kind, pool_k = a.get("act", "none"), a.get("pool", "none"), a.get("pool_k", 1)
-    save_act = pool_kind == "avg" and act != "none" and n.op != "conv_bn"
+    save_act = pool_kind == "avg" and act != "none" and not inference
     act_value = n.absorbed[1].out if save_act else None
     k = _emit(n, conv.generate, conv.ConvSpec, N=N, C=C, H=H, W=W, K=K, R=R, S=S, stride=a["stride"],
               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], bias=b is not None, act=act,
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
               bn=rm is not None, bn_weight=bn_w is not None, bn_bias=bn_b is not None,
-              bn_eps=a.get("bn_eps", 1e-5), residual=res is not None, precision=precision)
+              bn_eps=a.get("bn_eps", 1e-5), residual=res is not None, bn_after_pool=a.get("bn_after_pool", False),
+              inference=inference, act_params=a.get("act_params", ()), precision=precision)
     bn_values = (rm, rv, bn_w, bn_b)
 
     moved: dict = {}
@@ -113,7 +115,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
         xt = _as4d(_c(env.values[x]))
         y = _empty(env, n.out, xt)
         idx = aout = None
-        if pool_kind == "max":
+        if pool_kind == "max" and not inference:  # the argmax, for backward
             idx = torch.empty(_as4d(y).shape, dtype=torch.uint8, device=xt.device)
             env.extra[(n.out, "idx")] = idx
         if save_act:  # the activation before the pool: the absorbed activation node's shape
@@ -121,7 +123,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
             aout = torch.empty((1,) * (4 - len(act_shape)) + act_shape, dtype=y.dtype, device=y.device)
             env.extra[(n.out, "act")] = aout
         args = (xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
-        if rm is not None:
+        if inference:
             args += tuple(_c(_get(env, v)) for v in bn_values) + (_as4d(_c(_get(env, res))) if res is not None else None,)
         k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y

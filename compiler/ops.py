@@ -996,8 +996,9 @@ def _fused_ref(t, a):
 
 op("conv_relu_pool", "fused", [], _parse_fused, "conv2d -> [activation] -> [non-overlapping pool] (passes.fuse)",
    lower="conv", backward="conv", backward_file="kernels/conv_relu_pool.py")(_fused_ref)
-op("conv_bn", "fused", [], _parse_fused, "conv2d -> batch_norm (running statistics) -> [+ residual] -> [activation] "
-   "-> [non-overlapping pool] (passes.fold_batch_norm; calls autograd does not record)",
+op("conv_infer", "fused", [], _parse_fused, "conv2d -> [batch_norm (running statistics)] -> [+ residual] -> [any "
+   "activation] -> [non-overlapping pool], or conv2d -> pool -> batch_norm -> [activation] (passes.fuse_conv_inference; "
+   "calls autograd does not record)",
    lower="conv", backward="inference", backward_file="none: an inference-only kernel")(_fused_ref)
 op("linear_relu", "fused", [], _parse_fused, "linear -> [activation] (passes.fuse)", lower="linear",
    backward="linear", backward_file="kernels/linear_relu.py")(_fused_ref)

@@ -165,55 +165,83 @@ def _residual(n: Node | None, x: Value) -> Value | None:
     return other
 
 
-def fold_batch_norm(graph: Graph) -> Graph:
-    """Inference graphs only: conv2d -> batch_norm (running statistics) -> [+ residual] -> [act] -> [pool]
-    becomes one conv_bn node, whose epilogue computes the per-channel scale and shift from the live
-    statistics and affine parameters on every call (nothing is copied or folded into the weights), adds the
-    residual (read once, at each conv output position), then applies the activation and the pool.
+def _kernel_act(n: Node | None, x: Value) -> bool:
+    """An activation of x alone that a kernel formula computes (kernels/activation.py): any, where no
+    backward reads the result."""
+    return n is not None and REGISTRY[n.op].kernel_act is not None and n.inputs == (x,)
 
-    Only for calls autograd does not record (the runtime's inference executable): the fused node has no
-    backward. The node runs where its last absorbed node ran, so the residual is computed before it.
+
+def fuse_conv_inference(graph: Graph) -> Graph:
+    """Inference graphs only: a conv2d and the per-channel and elementwise work after it become one
+    conv_infer node, a conv whose epilogue does the rest on the accumulator:
+
+        conv2d -> [batch_norm] -> [+ residual] -> [activation] -> [pool]
+        conv2d -> pool -> batch_norm -> [activation]                      (airbench's order)
+
+    where the batch norm uses its running statistics (eval mode), the epilogue computes its per-channel
+    scale and shift from the live statistics and affine parameters on every call (nothing is folded into
+    the weights or copied), the residual is any value of the same shape (read once), the activation any
+    kernel formula and the pool a non-overlapping one. A chain `fuse` would make the same
+    (conv -> [relu-like act] -> [pool]) is left to it.
+
+    Only for calls autograd does not record (the runtime's inference executable): the node has no
+    backward. It runs where its last absorbed node ran, so the residual is computed before it.
     """
     users = graph.users()
     absorbed: set[int] = set()
     fused_at: dict[int, Node] = {}  # id(last absorbed node) -> the fused node that replaces the chain
+
+    def user(v: Value) -> Node | None:
+        n = _sole_user(graph, v, users)
+        return None if n is None or id(n) in absorbed else n
+
     for head in graph.nodes:
         if head.op != "conv2d" or id(head) in absorbed:
             continue
-        bn = _sole_user(graph, head.out, users)
-        if not _inference_bn(bn, head.out) or id(bn) in absorbed:
-            continue
-        chain = [head, bn]
-        inputs = list(head.inputs) + list(bn.inputs[1:5])  # x, w, b, running mean, running var, weight, bias
-        nxt = _sole_user(graph, bn.out, users)
-        residual = _residual(nxt, bn.out) if nxt is not None and id(nxt) not in absorbed else None
-        if residual is not None:
-            chain.append(nxt)
-            nxt = _sole_user(graph, nxt.out, users)
-        inputs.append(residual)
-        act = nxt if _epilogue_act(nxt) and id(nxt) not in absorbed else None
-        if act is not None:
+        chain = [head]
+        bn = pool = act = None
+        residual = None
+        nxt = user(head.out)
+        if fusable_pool(nxt) and _inference_bn(user(nxt.out), nxt.out):
+            pool, bn = nxt, user(nxt.out)
+            chain += [pool, bn]
+            nxt = user(bn.out)
+        else:
+            if _inference_bn(nxt, head.out):
+                bn = nxt
+                chain.append(bn)
+                nxt = user(bn.out)
+            residual = _residual(nxt, chain[-1].out)
+            if residual is not None:
+                chain.append(nxt)
+                nxt = user(nxt.out)
+        if _kernel_act(nxt, chain[-1].out):
+            act = nxt
             chain.append(act)
-            nxt = _sole_user(graph, act.out, users)
-        pool = nxt if fusable_pool(nxt) and id(nxt) not in absorbed else None
-        if pool is not None:
+            nxt = user(act.out)
+        if pool is None and fusable_pool(nxt):
+            pool = nxt
             chain.append(pool)
-        attrs = dict(head.attrs, bn_eps=bn.attrs["eps"], residual=residual is not None,
-                     act=act.op if act else "none", pool="none", pool_k=1)
-        if act is not None and act.op == "leaky_relu":
-            attrs["act_param"] = act.attrs["negative_slope"]
+        if bn is None and residual is None and (act is None or _epilogue_act(act)):
+            continue  # conv -> [act] -> [pool]: conv_relu_pool (`fuse`)
+        kind, params = REGISTRY[act.op].kernel_act(act.attrs) if act is not None else ("none", ())
+        attrs = dict(head.attrs, residual=residual is not None, act=kind, act_params=tuple(params),
+                     pool="none", pool_k=1,
+                     bn_after_pool=pool is not None and bn is not None and chain.index(pool) < chain.index(bn))
+        if bn is not None:
+            attrs["bn_eps"] = bn.attrs["eps"]
         if pool is not None:
             attrs["pool"] = "max" if pool.op == "max_pool2d" else "avg"
             attrs["pool_k"] = pool.attrs["kernel"][0]
+        bn_inputs = list(bn.inputs[1:5]) if bn is not None else [None] * 4  # running mean, var, weight, bias
+        inputs = (*head.inputs, *bn_inputs, residual)
         tag = ["bias"] if head.inputs[2] is not None else []
-        tag += ["batch_norm"] + (["add"] if residual is not None else []) + ([act.op] if act else [])
-        if pool is not None:
-            tag.append(f"{pool.op}({pool.attrs['kernel'][0]},{pool.attrs['stride'][0]})")
+        for a in chain[1:]:
+            tag.append(f"{a.op}({a.attrs['kernel'][0]},{a.attrs['stride'][0]})" if a is pool else a.op)
         absorbed.update(id(a) for a in chain)
-        fused_at[id(chain[-1])] = Node("conv_bn", tuple(inputs), attrs, chain[-1].out, module=head.module,
+        fused_at[id(chain[-1])] = Node("conv_infer", inputs, attrs, chain[-1].out, module=head.module,
                                        source=head.source, absorbed=tuple(chain), tag=",".join(tag))
-    graph.nodes = [fused_at[id(n)] if id(n) in fused_at else n for n in graph.nodes if id(n) not in absorbed
-                   or id(n) in fused_at]
+    graph.nodes = [fused_at.get(id(n), n) for n in graph.nodes if id(n) not in absorbed or id(n) in fused_at]
     return graph
 
 
@@ -256,11 +284,11 @@ def fuse_pointwise(graph: Graph) -> Graph:
 
 
 def pipeline(fuse_ops: bool, inference: bool = False) -> list[Pass]:
-    """The pass list a compile runs, in order; `inference`: for calls autograd does not record (batch
-    norms in eval mode fold into the conv before them)."""
+    """The pass list a compile runs, in order; `inference`: for calls autograd does not record (eval-mode
+    batch norms, residual adds and any activation fold into the conv before them)."""
     if not fuse_ops:
         return [canonicalize, dce]
-    return [canonicalize, *([fold_batch_norm] if inference else []), fuse, fuse_pointwise, dce]
+    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse, fuse_pointwise, dce]
 
 
 def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:

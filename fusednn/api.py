@@ -110,7 +110,7 @@ class Specialization:
         if not self.options.fuse:
             return None
         g = _transform(self.traced, self.options, inference=True)
-        if not any(n.op == "conv_bn" for n in g.nodes):
+        if not any(n.op == "conv_infer" for n in g.nodes):
             return None
         # the same values as the traced graph's (fused nodes keep their last value's name): the same batch
         g.dynamic = self.traced.dynamic if self.min_batch is not None else frozenset()

@@ -1,4 +1,6 @@
-"""Reference models: the PyTorch tutorial's LeNet exactly as written, the classic LeNet-5, and a CIFAR-style ResNet8."""
+"""Reference models: the PyTorch tutorial's LeNet exactly as written, the classic LeNet-5, and today's CNN shapes
+at CIFAR scale: a ResNet8, an airbench-style net and a tiny MobileNetV2. Each of the last three takes
+`in_channels` (1 for the 1x32x32 digits, 3 for CIFAR-like images)."""
 from __future__ import annotations
 
 import torch
@@ -101,4 +103,86 @@ class ResNet8(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-MODELS = {"lenet": LeNet, "lenet5": LeNet5, "resnet8": ResNet8}
+class ConvGroup(nn.Module):
+    """airbench's block: conv3x3 -> max pool 2 -> BN -> GELU, then conv3x3 -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(c_out)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """The network of airbench's CIFAR-10 speed records (Jordan, 2024), widths scaled down: a 2x2 whitening
+    conv and GELU, three ConvGroups (pool before batch norm), a 3x3 max pool and a linear head without bias.
+
+    32x32 input: 31 after the whitening conv, then 15, 7, 3 after each group's pool, 1 after the last pool.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 64)) -> None:
+        super().__init__()
+        self.whiten = nn.Conv2d(in_channels, 24, 2, bias=True)
+        self.act = nn.GELU()
+        self.layers = nn.Sequential(ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]),
+                                    ConvGroup(widths[1], widths[2]))
+        self.pool = nn.MaxPool2d(3)
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.act(self.whiten(x)))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block (Sandler et al., 2018): 1x1 expand -> BN -> ReLU6 (when expand > 1), 3x3 depthwise
+    -> BN -> ReLU6, 1x1 project -> BN; plus the input where the stride is 1 and the width is kept."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+                   nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+                   nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2Tiny(nn.Module):
+    """A MobileNetV2 for 32x32 images: a 3x3 stem, seven inverted residual blocks (expansion, width,
+    repeats, stride: (1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 1, 2)), a 1x1 conv to 128 channels,
+    global average pooling as `mean((2, 3))` and a linear head: 19 convolutions, 7 of them depthwise."""
+
+    SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 1, 2))
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                   nn.ReLU6(inplace=True)]
+        c_in = 16
+        for expand, c_out, repeats, stride in self.SETTINGS:
+            for i in range(repeats):
+                layers.append(InvertedResidual(c_in, c_out, stride if i == 0 else 1, expand))
+                c_in = c_out
+        layers += [nn.Conv2d(c_in, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+MODELS = {"lenet": LeNet, "lenet5": LeNet5, "resnet8": ResNet8, "airbench": AirbenchNet, "mobilenet": MobileNetV2Tiny}

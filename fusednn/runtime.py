@@ -70,7 +70,7 @@ class TritonExecutable:
     def __init__(self, graph: Graph, options: Any,
                  inference: Callable[[], "TritonExecutable | None"] | None = None) -> None:
         """inference: builds, on the first call autograd does not record, the executable of the graph such
-        calls run (batch norm folded into convs; see passes.fold_batch_norm), or None where it would be
+        calls run (batch norm folded into convs; see passes.fuse_conv_inference), or None where it would be
         this one."""
         self.graph = graph
         self._make_inference = inference

@@ -46,7 +46,7 @@ def compiled() -> dict[str, list[aot.Compiled]]:
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_resnet8_inference_kernels_compile_for_sm90_without_spills(compiled, precision):
     kernels = compiled[precision]
-    assert sum(c.name.startswith("fnn_conv_bn") for c in kernels) == 9, [c.name for c in kernels]
+    assert sum(c.name.startswith("fnn_conv_infer") for c in kernels) == 9, [c.name for c in kernels]
     spilled = [c for c in kernels if c.resources.spills]
     assert not spilled, "\n" + aot.report_table(spilled)
 
@@ -55,6 +55,6 @@ def test_resnet8_inference_kernels_compile_for_sm90_without_spills(compiled, pre
 def test_resnet8_inference_gemms_use_tensor_cores_in_tf32_and_only_then(compiled, precision):
     kernels = compiled[precision]
     gemm = {c.name for c in kernels if "tt.dot" in c.ttir}
-    assert {c.name for c in kernels if c.name.startswith(("fnn_conv_bn", "fnn_linear"))} == gemm
+    assert {c.name for c in kernels if c.name.startswith(("fnn_conv_infer", "fnn_linear"))} == gemm
     on_tensor_cores = {c.name for c in kernels if c.resources.tensor_core > 0}
     assert on_tensor_cores == (gemm if precision == "tf32" else set()), "\n" + aot.report_table(kernels)

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source, header as file_header
+from fusednn.kernels.activation import SAVES
 from fusednn.kernels.conv_relu_pool import conv_out_hw
 
 _BACKWARD = "kernels/conv_relu_pool.py"
@@ -49,9 +50,14 @@ class ConvSpec:
             per channel, scale = weight / sqrt(var + bn_eps) and shift = bias, from the live tensors on
             every call; bn_weight, bn_bias: whether it has each affine parameter.
         residual: a tensor of the conv output's shape is added after the batch norm, before the activation.
+        bn_after_pool: the order conv -> pool -> batch norm -> [act] (the pool reduces the conv's own values;
+            no residual).
+        inference: no backward reads this kernel's outputs (the inference graph): any kernel activation of
+            kernels/activation.py (`act_params`: its parameters), and a max pool stores no argmax.
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
         name: the kernel's name; header: the file's comment header (compiler.source.header).
-        labels: the IR labels of the stages present, in order: conv2d, batch norm, add, act, pool.
+        labels: the IR labels of the stages present, in order: conv2d, batch norm, add, act, pool (with
+            bn_after_pool: conv2d, pool, batch norm, act).
     """
 
     N: int
@@ -76,6 +82,9 @@ class ConvSpec:
     bn_bias: bool = False
     bn_eps: float = 1e-5
     residual: bool = False
+    bn_after_pool: bool = False
+    inference: bool = False
+    act_params: tuple[float, ...] = ()
     precision: str = "ieee"
     name: str = "fnn_conv"
     header: str = ""
@@ -89,7 +98,8 @@ class ConvSpec:
             object.__setattr__(self, "header", file_header(self.name, list(self.labels), [], _BACKWARD))
         if self.C % self.groups or self.K % self.groups:
             raise ValueError(f"ConvSpec {self.name}: groups={self.groups} must divide C={self.C} and K={self.K}")
-        if self.act not in ACTS or self.pool not in POOLS or self.precision not in ("ieee", "tf32"):
+        known_act = self.act in ACTS or (self.inference and self.act in SAVES)
+        if not known_act or self.pool not in POOLS or self.precision not in ("ieee", "tf32"):
             raise ValueError(f"ConvSpec {self.name}: act {self.act!r} / pool {self.pool!r} / precision "
                              f"{self.precision!r} not in {ACTS} / {POOLS} / ('ieee', 'tf32')")
         oh, ow = self.out_hw
@@ -99,9 +109,22 @@ class ConvSpec:
             raise ValueError(f"ConvSpec {self.name}: pool_k={self.pool_k} does not fit conv output {oh}x{ow}")
         if (self.bn_weight or self.bn_bias) and not self.bn:
             raise ValueError(f"ConvSpec {self.name}: bn_weight / bn_bias without bn")
+        if self.bn_after_pool and (not self.bn or self.pool == "none" or self.residual or self.save_act):
+            raise ValueError(f"ConvSpec {self.name}: bn_after_pool needs a batch norm and a pool, no residual or save_act")
         n_stages = 1 + self.bn + self.residual + (self.act != "none") + (self.pool != "none")
         if len(self.labels) != n_stages:
             raise ValueError(f"ConvSpec {self.name}: {n_stages} stages but labels {self.labels}")
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """The IR label of each stage present: conv, bn, add, act, pool."""
+        order = ["conv"]
+        if self.bn_after_pool:
+            order += ["pool", "bn"] + (["act"] if self.act != "none" else [])
+        else:
+            order += ["bn"] * self.bn + ["add"] * self.residual + ["act"] * (self.act != "none")
+            order += ["pool"] * (self.pool != "none")
+        return dict(zip(order, self.labels))
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -121,30 +144,37 @@ def _temp(label: str, fallback: str) -> str:
     return f"{m.group(2)}_{m.group(1)}" if m else fallback
 
 
-def _act_lines(act: str, z: str, out: str) -> list[str]:
+def _act_lines(spec: ConvSpec, z: str, out: str) -> list[str]:
     """Activation of the fp32 tile `z` into `out`, through the one definition of each formula in
     kernels/activation.py (shared with the pointwise and linear kernels); NaN propagates as in torch."""
-    if act == "leaky_relu":
+    if spec.act == "leaky_relu" and not spec.act_params:
         return [f"{out} = _leaky_relu({z}, ACT_PARAM)"]
-    if act in ("relu", "sigmoid", "tanh"):
-        return [f"{out} = _{act}({z})"]
-    raise ValueError(f"unknown activation {act!r}")
+    if spec.act in ACTS and not spec.act_params:
+        return [f"{out} = _{spec.act}({z})"]
+    if spec.act in SAVES:
+        params = "".join(f", {float(p)!r}" for p in spec.act_params)
+        return [f"{out} = _{spec.act}({z}{params})"]
+    raise ValueError(f"unknown activation {spec.act!r}")
 
 
-def _pre_act(spec: ConvSpec, conv_t: str) -> str:
-    """The temporary the activation reads: the conv's, or the batch norm's, or the residual add's."""
-    if spec.residual:
-        return _temp(spec.labels[1 + spec.bn], "r")
-    return _temp(spec.labels[1], "bn") if spec.bn else conv_t
+def _bn_line(conv: str, out: str, spec: ConvSpec) -> str:
+    """The batch norm of a tile, the same expression as the batch norm kernel's (fused and unfused agree)."""
+    return f"{out} = ({conv} - bn_mean[None, :]) * bn_scale[None, :]" + (" + bn_shift[None, :]" if spec.bn_bias else "")
 
 
 def generate(spec: ConvSpec) -> str:
     """The complete source of the kernel file for `spec`: header, the @triton.jit kernel, `launch`."""
     pooled = spec.pool != "none"
-    act = spec.act != "none"
-    conv_t = _temp(spec.labels[0], "z")
-    act_t = _temp(spec.labels[1 + spec.bn + spec.residual], "a") if act else _pre_act(spec, conv_t)
-    pool_t = _temp(spec.labels[-1], "p") if pooled else act_t
+    roles = spec.roles
+    conv_t = _temp(roles["conv"], "z")
+    # what the pool reduces: the activation (or the last stage before it), or with bn_after_pool the conv
+    pre_pool = conv_t
+    if not spec.bn_after_pool:
+        for role, fallback in (("bn", "bn"), ("add", "r"), ("act", "a")):
+            if role in roles:
+                pre_pool = _temp(roles[role], fallback)
+    act_t = pre_pool
+    pool_t = _temp(roles["pool"], "p") if pooled else pre_pool
     OH, OW = spec.out_hw
     PH, PW = spec.pooled_hw
     # With save_act a fused pool also visits the partial windows past the floor-mode output, so `a` is
@@ -165,6 +195,8 @@ def generate(spec: ConvSpec) -> str:
         from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
         from fusednn.launch import launch as launch_kernel
     """)
+    if spec.act not in ACTS:
+        src.writeline(f"from fusednn.kernels.activation import _{spec.act}")
     src.writeline()
     src.writeline()
 
@@ -181,7 +213,8 @@ def generate(spec: ConvSpec) -> str:
     if spec.residual:
         ptrs.append(("r_ptr", "residual [N, K, OH, OW], added after the batch norm"))
     ptrs.append(("y_ptr", "pooled output [N, K, PH, PW]" if pooled else "output [N, K, OH, OW]"))
-    if spec.pool == "max":
+    store_idx = spec.pool == "max" and not spec.inference
+    if store_idx:
         ptrs.append(("idx_ptr", "uint8 [N, K, PH, PW]: window offset dh * POOL_K + dw of each max"))
     if spec.save_act:
         ptrs.append(("a_ptr", "activation before the pool [N, K, OH, OW], saved for backward"))
@@ -244,7 +277,7 @@ def generate(spec: ConvSpec) -> str:
             src.writeline("bias = tl.load(b_ptr + k, mask=j_ok, other=0.0)")
         if spec.bn:
             src.writelines(f"""
-                # {spec.labels[1]} with the running statistics: per output channel, read on every call
+                # {roles["bn"]} with the running statistics: per output channel, read on every call
                 bn_mean = tl.load(rm_ptr + k, mask=j_ok, other=0.0)
                 bn_scale = 1.0 / tl.sqrt(tl.load(rv_ptr + k, mask=j_ok, other=1.0) + BN_EPS)
             """)
@@ -257,15 +290,16 @@ def generate(spec: ConvSpec) -> str:
         if pooled:
             if spec.pool == "max":
                 src.writelines(f"""
-                    # {spec.labels[0]} is evaluated once per offset (dh, dw) of the pool window and
-                    # {spec.labels[-1]} keeps the running max and where it was
+                    # {roles["conv"]} is evaluated once per offset (dh, dw) of the pool window and
+                    # {roles["pool"]} keeps the running max{"" if spec.inference else " and where it was"}
                     {pool_t} = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-                    win = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
                 """)
+                if store_idx:
+                    src.writeline("win = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)")
             else:
                 src.writelines(f"""
-                    # {spec.labels[0]} is evaluated once per offset (dh, dw) of the pool window and
-                    # {spec.labels[-1]} sums the window
+                    # {roles["conv"]} is evaluated once per offset (dh, dw) of the pool window and
+                    # {roles["pool"]} sums the window
                     {pool_t} = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 """)
             src.writeline("for dh in range(POOL_K):")
@@ -276,10 +310,25 @@ def generate(spec: ConvSpec) -> str:
                         oh = ph * POOL_K + dh
                         ow = pw * POOL_K + dw
                     """)
-                    _conv_body(src, spec, conv_t, act_t, pool_t, partial)
+                    _conv_body(src, spec, conv_t, pre_pool, pool_t, partial)
         else:
-            _conv_body(src, spec, conv_t, act_t, pool_t, partial)
+            _conv_body(src, spec, conv_t, pre_pool, pool_t, partial)
         src.writeline()
+        final = f"{pool_t} / (POOL_K * POOL_K)" if spec.pool == "avg" else pool_t
+        if spec.bn_after_pool:  # conv -> pool -> batch norm -> [act], on the pooled tile
+            if spec.pool == "avg":
+                src.writeline(f"{pool_t} = {final}")
+                final = pool_t
+            bn_t = _temp(roles["bn"], "bn")
+            src.writeline(f"# {roles['bn']}")
+            src.writeline(_bn_line(final, bn_t, spec))
+            final = bn_t
+            if "act" in roles:
+                act_t = _temp(roles["act"], "a")
+                src.writeline(f"# {roles['act']}")
+                for line in _act_lines(spec, bn_t, act_t):
+                    src.writeline(line)
+                final = act_t
 
         y_h, y_w = ("PH", "PW") if pooled else ("OH", "OW")
         src.writeline(f"y_off = ((n[:, None] * K + k[None, :]) * {y_h} + {ri}[:, None]) * {y_w} + {rj}[:, None]")
@@ -287,11 +336,8 @@ def generate(spec: ConvSpec) -> str:
             src.writeline("y_ok = (m_ok & (ph < PH) & (pw < PW))[:, None] & j_ok[None, :]  # full windows only")
         else:
             src.writeline("y_ok = m_ok[:, None] & j_ok[None, :]")
-        if spec.pool == "avg":
-            src.writeline(f"tl.store(y_ptr + y_off, {pool_t} / (POOL_K * POOL_K), mask=y_ok)")
-        else:
-            src.writeline(f"tl.store(y_ptr + y_off, {pool_t}, mask=y_ok)")
-        if spec.pool == "max":
+        src.writeline(f"tl.store(y_ptr + y_off, {final}, mask=y_ok)")
+        if store_idx:
             src.writeline("tl.store(idx_ptr + y_off, win.to(tl.uint8), mask=y_ok)")
         if spec.save_act and not pooled:
             src.writeline(f"tl.store(a_ptr + y_off, {act_t}, mask=y_ok)")
@@ -302,12 +348,14 @@ def generate(spec: ConvSpec) -> str:
 
 
 def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str, partial: bool) -> None:
-    """The GEMM main loop at conv positions (oh, ow), then bias, activation, the save of a and the pool."""
+    """The GEMM main loop at conv positions (oh, ow), then bias, [batch norm, residual add, activation]
+    (unless the batch norm follows the pool), the save of a and the pool step (reducing `act_t`)."""
+    roles = spec.roles
     ok = "conv_ok" if partial else "m_ok"
     if partial:
         src.writeline("conv_ok = m_ok & (oh < OH) & (ow < OW)")
     src.writelines(f"""
-        # {spec.labels[0]}
+        # {roles["conv"]}
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for q0 in range(0, CRS, BLOCK_K):
             q = q0 + offs_q
@@ -323,23 +371,22 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
         {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
     """)
     pre = conv_t
-    if spec.bn:  # the same expression as the batch norm kernel's, so fused and unfused agree
-        bn_t = _temp(spec.labels[1], "bn")
-        src.writeline(f"# {spec.labels[1]}")
-        src.writeline(f"{bn_t} = ({conv_t} - bn_mean[None, :]) * bn_scale[None, :]"
-                      + (" + bn_shift[None, :]" if spec.bn_bias else ""))
+    if spec.bn and not spec.bn_after_pool:
+        bn_t = _temp(roles["bn"], "bn")
+        src.writeline(f"# {roles['bn']}")
+        src.writeline(_bn_line(conv_t, bn_t, spec))
         pre = bn_t
     if spec.residual:
-        add_t = _temp(spec.labels[1 + spec.bn], "r")
+        add_t = _temp(roles["add"], "r")
         src.writelines(f"""
-            # {spec.labels[1 + spec.bn]}: the residual at the conv output positions
+            # {roles["add"]}: the residual at the conv output positions
             r_off = ((n[:, None] * K + k[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
             {add_t} = {pre} + tl.load(r_ptr + r_off, mask={"conv_ok[:, None] & " if partial else ""}j_ok[None, :], other=0.0)
         """)
         pre = add_t
-    if spec.act != "none":
-        src.writeline(f"# {spec.labels[1 + spec.bn + spec.residual]}")
-        for line in _act_lines(spec.act, pre, act_t):
+    if spec.act != "none" and not spec.bn_after_pool:
+        src.writeline(f"# {roles['act']}")
+        for line in _act_lines(spec, pre, act_t):
             src.writeline(line)
     if spec.save_act and spec.pool != "none":
         src.writelines(f"""
@@ -349,15 +396,16 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
         """)
     if spec.pool == "max":
         src.writelines(f"""
-            # {spec.labels[-1]}: a strict > keeps the first max in scan order; a NaN always takes over,
+            # {roles["pool"]}: a strict > keeps the first max in scan order; a NaN always takes over,
             # as in torch (so the last NaN of a window is the one recorded)
             take = ({act_t} > {pool_t}) | ({act_t} != {act_t})
             {pool_t} = tl.where(take, {act_t}, {pool_t})
-            win = tl.where(take, dh * POOL_K + dw, win)
         """)
+        if not spec.inference:
+            src.writeline("win = tl.where(take, dh * POOL_K + dw, win)")
     elif spec.pool == "avg":
         src.writelines(f"""
-            # {spec.labels[-1]}
+            # {roles["pool"]}
             {pool_t} += {act_t}
         """)
 
@@ -376,7 +424,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     if spec.bn:
         args += ["rm", "rv"] + (["bn_w"] if spec.bn_weight else []) + (["bn_b"] if spec.bn_bias else [])
     args += (["r"] if spec.residual else []) + ["y"]
-    args += (["idx"] if spec.pool == "max" else []) + (["a"] if spec.save_act else [])
+    args += (["idx"] if spec.pool == "max" and not spec.inference else []) + (["a"] if spec.save_act else [])
     meta = [f"C={spec.C}, H={spec.H}, W={spec.W}, K={spec.K}, R={spec.R}, S={spec.S}, "
             f"GROUPS={spec.groups},",
             f"STRIDE_H={sh}, STRIDE_W={sw}, PAD_H={ph}, PAD_W={pw}, DIL_H={dh}, DIL_W={dw}, "
@@ -391,7 +439,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         meta.append(f"BN_EPS={float(spec.bn_eps)!r},")
     meta.append(f'PRECISION="{spec.precision}", **cfg,')
     stages = ", ".join(spec.labels)
-    bn_args = spec.bn or spec.residual
+    bn_args = spec.inference or spec.bn or spec.residual
     extra = ", rm=None, rv=None, bn_w=None, bn_b=None, r=None" if bn_args else ""
     extra_doc = " (the batch norm's rm, rv, bn_w, bn_b; the residual r)" if bn_args else ""
     src.writelines(f'''

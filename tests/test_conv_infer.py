@@ -1,7 +1,7 @@
 """Inference: conv2d -> batch norm (running statistics) -> [+ residual] -> [activation] -> [pool] as one kernel.
 
 Calls autograd does not record (`torch.no_grad()`, `inference_mode()`, or nothing requiring a gradient) run
-the inference graph, where passes.fold_batch_norm folds every eval-mode batch norm into the conv before it;
+the inference graph, where passes.fuse_conv_inference folds every eval-mode batch norm into the conv before it;
 the epilogue reads the live running statistics and affine parameters on every call. Every numeric check
 compares with torch in float64 (rel_err <= 1e-5); launch counts come from `stats()`.
 """
@@ -47,7 +47,7 @@ def _check(model: nn.Module, x: torch.Tensor, folded: int) -> fusednn.CompiledMo
     assert rel_err(y, copy.deepcopy(model).double()(x.double())) <= TOL
     st = c.stats()
     assert st["inference"] is (folded > 0)  # no fold: the one graph serves every call
-    assert sum(k.startswith("fnn_conv_bn") for k in st["kernels"]) == folded, st["kernels"]
+    assert sum(k.startswith("fnn_conv_infer") for k in st["kernels"]) == folded, st["kernels"]
     return c
 
 
@@ -128,11 +128,36 @@ def test_residual_add_folds_into_the_conv_epilogue(order, project):
     assert c.stats()["forward"]["launches"] == 1 + project
 
 
-def test_batch_norm_after_a_pool_is_not_folded_and_stays_exact():
-    """airbench's order (conv -> pool -> bn -> act): the batch norm does not follow the conv directly."""
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2)], ids=["max", "avg"])
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(), None], ids=["gelu", "relu", "none"])
+def test_batch_norm_after_the_pool_folds_in_airbench_order(pool, act):
+    """conv -> pool -> bn -> [act]: the pool reduces the conv's values, the batch norm (a negative weight
+    included, which does not commute with max) and the activation run on the pooled tile."""
     torch.manual_seed(0)
-    m = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.GELU()))
-    _check(m, torch.randn(2, 3, 8, 8), folded=0)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), pool, nn.BatchNorm2d(4)] + ([act] if act is not None else [])
+    m = _randomize_bn(nn.Sequential(*layers))
+    with torch.no_grad():
+        m[2].weight[0] = -1.0
+    c = _check(m, torch.randn(2, 3, 9, 9), folded=1)
+    assert c.stats()["forward"]["launches"] == 1
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU6(), nn.SiLU(), nn.Hardswish(),
+                                 nn.ELU(0.5), nn.Mish()], ids=lambda a: type(a).__name__)
+def test_any_activation_folds_where_no_backward_reads_it(act):
+    """With a batch norm, and without one (a conv and an activation the training graph cannot fuse)."""
+    torch.manual_seed(0)
+    with_bn = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), act, nn.MaxPool2d(2)))
+    _check(with_bn, torch.randn(2, 3, 8, 8), folded=1)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act).eval()
+    _check(plain, torch.randn(2, 3, 8, 8), folded=1)
+
+
+def test_a_conv_and_relu_without_batch_norm_keep_the_training_graphs_kernel():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    c = _check(m, torch.randn(2, 3, 8, 8), folded=0)
+    assert c.stats()["kernels"] == ["fnn_conv_relu_pool_3"]
 
 
 def test_resnet8_eval_is_one_launch_per_conv_plus_the_head_and_matches_torch():
@@ -187,7 +212,7 @@ def test_calls_autograd_records_run_the_training_graph_with_every_gradient():
     assert rel_err(y, y64) <= TOL and rel_err(xg.grad, x64.grad) <= TOL
     for (name, p), p64 in zip(m.named_parameters(), ref.parameters()):
         assert rel_err(p.grad, p64.grad) <= TOL, name
-    assert not any(k.startswith("fnn_conv_bn") for k in c.stats()["kernels"])
+    assert not any(k.startswith("fnn_conv_infer") for k in c.stats()["kernels"])
 
 
 def test_training_mode_and_unfused_compiles_never_fold():
@@ -196,12 +221,12 @@ def test_training_mode_and_unfused_compiles_never_fold():
     x = torch.randn(2, 4, 8, 8)
     c = fusednn.compile(m, fuse=False)
     assert rel_err(_infer(c, x), copy.deepcopy(m).double()(x.double())) <= TOL
-    assert not any(k.startswith("fnn_conv_bn") for k in c.stats()["kernels"])
+    assert not any(k.startswith("fnn_conv_infer") for k in c.stats()["kernels"])
     m.train()  # batch statistics, running statistics updated: nothing to fold
     ref = copy.deepcopy(m).double()
     c = fusednn.compile(m)
     y = _infer(c, x)
-    assert not any(k.startswith("fnn_conv_bn") for k in c.stats()["kernels"])
+    assert not any(k.startswith("fnn_conv_infer") for k in c.stats()["kernels"])
     with torch.no_grad():
         assert rel_err(y, ref(x.double())) <= TOL
     assert rel_err(m.bn.running_mean, ref.bn.running_mean) <= TOL
