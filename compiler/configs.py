@@ -107,7 +107,7 @@ def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
 
 
 @_per_target
-def gemm(M: int, N: int, K: int, gather: bool = False) -> dict:
+def gemm(M: int, N: int, K: int, gather: bool = False, heavy_epilogue: bool = False) -> dict:
     """Tiles for a GEMM-shaped kernel (implicit-GEMM conv included): out[M, N] = A[M, K] @ B[K, N].
 
     Every tile side is >= 16 because tl.dot on NVIDIA (triton 3.6) refuses smaller operands.
@@ -118,6 +118,10 @@ def gemm(M: int, N: int, K: int, gather: bool = False) -> dict:
     Measured on sm_90, ieee: LeNet conv1's forward at batch 64 with 64x16x32 took 255 registers and
     spilled under triton 3.9, at 32x16x16 about 100 under 3.9 and 3.6; conv2's at batch 8 spilled at
     16x16x32, not at 16x16x16. Under the interpreter `gather` changes nothing.
+    heavy_epilogue: the epilogue evaluates a long formula per element (GELU's erf, Mish, ...): 8 warps share
+    the tile, so each thread holds half the elements. Measured on sm_90 (triton 3.9, ieee): airbench's conv
+    -> max pool -> batch norm -> GELU at 32x32x16 with 4 warps took 128 registers and a 16-byte stack; with
+    8 warps, 80 registers and none.
     """
     if target() == "interp":
         bm = pow2(M, 16, 1024)
@@ -129,7 +133,7 @@ def gemm(M: int, N: int, K: int, gather: bool = False) -> dict:
     bk = pow2(K, 16, 32)
     if gather:
         bm, bn, bk = min(bm, 32), min(bn, 32), 16
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if heavy_epilogue and bm * bn >= 1024 else 4)
 
 
 @_per_target

@@ -157,9 +157,20 @@ def _act_lines(spec: ConvSpec, z: str, out: str) -> list[str]:
     raise ValueError(f"unknown activation {spec.act!r}")
 
 
-def _bn_line(conv: str, out: str, spec: ConvSpec) -> str:
-    """The batch norm of a tile, the same expression as the batch norm kernel's (fused and unfused agree)."""
-    return f"{out} = ({conv} - bn_mean[None, :]) * bn_scale[None, :]" + (" + bn_shift[None, :]" if spec.bn_bias else "")
+def _bn_lines(conv: str, out: str, spec: ConvSpec) -> list[str]:
+    """The batch norm of a tile with the running statistics, the same expression as the batch norm kernel's
+    (fused and unfused agree). Its per-channel vectors are loaded here, after the main loop, not before it:
+    live across the loop they spilled on sm_90 (airbench's conv -> pool -> batch norm -> GELU, triton 3.9:
+    2 registers to an 8-byte stack)."""
+    lines = [f"# {spec.roles['bn']} with the running statistics, per output channel, read on every call",
+             "bn_mean = tl.load(rm_ptr + k, mask=j_ok, other=0.0)",
+             "bn_scale = 1.0 / tl.sqrt(tl.load(rv_ptr + k, mask=j_ok, other=1.0) + BN_EPS)"]
+    if spec.bn_weight:
+        lines.append("bn_scale = bn_scale * tl.load(bnw_ptr + k, mask=j_ok, other=0.0)")
+    expr = f"({conv} - bn_mean[None, :]) * bn_scale[None, :]"
+    if spec.bn_bias:
+        expr += " + tl.load(bnb_ptr + k, mask=j_ok, other=0.0)[None, :]"
+    return lines + [f"{out} = {expr}"]
 
 
 def generate(spec: ConvSpec) -> str:
@@ -275,16 +286,6 @@ def generate(spec: ConvSpec) -> str:
         """)
         if spec.bias:
             src.writeline("bias = tl.load(b_ptr + k, mask=j_ok, other=0.0)")
-        if spec.bn:
-            src.writelines(f"""
-                # {roles["bn"]} with the running statistics: per output channel, read on every call
-                bn_mean = tl.load(rm_ptr + k, mask=j_ok, other=0.0)
-                bn_scale = 1.0 / tl.sqrt(tl.load(rv_ptr + k, mask=j_ok, other=1.0) + BN_EPS)
-            """)
-            if spec.bn_weight:
-                src.writeline("bn_scale = bn_scale * tl.load(bnw_ptr + k, mask=j_ok, other=0.0)")
-            if spec.bn_bias:
-                src.writeline("bn_shift = tl.load(bnb_ptr + k, mask=j_ok, other=0.0)")
         src.writeline()
 
         if pooled:
@@ -320,8 +321,8 @@ def generate(spec: ConvSpec) -> str:
                 src.writeline(f"{pool_t} = {final}")
                 final = pool_t
             bn_t = _temp(roles["bn"], "bn")
-            src.writeline(f"# {roles['bn']}")
-            src.writeline(_bn_line(final, bn_t, spec))
+            for line in _bn_lines(final, bn_t, spec):
+                src.writeline(line)
             final = bn_t
             if "act" in roles:
                 act_t = _temp(roles["act"], "a")
@@ -373,8 +374,8 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
     pre = conv_t
     if spec.bn and not spec.bn_after_pool:
         bn_t = _temp(roles["bn"], "bn")
-        src.writeline(f"# {roles['bn']}")
-        src.writeline(_bn_line(conv_t, bn_t, spec))
+        for line in _bn_lines(conv_t, bn_t, spec):
+            src.writeline(line)
         pre = bn_t
     if spec.residual:
         add_t = _temp(roles["add"], "r")
@@ -439,6 +440,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         meta.append(f"BN_EPS={float(spec.bn_eps)!r},")
     meta.append(f'PRECISION="{spec.precision}", **cfg,')
     stages = ", ".join(spec.labels)
+    heavy = ", heavy_epilogue=True" if spec.act not in ("none", *ACTS) else ""
     bn_args = spec.inference or spec.bn or spec.residual
     extra = ", rm=None, rv=None, bn_w=None, bn_b=None, r=None" if bn_args else ""
     extra_doc = " (the batch norm's rm, rv, bn_w, bn_b; the residual r)" if bn_args else ""
@@ -448,7 +450,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
             # GEMM view: M = N * {per_image} rows, N = {kg} channels per group, K = {crs} taps; tiles for
             # the nominal batch {spec.N}, whatever x's batch
             n = x.shape[0]
-            cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True)
+            cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True{heavy})
             grid = (configs.cdiv(n * {per_image}, cfg["BLOCK_M"]), configs.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
             launch_kernel(
                 {spec.name}, grid, {", ".join(args)}, n, nbytes=nbytes,
