@@ -19,11 +19,11 @@ from fusednn import launch
 from fusednn.compiler.configs import use_target
 from fusednn.models import MODELS
 
-_SHAPES = {"lenet": (1, 32, 32), "lenet5": (1, 32, 32), "resnet8": (3, 32, 32)}
+_RGB = ("resnet8", "airbench", "mobilenet")  # built with in_channels=3, run on 3x32x32
 
 
 def _model(name: str) -> torch.nn.Module:
-    return MODELS[name](in_channels=3) if name == "resnet8" else MODELS[name]()
+    return MODELS[name](in_channels=3) if name in _RGB else MODELS[name]()
 
 
 def measure(name: str, batch: int) -> dict:
@@ -33,7 +33,7 @@ def measure(name: str, batch: int) -> dict:
             torch.manual_seed(0)
             net = _model(name).train(mode == "train")
             c = fusednn.compile(net, fuse=fuse)
-            x = torch.randn(batch, *_SHAPES[name])
+            x = torch.randn(batch, 3 if name in _RGB else 1, 32, 32)
             with use_target("gpu"), launch.recording(execute=False):
                 if mode == "train":
                     y = c(x)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import fusednn
+import fusednn.optim
 from fusednn import launch
 from fusednn.models import MODELS, AirbenchNet, MobileNetV2Tiny
 from tests.helpers import rel_err
@@ -100,3 +101,44 @@ def test_models_are_registered_with_in_channels():
         assert MODELS[name] is cls
         for c in (1, 3):
             assert cls(in_channels=c)(torch.randn(1, c, 32, 32)).shape == (1, 10)
+
+
+# spatial size of the 20-step runs: the smallest each net takes (airbench: four halvings and a 3x3 pool)
+PARITY_SIZES = {"resnet8": 8, "airbench": 32, "mobilenet": 8}
+
+
+@pytest.mark.parametrize("name", ["resnet8", "airbench", "mobilenet"])
+def test_training_parity_with_eager_over_20_sgd_steps_fused_and_unfused(name):
+    """20 steps of SGD with momentum in training mode (batch statistics, running statistics updated):
+    loss and every parameter within 1e-4 of torch eager's, fused and unfused."""
+    torch.manual_seed(0)
+    base = MODELS[name](in_channels=3)
+    models = {k: copy.deepcopy(base) for k in ("eager", "fused", "unfused")}
+    run = {"eager": models["eager"], "fused": fusednn.compile(models["fused"]),
+           "unfused": fusednn.compile(models["unfused"], fuse=False)}
+    opts = {"eager": torch.optim.SGD(models["eager"].parameters(), lr=0.02, momentum=0.9),
+            **{k: fusednn.optim.SGD(models[k].parameters(), lr=0.02, momentum=0.9) for k in ("fused", "unfused")}}
+    size = PARITY_SIZES[name]
+    for step in range(20):
+        x, t = torch.randn(2, 3, size, size), torch.randint(0, 10, (2,))
+        losses = {}
+        for k in models:
+            opts[k].zero_grad()
+            loss = torch.nn.functional.cross_entropy(run[k](x), t)
+            loss.backward()
+            opts[k].step()
+            losses[k] = loss.item()
+        for k in ("fused", "unfused"):
+            assert abs(losses[k] - losses["eager"]) <= 1e-4 * abs(losses["eager"]), (step, k, losses)
+            _close(models[k].named_parameters(), models["eager"].parameters(), (step, k))
+    for k in ("fused", "unfused"):
+        _close(models[k].named_buffers(), models["eager"].buffers(), k)
+
+
+def _close(named, ref, where) -> None:
+    """Each tensor within 1e-4 relative of eager's, or, for one whose exact value is 0 (a batch-norm bias
+    or running mean after a training-mode batch norm, see the top), within 1e-5 of the largest norm."""
+    pairs = [(n, a.double(), b.double()) for (n, a), b in zip(named, ref)]
+    floor = 1e-5 * max(b.norm().item() for _, _, b in pairs)
+    for n, a, b in pairs:
+        assert rel_err(a, b) <= 1e-4 or (a - b).norm().item() <= floor, (where, n, rel_err(a, b))
