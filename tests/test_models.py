@@ -103,42 +103,52 @@ def test_models_are_registered_with_in_channels():
             assert cls(in_channels=c)(torch.randn(1, c, 32, 32)).shape == (1, 10)
 
 
-# spatial size of the 20-step runs: the smallest each net takes (airbench: four halvings and a 3x3 pool)
-PARITY_SIZES = {"resnet8": 8, "airbench": 32, "mobilenet": 8}
+# The 20-step runs: (batch, spatial size, learning rate). Batch norm must see enough values per channel
+# to be well conditioned, and the trajectory must not cross a max-pool tie: at lr 0.02 one of airbench's
+# pools flips its argmax at step 6 under fusednn and at step 8 under float64 torch (float32 torch later
+# still), after which no two of them agree to 1e-4; at lr 0.002 none flips in 20 steps. MobileNetV2Tiny is
+# not run here: in the interpreter a step of its 19 convs (7 depthwise, one program per channel) costs
+# ~7 s per trajectory at 8x8, and at that size its last batch norms see 4 values per channel (float32 and
+# float64 torch part by 6e-3 in 3 steps); its gradients are checked above.
+PARITY = {"resnet8": (2, 8, 0.02), "airbench": (4, 32, 0.002)}
 
 
-@pytest.mark.parametrize("name", ["resnet8", "airbench", "mobilenet"])
+@pytest.mark.parametrize("name", list(PARITY))
 def test_training_parity_with_eager_over_20_sgd_steps_fused_and_unfused(name):
-    """20 steps of SGD with momentum in training mode (batch statistics, running statistics updated):
-    loss and every parameter within 1e-4 of torch eager's, fused and unfused."""
+    """20 steps of SGD with momentum in training mode (batch statistics, running statistics updated): every
+    step's loss and parameters, fused and unfused, within 1e-4 of torch eager float32's, or within 4x of how
+    far eager float32 itself is from eager float64 on the same trajectory where that is larger."""
     torch.manual_seed(0)
     base = MODELS[name](in_channels=3)
     models = {k: copy.deepcopy(base) for k in ("eager", "fused", "unfused")}
-    run = {"eager": models["eager"], "fused": fusednn.compile(models["fused"]),
-           "unfused": fusednn.compile(models["unfused"], fuse=False)}
-    opts = {"eager": torch.optim.SGD(models["eager"].parameters(), lr=0.02, momentum=0.9),
-            **{k: fusednn.optim.SGD(models[k].parameters(), lr=0.02, momentum=0.9) for k in ("fused", "unfused")}}
-    size = PARITY_SIZES[name]
+    models["eager64"] = copy.deepcopy(base).double()
+    run = {**models, "fused": fusednn.compile(models["fused"]), "unfused": fusednn.compile(models["unfused"], fuse=False)}
+    batch, size, lr = PARITY[name]
+    opts = {k: torch.optim.SGD(models[k].parameters(), lr=lr, momentum=0.9) for k in ("eager", "eager64")}
+    opts |= {k: fusednn.optim.SGD(models[k].parameters(), lr=lr, momentum=0.9) for k in ("fused", "unfused")}
     for step in range(20):
-        x, t = torch.randn(2, 3, size, size), torch.randint(0, 10, (2,))
+        x, t = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
         losses = {}
         for k in models:
             opts[k].zero_grad()
-            loss = torch.nn.functional.cross_entropy(run[k](x), t)
+            loss = torch.nn.functional.cross_entropy(run[k](x.double() if k == "eager64" else x), t)
             loss.backward()
             opts[k].step()
             losses[k] = loss.item()
+        drift = abs(losses["eager"] - losses["eager64"])
         for k in ("fused", "unfused"):
-            assert abs(losses[k] - losses["eager"]) <= 1e-4 * abs(losses["eager"]), (step, k, losses)
-            _close(models[k].named_parameters(), models["eager"].parameters(), (step, k))
+            assert abs(losses[k] - losses["eager"]) <= max(1e-4 * abs(losses["eager"]), 4 * drift), (step, k, losses)
+            _close(models[k].named_parameters(), models["eager"].parameters(), models["eager64"].parameters(), (step, k))
     for k in ("fused", "unfused"):
-        _close(models[k].named_buffers(), models["eager"].buffers(), k)
+        _close(models[k].named_buffers(), models["eager"].buffers(), models["eager64"].buffers(), k)
 
 
-def _close(named, ref, where) -> None:
-    """Each tensor within 1e-4 relative of eager's, or, for one whose exact value is 0 (a batch-norm bias
-    or running mean after a training-mode batch norm, see the top), within 1e-5 of the largest norm."""
-    pairs = [(n, a.double(), b.double()) for (n, a), b in zip(named, ref)]
-    floor = 1e-5 * max(b.norm().item() for _, _, b in pairs)
-    for n, a, b in pairs:
-        assert rel_err(a, b) <= 1e-4 or (a - b).norm().item() <= floor, (where, n, rel_err(a, b))
+def _close(named, eager, eager64, where) -> None:
+    """Each tensor within max(1e-4, 4x eager float32's own error) relative of eager's, or, for one whose
+    exact value is 0 (a batch-norm bias or running mean after a training-mode batch norm, see the top),
+    within 1e-5 of the largest norm."""
+    triples = [(n, a.double(), b.double(), c) for (n, a), b, c in zip(named, eager, eager64)]
+    floor = 1e-5 * max(b.norm().item() for _, _, b, _ in triples)
+    for n, a, b, c in triples:
+        tol = max(1e-4, 4 * rel_err(b, c))
+        assert rel_err(a, b) <= tol or (a - b).norm().item() <= floor, (where, n, rel_err(a, b), tol)
