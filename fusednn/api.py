@@ -522,9 +522,21 @@ class _Compiled:
         return self._last().graph
 
     def kernels(self) -> dict[str, str]:
-        """The generated kernel sources of the most recent specialisation, by kernel name."""
-        steps = getattr(self._last().executable, "steps", [])
+        """The generated kernel sources of the most recent specialisation, by kernel name: the training
+        graph's, then (once a call autograd did not record has built it) the inference graph's."""
+        exe = self._last().executable
+        steps = list(getattr(exe, "steps", []))
+        inference = getattr(exe, "_inference", None)
+        if inference is not None:
+            steps += inference.steps
         return {s.kernel.name: s.kernel.source for s in steps if s.kernel is not None}
+
+    @property
+    def inference_graph(self) -> Graph | None:
+        """The IR calls autograd does not record run (conv epilogues folded: passes.fuse_conv_inference), once
+        such a call has built it; None where it would be the fused graph."""
+        inference = getattr(self._last().executable, "_inference", None)
+        return None if inference is None else inference.graph
 
     @property
     def specializations(self) -> int:

@@ -231,3 +231,20 @@ def test_training_mode_and_unfused_compiles_never_fold():
         assert rel_err(y, ref(x.double())) <= TOL
     assert rel_err(m.bn.running_mean, ref.bn.running_mean) <= TOL
     assert rel_err(m.bn.running_var, ref.bn.running_var) <= TOL
+
+
+def test_dump_and_kernels_show_the_inference_graph(tmp_path):
+    torch.manual_seed(0)
+    m = _randomize_bn(Residual("first", True))
+    c = fusednn.compile(m)
+    x = torch.randn(2, 6, 8, 8)
+    c(x.requires_grad_())  # a training-graph call: the inference graph is not built yet
+    assert c.inference_graph is None
+    _infer(c, x)
+    assert "conv_infer[batch_norm,add,relu]" in str(c.inference_graph)
+    assert any(k.startswith("fnn_conv_infer") for k in c.kernels())
+    c.dump(str(tmp_path), aot=False)
+    text = (tmp_path / "inference.ir").read_text()
+    assert "conv_infer[batch_norm,add,relu]" in text and "conv_infer[batch_norm]" in text
+    names = {p.stem for p in (tmp_path / "kernels").glob("*.py")}
+    assert set(c.kernels()) <= names

@@ -2,6 +2,8 @@
 
     traced.ir        the IR as traced (with each node's file:line)
     fused.ir         the IR after the pass pipeline (fused groups list what they absorbed)
+    inference.ir     where it differs, the IR of calls autograd does not record (conv epilogues folded:
+                     batch norm in eval mode, residual add, any activation, pool); its kernels join kernels/
     backward.ir      the backward plan: each node's hand-written kernels and what it saved
     kernels/<name>.py  every generated forward kernel, as imported
     graph.dot        the fused graph for Graphviz (graph.svg too when `dot` is on PATH)
@@ -77,9 +79,13 @@ def dump(spec: Any, directory: str, named: dict[str, torch.Tensor] | None = None
     stats["options"] = {"fuse": spec.options.fuse, "backend": spec.options.backend, "precision": spec.options.precision}
     if hasattr(exe, "plan"):
         _write(d / "backward.ir", exe.plan.format() + "\n", written)
-        for step in exe.steps:
-            if step.kernel is not None:
-                _write(d / "kernels" / f"{step.kernel.name}.py", step.kernel.source, written)
+        inference = exe.inference_executable()
+        steps = list(exe.steps)
+        if inference is not exe:
+            _write(d / "inference.ir", inference.graph.format(locations=True, batch=True) + "\n", written)
+            steps += inference.steps
+        for name, source in {s.kernel.name: s.kernel.source for s in steps if s.kernel is not None}.items():
+            _write(d / "kernels" / f"{name}.py", source, written)
         if named is not None:
             from fusednn.tools import kernel_table, repro
 
