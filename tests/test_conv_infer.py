@@ -248,3 +248,17 @@ def test_dump_and_kernels_show_the_inference_graph(tmp_path):
     assert "conv_infer[batch_norm,add,relu]" in text and "conv_infer[batch_norm]" in text
     names = {p.stem for p in (tmp_path / "kernels").glob("*.py")}
     assert set(c.kernels()) <= names
+
+
+def test_a_residual_without_batch_norm_folds_too():
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x + self.conv(x))
+
+    torch.manual_seed(0)
+    c = _check(Plain().eval(), torch.randn(2, 4, 6, 6), folded=1)
+    assert "conv_infer[bias,add,relu]" in str(c.inference_graph)
