@@ -15,7 +15,7 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
-from fusednn.kernels.plan import bytes_once
+from fusednn.kernels.plan import MeasuredBytes
 from fusednn.launch import launch
 
 # VJP of  z = conv2d(x, w) + b,  a = act(z),  y = pool(a)   (P = pool_k, per group g of channels):
@@ -224,7 +224,7 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 
 @dataclass
-class _Plan:
+class _Plan(MeasuredBytes):
     """Everything shape-dependent about one backward call, computed once per shapes and batch (the launch
     configs, grids, split-K slices) and the bytes each launch moves, measured on its first call."""
 
@@ -237,10 +237,6 @@ class _Plan:
     dw_grid: tuple
     dw_meta: dict
     nbytes: dict = field(default_factory=dict)
-
-    def moved(self, which: str, args: tuple) -> int:
-        """The bytes launch `which` moves (kernels/plan.py)."""
-        return bytes_once(self.nbytes, which, args)
 
 
 @configs.memo

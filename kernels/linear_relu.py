@@ -13,7 +13,7 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
-from fusednn.kernels.plan import bytes_once
+from fusednn.kernels.plan import MeasuredBytes
 from fusednn.launch import launch
 
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
@@ -168,7 +168,7 @@ def _linear_relu_bwd_dw_kernel(
 
 
 @dataclass
-class _Plan:
+class _Plan(MeasuredBytes):
     """Everything shape-dependent about one backward call, computed once per shapes and batch, and the
     bytes each launch moves, measured on its first call (then its arguments' shapes are the plan's)."""
 
@@ -187,10 +187,6 @@ class _Plan:
     dw_strides: tuple
     dw_meta: dict
     nbytes: dict = field(default_factory=dict)
-
-    def moved(self, which: str, args: tuple) -> int:
-        """The bytes launch `which` moves (kernels/plan.py)."""
-        return bytes_once(self.nbytes, which, args)
 
 
 @configs.memo

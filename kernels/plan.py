@@ -20,3 +20,14 @@ def bytes_once(cache: dict, key: Hashable, args: tuple[Any, ...]) -> int:
     if nb is None:
         nb = cache[key] = tensor_bytes(args)
     return nb
+
+
+class MeasuredBytes:
+    """What a backward launcher's plan (a dataclass with an `nbytes: dict` field, one per shapes and batch)
+    shares: the bytes each of its launches moves, measured on the first one."""
+
+    nbytes: dict
+
+    def moved(self, which: str, args: tuple) -> int:
+        """The bytes launch `which` moves (`bytes_once`)."""
+        return bytes_once(self.nbytes, which, args)
