@@ -11,7 +11,8 @@ What each pattern saves (and nothing more):
   softmax         the output; cross_entropy: logits, target, weight, a per-row log-sum-exp and (mean) the
                   denominator; nll_loss the same without the log-sum-exp
   sum, mean, cat  nothing; amax: its input and result (ties share the gradient)
-  batch_norm      x, weight, the per-channel mean and 1/std
+  batch_norm      x, weight, the per-channel mean and 1/std; fused with an activation (batch_norm_act), also
+                  the output (relu-like act') or the bias and residual (act' recomputed from z)
   layer/group/instance_norm  x, weight, each row's mean (as m1 + mean_lo) and 1/std
   dropout         the seed (the mask is regenerated from (seed, index))
   eager           its inputs: torch recomputes the call under autograd (strict=False)
@@ -271,19 +272,45 @@ def _cat_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: 
     return cat_backward(dy, shapes, cat_dim(shapes, n.attrs["dim"]), needs)
 
 
+def _bn_act_reads(n: Node) -> str | None:
+    """What a batch_norm_act's act' reads (kernels/activation.SAVES): "y" its output, "x" its
+    pre-activation (recomputed from x, the statistics, weight, bias and residual), None nothing."""
+    from fusednn.kernels.activation import SAVES
+
+    act = n.attrs.get("act", "none")
+    return None if act == "none" else SAVES[act]
+
+
 def _bn_saves(n: Node) -> list[Value | str]:
-    return [n.inputs[0]] + ([n.inputs[3]] if n.inputs[3] is not None else []) + ["mean", "invstd"]
+    x, _, _, w, b = n.inputs[:5]
+    out: list[Value | str] = [x] + ([w] if w is not None else []) + ["mean", "invstd"]
+    reads = _bn_act_reads(n)
+    if reads == "y":
+        out.append(n.out)
+    elif reads == "x":
+        out += [v for v in (b, n.inputs[6]) if v is not None]
+    return out
 
 
 def _bn_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
-    from fusednn.kernels.batch_norm import batch_norm_backward
+    """batch_norm, and batch_norm_act (the residual's gradient is the last)."""
+    from fusednn.kernels.batch_norm import batch_norm_act_backward
 
     x, rm, rv, w, b = n.inputs[:5]  # a 6th, num_batches_tracked (momentum=None), has no gradient
-    dx, dw, db = batch_norm_backward(
-        dy, env.values[x].contiguous(), None if w is None else env.values[w].contiguous(),
-        env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")], training=n.attrs["training"] or rm is None,
-        needs_dx=needs[0], needs_dweight=w is not None and needs[3], needs_dbias=b is not None and needs[4])
-    return [dx, None, None, dw, db] + [None] * (len(n.inputs) - 5)
+    res = n.inputs[6] if len(n.inputs) > 6 else None
+    reads = _bn_act_reads(n)
+    get = lambda v: None if v is None else env.values[v].contiguous()  # noqa: E731
+    dx, dw, db, dres = batch_norm_act_backward(
+        dy, env.values[x].contiguous(), get(w), env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")],
+        training=n.attrs["training"] or rm is None, needs_dx=needs[0], needs_dweight=w is not None and needs[3],
+        needs_dbias=b is not None and needs[4], act=n.attrs.get("act", "none"),
+        act_params=tuple(n.attrs.get("act_params", ())), out=get(n.out) if reads == "y" else None,
+        bias=get(b) if reads == "x" else None, residual=get(res) if reads == "x" else None,
+        has_residual=res is not None, needs_dresidual=res is not None and needs[6])
+    grads: Grads = [dx, None, None, dw, db] + [None] * (len(n.inputs) - 5)
+    if res is not None:
+        grads[6] = dres
+    return grads
 
 
 def _running_norm(n: Node) -> bool:

@@ -381,20 +381,26 @@ def _lower_cat(n: Node, precision: str) -> Step:
 
 
 def _lower_batch_norm(n: Node, precision: str) -> Step:
+    """batch_norm, and batch_norm_act: inputs x, running mean and variance, weight, bias, then
+    num_batches_tracked (momentum=None) and, for batch_norm_act, the residual; each may be None."""
     x, rm, rv, w, b = n.inputs[:5]
     counter = n.inputs[5] if len(n.inputs) > 5 else None  # momentum=None: num_batches_tracked
+    residual = n.inputs[6] if len(n.inputs) > 6 else None
     return _batch_norm_step(n, x, rm, rv, w, b, counter, training=n.attrs["training"] or rm is None,
-                            momentum=n.attrs["momentum"])
+                            momentum=n.attrs["momentum"], residual=residual)
 
 
 def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: Value | None, b: Value | None,
-                     counter: Value | None, *, training: bool, momentum: float | None) -> Step:
-    """batch norm's kernel for node n (a batch_norm, or an instance_norm with running statistics)."""
+                     counter: Value | None, *, training: bool, momentum: float | None,
+                     residual: Value | None = None) -> Step:
+    """batch norm's kernel for node n (a batch_norm, a batch_norm_act, or an instance_norm with running
+    statistics)."""
     shape = x.type.shape
     N, C, inner = shape[0], shape[1], _numel(shape[2:])
     k = _emit(n, batch_norm.generate, batch_norm.BatchNormSpec, N=N, C=C, inner=inner, training=training,
               momentum=momentum, eps=n.attrs["eps"], weight=w is not None, bias=b is not None,
-              track_running_stats=rm is not None)
+              track_running_stats=rm is not None, act=n.attrs.get("act", "none"),
+              act_params=tuple(n.attrs.get("act_params", ())), residual=residual is not None)
 
     moved: dict = {}
 
@@ -405,7 +411,8 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
         invstd = torch.empty_like(mean)
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
         stats, work = _running_stats(env, rm, rv)
-        k.module.launch(xt, _c(_get(env, w)), _c(_get(env, b)), *work, y, mean, invstd, _get(env, counter))
+        k.module.launch(xt, _c(_get(env, w)), _c(_get(env, b)), *work, y, mean, invstd, _get(env, counter),
+                        _c(_get(env, residual)))
         _write_back(stats, work)
         env.values[n.out] = y
 

@@ -121,7 +121,9 @@ def gemm(M: int, N: int, K: int, gather: bool = False, heavy_epilogue: bool = Fa
     heavy_epilogue: the epilogue evaluates a long formula per element (GELU's erf, Mish, ...): 8 warps share
     the tile, so each thread holds half the elements. Measured on sm_90 (triton 3.9, ieee): airbench's conv
     -> max pool -> batch norm -> GELU at 32x32x16 with 4 warps took 128 registers and a 16-byte stack; with
-    8 warps, 80 registers and none.
+    8 warps, 80 registers and none. A training max pool's epilogue (the max and its argmax, both stored)
+    counts too: airbench's conv -> max pool in training (24 -> 32 channels, 31x31) at 32x32x16 took 128
+    registers and an 8-byte stack with 4 warps, 80 and none with 8.
     """
     if target() == "interp":
         bm = pow2(M, 16, 1024)

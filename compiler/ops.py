@@ -1000,6 +1000,9 @@ op("conv_infer", "fused", [], _parse_fused, "conv2d -> [batch_norm (running stat
    "activation] -> [non-overlapping pool], or conv2d -> pool -> batch_norm -> [activation] (passes.fuse_conv_inference; "
    "calls autograd does not record)",
    lower="conv", backward="inference", backward_file="none: an inference-only kernel")(_fused_ref)
+op("batch_norm_act", "fused", [], _parse_fused, "batch_norm -> [+ residual] -> [any activation] (passes.fuse_batch_norm; "
+   "training and eval)", lower="batch_norm", backward="batch_norm", backward_file="kernels/batch_norm.py",
+   int_operands=(5,))(_fused_ref)
 op("linear_relu", "fused", [], _parse_fused, "linear -> [activation] (passes.fuse)", lower="linear",
    backward="linear", backward_file="kernels/linear_relu.py")(_fused_ref)
 op("pointwise", "fused", [], _parse_fused, "a tree of elementwise ops of one shape (passes.fuse_pointwise)",

@@ -49,7 +49,7 @@ def _has_side_effects(n: Node) -> bool:
         return True
     if n.op == "instance_norm":  # running statistics updated in training
         return n.attrs["use_input_stats"] and n.inputs[1] is not None
-    return n.op == "batch_norm" and n.attrs["training"] and n.inputs[1] is not None
+    return n.op in ("batch_norm", "batch_norm_act") and n.attrs["training"] and n.inputs[1] is not None
 
 
 def dce(graph: Graph) -> Graph:
@@ -245,6 +245,56 @@ def fuse_conv_inference(graph: Graph) -> Graph:
     return graph
 
 
+def fuse_batch_norm(graph: Graph) -> Graph:
+    """A batch norm and the elementwise work after it become one batch_norm_act node, whose normalise pass
+    applies the rest in registers (compiler/templates/batch_norm.py):
+
+        batch_norm -> [+ residual] -> [activation]      (at least one of the two)
+
+    with batch or running statistics, the residual any value of the same shape and dtype (read once) and the
+    activation any kernel formula of kernels/activation.py. The backward (kernels/batch_norm.py) recomputes
+    what act' needs from what the forward saved, so no intermediate is written.
+
+    The node runs where its last absorbed node ran (the residual is computed before it). A batch norm is
+    not moved past another node with side effects (two calls of one BatchNorm module update the same
+    running statistics, in order) or one that reads the running statistics it updates.
+    """
+    users = graph.users()
+    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    absorbed: set[int] = set()
+    fused_at: dict[int, Node] = {}
+
+    def user(v: Value) -> Node | None:
+        n = _sole_user(graph, v, users)
+        return None if n is None or id(n) in absorbed else n
+
+    for bn in graph.nodes:
+        if bn.op != "batch_norm" or id(bn) in absorbed:
+            continue
+        chain = [bn]
+        nxt = user(bn.out)
+        residual = _residual(nxt, bn.out)
+        if residual is not None:
+            chain.append(nxt)
+            nxt = user(nxt.out)
+        act = nxt if _kernel_act(nxt, chain[-1].out) else None
+        if act is not None:
+            chain.append(act)
+        between = graph.nodes[pos[id(bn)] + 1:pos[id(chain[-1])]]
+        state = {v for v in bn.inputs[1:3] + bn.inputs[5:] if v is not None}  # what the update writes
+        if len(chain) == 1 or any(_has_side_effects(n) or state.intersection(n.inputs) for n in between):
+            continue
+        kind, params = REGISTRY[act.op].kernel_act(act.attrs) if act is not None else ("none", ())
+        counter = bn.inputs[5] if len(bn.inputs) > 5 else None
+        attrs = dict(bn.attrs, act=kind, act_params=tuple(params), residual=residual is not None)
+        absorbed.update(id(a) for a in chain)
+        fused_at[id(chain[-1])] = Node("batch_norm_act", (*bn.inputs[:5], counter, residual), attrs, chain[-1].out,
+                                       module=bn.module, source=bn.source, absorbed=tuple(chain),
+                                       tag=",".join(a.op for a in chain[1:]))
+    graph.nodes = [fused_at.get(id(n), n) for n in graph.nodes if id(n) not in absorbed or id(n) in fused_at]
+    return graph
+
+
 def fuse_pointwise(graph: Graph) -> Graph:
     """Elementwise nodes fuse into `pointwise` groups: a node whose result only one elementwise node of the
     same shape reads joins that node's group, so a group is a tree of nodes (a gate `tanh(a + b) * sigmoid(c)`
@@ -285,10 +335,11 @@ def fuse_pointwise(graph: Graph) -> Graph:
 
 def pipeline(fuse_ops: bool, inference: bool = False) -> list[Pass]:
     """The pass list a compile runs, in order; `inference`: for calls autograd does not record (eval-mode
-    batch norms, residual adds and any activation fold into the conv before them)."""
+    batch norms, residual adds and any activation fold into the conv before them). Batch norms left
+    (training ones, and those after no conv) take the residual add and activation after them."""
     if not fuse_ops:
         return [canonicalize, dce]
-    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse, fuse_pointwise, dce]
+    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse_batch_norm, fuse, fuse_pointwise, dce]
 
 
 def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:

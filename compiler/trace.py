@@ -163,7 +163,7 @@ class _Recorder(TorchFunctionMode):
         outputs = attrs.pop("_outputs", None)
         if outputs is not None:  # several results: one node each, the later ones reading the first
             return self._record_tuple(outputs, ins, attrs, out, where)
-        if d.name == "add" and ins[0] is not None and ins[0].kind == "buffer" and not ins[0].type.dtype.is_floating_point:
+        if d.name == "add" and self._counts(ins[0], tensors, out):
             opname, attrs = "count_", {"by": int(attrs.get("scalar", 1) * attrs.get("alpha", 1))}
             ins = ins[:1]
         if d.kind == "view":
@@ -178,6 +178,13 @@ class _Recorder(TorchFunctionMode):
         if in_place:
             self._rebind_aliases(out, result, where)
         return out
+
+    def _counts(self, v: Value | None, tensors: list[Any], out: Any) -> bool:
+        """Whether an add is a batch counter's in-place step (`num_batches_tracked.add_(1)`): into an integer
+        buffer, or into what an earlier step of one returned (a BatchNorm called twice counts twice)."""
+        if v is None or v.type.dtype.is_floating_point or not tensors or out is not tensors[0]:
+            return False
+        return v.kind == "buffer" or any(n.out is v and n.op == "count_" for n in self.nodes)
 
     def _is_counter(self, t: Any) -> bool:
         """Whether t is an integer buffer's value after a traced count_ (BatchNorm's num_batches_tracked)."""

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
+from fusednn.kernels.activation import SAVES, _act_grad3
 from fusednn.launch import launch
 
 # VJP per channel, over its M = N*inner values. y = x̂ w + b, x̂ = (x − μ) σ⁻¹, σ⁻¹ = (var + eps)^(−1/2).
@@ -23,17 +24,63 @@ from fusednn.launch import launch
 # every run), a second, parallel over rows and channels, writes dx from them.
 
 
+# Fused forms (batch_norm_act: out = act(y + r), y the batch norm's output, r a residual): the kernels
+# first pull dout back through the activation, dy = dout act'(z) with z = y + r, then proceed as above;
+# the residual's gradient is dy itself. act' reads what kernels/activation.SAVES says: the saved output
+# (relu, sigmoid, tanh, hardtanh) or z, recomputed as the forward computed it from x, the saved statistics,
+# the affine parameters and r. With a residual that needs its gradient, the reduction kernel writes dy,
+# and the dx kernel reads it back instead of recomputing it.
+
+
+@triton.jit
+def _pullback(dout_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok, x, mean, invstd, p0, p1, p2,
+              ACT: tl.constexpr, ACT_FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """dy = dout act'(z) on a tile (dout itself without an activation)."""
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0)
+    if ACT == "none":
+        dy = dout
+    elif ACT_FROM_OUT:
+        dy = _act_grad3(dout, tl.load(out_ptr + offs, mask=mask, other=0.0), p0, p1, p2, ACT)
+    else:
+        # z exactly as compiler/templates/batch_norm.py computes it
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = invstd * tl.load(w_ptr + chans, mask=c_ok, other=0.0)
+        z = (x - mean[None, :]) * scale[None, :]
+        if HAS_BIAS:
+            z = z + tl.load(b_ptr + chans, mask=c_ok, other=0.0)[None, :]
+        if HAS_RES:
+            z += tl.load(res_ptr + offs, mask=mask, other=0.0)
+        dy = _act_grad3(dout, z, p0, p1, p2, ACT)
+    return tl.where(mask, dy, 0.0)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _batch_norm_bwd_dwdb_kernel(
-    dy_ptr,  # [N, C, INNER] upstream gradient
+    dy_ptr,  # [N, C, INNER] upstream gradient (of the activation's output when ACT is not "none")
     x_ptr,  # [N, C, INNER] forward input
     mean_ptr,  # [C] mean the forward normalised with
     invstd_ptr,  # [C] 1/sqrt(var + eps) the forward normalised with
     dw_ptr,  # [C] Σ dy·x̂, written (= dweight)
     db_ptr,  # [C] Σ dy, written (= dbias)
+    out_ptr,  # [N, C, INNER] the fused output (ACT_FROM_OUT only)
+    res_ptr,  # [N, C, INNER] the residual (HAS_RES and act' from z only)
+    w_ptr,  # [C] weight (HAS_WEIGHT; act' from z only)
+    b_ptr,  # [C] bias (HAS_BIAS; act' from z only)
+    dz_ptr,  # [N, C, INNER] dy after the activation, written (WRITE_DY: the residual's gradient)
+    p0,  # the activation's parameters
+    p1,
+    p2,
     M,  # N * INNER: values per channel
     C,
     INNER,
+    ACT: tl.constexpr,
+    ACT_FROM_OUT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_DY: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -47,8 +94,11 @@ def _batch_norm_bwd_dwdb_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         offs = ((rows // INNER) * (C * INNER) + rows % INNER)[:, None] + chans[None, :] * INNER
         mask = (rows < M)[:, None] & c_ok[None, :]
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        dy = _pullback(dy_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok, x, mean, invstd, p0, p1,
+                       p2, ACT, ACT_FROM_OUT, HAS_RES, HAS_WEIGHT, HAS_BIAS)
+        if WRITE_DY:
+            tl.store(dz_ptr + offs, dy, mask=mask)
         acc_dw += dy * ((x - mean[None, :]) * invstd[None, :])
         acc_db += dy
     tl.store(dw_ptr + chans, tl.sum(acc_dw, axis=0), mask=c_ok)
@@ -57,19 +107,30 @@ def _batch_norm_bwd_dwdb_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _batch_norm_bwd_dx_kernel(
-    dy_ptr,  # [N, C, INNER] upstream gradient
-    x_ptr,  # [N, C, INNER] forward input (read only in TRAINING)
+    dy_ptr,  # [N, C, INNER] upstream gradient (of the activation's output when ACT is not "none"), or the
+             # pulled-back dy the reduction kernel wrote (DY_WRITTEN)
+    x_ptr,  # [N, C, INNER] forward input (read in TRAINING, or for act' from z)
     w_ptr,  # [C] weight, or None without affine (HAS_WEIGHT False)
     mean_ptr,  # [C] mean the forward normalised with
     invstd_ptr,  # [C] 1/sqrt(var + eps) the forward normalised with
     dw_ptr,  # [C] Σ dy·x̂ from _batch_norm_bwd_dwdb_kernel (read only in TRAINING)
     db_ptr,  # [C] Σ dy from _batch_norm_bwd_dwdb_kernel (read only in TRAINING)
     dx_ptr,  # [N, C, INNER] gradient of x, written
+    out_ptr,  # [N, C, INNER] the fused output (ACT_FROM_OUT only)
+    res_ptr,  # [N, C, INNER] the residual (HAS_RES and act' from z only)
+    b_ptr,  # [C] bias (HAS_BIAS; act' from z only)
+    p0,  # the activation's parameters
+    p1,
+    p2,
     M,  # N * INNER: values per channel
     C,
     INNER,
     TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    ACT: tl.constexpr,  # "none" also when DY_WRITTEN: dy is already pulled back
+    ACT_FROM_OUT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -82,12 +143,16 @@ def _batch_norm_bwd_dx_kernel(
     scale = invstd
     if HAS_WEIGHT:
         scale = invstd * tl.load(w_ptr + chans, mask=c_ok, other=0.0)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + chans, mask=c_ok, other=0.0)
+    if TRAINING or (ACT != "none" and not ACT_FROM_OUT):
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    else:
+        x = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    dy = _pullback(dy_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok, x, mean, invstd, p0, p1, p2,
+                   ACT, ACT_FROM_OUT, HAS_RES, HAS_WEIGHT, HAS_BIAS)
     if TRAINING:
-        mean = tl.load(mean_ptr + chans, mask=c_ok, other=0.0)
         mean_dy = tl.load(db_ptr + chans, mask=c_ok, other=0.0) / M
         mean_dy_xhat = tl.load(dw_ptr + chans, mask=c_ok, other=0.0) / M
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = scale[None, :] * (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :])
     else:
@@ -108,21 +173,62 @@ def batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor 
             dx then flows through the mean and variance as well.
     dweight and dbias are reduced in a fixed order: two calls give bit-identical results.
     """
+    dx, dw, db, _ = batch_norm_act_backward(dy, x, weight, save_mean, save_invstd, training=training,
+                                            needs_dx=needs_dx, needs_dweight=needs_dweight, needs_dbias=needs_dbias)
+    return dx, dw, db
+
+
+def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                            save_mean: torch.Tensor, save_invstd: torch.Tensor, *, training: bool, needs_dx: bool,
+                            needs_dweight: bool, needs_dbias: bool, act: str = "none",
+                            act_params: tuple[float, ...] = (), out: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                            has_residual: bool = False, needs_dresidual: bool = False,
+                            ) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, dweight, dbias, dresidual) of out = act(batch_norm(x) [+ residual]); None where not
+    needed (batch_norm_act of passes.fuse_batch_norm; plain batch norm with act "none", no residual).
+
+    Args:
+        dout: gradient of out, shaped like x.
+        act, act_params: the activation (a key of kernels/activation.SAVES, or "none") and its parameters.
+        out: the forward's output, where act' reads it (SAVES[act] == "y"); bias and residual: the
+            forward's, where act' reads z (the other activations). has_residual: the forward added one.
+        Otherwise as `batch_norm_backward`. dresidual is the pulled-back dy (dout itself without an
+        activation).
+    """
     N, C = x.shape[0], x.shape[1]
     inner = x.numel() // max(N * C, 1)
     M = N * inner
-    dy = dy.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
+    dout = dout.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
+    from_out = act != "none" and SAVES[act] == "y"
+    if act != "none" and (out is None if from_out else (has_residual and residual is None)):
+        raise ValueError(f"batch_norm_act_backward: act' of {act} needs the forward's "
+                         f"{'output' if from_out else 'residual'}")
+    p = (tuple(float(v) for v in act_params) + (0.0, 0.0, 0.0))[:3]
+    fwd = (out if from_out else None, residual if has_residual and not from_out and act != "none" else None,
+           weight if act != "none" and not from_out else None, bias if act != "none" and not from_out else None)
+    flags = dict(ACT=act, ACT_FROM_OUT=from_out, HAS_RES=fwd[1] is not None, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=fwd[3] is not None)
+    write_dy = needs_dresidual and act != "none"
     dx = torch.empty_like(x) if needs_dx else None
+    dres = (torch.empty_like(x) if write_dy else dout) if needs_dresidual else None
     dw = db = None
     cfg = configs.reduce_cols(configs.nominal(M), C)
-    if needs_dweight or needs_dbias or (needs_dx and training):
+    if needs_dweight or needs_dbias or (needs_dx and training) or write_dy:
         # Σ dy·x̂ and Σ dy per channel: dweight and dbias themselves, and what training dx reads
         dw = torch.empty(C, device=x.device, dtype=torch.float32)
         db = torch.empty(C, device=x.device, dtype=torch.float32)
-        launch(_batch_norm_bwd_dwdb_kernel, (configs.cdiv(C, cfg["BLOCK_C"]),), dy, x, save_mean, save_invstd,
-               dw, db, M, C, inner, **cfg)
+        launch(_batch_norm_bwd_dwdb_kernel, (configs.cdiv(C, cfg["BLOCK_C"]),), dout, x, save_mean, save_invstd,
+               dw, db, *fwd, dres if write_dy else None, *p, M, C, inner, WRITE_DY=write_dy, **flags, **cfg)
     if needs_dx:
         grid = (configs.cdiv(M, cfg["BLOCK_R"]), configs.cdiv(C, cfg["BLOCK_C"]))
-        launch(_batch_norm_bwd_dx_kernel, grid, dy, x, weight, save_mean, save_invstd, dw, db, dx,
-               M, C, inner, TRAINING=training, HAS_WEIGHT=weight is not None, **cfg)
-    return dx, (dw if needs_dweight else None), (db if needs_dbias else None)
+        if write_dy:  # read the pulled-back dy the reduction wrote
+            src, fwd, flags = dres, (None,) * 4, dict(flags, ACT="none", ACT_FROM_OUT=False, HAS_RES=False,
+                                                       HAS_BIAS=False)
+        else:
+            src = dout
+        reads_x = training or (flags["ACT"] != "none" and not flags["ACT_FROM_OUT"])
+        launch(_batch_norm_bwd_dx_kernel, grid, src, x if reads_x else None, weight, save_mean, save_invstd,
+               dw if training else None, db if training else None, dx, fwd[0], fwd[1], fwd[3], *p, M, C, inner,
+               TRAINING=training, **flags, **cfg)
+    return dx, (dw if needs_dweight else None), (db if needs_dbias else None), dres

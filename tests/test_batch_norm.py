@@ -233,7 +233,7 @@ def test_generated_batch_norm_source_has_header_labels_and_launch():
     assert "# %2 batch_norm\n" in text
     assert f"def {spec.name}(" in text
     assert ("\ndef launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None, "
-            "nbytes=None):") in text
+            "residual=None, nbytes=None):") in text
     compile(text, spec.name, "exec")
 
 

@@ -57,13 +57,18 @@ def test_resnet8_output_gradients_and_running_stats_match_torch_float64(fuse, tr
             assert torch.equal(b, b64), name
 
 
-def test_resnet8_is_registered_and_fuses_each_residual_add_with_its_relu():
+def test_resnet8_is_registered_and_fuses_each_batch_norm_with_its_residual_add_and_relu():
     assert MODELS["resnet8"] is ResNet8
     fused = fusednn.compile(ResNet8())
     unfused = fusednn.compile(ResNet8(), fuse=False)
     x = torch.randn(2, 1, 32, 32)
     fused(x), unfused(x)
-    # 9 convs, 9 batch norms, 6 relus, 3 residual adds, 1 pool, 1 linear; fused: each block's add+relu is one
-    # kernel (a conv followed by a training batch norm keeps its own kernel: the statistics need all of it)
+    # 9 convs, 9 batch norms, 6 relus, 3 residual adds, 1 pool, 1 linear; fused: each training batch norm takes
+    # the relu after it, or the residual add and relu (a conv keeps its own kernel: the statistics need all of
+    # it). In the two blocks with a projection shortcut, the add's operands are both batch norms: the
+    # shortcut's takes the add and relu, the other's output is its residual.
     assert unfused.stats()["groups"] == 30
-    assert fused.stats()["groups"] == 27
+    kernels = fused.stats()["kernels"]
+    assert len(kernels) == 20, kernels
+    assert sum(k.startswith("fnn_batch_norm_act") for k in kernels) == 7, kernels
+    assert sum(k.startswith("fnn_batch_norm_") and "act" not in k for k in kernels) == 2, kernels

@@ -5,13 +5,19 @@ stats) each program owns BLOCK_C channels and walks all M rows itself, in a fixe
 sum (mean), sums of deviations and their squares (corrected two-pass mean and variance: no
 E[x²] − E[x]² cancellation), normalise.
 Everything is deterministic and the whole op is one launch. With running statistics (eval) the op is
-pointwise per channel and the grid also splits the rows. Backward: kernels/batch_norm.py.
+pointwise per channel and the grid also splits the rows.
+
+The normalise pass may go on, in registers, with what follows the batch norm in a network (the
+`batch_norm_act` group of passes.fuse_batch_norm): a residual add (the other operand read once) and any
+activation of kernels/activation.py, so `relu(bn(conv(x)) + shortcut)` writes only its result.
+Backward: kernels/batch_norm.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source
+from fusednn.kernels.activation import SAVES
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,9 @@ class BatchNormSpec:
     weight: bool = True
     bias: bool = True
     track_running_stats: bool = True
+    act: str = "none"  # an activation of kernels/activation.py applied after the (residual add of the) affine map
+    act_params: tuple[float, ...] = ()  # its parameters, in the order its `_<act>` helper takes them
+    residual: bool = False  # y = act(bn(x) + residual), the residual of x's shape
 
     @property
     def batch_stats(self) -> bool:
@@ -57,8 +66,13 @@ def generate(spec: BatchNormSpec) -> str:
                          f"[{spec.N}, {spec.C}, {spec.inner}]")
     update = spec.training and spec.track_running_stats
     use_running = not spec.batch_stats
+    if spec.act != "none" and spec.act not in SAVES:
+        raise ValueError(f"batch_norm: unknown activation {spec.act!r}")
     params = ["x_ptr,  # [N, C, INNER] input, contiguous"]
     args = ["x"]
+    if spec.residual:
+        params.append("res_ptr,  # [N, C, INNER] residual added after the affine map, contiguous")
+        args.append("residual")
     if spec.weight:
         params.append("w_ptr,  # [C] weight (gamma)")
         args.append("weight")
@@ -97,6 +111,8 @@ def generate(spec: BatchNormSpec) -> str:
         from fusednn.launch import launch as run_kernel
         """
     )
+    if spec.act not in ("none", "neg"):
+        s.writeline(f"from fusednn.kernels.activation import _{spec.act}")
     s.writeline()
     s.writeline()
     s.writeline('@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every batch size')
@@ -122,10 +138,11 @@ def generate(spec: BatchNormSpec) -> str:
     s.writeline()
     s.writeline()
     s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None, "
-                "nbytes=None):")
+                "residual=None, nbytes=None):")
     with s.indent():
         mode = "running" if use_running else "batch"
-        s.writeline(f'"""batch_norm of [N, {spec.C}, {spec.inner}] with {mode} statistics into y, '
+        then = "".join([" + residual" if spec.residual else "", f", then {spec.act}" if spec.act != "none" else ""])
+        s.writeline(f'"""batch_norm of [N, {spec.C}, {spec.inner}] with {mode} statistics{then} into y, '
                     f'save_mean, save_invstd; any batch N (the tiles are picked at N = {spec.N})."""')
         s.writeline("n = x.shape[0]")
         s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C})")
@@ -189,7 +206,7 @@ def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
     s.writeline("for r0 in range(0, M, BLOCK_R):")
     with s.indent():
         s.writelines(_TILE)
-        s.writeline(f"tl.store(y_ptr + offs, {y}, mask=mask)")
+        _emit_store(s, spec, y)
 
 
 def _emit_eval(s: Source, spec: BatchNormSpec) -> None:
@@ -206,7 +223,7 @@ def _emit_eval(s: Source, spec: BatchNormSpec) -> None:
     y = _emit_scale(s, spec)
     s.writeline("r0 = tl.program_id(0) * BLOCK_R")
     s.writelines(_TILE)
-    s.writeline(f"tl.store(y_ptr + offs, {y}, mask=mask)")
+    _emit_store(s, spec, y)
 
 
 def _emit_scale(s: Source, spec: BatchNormSpec) -> str:
@@ -220,3 +237,19 @@ def _emit_scale(s: Source, spec: BatchNormSpec) -> str:
         s.writeline("shift = tl.load(b_ptr + chans, mask=c_ok, other=0.0)")
         y += " + shift[None, :]"
     return y
+
+
+def _emit_store(s: Source, spec: BatchNormSpec, y: str) -> None:
+    """Store the normalised tile y, after the fused residual add and activation, each under its IR label."""
+    roles = spec.labels[1:]  # the absorbed add and activation, in order
+    if spec.residual or spec.act != "none":
+        s.writeline(f"z = {y}")
+        y = "z"
+    if spec.residual:
+        s.writeline(f"# {roles[0]}" if roles else "# + residual")
+        s.writeline("z += tl.load(res_ptr + offs, mask=mask, other=0.0)")
+    if spec.act != "none":
+        s.writeline(f"# {roles[-1]}" if roles else f"# {spec.act}")
+        params = "".join(f", {float(p)!r}" for p in spec.act_params)
+        s.writeline("z = -z" if spec.act == "neg" else f"z = _{spec.act}(z{params})")
+    s.writeline(f"tl.store(y_ptr + offs, {y}, mask=mask)")

@@ -440,7 +440,8 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         meta.append(f"BN_EPS={float(spec.bn_eps)!r},")
     meta.append(f'PRECISION="{spec.precision}", **cfg,')
     stages = ", ".join(spec.labels)
-    heavy = ", heavy_epilogue=True" if spec.act not in ("none", *ACTS) else ""
+    # A long activation formula, or a max pool that also writes its argmax (training), per tile element
+    heavy = ", heavy_epilogue=True" if spec.act not in ("none", *ACTS) or (spec.pool == "max" and not spec.inference) else ""
     bn_args = spec.inference or spec.bn or spec.residual
     extra = ", rm=None, rv=None, bn_w=None, bn_b=None, r=None" if bn_args else ""
     extra_doc = " (the batch norm's rm, rv, bn_w, bn_b; the residual r)" if bn_args else ""

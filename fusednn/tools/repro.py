@@ -367,7 +367,9 @@ def forward(env):
     for role in SPEC["roles"]:
         if ":" in role and not role.startswith("d:"):
             key, owner = role.split(":")
-            node = next(n for n in nodes if (n[0] == "max_pool2d" if key == "idx" else n[3] == owner))
+            # a fused group's extras belong to the node that makes them: its pool, its batch norm
+            maker = {"idx": "max_pool2d", "mean": "batch_norm", "invstd": "batch_norm"}.get(key)
+            node = next(n for n in nodes if (n[0] == maker if maker else n[3] == owner))
             env[role] = extra(key, node, env)
     return env
 
