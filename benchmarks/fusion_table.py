@@ -6,6 +6,11 @@ by `stats()` with the launch configs of the GPU path and no kernel executed (so 
 train: a forward and backward with autograd recording (batch norm with batch statistics);
 eval: `model.eval()` under `torch.no_grad()` (the inference graph: batch norm folded into the conv).
 Bytes are the distinct memory each launch is given (fusednn.launch.tensor_bytes), summed over launches.
+
+eager: the same step in torch eager on the CPU, counted at the aten level (a TorchDispatchMode below
+autograd): every aten op that computes (views, detach and allocations excluded) and the distinct memory of
+its tensor arguments and results. It stands for eager's launches and bytes (one kernel per aten op); on a
+GPU, cuDNN and cuBLAS may split an op into several kernels.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import argparse
 import json
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusednn
 from fusednn import launch
@@ -24,6 +31,48 @@ _RGB = ("resnet8", "airbench", "mobilenet")  # built with in_channels=3, run on 
 
 def _model(name: str) -> torch.nn.Module:
     return MODELS[name](in_channels=3) if name in _RGB else MODELS[name]()
+
+
+_NO_COMPUTE = {"detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "alias",
+               "lift_fresh"}
+
+
+class _AtenOps(TorchDispatchMode):
+    """Counts the aten ops that compute, and the distinct bytes each one's tensors span."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_COMPUTE:
+            tensors = tuple(t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+            self.ops += 1
+            self.bytes += launch.tensor_bytes(tensors)
+        return out
+
+
+def eager(name: str, batch: int, mode: str) -> dict:
+    """Aten ops and MB of one eager forward (and backward in train) of model `name`."""
+    torch.manual_seed(0)
+    net = _model(name).train(mode == "train")
+    x = torch.randn(batch, 3 if name in _RGB else 1, 32, 32)
+    with _AtenOps() as fwd:
+        if mode == "train":
+            y = net(x)
+        else:
+            with torch.no_grad():
+                net(x)
+    row = {"forward_launches": fwd.ops, "forward_MB": fwd.bytes / 1e6}
+    if mode == "train":
+        g = torch.ones_like(y)
+        with _AtenOps() as bwd:
+            y.backward(g)
+        row |= {"backward_launches": bwd.ops, "backward_MB": bwd.bytes / 1e6}
+    return row
 
 
 def measure(name: str, batch: int) -> dict:
@@ -46,6 +95,8 @@ def measure(name: str, batch: int) -> dict:
             if mode == "train":
                 row |= {"backward_launches": st["backward"]["launches"], "backward_MB": st["backward"]["bytes"] / 1e6}
             out[f"{'fused' if fuse else 'unfused'}/{mode}"] = row
+    for mode in ("train", "eval"):
+        out[f"eager/{mode}"] = eager(name, batch, mode)
     return out
 
 
@@ -56,17 +107,17 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     results = {m: measure(m, a.batch) for m in a.models.split(",")}
-    print(f"batch {a.batch}; launches / MB per forward and backward (GPU launch configs, kernels not executed)")
-    print(f"{'model':<9} {'mode':<6} {'fused fwd':>16} {'unfused fwd':>16} {'fused bwd':>16} {'unfused bwd':>16}")
+    print(f"batch {a.batch}; launches / MB per forward and backward (GPU launch configs, kernels not executed; "
+          "eager: aten ops that compute / MB)")
+    kinds = ("fused", "unfused", "eager")
+    print(f"{'model':<9} {'mode':<6} " + " ".join(f"{k + ' ' + d:>16}" for d in ("fwd", "bwd") for k in kinds))
     for m, r in results.items():
         for mode in ("train", "eval"):
-            f, u = r[f"fused/{mode}"], r[f"unfused/{mode}"]
-            cells = [f"{f['forward_launches']} / {f['forward_MB']:.2f}", f"{u['forward_launches']} / {u['forward_MB']:.2f}"]
-            if mode == "train":
-                cells += [f"{f['backward_launches']} / {f['backward_MB']:.2f}",
-                          f"{u['backward_launches']} / {u['backward_MB']:.2f}"]
-            else:
-                cells += ["-", "-"]
+            cells = []
+            for d in ("forward", "backward"):
+                for k in kinds:
+                    e = r[f"{k}/{mode}"]
+                    cells.append(f"{e[d + '_launches']} / {e[d + '_MB']:.2f}" if d + "_launches" in e else "-")
             print(f"{m:<9} {mode:<6} " + " ".join(f"{c:>16}" for c in cells))
     if a.json:
         with open(a.json, "w") as fh:

@@ -31,7 +31,7 @@ from fusednn.compiler import passes
 from fusednn.compiler.codegen import where
 from fusednn.compiler.ir import Graph
 from fusednn.compiler.trace import trace
-from fusednn.errors import CompileError, InputMismatchError
+from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
 
 log = logging.getLogger("fusednn")
 
@@ -434,6 +434,8 @@ class _Compiled:
         self.__dict__["trace_count"] = 0
 
     def _fnn_call(self, args: tuple) -> Any:
+        if torch._C._is_any_autocast_enabled():  # ~0.1 us: one C call
+            self._refuse_autocast(args)
         guard = self._fnn_guard
         if guard is not None:
             tensors = guard.tensors(args)
@@ -473,6 +475,18 @@ class _Compiled:
         self.__dict__["_fnn_last"] = spec
         self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
         return spec.run(tensors, args)
+
+    def _refuse_autocast(self, args: tuple) -> None:
+        """Under torch.autocast for the inputs' device type eager would cast conv/linear operands to half
+        precision and return half-precision results; fusednn's kernels compute in float32 and do not follow
+        autocast's casts yet, so such a call is refused rather than silently run in float32."""
+        device = next((a.device.type for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), "cpu")
+        if torch.is_autocast_enabled(device):
+            raise UnsupportedOpError(
+                f"{self._fnn_name()} called under torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)}): "
+                "fusednn's Triton kernels compute in float32 and do not follow autocast's casts yet, so the call "
+                "would not give what eager gives (half-precision conv/linear results). Call it outside autocast "
+                f"(torch.autocast({device!r}, enabled=False) around the call), in float32")
 
     def _warn_eager(self, spec: Specialization) -> None:
         """strict=False: one warning per compiled model naming the calls torch runs inside the graph."""
