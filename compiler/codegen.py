@@ -543,9 +543,20 @@ def check_batch(graph: Graph, batch: int) -> None:
                 "split the batch")
 
 
+# The ops whose kernels, forward and backward, take float16 as well as float32 (tests/test_half.py): they load
+# either, compute in fp32 (GEMMs: float16 operands, fp32 accumulation) and store their result's dtype. The
+# others take float32 only. bfloat16 waits for a GPU: Triton's interpreter gets a bfloat16 tl.dot wrong.
+HALF_OPS = frozenset({"conv2d", "conv_relu_pool", "linear", "linear_relu", "relu", "leaky_relu", "sigmoid", "tanh",
+                      "max_pool2d", "avg_pool2d", "cross_entropy", "add", "sub", "mul", "neg", "reshape", "pointwise"})
+
+
+def _half_ok(n: Node) -> bool:
+    return all(a.op in HALF_OPS for a in (n, *n.absorbed))
+
+
 def check(graph: Graph) -> None:
     """Raise before code generation when a value does not fit the kernels: 2**31 elements or more
-    (CompileError: 32-bit offsets) or a dtype other than float32 (InputMismatchError)."""
+    (CompileError: 32-bit offsets) or a dtype other than float32 (float16 for `HALF_OPS`) (InputMismatchError)."""
     for n in graph.nodes:
         for v in [v for v in n.inputs if v is not None] + [a.out for a in n.absorbed or (n,)]:
             if v.type.numel > MAX_NUMEL:
@@ -563,12 +574,16 @@ def check(graph: Graph) -> None:
                                f"{n.out.type}; fusednn does not support this")
         if n.op in ("reshape",):
             continue
+        half = _half_ok(n)
         for i, v in enumerate(n.inputs):
             if v is None or i in REGISTRY[n.op].int_operands or v.type.dtype == torch.float32:
                 continue
+            if v.type.dtype == torch.float16 and half:
+                continue
+            takes = "float32 or float16" if half else "float32 (float16 only for " + ", ".join(sorted(HALF_OPS - {"pointwise"})) + ")"
             raise InputMismatchError(
-                f"{where(n)}: fusednn's Triton kernels compute in float32, but its operand %{v.name} is {v.type}. "
-                "Convert the model and its inputs with .float(), or compile with backend='reference'")
+                f"{where(n)}: fusednn's Triton kernels for {n.op} take {takes}, but its operand %{v.name} is "
+                f"{v.type}. Convert the model and its inputs with .float(), or compile with backend='reference'")
 
 
 def _lower_empty(n: Node, precision: str) -> Step:

@@ -129,10 +129,9 @@ class TritonExecutable:
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
         for v, t in zip(self.graph.inputs, tensors):
-            if t.is_floating_point() and t.dtype != torch.float32:
+            if t.is_floating_point() and t.dtype != v.type.dtype:
                 raise InputMismatchError(
-                    f"fusednn's Triton kernels compute in float32; {v.kind} '{v.name}' is {t.dtype}. "
-                    "Convert the model and inputs with .float(), or use backend='reference'")
+                    f"{v.kind} '{v.name}' is {t.dtype}, but this graph was compiled for {v.type.dtype}")
 
     def __call__(self, user: list[torch.Tensor], named: dict[str, torch.Tensor],
                  checked: bool = False) -> list[torch.Tensor]:

@@ -348,11 +348,11 @@ def _activation_bwd_dx_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    dy = tl.load(dy_ptr + offs, mask=mask)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
     if ACT == "neg":
         s = dy  # neg reads no saved tensor
     else:
-        s = tl.load(s_ptr + offs, mask=mask)
+        s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
     tl.store(dx_ptr + offs, _act_grad3(dy, s, p0, p1, p2, ACT), mask=mask)
 
 
@@ -410,9 +410,9 @@ def _mul_bwd_dx_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    dy = tl.load(dy_ptr + offs, mask=mask)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
     if OTHER_IS_TENSOR:
-        dx = dy * tl.load(other_ptr + offs, mask=mask)
+        dx = dy * tl.load(other_ptr + offs, mask=mask).to(tl.float32)
     else:
         dx = dy * other_scalar
     tl.store(dx_ptr + offs, dx, mask=mask)
@@ -428,8 +428,8 @@ def _add_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    a = tl.load(a_ptr + offs, mask=mask)
-    tl.store(out_ptr + offs, a + tl.load(b_ptr + offs, mask=mask), mask=mask)
+    a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, a + tl.load(b_ptr + offs, mask=mask).to(tl.float32), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,6 +448,12 @@ SAVES: dict[str, str | None] = {
 # How many parameters each activation's forward helper `_<act>` and `_act_grad3` take (p0, p1, p2).
 NPARAMS: dict[str, int] = {"leaky_relu": 1, "hardtanh": 2, "elu": 3, "softplus": 2, "threshold": 2}
 _ACTS = tuple(SAVES)
+
+
+def heavy_act(act: str) -> bool:
+    """An activation whose formula and derivative are long (erf, exp, ...): a kernel applying it to a large
+    tile per thread needs smaller tiles to stay out of local memory (configs.reduce_cols `heavy`)."""
+    return act not in ("none", "relu", "leaky_relu", "hardtanh", "neg")
 
 
 def _check_same(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

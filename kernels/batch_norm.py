@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
-from fusednn.kernels.activation import SAVES, _act_grad3
+from fusednn.kernels.activation import SAVES, _act_grad3, heavy_act
 from fusednn.launch import launch
 
 # VJP per channel, over its M = N*inner values. y = x̂ w + b, x̂ = (x − μ) σ⁻¹, σ⁻¹ = (var + eps)^(−1/2).
@@ -213,7 +213,7 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
     dx = torch.empty_like(x) if needs_dx else None
     dres = (torch.empty_like(x) if write_dy else dout) if needs_dresidual else None
     dw = db = None
-    cfg = configs.reduce_cols(configs.nominal(M), C)
+    cfg = configs.reduce_cols(configs.nominal(M), C, heavy=heavy_act(act))
     if needs_dweight or needs_dbias or (needs_dx and training) or write_dy:
         # Σ dy·x̂ and Σ dy per channel: dweight and dbias themselves, and what training dx reads
         dw = torch.empty(C, device=x.device, dtype=torch.float32)

@@ -78,9 +78,9 @@ def _sum_to_kernel(
         rem_r, dy_r, o_r, unused = _unravel(rem_r, S1, 1 - K1, D1, O1, 0, dy_r, o_r, unused)
         rem_r, dy_r, o_r, unused = _unravel(rem_r, S0, 1 - K0, D0, O0, 0, dy_r, o_r, unused)
         mask = (m[:, None] < M) & (r[None, :] < R)
-        g = tl.load(dy_ptr + dy_m[:, None] + dy_r[None, :], mask=mask, other=0.0)
+        g = tl.load(dy_ptr + dy_m[:, None] + dy_r[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_OTHER:
-            g = g * tl.load(o_ptr + o_m[:, None] + o_r[None, :], mask=mask, other=0.0)
+            g = g * tl.load(o_ptr + o_m[:, None] + o_r[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += g
     tl.store(out_ptr + out_m, tl.sum(acc, axis=1) * scale, mask=m < M)
 
@@ -123,7 +123,7 @@ def coalesce(out: tuple[int, ...], target: tuple[int, ...], other: tuple[int, ..
 
 
 def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None = None,
-           scale: float = 1.0, batched: bool = True) -> torch.Tensor:
+           scale: float = 1.0, batched: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
     """scale · (dy · other) summed over the dims where `shape` was broadcast to dy's shape, as a new
     contiguous tensor of `shape` (torch's `sum_to_size`).
 
@@ -135,6 +135,7 @@ def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None 
         scale: a number multiplying the sum (sub's -1, alpha).
         batched: dy may follow the batch, so the tiles are picked at the nominal batch (`configs.nominal`);
             False for sums whose sizes never do (split-K parts of a weight gradient).
+        dtype: the result's dtype (the sum runs in fp32); dy's by default.
     """
     out_shape = tuple(dy.shape)
     shape = tuple(shape)
@@ -144,7 +145,7 @@ def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None 
                          f"{None if other is None else list(other.shape)}) must broadcast to {list(out_shape)}")
     if not dy.is_contiguous() or (other is not None and not other.is_contiguous()):
         raise ValueError("sum_to: dy and other must be contiguous")
-    out = torch.empty(shape, dtype=dy.dtype, device=dy.device)
+    out = torch.empty(shape, dtype=dtype or dy.dtype, device=dy.device)
     dims = coalesce(out_shape, shape, None if other is None else tuple(other.shape))
     if len(dims) > MAX_DIMS:
         raise ValueError(f"sum_to: broadcasting {list(shape)} to {list(out_shape)} needs {len(dims)} dims after "
@@ -159,7 +160,7 @@ def sum_to(dy: torch.Tensor, shape: tuple[int, ...], other: torch.Tensor | None 
     meta = configs.sum_to(configs.nominal(M), configs.nominal(R)) if batched else configs.sum_to(M, R)
     sizes, keep = [d[0] for d in dims], [int(d[1]) for d in dims]
     dys, os_, ts = [d[2] for d in dims], [d[3] for d in dims], [d[4] for d in dims]
-    moved = (dy.numel() + out.numel() + (0 if other is None else other.numel())) * dy.element_size()
+    moved = (dy.numel() + (0 if other is None else other.numel())) * dy.element_size() + out.nbytes
     launch(_sum_to_kernel, (configs.cdiv(M, meta["BLOCK_M"]),), dy, dy if other is None else other, out,
            float(scale), M, R, *sizes, *dys, *os_, *ts, K0=keep[0], K1=keep[1], K2=keep[2], K3=keep[3],
            HAS_OTHER=other is not None, nbytes=moved, **meta)  # dy stands in for an absent other

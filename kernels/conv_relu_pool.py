@@ -62,25 +62,25 @@ def _conv_relu_pool_dz(
     """The GEMM prologue shared by dx and dw: dz at conv positions (n, k, oh, ow), zero where masked."""
     if POOL == "none":
         off = ((n * K + k) * OH + oh) * OW + ow
-        dz = tl.load(dy_ptr + off, mask=ok, other=0.0)
+        dz = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if ACT != "none":
-            o = tl.load(y_ptr + off, mask=ok, other=0.0)
+            o = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
     else:
         ph = oh // POOL_K
         pw = ow // POOL_K
         inside = ok & (ph < PH) & (pw < PW)
         p_off = ((n * K + k) * PH + ph) * PW + pw
-        dz = tl.load(dy_ptr + p_off, mask=inside, other=0.0)
+        dz = tl.load(dy_ptr + p_off, mask=inside, other=0.0).to(tl.float32)
         if POOL == "max":
             win = tl.load(idx_ptr + p_off, mask=inside, other=0).to(tl.int32)
             hit = inside & (win == (oh - ph * POOL_K) * POOL_K + (ow - pw * POOL_K))
             dz = tl.where(hit, dz, 0.0)
             if ACT != "none":
-                o = tl.load(y_ptr + p_off, mask=hit, other=0.0)
+                o = tl.load(y_ptr + p_off, mask=hit, other=0.0).to(tl.float32)
         else:
             dz = dz / (POOL_K * POOL_K)
             if ACT != "none":
-                o = tl.load(a_ptr + ((n * K + k) * OH + oh) * OW + ow, mask=inside, other=0.0)
+                o = tl.load(a_ptr + ((n * K + k) * OH + oh) * OW + ow, mask=inside, other=0.0).to(tl.float32)
     if ACT != "none":
         dz = _act_grad(dz, o, slope, ACT)  # the one act' formula (kernels/activation.py)
     return dz
@@ -140,7 +140,7 @@ def _conv_relu_pool_bwd_dx_kernel(
         # w viewed as [K, CG, R * S]: row k, channel c, tap (r, s)
         w_tile = tl.load(w_ptr + (k[:, None] * CG + offs_j[None, :]) * (R * S) + rs[:, None],
                          mask=q_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = tl.dot(dz, w_tile, acc, input_precision=PRECISION)
+        acc = tl.dot(dz.to(dy_ptr.dtype.element_ty), w_tile.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     c = g * CG + offs_j
     dx_off = ((n[:, None] * C + c[None, :]) * H + ih[:, None]) * W + iw[:, None]
     tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
@@ -204,7 +204,7 @@ def _conv_relu_pool_bwd_dw_kernel(
             iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :] * DIL_W
             x_ok = m_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=x_ok, other=0.0)
-            acc = tl.dot(dz, x_tile, acc, input_precision=PRECISION)
+            acc = tl.dot(dz.to(dy_ptr.dtype.element_ty), x_tile.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     if COMPUTE_DW:
         dw_off = (part * K + k[:, None]) * CRS + offs_j[None, :]
         tl.store(dw_ptr + dw_off, acc, mask=i_ok[:, None] & j_ok[None, :])
@@ -242,7 +242,9 @@ class _Plan(MeasuredBytes):
 @configs.memo
 def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tuple, padding: tuple, dilation: tuple,
                    groups: int, act: str, pool: str, pool_k: int, out_hw: tuple, precision: str, no_y: bool,
-                   no_idx: bool, no_a: bool, needs_dx: bool, needs_dw: bool, needs_db: bool) -> _Plan:
+                   no_idx: bool, no_a: bool, needs_dx: bool, needs_dw: bool, needs_db: bool,
+                   dtypes: tuple = ()) -> _Plan:
+    """dtypes: of dy, x and w; not read, but the bytes each launch moves depend on them."""
     (sh, sw), (pad_h, pad_w), (dil_h, dil_w) = stride, padding, dilation
     N, C, H, W = x_shape
     K, CG, R, S = w_shape
@@ -316,7 +318,7 @@ def conv_relu_pool_backward(
     """
     plan = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), _pair(stride), _pair(padding),
                           _pair(dilation), groups, act, pool, pool_k, tuple(out_hw), precision,
-                          y is None, idx is None, a is None, needs_dx, needs_dw, needs_db)
+                          y is None, idx is None, a is None, needs_dx, needs_dw, needs_db, (dy.dtype, x.dtype, w.dtype))
     # Only the buffers this variant reads are passed; the others are None, which the constexpr branches
     # never touch (a stand-in tensor there would be counted as bytes moved; see launch.tensor_bytes).
     bufs = (dy, idx if pool == "max" else None, y if act != "none" and pool != "avg" else None,
@@ -329,12 +331,14 @@ def conv_relu_pool_backward(
         launch(_conv_relu_pool_bwd_dx_kernel, plan.dx_grid, *args, nbytes=plan.moved("dx", args), **plan.dx_meta)
     if needs_dw or needs_db:
         split, K = plan.split, w.shape[0]
-        dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=torch.float32)
-        db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=torch.float32)
+        # fp32 partials to be summed; a single part is the result itself, in the weight's dtype
+        part_dtype = torch.float32 if split > 1 else w.dtype
+        dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=part_dtype)
+        db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=part_dtype)
         args = (*bufs, x, dw_part, db_part, slope, plan.N, plan.slice_rows)
         launch(_conv_relu_pool_bwd_dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
         if needs_dw:
-            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False)).view(w.shape)
+            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False, dtype=w.dtype)).view(w.shape)
         if needs_db:
-            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:], batched=False)).view(K)
+            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:], batched=False, dtype=w.dtype)).view(K)
     return dx, dw, db

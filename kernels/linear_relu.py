@@ -48,9 +48,9 @@ def _linear_relu_dz(
     ACT: tl.constexpr,
 ):
     """The GEMM prologue of both backward kernels: a tile of dz = dy * act'(z), act' read from y."""
-    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ACT != "none":
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = _act_grad(dz, y, slope, ACT)  # the one act' formula (kernels/activation.py)
     return dz
 
@@ -86,7 +86,7 @@ def _linear_relu_bwd_dx_kernel(
             w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk,
             mask=(cols[:, None] < N) & (offs_k[None, :] < K), other=0.0,
         )
-        acc = tl.dot(dz, w, acc, input_precision=PRECISION)
+        acc = tl.dot(dz.to(dy_ptr.dtype.element_ty), w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -108,7 +108,7 @@ def _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, rows, offs_n, offs_k, M,
                           ACT)
     if HAS_DW:
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
-        acc = tl.dot(dzt, x, acc, input_precision=PRECISION)
+        acc = tl.dot(dzt.to(dy_ptr.dtype.element_ty), x.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     if HAS_DB:
         db += dzt
     return acc, db
@@ -192,7 +192,8 @@ class _Plan(MeasuredBytes):
 @configs.memo
 def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, y_shape: tuple | None, dy_stride: tuple,
                    x_stride: tuple, w_stride: tuple, y_stride: tuple | None, act: str, act_param: float,
-                   precision: str, needs_dx: bool, needs_dw: bool, needs_db: bool) -> _Plan:
+                   precision: str, needs_dx: bool, needs_dw: bool, needs_db: bool, dtypes: tuple = ()) -> _Plan:
+    """dtypes: of dy, x and w; not read, but the bytes each launch moves depend on them."""
     if act not in ACTS:
         raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
     if precision not in PRECISIONS:
@@ -215,6 +216,10 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, y_shape: tup
                    PRECISION=precision, num_warps=cfg["num_warps"])
     cfg = configs.gemm(N, K, configs.nominal(M))  # dw[N, K] = dzᵀ[N, M] @ x[M, K]
     bn, bk, bm = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if torch.float16 in dtypes and configs.target() != "interp":
+        # float16 operands at 16 x 64 x 32 spilled on sm_90 (triton 3.9: LeNet fc2 + relu at batch 64, dy
+        # [64, 84]: 64 registers and a 56-byte stack); 32-wide K tiles took 62 and none
+        bk = min(bk, 32)
     # db alone needs one program per N tile
     tiles = (configs.cdiv(N, bn), configs.cdiv(K, bk) if needs_dw else 1)
     # Split M into slices when the tiles alone leave the GPU idle (configs.split_k; never under the
@@ -260,19 +265,20 @@ def linear_relu_backward(
         y = None  # act' = 1: the kernels never read y
     p = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), None if y is None else tuple(y.shape),
                        dy.stride(), x.stride(), w.stride(), None if y is None else y.stride(), act,
-                       float(act_param), precision, needs_dx, needs_dw, needs_db)
+                       float(act_param), precision, needs_dx, needs_dw, needs_db, (dy.dtype, x.dtype, w.dtype))
     dx = dw = db = None
     if needs_dx:
-        dx = torch.empty((p.M, p.K), device=x.device, dtype=torch.float32)  # dx[M, K] = dz[M, N] @ w[N, K]
+        dx = torch.empty((p.M, p.K), device=x.device, dtype=x.dtype)  # dx[M, K] = dz[M, N] @ w[N, K]
         args = (dy, y, w, dx, p.M, p.N, p.K, p.slope, *p.dx_strides)
         launch(_linear_relu_bwd_dx_kernel, p.dx_grid, *args, nbytes=p.moved("dx", args), **p.dx_meta)
     if needs_dw or needs_db:
         n_dw, length, split = p.n_dw, p.length, p.split  # dw and db share one buffer, [dw | db]
-        parts = torch.empty((split, length), device=x.device, dtype=torch.float32)
+        # fp32 partials to be summed; a single part is the result itself, in the weight's dtype
+        parts = torch.empty((split, length), device=x.device, dtype=torch.float32 if split > 1 else w.dtype)
         args = (dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
                 p.M, p.N, p.K, p.m_per_split, p.slope, *p.dw_strides)
         launch(_linear_relu_bwd_dw_kernel, p.dw_grid, *args, nbytes=p.moved("dw", args), **p.dw_meta)
-        out = parts[0] if split == 1 else sum_to(parts, (length,), batched=False)  # the parts, added in a fixed order
+        out = parts[0] if split == 1 else sum_to(parts, (length,), batched=False, dtype=w.dtype)  # added in a fixed order
         N, K = p.N, p.K
         dw = out[:n_dw].view(N, K) if needs_dw else None
         db = out[n_dw:] if needs_db else None

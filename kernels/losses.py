@@ -57,19 +57,19 @@ def _cross_entropy_bwd_dx_kernel(
     mask = row_ok[:, None] & (cols[None, :] < C)
     offs = base[:, None] + cols[None, :] * INNER
     if PER_ROW:
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
-        g = tl.load(g_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
+        g = tl.load(g_ptr).to(tl.float32) + tl.zeros([BLOCK_R], dtype=tl.float32)
     if MEAN:
         g = g / tl.load(den_ptr)
     if WEIGHT:
-        w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
+        w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     if PROB:
-        x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
+        x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         e = tl.exp(x - lse[:, None])
         p = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
-        q = tl.load(target_ptr + offs, mask=mask, other=0.0)
+        q = tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if EPS > 0.0:
             q = tl.where(mask, q * (1.0 - EPS) + EPS / C, 0.0)
         wq = q
@@ -87,12 +87,12 @@ def _cross_entropy_bwd_dx_kernel(
         onehot = cols[None, :] == t[:, None]
         w_t = tl.where(keep, 1.0, 0.0)
         if WEIGHT:
-            w_t = tl.load(w_ptr + t, mask=row_ok & keep & (t >= 0) & (t < C), other=0.0)
+            w_t = tl.load(w_ptr + t, mask=row_ok & keep & (t >= 0) & (t < C), other=0.0).to(tl.float32)
         gw = tl.where(keep, g, 0.0)
         if NLL:
             dx = tl.where(onehot, -(gw * w_t)[:, None], 0.0)
         else:
-            x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
+            x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
             e = tl.exp(x - lse[:, None])
             den = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
@@ -130,12 +130,12 @@ def _point_loss_bwd_dx_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PER_ELEMENT:
-        g = tl.load(dloss_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(dloss_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        g = tl.load(dloss_ptr) * inv_count
+        g = tl.load(dloss_ptr).to(tl.float32) * inv_count
     d = x - t
     if L1:
         dx = tl.where(d > 0, g, tl.where(d < 0, -g, 0.0))

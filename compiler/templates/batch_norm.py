@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source
-from fusednn.kernels.activation import SAVES
+from fusednn.kernels.activation import SAVES, heavy_act
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,7 @@ def generate(spec: BatchNormSpec) -> str:
         s.writeline(f'"""batch_norm of [N, {spec.C}, {spec.inner}] with {mode} statistics{then} into y, '
                     f'save_mean, save_invstd; any batch N (the tiles are picked at N = {spec.N})."""')
         s.writeline("n = x.shape[0]")
-        s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C})")
+        s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C}{', heavy=True' if heavy_act(spec.act) else ''})")
         rows_grid = f'configs.cdiv(n * {spec.inner}, cfg["BLOCK_R"])' if use_running else "1"
         s.writeline(f'grid = ({rows_grid}, configs.cdiv({spec.C}, cfg["BLOCK_C"]))')
         args.append("n")

@@ -368,7 +368,8 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
             x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=x_ok, other=0.0)
             # w is [K, CG * R * S] row-major: the (c, r, s) taps of channel k are contiguous
             w_tile = tl.load(w_ptr + k[None, :] * CRS + q[:, None], mask=q_ok[:, None] & j_ok[None, :], other=0.0)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+            # operands in the output's precision (float16 in, fp32 accumulation), the epilogue in fp32
+            acc = tl.dot(x_tile.to(y_ptr.dtype.element_ty), w_tile.to(y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
     """)
     pre = conv_t

@@ -143,7 +143,7 @@ def generate(spec: LinearSpec) -> str:
                 k_left = K - k * BLOCK_K  # masks the K remainder: its zeros add nothing
                 x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
                 wt = tl.load(wt_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-                acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+                acc = tl.dot(x.to(y_ptr.dtype.element_ty), wt.to(y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 wt_ptrs += BLOCK_K * stride_wk
             """

@@ -147,7 +147,7 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
                 """
             )
             if not spec.nll:
-                s.writeline('x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))')
+                s.writeline('x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)')
                 _labels(s, spec.labels, 0, 2)
                 s.writelines(
                     """
@@ -162,9 +162,9 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
                 s.writeline("nlp = tl.where(mask, log_den[:, None] - (x - m[:, None]), 0.0)")
             _labels(s, spec.labels, 1 if not spec.nll else 0, 2 if not spec.nll else 1)
             if spec.weight:
-                s.writeline("w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)")
+                s.writeline("w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)")
             if spec.prob:
-                s.writeline("q = tl.load(target_ptr + offs, mask=mask, other=0.0)")
+                s.writeline("q = tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)")
                 if eps:
                     s.writeline(f"q = tl.where(mask, q * {1.0 - eps!r} + {eps / spec.C!r}, 0.0)")
                 wq = "w[None, :] * q" if spec.weight else "q"
@@ -177,11 +177,11 @@ def generate_cross_entropy(spec: CrossEntropySpec) -> str:
                     t = tl.load(target_ptr + rows, mask=row_ok, other=IGNORE_INDEX)
                     keep = row_ok & (t != IGNORE_INDEX)
                     in_range = (t >= 0) & (t < C)
-                    x_t = tl.load(logits_ptr + base + t * INNER, mask=keep & in_range, other=0.0)
+                    x_t = tl.load(logits_ptr + base + t * INNER, mask=keep & in_range, other=0.0).to(tl.float32)
                     """
                 )
                 if spec.weight:
-                    s.writeline("w_t = tl.load(w_ptr + t, mask=keep & in_range, other=0.0)")
+                    s.writeline("w_t = tl.load(w_ptr + t, mask=keep & in_range, other=0.0).to(tl.float32)")
                 else:
                     s.writeline("w_t = 1.0")
                 if spec.nll:
@@ -275,8 +275,8 @@ def generate_point_loss(spec: PointLossSpec) -> str:
             s.writelines(
                 """
                 mask = offs < NUMEL
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 """
             )
             _labels(s, spec.labels, 0, 1)

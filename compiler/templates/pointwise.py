@@ -229,9 +229,9 @@ def generate(spec: PointwiseSpec) -> str:
         index = dict(spec.index)
         for n in spec.inputs:
             if n in index:
-                src.writeline(f"{n} = tl.load({n}_ptr + {index[n]}, mask=mask)  # broadcast")
+                src.writeline(f"{n} = tl.load({n}_ptr + {index[n]}, mask=mask).to(tl.float32)  # broadcast")
             elif n not in weights:
-                src.writeline(f"{n} = tl.load({n}_ptr + offs, mask=mask)")
+                src.writeline(f"{n} = tl.load({n}_ptr + offs, mask=mask).to(tl.float32)")
         for s in spec.steps:
             src.writeline(f"# {s.label}")
             for line in _expr(s):
