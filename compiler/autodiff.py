@@ -354,7 +354,7 @@ def _dropout_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
 def _eager_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
     """A call torch ran (strict=False): recompute it from its saved inputs under autograd, pull dy back."""
     ins = [env.values[v].detach().requires_grad_(nd) for v, nd in zip(n.inputs, needs)]
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(ins[0].device.type if ins else "cpu", enabled=False):
         out = n.attrs["call"](ins)
     wrt = [t for t in ins if t.requires_grad]
     if not wrt or not out.requires_grad:

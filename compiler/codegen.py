@@ -495,12 +495,14 @@ def _lower_reshape(n: Node, precision: str) -> Step:
 
 
 def _lower_eager(n: Node, precision: str) -> Step:
-    """A call the registry does not know (strict=False): torch runs it, no kernel."""
+    """A call the registry does not know (strict=False): torch runs it, no kernel; outside any torch.autocast,
+    as it was traced (its result has the dtype the graph says)."""
     call = n.attrs["call"]
 
     def run(env: Env) -> None:
-        with torch.no_grad():
-            env.values[n.out] = call([env.values[v] for v in n.inputs])
+        ins = [env.values[v] for v in n.inputs]
+        with torch.no_grad(), torch.autocast(ins[0].device.type if ins else "cpu", enabled=False):
+            env.values[n.out] = call(ins)
 
     return Step(n, None, run)
 

@@ -71,14 +71,38 @@ def user_name(func: Any) -> str:
     return f"{module}.{qual}" if module.startswith("torch") else qual
 
 
-class _Recorder(TorchFunctionMode):
-    """Records registered torch calls as Nodes; everything returning non-tensors passes through."""
+# torch.autocast's op lists, for the ops fusednn traces (the same on CPU and CUDA): these run in the autocast
+# dtype (their floating operands cast to it), these in float32; every other op runs in the dtype it is given.
+AUTOCAST_LOWER = frozenset({"conv2d", "linear"})
+AUTOCAST_FP32 = frozenset({"cross_entropy", "nll_loss", "mse_loss", "l1_loss"})
 
-    def __init__(self, values: dict[int, Value], keep: list[Any], strict: bool = True):
+
+def _cast_floats(tree: Any, dtype: torch.dtype, back: dict[int, torch.Tensor]) -> Any:
+    """tree with its floating tensors cast to dtype; back maps each cast tensor's id to the original."""
+    def cast(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        c = t.to(dtype)
+        back[id(c)] = t
+        return c
+
+    return pytree.tree_map(cast, tree)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records registered torch calls as Nodes; everything returning non-tensors passes through.
+
+    autocast: the dtype of the torch.autocast the traced call runs under (None: none). The meta tensors
+    the trace runs on escape autocast, so the recorder applies its op lists itself: a node's result has the
+    dtype eager would give it, and its operands keep theirs (the kernel casts as it loads)."""
+
+    def __init__(self, values: dict[int, Value], keep: list[Any], strict: bool = True,
+                 autocast: torch.dtype | None = None):
         super().__init__()
         self.values = values
         self.keep = keep  # keeps traced tensors alive so their ids stay unique
         self.strict = strict
+        self.autocast = autocast
         self.nodes: list[Node] = []
         self.module_stack: list[str] = []
         # BatchNorm(momentum=None) reads its batch counter as a Python float: float(num_batches_tracked)
@@ -147,10 +171,15 @@ class _Recorder(TorchFunctionMode):
             return out
         where = user_location()
         shapes = _shapes((args, kwargs))
+        back: dict[int, torch.Tensor] = {}  # a cast operand -> the traced tensor it stands for
+        if self.autocast is not None and d.name in AUTOCAST_LOWER | AUTOCAST_FP32:
+            to = self.autocast if d.name in AUTOCAST_LOWER else torch.float32
+            args, kwargs = _cast_floats(args, to, back), _cast_floats(kwargs, to, back)
         try:
             tensors, attrs = d.parse(*args, **kwargs)
         except (CompileError, ValueError, TypeError) as e:
             raise type(e)(f"{_op_phrase(d.name, self.module, where)} with inputs of shape {shapes}: {e}") from None
+        tensors = [back.get(id(t), t) for t in tensors]  # the node reads the operands, the kernel casts
         if d.name == "batch_norm" and attrs["momentum"] in self.cma:  # momentum=None: 1 / the counter
             tensors.append(self.cma.pop(attrs["momentum"]))
             attrs["momentum"] = None
@@ -289,11 +318,12 @@ def input_names(fn: Callable, n: int) -> list[str]:
     return names + [f"x{i}" for i in range(len(names), n)]
 
 
-def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: bool = True) -> Graph:
+def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: bool = True,
+          autocast: torch.dtype | None = None) -> Graph:
     """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph.
 
     strict=False records a torch call the registry does not know as an `eager` node (torch runs it)
-    instead of raising UnsupportedOpError.
+    instead of raising UnsupportedOpError. autocast: trace as under torch.autocast(dtype=autocast).
     """
     if isinstance(fn, torch.nn.Module):
         mods = [("", fn)]
@@ -342,7 +372,7 @@ def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: b
                 swap[pname] = by_id[id(t)]
         replacements.append((mod, swap))
 
-    rec = _Recorder(values, keep, strict)
+    rec = _Recorder(values, keep, strict, autocast)
 
     def pre_hook(module, _inputs):
         rec.module_stack.append(names_of.get(id(module), type(module).__name__))

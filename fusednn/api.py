@@ -59,8 +59,9 @@ class Specialization:
     """
 
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
-                 positions: tuple[int, ...] = ()):
-        self.traced = trace(fn, *example, strict=options.strict)
+                 positions: tuple[int, ...] = (), autocast: torch.dtype | None = None):
+        self.autocast = autocast  # the torch.autocast dtype its calls run under (None: none)
+        self.traced = trace(fn, *example, strict=options.strict, autocast=autocast)
         _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
         g = _transform(self.traced, options)
         self.min_batch: int | None = None
@@ -90,7 +91,7 @@ class Specialization:
             return lambda b: which[b] if b in which else which.setdefault(b, make(b))
 
         def trace_at(b: int) -> Graph:
-            return trace(fn, *batching.at_batch(example, positions, b), strict=options.strict)
+            return trace(fn, *batching.at_batch(example, positions, b), strict=options.strict, autocast=self.autocast)
 
         for sizes, least in (([batch, batch + 1, 1], 1), ([batch, batch + 1], 2)):
             dyn_t = batching.polymorphic(build(traced, trace_at), sizes)
@@ -227,11 +228,12 @@ def _module_key(m: torch.nn.Module) -> tuple[str, str, str]:
 
 
 def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]],
-               batch_at: tuple[int, ...] = ()) -> tuple:
+               batch_at: tuple[int, ...] = (), autocast: torch.dtype | None = None) -> tuple:
     """What a specialisation is compiled for: every input's and parameter's shape, dtype, device,
-    requires_grad and layout, other arguments by repr, and each submodule's mode, settings (extra_repr)
-    and other attributes (`_attributes`). The arguments at `batch_at` show dim 0 as None (the batch
-    wildcard; `_with_batch` puts it back)."""
+    requires_grad and layout, other arguments by repr, each submodule's mode, settings (extra_repr)
+    and other attributes (`_attributes`), and the torch.autocast dtype of the call (an entry only under
+    autocast). The arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it
+    back)."""
     sig: list[tuple] = [(i, _tensor_key(a) if isinstance(a, torch.Tensor) else ("value", repr(a)))
                         for i, a in enumerate(args)]
     for i in batch_at:
@@ -239,6 +241,8 @@ def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tupl
         sig[i] = (i, ((None, *shape[1:]), *rest))
     sig += [(name, _tensor_key(t)) for name, t in tensors.items()]
     sig += [(("module", name), _module_key(m)) for name, m in modules]
+    if autocast is not None:
+        sig.append(("torch.autocast", ("value", str(autocast).replace("torch.", ""))))
     return tuple(sig)
 
 
@@ -434,16 +438,15 @@ class _Compiled:
         self.__dict__["trace_count"] = 0
 
     def _fnn_call(self, args: tuple) -> Any:
-        if torch._C._is_any_autocast_enabled():  # ~0.1 us: one C call
-            self._refuse_autocast(args)
+        amp = self._autocast(args) if torch._C._is_any_autocast_enabled() else None  # ~0.1 us: one C call
         guard = self._fnn_guard
-        if guard is not None:
+        if guard is not None and guard.spec.autocast is amp:
             tensors = guard.tensors(args)
             if tensors is not None:  # nothing the key reads has changed since the last call
                 return guard.spec.run(tensors, args, checked=True)
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
-        wild = _signature(args, tensors, self._fnn_named_modules(), batch_at)
+        wild = _signature(args, tensors, self._fnn_named_modules(), batch_at, amp)
         spec = self._fnn_poly.get(wild)
         prev = self._fnn_last_key
         self.__dict__["_fnn_last_key"] = (wild, batch_at, batch)
@@ -466,7 +469,7 @@ class _Compiled:
                             "signature keeps changing: %s. Each one traces and generates kernels again: pad inputs "
                             "to fixed shapes, keep one dtype/layout (x.contiguous()), or raise max_specializations.",
                             what, len(self._fnn_cache) + 1, cap, _what_varies([*self._fnn_cache, sig], names))
-            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors, batch_at)
+            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors, batch_at, amp)
             self._warn_eager(spec)
             self._fnn_cache[sig] = spec
             if spec.min_batch is not None:
@@ -476,17 +479,25 @@ class _Compiled:
         self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
         return spec.run(tensors, args)
 
-    def _refuse_autocast(self, args: tuple) -> None:
-        """Under torch.autocast for the inputs' device type eager would cast conv/linear operands to half
-        precision and return half-precision results; fusednn's kernels compute in float32 and do not follow
-        autocast's casts yet, so such a call is refused rather than silently run in float32."""
+    def _autocast(self, args: tuple) -> torch.dtype | None:
+        """The dtype of the torch.autocast this call runs under, for its inputs' device type (None: none).
+
+        Under it conv2d and linear compute in that dtype and losses in float32, as in eager (the trace
+        applies autocast's op lists: trace.AUTOCAST_LOWER, AUTOCAST_FP32); it is part of the
+        specialisation key. float16 only: bfloat16 is refused until a GPU checks it (Triton's interpreter
+        gets a bfloat16 tl.dot wrong), and so is the reference backend, which would not follow autocast."""
         device = next((a.device.type for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), "cpu")
-        if torch.is_autocast_enabled(device):
+        if not torch.is_autocast_enabled(device):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        if dtype != torch.float16 or self._fnn_options.backend != "triton":
+            why = ("fusednn follows autocast in float16 only (bfloat16 waits for a GPU check)"
+                   if dtype != torch.float16 else "backend='reference' does not follow autocast")
             raise UnsupportedOpError(
-                f"{self._fnn_name()} called under torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)}): "
-                "fusednn's Triton kernels compute in float32 and do not follow autocast's casts yet, so the call "
-                "would not give what eager gives (half-precision conv/linear results). Call it outside autocast "
-                f"(torch.autocast({device!r}, enabled=False) around the call), in float32")
+                f"{self._fnn_name()} called under torch.autocast({device!r}, dtype={dtype}): {why}. Use "
+                f"torch.autocast({device!r}, dtype=torch.float16), or call it outside autocast "
+                f"(torch.autocast({device!r}, enabled=False) around the call)")
+        return dtype
 
     def _warn_eager(self, spec: Specialization) -> None:
         """strict=False: one warning per compiled model naming the calls torch runs inside the graph."""

@@ -509,21 +509,3 @@ def test_largest_32_bit_value_passes_the_size_check():
     with pytest.raises(fusednn.CompileError, match=r"read by relu .*f32\[2147483648\]|f32\[2147483648\].*read by relu"):
         codegen.check(big)
 
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_call_under_autocast_is_refused_not_run_in_float32(dtype):
-    """torch.autocast makes eager conv/linear compute and return half precision; fusednn's kernels do not follow
-    autocast's casts, so a call under it must say so rather than silently return float32."""
-    net = LeNet()
-    c = fusednn.compile(net)
-    x = torch.randn(2, 1, 32, 32)
-    for first in (True, False):  # the first call (trace) and a steady-state call (the guard)
-        if not first:
-            c(x)
-        with torch.autocast("cpu", dtype=dtype):
-            with pytest.raises(fusednn.UnsupportedOpError, match=r"torch\.autocast\('cpu'.*outside autocast"):
-                c(x)
-    with torch.autocast("cpu", dtype=dtype, enabled=False):  # autocast off: runs
-        assert c(x).dtype == torch.float32
-    with torch.autocast("cuda", dtype=dtype):  # autocast on another device type does not touch CPU ops
-        assert rel_err(c(x), net(x)) <= 1e-5

@@ -1,0 +1,154 @@
+"""torch.autocast(float16) through fusednn: conv2d and linear compute in float16 (operands cast as the kernel
+loads them, fp32 accumulation, float16 results), losses in float32, everything else in the dtype it is
+given, as torch's autocast op lists say; weight gradients reach the float32 parameters as float32.
+
+Tolerance: torch's for float16 (1e-3 relative, torch.testing.assert_close's rtol) or 4x eager autocast's own
+error against float64, whichever is larger (see tests/test_half.py). fusednn keeps fp32 where eager rounds to
+float16 (a fused epilogue, the bias, weight gradients written straight to float32), so it is often closer.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusednn
+from fusednn.models import LeNet, LeNet5
+from fusednn.optim import SGD
+from tests.helpers import rel_err
+
+F16_RTOL = 1e-3
+
+
+def _amp():
+    return torch.autocast("cpu", dtype=torch.float16)
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> tuple:
+    x = x.clone().requires_grad_()
+    with _amp() if amp else torch.autocast("cpu", enabled=False):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+    loss.backward()
+    return out.detach(), loss.detach(), {"input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("make", [LeNet, LeNet5], ids=["lenet", "lenet5"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_autocast_float16_matches_torch_float64_forward_and_every_gradient(make, fuse):
+    torch.manual_seed(0)
+    model = make()
+    eager, eager64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))
+    compiled = fusednn.compile(model, fuse=fuse)
+    out, loss, grads = _step(compiled, x, y, amp=True)
+    out16, loss16, grads16 = _step(eager, x, y, amp=True)
+    out64, loss64, grads64 = _step(eager64, x.double(), y, amp=False)
+    assert (out.dtype, loss.dtype) == (out16.dtype, loss16.dtype) == (torch.float16, torch.float32)
+    assert rel_err(out, out64) <= max(F16_RTOL, 4 * rel_err(out16, out64))
+    assert rel_err(loss, loss64) <= max(F16_RTOL, 4 * rel_err(loss16, loss64))
+    for name, g64 in grads64.items():
+        assert grads[name].dtype == torch.float32, name
+        assert rel_err(grads[name], g64) <= max(F16_RTOL, 4 * rel_err(grads16[name], g64)), name
+
+
+def test_the_graph_shows_where_precision_changes_and_the_loss_is_float32():
+    net = LeNet()
+    f = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y))
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 10, (2,))
+    with _amp():
+        loss = f(x, y)
+    assert loss.dtype == torch.float32
+    text = str(f.graph)
+    assert "%x: f32[2,1,32,32]" in text and "%net.conv1.weight: f32[6,1,5,5]" in text
+    convs = [n for n in f.graph.nodes if n.op == "conv2d"]
+    assert [str(n.out.type) for n in convs] == ["f16[2,6,28,28]", "f16[2,16,10,10]"]
+    assert str(f.graph.nodes[-1].out.type) == "f32[]"  # cross_entropy: autocast's float32 list
+
+
+def test_autocast_and_float32_calls_are_two_specialisations_and_switching_back_does_not_retrace():
+    torch.manual_seed(0)
+    net = LeNet()
+    c = fusednn.compile(net)
+    x = torch.randn(2, 1, 32, 32)
+    y32 = c(x)
+    with _amp():
+        y16 = c(x)
+    assert c(x).dtype == torch.float32 and c.trace_count == 2
+    with _amp():
+        assert c(x).dtype == torch.float16 and c.trace_count == 2
+    assert y16.dtype == torch.float16 and rel_err(y16, y32) <= 4e-3
+
+
+def _train(model: nn.Module, steps: int, amp: bool, opt_cls, scaler=None, inf_at: int = -1) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    opt = opt_cls(model.parameters(), lr=0.05, momentum=0.9)
+    for i in range(steps):
+        x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+        if i == inf_at and scaler is None:
+            continue  # the reference skips the step the scaler skips
+        opt.zero_grad(set_to_none=True)
+        with _amp() if amp else torch.autocast("cpu", enabled=False):
+            loss = F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
+        if i == inf_at:
+            loss = loss * float("inf")  # every gradient non-finite: the scaler must skip this step
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_twenty_autocast_sgd_steps_track_eager_autocast(fuse):
+    torch.manual_seed(0)
+    model = LeNet()
+    ours = _train(fusednn.compile(copy.deepcopy(model), fuse=fuse), 20, True, SGD)
+    eager = _train(copy.deepcopy(model), 20, True, torch.optim.SGD)
+    exact = _train(copy.deepcopy(model).double(), 20, False, torch.optim.SGD)
+    for p, e, r in zip(ours, eager, exact):
+        assert rel_err(p, r) <= max(F16_RTOL, 4 * rel_err(e, r))
+
+
+def test_grad_scaler_with_fusednn_sgd_matches_eager_amp_and_skips_a_non_finite_step():
+    torch.manual_seed(0)
+    model = LeNet()
+    scalers = [torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=5) for _ in range(2)]
+    ours = _train(fusednn.compile(copy.deepcopy(model)), 20, True, SGD, scalers[0], inf_at=7)
+    eager = _train(copy.deepcopy(model), 20, True, torch.optim.SGD, scalers[1], inf_at=7)
+    exact = _train(copy.deepcopy(model).double(), 20, False, torch.optim.SGD, None, inf_at=7)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 256.0 * 2**3 / 2  # 3 growths, 1 skip
+    for p, e, r in zip(ours, eager, exact):
+        assert torch.isfinite(p).all()
+        assert rel_err(p, r) <= max(F16_RTOL, 4 * rel_err(e, r))
+
+
+def test_bfloat16_autocast_and_ops_without_float16_kernels_are_refused_by_name():
+    c = fusednn.compile(LeNet())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(fusednn.UnsupportedOpError, match=r"torch\.autocast\('cpu', dtype=torch\.bfloat16\).*float16 only"):
+            c(x)
+    bn = fusednn.compile(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    with _amp():
+        with pytest.raises(fusednn.InputMismatchError, match=r"batch_norm in module '1'.*f16"):
+            bn(x)
+    ref = fusednn.compile(LeNet(), backend="reference")
+    with _amp():
+        with pytest.raises(fusednn.UnsupportedOpError, match="reference"):
+            ref(x)
+
+
+def test_autocast_for_another_device_type_leaves_cpu_calls_in_float32():
+    net = LeNet()
+    c = fusednn.compile(net)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=True):
+        out = c(x)
+    assert out.dtype == torch.float32 and rel_err(out, net(x)) <= 1e-5
