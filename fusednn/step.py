@@ -72,13 +72,18 @@ class TrainStep:
     """The callable `train_step` returns: `step(x, y) -> loss`. See the module docstring."""
 
     def __init__(self, model: Callable, loss_fn: Callable | None, optimizer: torch.optim.Optimizer,
-                 cuda_graph: bool | None, warmup: int) -> None:
+                 cuda_graph: bool | None, warmup: int, autocast: torch.dtype | None = None,
+                 scaler: "torch.amp.GradScaler | None" = None) -> None:
         if warmup < 2:
             # Step 1 creates grads and optimizer state; fusednn's optimizers build their address tables (a host-to-
             # device copy, which capture forbids) for the steady state on step 2.
             raise ValueError(f"train_step: warmup must be >= 2 eager steps before capture, got {warmup}")
+        if scaler is not None and cuda_graph:
+            raise ValueError("train_step: a GradScaler reads its inf/NaN check on the host each step, which a CUDA "
+                             "graph cannot capture; pass cuda_graph=False")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.cuda_graph, self.warmup = cuda_graph, warmup
+        self.autocast, self.scaler = autocast, scaler
+        self.cuda_graph, self.warmup = (False if scaler is not None else cuda_graph), warmup
         self.calls = 0
         self.captures = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -95,9 +100,15 @@ class TrainStep:
         grads = _grads(self.optimizer)
         if grads:
             torch._foreach_zero_(grads)  # in place: the .grad tensors (and their addresses) persist
-        loss = self.model(x, y) if self.loss_fn is None else self.loss_fn(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.model(x, y) if self.loss_fn is None else self.loss_fn(self.model(x), y)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # scaled loss; the step unscales the gradients and is skipped when any is inf or NaN
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.detach()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -181,7 +192,8 @@ class TrainStep:
 
 
 def train_step(model: Callable, loss_fn: Callable | None, optimizer: torch.optim.Optimizer, *,
-               cuda_graph: bool | None = None, warmup: int = 3) -> TrainStep:
+               cuda_graph: bool | None = None, warmup: int = 3, autocast: torch.dtype | None = None,
+               scaler: "torch.amp.GradScaler | None" = None) -> TrainStep:
     """A callable `step(x, y) -> loss` running one whole training step, captured in a CUDA graph on CUDA.
 
     Args:
@@ -191,5 +203,8 @@ def train_step(model: Callable, loss_fn: Callable | None, optimizer: torch.optim
         optimizer: any torch optimizer over the model's parameters (e.g. `fusednn.optim.SGD`).
         cuda_graph: capture the step in a CUDA graph; None means yes for CUDA inputs, no for CPU inputs.
         warmup: eager steps (on a side stream, with the caller's batches) before the capture; at least 2.
+        autocast: run forward and loss under torch.autocast(dtype=autocast) (e.g. torch.float16).
+        scaler: a torch.amp.GradScaler: the loss is scaled, the step unscales and skips non-finite
+            gradients; its host-side check rules out a CUDA graph (cuda_graph None means no).
     """
-    return TrainStep(model, loss_fn, optimizer, cuda_graph, warmup)
+    return TrainStep(model, loss_fn, optimizer, cuda_graph, warmup, autocast, scaler)

@@ -77,7 +77,7 @@ class TrainConfig:
     nesterov: bool = True
     schedule: str = "cosine"
     fuse: bool = True
-    precision: str = "ieee"
+    precision: str = "ieee"  # ieee, tf32 (fp32 tl.dot), or fp16 / bf16 (torch.autocast and a GradScaler)
     device: str | None = None
     seed: int = 0
     limit: int | None = None
@@ -287,8 +287,9 @@ def check_state_dict(state: dict, model: nn.Module, model_name: str, path: str |
 
 
 def evaluate(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = EVAL_BATCH,
-             world: World = World()) -> float:
-    """Fraction of `data` the model classifies correctly (eval mode, no_grad; the model's mode is restored).
+             world: World = World(), autocast: torch.dtype | None = None) -> float:
+    """Fraction of `data` the model classifies correctly (eval mode, no_grad, under torch.autocast(dtype=
+    autocast) when given; the model's mode is restored).
 
     In a data-parallel run each rank scores every world.size-th sample and the counts are summed."""
     x_all, y_all = (t[world.rank::world.size] for t in data.tensors)
@@ -296,7 +297,7 @@ def evaluate(model: nn.Module, data: TensorDataset, device: torch.device, batch_
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             for i in range(0, len(y_all), batch_size):
                 x = x_all[i:i + batch_size].to(device)
                 y = y_all[i:i + batch_size].to(device)
@@ -396,19 +397,34 @@ def _check(cfg: TrainConfig, world: World = World()) -> tuple[torch.device, int]
     return device, epochs
 
 
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision values that train under autocast
+
+
+def _precision(precision: str) -> tuple[str, torch.dtype | None]:
+    """(fusednn.compile's precision, the torch.autocast dtype or None) of a --precision value."""
+    if precision == "bf16":
+        raise ValueError("--precision bf16: fusednn follows torch.autocast in float16 only for now; bfloat16 waits "
+                         "for a GPU check (Triton's interpreter computes a bfloat16 tl.dot wrongly). Use fp16")
+    if precision in AUTOCAST:
+        return "ieee", AUTOCAST[precision]
+    return precision, None
+
+
 class _Step:
     """One training step (`fusednn.train_step`: a CUDA graph replay on CUDA) that also counts the batch's
     correct predictions into a device tensor, so nothing is read back to the host per step."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, device: torch.device,
-                 graph: bool) -> None:
+                 graph: bool, autocast: torch.dtype | None = None) -> None:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
 
         def loss_and_hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             self.correct.copy_((logits.detach().argmax(dim=1) == y).sum())  # captured with the step
             return loss_fn(logits, y)
 
-        self.step = fusednn.train_step(model, loss_and_hits, optimizer, cuda_graph=graph)
+        scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
+        self.step = fusednn.train_step(model, loss_and_hits, optimizer, cuda_graph=graph, autocast=autocast,
+                                       scaler=scaler)
         self.graph = graph
         self.shape: torch.Size | None = None
 
@@ -469,8 +485,9 @@ def _train_epoch(cfg: TrainConfig, step: _Step, compiled: nn.Module, optimizer: 
 
 
 def _use_graph(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the step is captured in a CUDA graph: on CUDA unless cfg.graph is off."""
-    return cfg.graph and device.type == "cuda"
+    """Whether the step is captured in a CUDA graph: on CUDA unless cfg.graph is off, or a GradScaler
+    (--precision fp16) checks for inf on the host each step."""
+    return cfg.graph and device.type == "cuda" and cfg.precision not in AUTOCAST
 
 
 def fit(cfg: TrainConfig, on_batch: Callable[[Progress], None] | None = None,
@@ -525,14 +542,15 @@ def _fit(cfg: TrainConfig, world: World, device: torch.device, epochs: int, star
     first_epoch, history = _restore(cfg, model, optimizer, device) if cfg.resume else (0, [])
     for group in optimizer.param_groups:  # this run's lr (and its device tensor), not a checkpoint's
         group["lr"] = lr
-    compiled = fusednn.compile(model, fuse=cfg.fuse, precision=cfg.precision)
+    precision, amp = _precision(cfg.precision)
+    compiled = fusednn.compile(model, fuse=cfg.fuse, precision=precision)
     trained_model: nn.Module = compiled
     if world.size > 1:  # gradients are averaged over the ranks by torch's DDP hooks on the parameters
         trained_model = nn.parallel.DistributedDataParallel(
             compiled, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = fusednn.compile(lambda logits, target: F.cross_entropy(logits, target), fuse=cfg.fuse,
-                              precision=cfg.precision)
-    step = _Step(trained_model, loss_fn, optimizer, device, graph)
+                              precision=precision)
+    step = _Step(trained_model, loss_fn, optimizer, device, graph, amp)
     xy = tuple(t.to(device) for t in train.tensors)
     if on_start is not None:
         on_start({"model": cfg.model, "dataset": cfg.dataset, "n_train": len(train), "n_test": len(test),
@@ -547,7 +565,7 @@ def _fit(cfg: TrainConfig, world: World, device: torch.device, epochs: int, star
         dump = cfg.dump if epoch == first_epoch and world.lead else None
         entry, dumped = _train_epoch(cfg, step, compiled, optimizer, xy, epoch, epochs, world, dump, on_batch)
         dump_files = dump_files or dumped
-        entry["test_acc"] = evaluate(compiled, test, device, world=world)
+        entry["test_acc"] = evaluate(compiled, test, device, world=world, autocast=amp)
         entry["seconds"] = time.perf_counter() - t0
         history.append(entry)
         if cfg.save and world.lead:
@@ -559,7 +577,7 @@ def _fit(cfg: TrainConfig, world: World, device: torch.device, epochs: int, star
             on_epoch(entry)
 
     trained = max(epochs - first_epoch, 0)
-    test_acc = history[-1]["test_acc"] if trained else evaluate(compiled, test, device, world=world)
+    test_acc = history[-1]["test_acc"] if trained else evaluate(compiled, test, device, world=world, autocast=amp)
     if cfg.plot and not trained and history and world.lead:
         plot_history(history, cfg.plot, title)
     return TrainResult(model=cfg.model, dataset=cfg.dataset, epochs=max(epochs, first_epoch), trained_epochs=trained,
