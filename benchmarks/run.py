@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=None, help="timed rounds (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--model", default="lenet", help="lenet or lenet5")
-    p.add_argument("--precision", choices=["ieee", "tf32", "both"], default=None,
+    p.add_argument("--precision", choices=["ieee", "tf32", "fp16", "both"], default=None,
                    help="default: both on CUDA, ieee on CPU")
     p.add_argument("--variants", default=None, help="comma-separated subset of fusednn.tools.bench.VARIANTS")
     p.add_argument("--budget-s", type=float, default=None, help="start no new run that would not fit")

@@ -100,7 +100,8 @@ class TrainStep:
         grads = _grads(self.optimizer)
         if grads:
             torch._foreach_zero_(grads)  # in place: the .grad tensors (and their addresses) persist
-        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        # no cast cache: a captured graph must not keep casts made for one replay (torch's CUDA graphs notes)
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None, cache_enabled=False):
             loss = self.model(x, y) if self.loss_fn is None else self.loss_fn(self.model(x), y)
         if self.scaler is None:
             loss.backward()

@@ -58,6 +58,20 @@ def test_bench_main_on_cpu_writes_counts_fused_below_unfused_and_a_png(tmp_path,
     assert "fusednn_unfused" in tail and "ms/step" in tail and "launches" in tail  # the table comes last
 
 
+def test_bench_fp16_runs_every_variant_under_autocast_with_fewer_bytes(tmp_path):
+    """--precision fp16: the step under torch.autocast(float16) for torch eager and fusednn alike; the losses
+    agree within float16's tolerance and fusednn's kernels move fewer bytes than in fp32."""
+    names = ["torch_eager", "fusednn_fused"]
+    assert bench.main(str(tmp_path), [3], 1, "cpu", "lenet", precisions=["ieee", "fp16"], variants=names) == 0
+    runs = {r["precision"]: r["variants"] for r in json.loads((tmp_path / "bench.json").read_text())["runs"]}
+    assert runs["fp16"]["torch_eager"]["status"] == runs["fp16"]["fusednn_fused"]["status"] == "ok"
+    assert runs["fp16"]["fusednn_fused"]["loss_max_rel_diff_vs_torch_eager"] <= 1e-3
+    assert runs["fp16"]["fusednn_fused"]["launches_per_step"] == runs["ieee"]["fusednn_fused"]["launches_per_step"]
+    assert runs["fp16"]["fusednn_fused"]["bytes_per_step"] < runs["ieee"]["fusednn_fused"]["bytes_per_step"]
+    with pytest.raises(ValueError, match="precisions"):
+        bench.main(str(tmp_path), [3], 1, "cpu", "lenet", precisions=["bf16"])
+
+
 def test_bench_budget_skips_later_runs_but_always_runs_the_first(tmp_path):
     assert bench.main(str(tmp_path), [2, 4], 1, "cpu", "lenet", variants=["torch_eager"], budget_s=0) == 0
     res = json.loads((tmp_path / "bench.json").read_text())

@@ -130,9 +130,17 @@ def skip_reason(v: Variant, device: torch.device) -> str | None:
     return None
 
 
+PRECISIONS = ("ieee", "tf32", "fp16")
+
+
 def build(v: Variant, base: nn.Module, precision: str) -> tuple[Callable, TrainStep]:
-    """A fresh copy of `base` with its optimizer, wrapped as one training-step callable for variant `v`."""
+    """A fresh copy of `base` with its optimizer, wrapped as one training-step callable for variant `v`.
+
+    precision "fp16": every variant's forward and loss under torch.autocast(float16), fp32 weights; no
+    GradScaler (its inf check would add a host sync per step to what is timed)."""
     net = copy.deepcopy(base)
+    amp = torch.float16 if precision == "fp16" else None
+    precision = "ieee" if amp is not None else precision
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(net(x), y)
@@ -149,7 +157,7 @@ def build(v: Variant, base: nn.Module, precision: str) -> tuple[Callable, TrainS
                     setattr(cfg, name, max(getattr(cfg, name), 64))
             model = torch.compile(loss_of, mode=v.mode, dynamic=False)
         opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, foreach=True)
-    step = train_step(model, None, opt, cuda_graph=v.graph)
+    step = train_step(model, None, opt, cuda_graph=v.graph, autocast=amp)
     if v.mode == "reduce-overhead":
         def call(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
@@ -419,7 +427,8 @@ def main(out: str, batch_sizes: list[int], steps: int, device: str | None, model
         steps: timed steps per trial (>= 200 on a GPU for the protocol; a few on a CPU).
         device: "cuda", "cpu" or None (CUDA when present).
         model: a name in fusednn.models.MODELS ("lenet", "lenet5").
-        precisions: default ("ieee", "tf32") on CUDA, ("ieee",) on CPU (tf32 means nothing to the interpreter).
+        precisions: among PRECISIONS; default ("ieee", "tf32") on CUDA, ("ieee",) on CPU (tf32 means nothing to
+            the interpreter); "fp16": the step under torch.autocast(float16).
         variants: names from VARIANTS (default all; those that cannot run here are listed as skipped).
         trials: timed rounds (default 5 on CUDA, 1 on CPU).
         budget_s: stop starting new (batch, precision) runs when the last one would not fit.
@@ -430,6 +439,8 @@ def main(out: str, batch_sizes: list[int], steps: int, device: str | None, model
     dev = torch.device(device) if device else default_device()
     cuda = dev.type == "cuda"
     precisions = list(precisions or (("ieee", "tf32") if cuda else ("ieee",)))
+    if any(p not in PRECISIONS for p in precisions):
+        raise ValueError(f"bench: precisions must be among {PRECISIONS}, got {precisions}")
     names = list(variants or VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -272,7 +272,7 @@ def _bench(args: argparse.Namespace) -> int:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     sizes = [b for group in args.batch_size for b in group] if args.batch_size else ([64, 512, 4096] if cuda else [8])
     steps = args.steps if args.steps is not None else (200 if cuda else 2)
-    return bench.main(args.out, sizes, steps, args.device, args.model)
+    return bench.main(args.out, sizes, steps, args.device, args.model, precisions=args.precision)
 
 
 # -- parser ------------------------------------------------------------------------------------------
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat or give a comma list (default: 64,512,4096 on a GPU, 8 on a CPU)")
     b.add_argument("--steps", type=_positive_int, help="timed steps per trial (default: 200 on a GPU, 2 on a CPU)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    b.add_argument("--precision", action="append", choices=("ieee", "tf32", "fp16"),
+                   help="repeat for several (default: ieee and tf32 on a GPU, ieee on a CPU); fp16: the step under "
+                        "torch.autocast(float16)")
     b.add_argument("--out", default="bench", metavar="DIR", help="where bench.json and bench.png go (default: bench/)")
     b.set_defaults(func=_bench)
     return parser
