@@ -545,15 +545,17 @@ def check_batch(graph: Graph, batch: int) -> None:
                 "split the batch")
 
 
-# The ops whose kernels, forward and backward, take float16 as well as float32 (tests/test_half.py): they load
-# either, compute in fp32 (GEMMs: float16 operands, fp32 accumulation) and store their result's dtype. The
-# others take float32 only. bfloat16 waits for a GPU: Triton's interpreter gets a bfloat16 tl.dot wrong.
-HALF_OPS = frozenset({"conv2d", "conv_relu_pool", "linear", "linear_relu", "relu", "leaky_relu", "sigmoid", "tanh",
-                      "max_pool2d", "avg_pool2d", "cross_entropy", "add", "sub", "mul", "neg", "reshape", "pointwise"})
+# The ops whose kernels, forward and backward, take float16 as well as float32 (tests/test_half.py,
+# tests/test_autocast.py): they load either, compute in fp32 (GEMMs: float16 operands, fp32 accumulation) and
+# store their result's dtype; so do the activations (kind "act", but prelu). The others take float32 only.
+# bfloat16 waits for a GPU: Triton's interpreter gets a bfloat16 tl.dot wrong.
+HALF_OPS = frozenset({"conv2d", "conv_relu_pool", "conv_infer", "linear", "linear_relu", "max_pool2d", "avg_pool2d",
+                      "adaptive_avg_pool2d", "adaptive_max_pool2d", "batch_norm", "batch_norm_act", "cross_entropy",
+                      "add", "sub", "mul", "reshape", "pointwise"})
 
 
 def _half_ok(n: Node) -> bool:
-    return all(a.op in HALF_OPS for a in (n, *n.absorbed))
+    return all(a.op in HALF_OPS or (REGISTRY[a.op].kind == "act" and a.op != "prelu") for a in (n, *n.absorbed))
 
 
 def check(graph: Graph) -> None:
@@ -582,7 +584,8 @@ def check(graph: Graph) -> None:
                 continue
             if v.type.dtype == torch.float16 and half:
                 continue
-            takes = "float32 or float16" if half else "float32 (float16 only for " + ", ".join(sorted(HALF_OPS - {"pointwise"})) + ")"
+            takes = "float32 or float16" if half else ("float32 (float16 only for the activations, " +
+                                                         ", ".join(sorted(HALF_OPS - {"pointwise"})) + ")")
             raise InputMismatchError(
                 f"{where(n)}: fusednn's Triton kernels for {n.op} take {takes}, but its operand %{v.name} is "
                 f"{v.type}. Convert the model and its inputs with .float(), or compile with backend='reference'")

@@ -37,11 +37,11 @@ def _pullback(dout_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok,
               ACT: tl.constexpr, ACT_FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
               HAS_BIAS: tl.constexpr):
     """dy = dout act'(z) on a tile (dout itself without an activation)."""
-    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0)
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ACT == "none":
         dy = dout
     elif ACT_FROM_OUT:
-        dy = _act_grad3(dout, tl.load(out_ptr + offs, mask=mask, other=0.0), p0, p1, p2, ACT)
+        dy = _act_grad3(dout, tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32), p0, p1, p2, ACT)
     else:
         # z exactly as compiler/templates/batch_norm.py computes it
         scale = invstd
@@ -51,7 +51,7 @@ def _pullback(dout_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok,
         if HAS_BIAS:
             z = z + tl.load(b_ptr + chans, mask=c_ok, other=0.0)[None, :]
         if HAS_RES:
-            z += tl.load(res_ptr + offs, mask=mask, other=0.0)
+            z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = _act_grad3(dout, z, p0, p1, p2, ACT)
     return tl.where(mask, dy, 0.0)
 
@@ -94,7 +94,7 @@ def _batch_norm_bwd_dwdb_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         offs = ((rows // INNER) * (C * INNER) + rows % INNER)[:, None] + chans[None, :] * INNER
         mask = (rows < M)[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = _pullback(dy_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok, x, mean, invstd, p0, p1,
                        p2, ACT, ACT_FROM_OUT, HAS_RES, HAS_WEIGHT, HAS_BIAS)
         if WRITE_DY:
@@ -145,7 +145,7 @@ def _batch_norm_bwd_dx_kernel(
         scale = invstd * tl.load(w_ptr + chans, mask=c_ok, other=0.0)
     mean = tl.load(mean_ptr + chans, mask=c_ok, other=0.0)
     if TRAINING or (ACT != "none" and not ACT_FROM_OUT):
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         x = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     dy = _pullback(dy_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok, x, mean, invstd, p0, p1, p2,

@@ -89,7 +89,7 @@ def _pool_bwd_dx_kernel(
             tw = pw + PW - j * DW
             ow = tl.maximum(tw, 0) // SW
             ok = live & ok_h & (tw >= 0) & (ow * SW == tw) & (ow < OW)
-            g = tl.load(dy_ptr + plane + oh * OW + ow, mask=ok, other=0.0)
+            g = tl.load(dy_ptr + plane + oh * OW + ow, mask=ok, other=0.0).to(tl.float32)
             if IS_MAX:
                 arg = tl.load(idx_ptr + plane + oh * OW + ow, mask=ok, other=-1)
                 # where, not multiply: a non-finite dy of a window whose max is elsewhere must not leak
@@ -132,7 +132,7 @@ def _adaptive_pool_bwd_dx_kernel(
         for j in range(MW):
             ow = ow0 + j
             ok = live & ok_h & (ow < ow1)
-            g = tl.load(dy_ptr + plane + oh * OW + ow, mask=ok, other=0.0)
+            g = tl.load(dy_ptr + plane + oh * OW + ow, mask=ok, other=0.0).to(tl.float32)
             if IS_MAX:
                 arg = tl.load(idx_ptr + plane + oh * OW + ow, mask=ok, other=-1)
                 acc += tl.where(arg == ph * W + pw, g, 0.0)

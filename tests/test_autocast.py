@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
-from fusednn.models import LeNet, LeNet5
+from fusednn.models import LeNet, LeNet5, ResNet8
 from fusednn.optim import SGD
 from tests.helpers import rel_err
 
@@ -135,10 +135,10 @@ def test_bfloat16_autocast_and_ops_without_float16_kernels_are_refused_by_name()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(fusednn.UnsupportedOpError, match=r"torch\.autocast\('cpu', dtype=torch\.bfloat16\).*float16 only"):
             c(x)
-    bn = fusednn.compile(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    sm = fusednn.compile(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softmax(dim=1)))
     with _amp():
-        with pytest.raises(fusednn.InputMismatchError, match=r"batch_norm in module '1'.*f16"):
-            bn(x)
+        with pytest.raises(fusednn.InputMismatchError, match=r"softmax in module '1'.*take float32 \(float16 only.*f16"):
+            sm(x)
     ref = fusednn.compile(LeNet(), backend="reference")
     with _amp():
         with pytest.raises(fusednn.UnsupportedOpError, match="reference"):
@@ -152,3 +152,49 @@ def test_autocast_for_another_device_type_leaves_cpu_calls_in_float32():
     with torch.autocast("cuda", dtype=torch.float16, enabled=True):
         out = c(x)
     assert out.dtype == torch.float32 and rel_err(out, net(x)) <= 1e-5
+
+
+def _randomize_running_stats(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast_float16_resnet8_matches_torch_float64_with_batch_norm(fuse, training):
+    """Batch norm (statistics and normalisation in fp32 on float16 convs' results), residual adds and the
+    pool under autocast; output, every gradient and the running statistics. Batch 8: a training batch norm
+    over few values per channel cancels so much that eager float16 and fusednn both miss float64 by
+    percents, and which is closer then varies with the seed. (AirbenchNet's last 3x3 max pools over 3x3
+    maps: float16 rounds near-ties in its windows, so eager, fusednn and float64 route a window's gradient
+    to different positions, and its weight gradients differ by percents for that reason alone:
+    tests/test_bn_fusion.py checks its fused blocks in float32.)"""
+    make = ResNet8
+    torch.manual_seed(0)
+    model = _randomize_running_stats(make(in_channels=3)).train(training)
+    eager, eager64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(8, 3, 32, 32)
+    g = torch.linspace(-1, 1, 80).reshape(8, 10) ** 3  # not a sum: a training batch norm would zero it
+    compiled = fusednn.compile(model, fuse=fuse)
+    with _amp():
+        out, out16 = compiled(x), eager(x)
+    assert out.dtype == out16.dtype == torch.float16
+    out.backward(g.half())
+    out16.backward(g.half())
+    out64 = eager64(x.double())
+    out64.backward(g.double())
+    assert rel_err(out, out64) <= max(F16_RTOL, 4 * rel_err(out16, out64))
+    for (name, p), p16, p64 in zip(model.named_parameters(), eager.parameters(), eager64.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        assert rel_err(p.grad, p64.grad) <= max(F16_RTOL, 4 * rel_err(p16.grad, p64.grad)), name
+    for (name, b), b16, b64 in zip(model.named_buffers(), eager.buffers(), eager64.buffers()):
+        if b.is_floating_point():
+            assert b.dtype == torch.float32 and rel_err(b, b64) <= max(1e-5, 4 * rel_err(b16, b64)), name
+    if not training and fuse:  # calls autograd does not record: batch norm folded into each conv (conv_infer)
+        with torch.no_grad(), _amp():
+            y = compiled(x)
+        assert compiled.stats()["inference"] and y.dtype == torch.float16
+        assert rel_err(y, out64) <= max(F16_RTOL, 4 * rel_err(out16, out64))

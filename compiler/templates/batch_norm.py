@@ -52,7 +52,7 @@ _TILE = """
 rows = r0 + tl.arange(0, BLOCK_R)
 offs = ((rows // INNER) * (C * INNER) + rows % INNER)[:, None] + chans[None, :] * INNER
 mask = (rows < M)[:, None] & c_ok[None, :]
-x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 """
 
 
@@ -247,7 +247,7 @@ def _emit_store(s: Source, spec: BatchNormSpec, y: str) -> None:
         y = "z"
     if spec.residual:
         s.writeline(f"# {roles[0]}" if roles else "# + residual")
-        s.writeline("z += tl.load(res_ptr + offs, mask=mask, other=0.0)")
+        s.writeline("z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)")
     if spec.act != "none":
         s.writeline(f"# {roles[-1]}" if roles else f"# {spec.act}")
         params = "".join(f", {float(p)!r}" for p in spec.act_params)

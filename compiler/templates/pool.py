@@ -159,7 +159,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
                     src.writeline("ok = live & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)")
                 if is_max:
                     src.writelines('''
-                        v = tl.load(x_plane + ih * W + iw, mask=ok, other=float("-inf"))
+                        v = tl.load(x_plane + ih * W + iw, mask=ok, other=float("-inf")).to(tl.float32)
                         # torch: strictly greater or NaN replaces, so the first of equal maxima wins
                         # and NaN propagates; arg < 0 takes the first in-bounds position even if -inf
                         take = ok & ((v > best) | (v != v) | (arg < 0))
@@ -170,7 +170,7 @@ def generate(spec: PoolSpec | AdaptivePoolSpec) -> str:
                     src.writeline(f"acc += tl.where(ok, lp_pow(tl.load(x_plane + ih * W + iw, mask=ok, other=1.0), "
                                   f"{float(spec.norm_type)!r}), 0.0)")
                 else:
-                    src.writeline("acc += tl.load(x_plane + ih * W + iw, mask=ok, other=0.0)")
+                    src.writeline("acc += tl.load(x_plane + ih * W + iw, mask=ok, other=0.0).to(tl.float32)")
         if is_max:
             src.writelines('''
                 tl.store(y_ptr + offs, best, mask=live)
