@@ -7,7 +7,7 @@
 #   install    pip install --no-deps --no-build-isolation -e .   -> OUTDIR/install.log
 #              (if that fails or does not import: a flat copy of the package in a temp dir, run from there)
 #   info       fusednn info                                      -> OUTDIR/info.log
-#   tests      python3 -m pytest -m gpu -q                       -> OUTDIR/tests.log, OUTDIR/tests.xml
+#   tests      python3 -m pytest -m gpu -q (incl. float16/bfloat16 autocast vs float64) -> OUTDIR/tests.log, tests.xml
 #   bench_ieee benchmarks/run.py: all variants, batch 64/512/4096, strict fp32 -> OUTDIR/bench_ieee/
 #   bench_tf32 the same in TF32                                  -> OUTDIR/bench_tf32/
 # Then the phase table and a short results table are printed last (OUTDIR/summary.txt keeps both).

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from fusednn._backend import interpreting
 from fusednn.compiler import source
 from fusednn.compiler.autodiff import saved_values
 from fusednn.compiler.ir import Env, Graph, Node, Value
@@ -545,10 +546,14 @@ def check_batch(graph: Graph, batch: int) -> None:
                 "split the batch")
 
 
-# The ops whose kernels, forward and backward, take float16 as well as float32 (tests/test_half.py,
-# tests/test_autocast.py): they load either, compute in fp32 (GEMMs: float16 operands, fp32 accumulation) and
-# store their result's dtype; so do the activations (kind "act", but prelu). The others take float32 only.
-# bfloat16 waits for a GPU: Triton's interpreter gets a bfloat16 tl.dot wrong.
+# The ops whose kernels, forward and backward, take float16 and bfloat16 as well as float32 (tests/test_half.py,
+# tests/test_autocast.py): they load any, compute in fp32 (GEMMs: half-precision operands, fp32 accumulation,
+# kernels/precision.py) and store their result's dtype; so do the activations (kind "act", but prelu). The
+# others take float32 only. bfloat16 needs a GPU: Triton's interpreter (triton 3.9, numpy 2.4) converts
+# float32 to bfloat16 by truncation, not rounding to nearest, and returns garbage from a bfloat16 tl.dot,
+# both silently; its kernels are checked by the sm_90 build (tests/test_aot_half.py) and on a GPU.
+BF16_ON_INTERPRETER = ("bfloat16 needs a GPU: Triton's interpreter converts float32 to bfloat16 by truncation and "
+                       "computes a bfloat16 tl.dot wrongly, so fusednn refuses it there; use float16 on the CPU")
 HALF_OPS = frozenset({"conv2d", "conv_relu_pool", "conv_infer", "linear", "linear_relu", "max_pool2d", "avg_pool2d",
                       "adaptive_avg_pool2d", "adaptive_max_pool2d", "batch_norm", "batch_norm_act", "cross_entropy",
                       "add", "sub", "mul", "reshape", "pointwise"})
@@ -582,9 +587,11 @@ def check(graph: Graph) -> None:
         for i, v in enumerate(n.inputs):
             if v is None or i in REGISTRY[n.op].int_operands or v.type.dtype == torch.float32:
                 continue
-            if v.type.dtype == torch.float16 and half:
+            if v.type.dtype == torch.bfloat16 and half and interpreting():
+                raise InputMismatchError(f"{where(n)}: its operand %{v.name} is {v.type}; {BF16_ON_INTERPRETER}")
+            if v.type.dtype in (torch.float16, torch.bfloat16) and half:
                 continue
-            takes = "float32 or float16" if half else ("float32 (float16 only for the activations, " +
+            takes = "float32, float16 or bfloat16" if half else ("float32 (half precision only for the activations, " +
                                                          ", ".join(sorted(HALF_OPS - {"pointwise"})) + ")")
             raise InputMismatchError(
                 f"{where(n)}: fusednn's Triton kernels for {n.op} take {takes}, but its operand %{v.name} is "

@@ -484,18 +484,18 @@ class _Compiled:
 
         Under it conv2d and linear compute in that dtype and losses in float32, as in eager (the trace
         applies autocast's op lists: trace.AUTOCAST_LOWER, AUTOCAST_FP32); it is part of the
-        specialisation key. float16 only: bfloat16 is refused until a GPU checks it (Triton's interpreter
-        gets a bfloat16 tl.dot wrong), and so is the reference backend, which would not follow autocast."""
+        specialisation key. float16 and bfloat16; the reference backend, which would not follow autocast,
+        refuses it."""
         device = next((a.device.type for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), "cpu")
         if not torch.is_autocast_enabled(device):
             return None
         dtype = torch.get_autocast_dtype(device)
-        if dtype != torch.float16 or self._fnn_options.backend != "triton":
-            why = ("fusednn follows autocast in float16 only (bfloat16 waits for a GPU check)"
-                   if dtype != torch.float16 else "backend='reference' does not follow autocast")
+        if dtype not in (torch.float16, torch.bfloat16) or self._fnn_options.backend != "triton":
+            why = ("fusednn follows autocast in float16 and bfloat16" if self._fnn_options.backend == "triton"
+                   else "backend='reference' does not follow autocast")
             raise UnsupportedOpError(
                 f"{self._fnn_name()} called under torch.autocast({device!r}, dtype={dtype}): {why}. Use "
-                f"torch.autocast({device!r}, dtype=torch.float16), or call it outside autocast "
+                "backend='triton' with float16 or bfloat16, or call it outside autocast "
                 f"(torch.autocast({device!r}, enabled=False) around the call)")
         return dtype
 

@@ -16,6 +16,7 @@ from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
 from fusednn.kernels.plan import MeasuredBytes
+from fusednn.kernels.precision import _dot_in
 from fusednn.launch import launch
 
 # VJP of  z = conv2d(x, w) + b,  a = act(z),  y = pool(a)   (P = pool_k, per group g of channels):
@@ -140,7 +141,7 @@ def _conv_relu_pool_bwd_dx_kernel(
         # w viewed as [K, CG, R * S]: row k, channel c, tap (r, s)
         w_tile = tl.load(w_ptr + (k[:, None] * CG + offs_j[None, :]) * (R * S) + rs[:, None],
                          mask=q_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = tl.dot(dz.to(dy_ptr.dtype.element_ty), w_tile.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(_dot_in(dz, dy_ptr.dtype.element_ty), _dot_in(w_tile, dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     c = g * CG + offs_j
     dx_off = ((n[:, None] * C + c[None, :]) * H + ih[:, None]) * W + iw[:, None]
     tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
@@ -204,7 +205,7 @@ def _conv_relu_pool_bwd_dw_kernel(
             iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :] * DIL_W
             x_ok = m_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=x_ok, other=0.0)
-            acc = tl.dot(dz.to(dy_ptr.dtype.element_ty), x_tile.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+            acc = tl.dot(_dot_in(dz, dy_ptr.dtype.element_ty), _dot_in(x_tile, dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     if COMPUTE_DW:
         dw_off = (part * K + k[:, None]) * CRS + offs_j[None, :]
         tl.store(dw_ptr + dw_off, acc, mask=i_ok[:, None] & j_ok[None, :])

@@ -14,6 +14,7 @@ from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.broadcast import sum_to
 from fusednn.kernels.plan import MeasuredBytes
+from fusednn.kernels.precision import _dot_in
 from fusednn.launch import launch
 
 ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
@@ -86,7 +87,7 @@ def _linear_relu_bwd_dx_kernel(
             w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk,
             mask=(cols[:, None] < N) & (offs_k[None, :] < K), other=0.0,
         )
-        acc = tl.dot(dz.to(dy_ptr.dtype.element_ty), w.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(_dot_in(dz, dy_ptr.dtype.element_ty), _dot_in(w, dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -108,7 +109,7 @@ def _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, rows, offs_n, offs_k, M,
                           ACT)
     if HAS_DW:
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
-        acc = tl.dot(dzt.to(dy_ptr.dtype.element_ty), x.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(_dot_in(dzt, dy_ptr.dtype.element_ty), _dot_in(x, dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     if HAS_DB:
         db += dzt
     return acc, db

@@ -155,8 +155,8 @@ def _check_grads(op: str, dy: torch.Tensor, idx: torch.Tensor | None, kind: str,
     want = (x_shape[0], x_shape[1], *out_hw)
     if tuple(dy.shape) != want:
         raise ValueError(f"{op}: dy has shape {tuple(dy.shape)}, expected {want} for x {tuple(x_shape)}")
-    if dy.dtype not in (torch.float32, torch.float16) or not dy.is_contiguous():
-        raise ValueError(f"{op}: dy must be contiguous float32 or float16, got {dy.dtype}")
+    if dy.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not dy.is_contiguous():
+        raise ValueError(f"{op}: dy must be contiguous float32, float16 or bfloat16, got {dy.dtype}")
     if kind == "max":
         if idx is None or tuple(idx.shape) != want or idx.dtype not in (torch.int32, torch.int64) \
                 or not idx.is_contiguous():

@@ -204,6 +204,7 @@ def generate(spec: ConvSpec) -> str:
 
         from fusednn.compiler import configs
         from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
+        from fusednn.kernels.precision import _dot_in
         from fusednn.launch import launch as launch_kernel
     """)
     if spec.act not in ACTS:
@@ -369,7 +370,7 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
             # w is [K, CG * R * S] row-major: the (c, r, s) taps of channel k are contiguous
             w_tile = tl.load(w_ptr + k[None, :] * CRS + q[:, None], mask=q_ok[:, None] & j_ok[None, :], other=0.0)
             # operands in the output's precision (float16 in, fp32 accumulation), the epilogue in fp32
-            acc = tl.dot(x_tile.to(y_ptr.dtype.element_ty), w_tile.to(y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+            acc = tl.dot(_dot_in(x_tile, y_ptr.dtype.element_ty), _dot_in(w_tile, y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
     """)
     pre = conv_t

@@ -84,6 +84,7 @@ def generate(spec: LinearSpec) -> str:
 
         from fusednn.compiler import configs
         from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
+        from fusednn.kernels.precision import _dot_in
         from fusednn.launch import launch as _launch
 
         M, N, K = {spec.M}, {spec.N}, {spec.K}  # M: rows at the nominal batch (tiles are chosen for it)
@@ -143,7 +144,7 @@ def generate(spec: LinearSpec) -> str:
                 k_left = K - k * BLOCK_K  # masks the K remainder: its zeros add nothing
                 x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
                 wt = tl.load(wt_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-                acc = tl.dot(x.to(y_ptr.dtype.element_ty), wt.to(y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+                acc = tl.dot(_dot_in(x, y_ptr.dtype.element_ty), _dot_in(wt, y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 wt_ptrs += BLOCK_K * stride_wk
             """

@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-fuse", action="store_true", help="run every op as its own kernel")
     t.add_argument("--precision", choices=("ieee", "tf32", "fp16", "bf16"), default="ieee",
                    help="ieee: fp32 (default); tf32: fp32 with tf32 tl.dot; fp16: torch.autocast(float16) and a "
-                        "GradScaler (fp32 master weights); bf16: refused until a GPU checks it")
+                        "GradScaler (fp32 master weights); bf16: torch.autocast(bfloat16), no scaler (GPU only)")
     t.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     t.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights and the shuffling")
     t.add_argument("--limit", type=_positive_int, help="use at most N training and N test samples (quick runs)")

@@ -402,9 +402,10 @@ AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --precision values
 
 def _precision(precision: str) -> tuple[str, torch.dtype | None]:
     """(fusednn.compile's precision, the torch.autocast dtype or None) of a --precision value."""
-    if precision == "bf16":
-        raise ValueError("--precision bf16: fusednn follows torch.autocast in float16 only for now; bfloat16 waits "
-                         "for a GPU check (Triton's interpreter computes a bfloat16 tl.dot wrongly). Use fp16")
+    if precision == "bf16" and interpreting():
+        from fusednn.compiler.codegen import BF16_ON_INTERPRETER
+
+        raise ValueError(f"--precision bf16: {BF16_ON_INTERPRETER}")
     if precision in AUTOCAST:
         return "ieee", AUTOCAST[precision]
     return precision, None
@@ -422,6 +423,7 @@ class _Step:
             self.correct.copy_((logits.detach().argmax(dim=1) == y).sum())  # captured with the step
             return loss_fn(logits, y)
 
+        # float16 needs loss scaling (its range ends at 65504); bfloat16 has float32's range and does not
         scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
         self.step = fusednn.train_step(model, loss_and_hits, optimizer, cuda_graph=graph, autocast=autocast,
                                        scaler=scaler)
@@ -487,7 +489,7 @@ def _train_epoch(cfg: TrainConfig, step: _Step, compiled: nn.Module, optimizer: 
 def _use_graph(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the step is captured in a CUDA graph: on CUDA unless cfg.graph is off, or a GradScaler
     (--precision fp16) checks for inf on the host each step."""
-    return cfg.graph and device.type == "cuda" and cfg.precision not in AUTOCAST
+    return cfg.graph and device.type == "cuda" and cfg.precision != "fp16"
 
 
 def fit(cfg: TrainConfig, on_batch: Callable[[Progress], None] | None = None,
