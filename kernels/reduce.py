@@ -71,9 +71,9 @@ def _reduce_bwd_kernel(
     rem, x_m, unused, y_m = _unravel(rem, S1, K1, X1, 0, Y1, x_m, unused, y_m)
     rem, x_m, unused, y_m = _unravel(rem, S0, K0, X0, 0, Y0, x_m, unused, y_m)
     m_ok = m < M
-    g = tl.load(dy_ptr + y_m, mask=m_ok, other=0.0)
+    g = tl.load(dy_ptr + y_m, mask=m_ok, other=0.0).to(tl.float32)
     if AMAX:
-        y = tl.load(y_ptr + y_m, mask=m_ok, other=0.0)
+        y = tl.load(y_ptr + y_m, mask=m_ok, other=0.0).to(tl.float32)
         cnt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
@@ -84,7 +84,7 @@ def _reduce_bwd_kernel(
             rem_r, x_r, unused_r, unused_y = _unravel(rem_r, S1, 1 - K1, X1, 0, 0, x_r, unused_r, unused_y)
             rem_r, x_r, unused_r, unused_y = _unravel(rem_r, S0, 1 - K0, X0, 0, 0, x_r, unused_r, unused_y)
             mask = m_ok[:, None] & (r[None, :] < R)
-            xv = tl.load(x_ptr + x_m[:, None] + x_r[None, :], mask=mask, other=0.0)
+            xv = tl.load(x_ptr + x_m[:, None] + x_r[None, :], mask=mask, other=0.0).to(tl.float32)
             cnt += tl.where(mask & (xv == y[:, None]), 1.0, 0.0)
         g = g / tl.where(m_ok, tl.sum(cnt, axis=1), 1.0)  # rows past the end: no 0 / 0
     else:
@@ -100,7 +100,7 @@ def _reduce_bwd_kernel(
         mask = m_ok[:, None] & (r[None, :] < R)
         offs = x_m[:, None] + x_r[None, :]
         if AMAX:
-            xv = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dx = g[:, None] * tl.where(xv == y[:, None], 1.0, 0.0)
         else:
             dx = g[:, None] + tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)

@@ -94,3 +94,36 @@ def test_float16_and_float32_calls_of_one_model_are_two_specialisations():
     y16 = c(x.half())
     assert (y32.dtype, y16.dtype) == (torch.float32, torch.float16) and c.trace_count == 2
     assert rel_err(y16, y32) <= 4e-3
+
+
+class _Reduces(nn.Module):
+    """Global average pooling as mean((2, 3)) and a max over channels, with a ReLU6 and a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.dw(x))
+        return self.fc(y.mean((2, 3))) + y.amax(1).mean((1, 2), keepdim=True).reshape(-1, 1)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_float16_reductions_depthwise_conv_and_relu6_match_torch_float64(fuse):
+    torch.manual_seed(0)
+    model = _Reduces().half()
+    eager16, eager64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(3, 4, 6, 6).half()
+    g = torch.randn(3, 3)
+    outs = []
+    for net, xx in ((fusednn.compile(model, fuse=fuse), x), (eager16, x), (eager64, x.double())):
+        xx = xx.clone().requires_grad_()
+        out = net(xx)
+        out.backward(g.to(out.dtype))
+        params = model if net is not eager16 and net is not eager64 else net
+        outs.append((out.detach(), [xx.grad] + [p.grad for p in params.parameters()]))
+    (y, grads), (y16, grads16), (y64, grads64) = outs
+    assert y.dtype == torch.float16 and rel_err(y, y64) <= max(F16_RTOL, 4 * rel_err(y16, y64))
+    for a, a16, a64 in zip(grads, grads16, grads64):
+        assert a.dtype == torch.float16 and rel_err(a, a64) <= max(F16_RTOL, 4 * rel_err(a16, a64))

@@ -90,7 +90,7 @@ def generate(spec: ReduceSpec) -> str:
             s.writeline("mask = (m[:, None] < M) & (r[None, :] < R)")
             for label in spec.labels:
                 s.writeline(f"# {label}")
-            s.writeline(f"x = tl.load(x_ptr + x_m[:, None] + x_r[None, :], mask=mask, other={fill})")
+            s.writeline(f"x = tl.load(x_ptr + x_m[:, None] + x_r[None, :], mask=mask, other={fill}).to(tl.float32)")
             if amax:
                 # NaN is tracked apart: tl.maximum's NaN handling differs between the GPU and the interpreter
                 s.writeline("nan = nan | (x != x).to(tl.int32)")
