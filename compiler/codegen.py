@@ -556,7 +556,7 @@ BF16_ON_INTERPRETER = ("bfloat16 needs a GPU: Triton's interpreter converts floa
                        "computes a bfloat16 tl.dot wrongly, so fusednn refuses it there; use float16 on the CPU")
 HALF_OPS = frozenset({"conv2d", "conv_relu_pool", "conv_infer", "linear", "linear_relu", "max_pool2d", "avg_pool2d",
                       "adaptive_avg_pool2d", "adaptive_max_pool2d", "batch_norm", "batch_norm_act", "cross_entropy",
-                      "mean", "amax",
+                      "mean", "amax", "max_pool2d_indices", "adaptive_max_pool2d_indices",
                       "add", "sub", "mul", "reshape", "pointwise"})
 
 

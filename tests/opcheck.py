@@ -11,10 +11,15 @@ import fusednn
 from tests.helpers import rel_err
 
 
+# torch.testing.assert_close's default rtol per dtype: the floor of every tolerance here
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
 def tolerance(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
-    """max(1e-5, 4x float32 torch's own error vs float64) on the finite elements."""
+    """max(torch's rtol for ref32's dtype, 4x torch's own error in that dtype vs float64) on the finite elements
+    (ref32: torch's result in the dtype under test, float32 unless named otherwise)."""
     fin = torch.isfinite(ref64)
-    return max(1e-5, 4 * rel_err(ref32[fin], ref64[fin]))
+    return max(RTOL[ref32.dtype], 4 * rel_err(ref32[fin], ref64[fin]))
 
 
 def assert_matches(out: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor, what: str) -> None:
@@ -30,9 +35,10 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor, 
 
 
 def check_fn(fn: Callable, tensors: Sequence[torch.Tensor], fuse: bool = True, grads: Sequence[bool] | None = None,
-             **compile_kw: Any) -> Any:
+             dtype: torch.dtype = torch.float32, **compile_kw: Any) -> Any:
     """Compile fn; its output and the gradient of every floating input (those `grads` marks, by default
-    all) match float64 torch. Returns the compiled function."""
+    all) match float64 torch, the floating inputs given in `dtype` (torch in that dtype sets the
+    tolerance). Returns the compiled function."""
     c = fusednn.compile(fn, fuse=fuse, **compile_kw)
     grads = [True] * len(tensors) if grads is None else list(grads)
 
@@ -40,15 +46,15 @@ def check_fn(fn: Callable, tensors: Sequence[torch.Tensor], fuse: bool = True, g
         return [t.detach().to(dtype).requires_grad_(g) if t.is_floating_point() else t
                 for t, g in zip(tensors, grads)]
 
-    xs, x64, x32 = leaves(torch.float32), leaves(torch.float64), leaves(torch.float32)
+    xs, x64, x32 = leaves(dtype), leaves(torch.float64), leaves(dtype)
     y, y64, y32 = c(*xs), fn(*x64), fn(*x32)
     assert_matches(y, y64, y32, "output")
     if not y64.requires_grad:
         return c
     g = torch.randn(y.shape)
-    y.backward(g)
+    y.backward(g.to(y.dtype))
     y64.backward(g.double())
-    y32.backward(g)
+    y32.backward(g.to(y32.dtype))
     for i, (a, b, r) in enumerate(zip(xs, x64, x32)):
         if b.is_floating_point() and b.grad is not None:
             assert a.grad is not None, f"input {i}: no gradient"

@@ -196,8 +196,8 @@ def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
         s.writelines(
             """
             # running stats exactly as torch: running_var takes the unbiased variance
-            rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0)
-            rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0)
+            rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
+            rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
             tl.store(rmean_ptr + chans, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)
             tl.store(rvar_ptr + chans, (1.0 - momentum) * rv + momentum * (var * M / (M - 1)), mask=c_ok)
             """
@@ -213,8 +213,8 @@ def _emit_eval(s: Source, spec: BatchNormSpec) -> None:
     """Running statistics: pointwise per channel; grid (row blocks, channel blocks), no loop."""
     s.writelines(
         """
-        mean = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0)
-        invstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + chans, mask=c_ok, other=1.0) + EPS)
+        mean = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + chans, mask=c_ok, other=1.0).to(tl.float32) + EPS)
         if tl.program_id(0) == 0:  # the first row block saves what backward needs
             tl.store(mean_ptr + chans, mean, mask=c_ok)
             tl.store(invstd_ptr + chans, invstd, mask=c_ok)

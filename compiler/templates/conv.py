@@ -163,8 +163,8 @@ def _bn_lines(conv: str, out: str, spec: ConvSpec) -> list[str]:
     live across the loop they spilled on sm_90 (airbench's conv -> pool -> batch norm -> GELU, triton 3.9:
     2 registers to an 8-byte stack)."""
     lines = [f"# {spec.roles['bn']} with the running statistics, per output channel, read on every call",
-             "bn_mean = tl.load(rm_ptr + k, mask=j_ok, other=0.0)",
-             "bn_scale = 1.0 / tl.sqrt(tl.load(rv_ptr + k, mask=j_ok, other=1.0) + BN_EPS)"]
+             "bn_mean = tl.load(rm_ptr + k, mask=j_ok, other=0.0).to(tl.float32)",
+             "bn_scale = 1.0 / tl.sqrt(tl.load(rv_ptr + k, mask=j_ok, other=1.0).to(tl.float32) + BN_EPS)"]
     if spec.bn_weight:
         lines.append("bn_scale = bn_scale * tl.load(bnw_ptr + k, mask=j_ok, other=0.0)")
     expr = f"({conv} - bn_mean[None, :]) * bn_scale[None, :]"
