@@ -227,7 +227,8 @@ def _softmax_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
     from fusednn.kernels.softmax import softmax_backward
 
     outer, D, inner = softmax_dims(env.shape(n.inputs[0]), n.attrs["dim"])
-    return [softmax_backward(dy, env.values[n.out], outer=outer, D=D, inner=inner, log=n.op == "log_softmax")]
+    return [softmax_backward(dy, env.values[n.out], outer=outer, D=D, inner=inner, log=n.op == "log_softmax",
+                             dtype=n.inputs[0].type.dtype)]
 
 
 def _loss_saves(n: Node) -> list[Value | str]:
@@ -262,7 +263,8 @@ def _reduce_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisio
     x = n.inputs[0]
     amax = n.op == "amax"
     return [reduce_backward(dy, env.shape(x), n.attrs["dim"], kind=n.op,
-                            x=env.values[x] if amax else None, y=env.values[n.out] if amax else None)]
+                            x=env.values[x] if amax else None, y=env.values[n.out] if amax else None,
+                            dtype=x.type.dtype)]
 
 
 def _cat_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
@@ -486,6 +488,8 @@ class BackwardPlan:
                 outs = rule(n).vjp(n, env, dy.contiguous(), needs, precision)
             for v, g in zip(n.inputs, outs):
                 if v is not None and g is not None and need.get(v, False):
+                    if g.dtype != v.type.dtype:  # a VJP past a dtype change (autocast): the value's dtype
+                        g = g.to(v.type.dtype)
                     acc.add(v, g)
         return [grads.get(v) for v in self.graph.inputs]
 

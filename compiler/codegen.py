@@ -548,7 +548,7 @@ def check_batch(graph: Graph, batch: int) -> None:
 
 # The ops whose kernels, forward and backward, take float16 and bfloat16 as well as float32 (tests/test_half.py,
 # tests/test_autocast.py): they load any, compute in fp32 (GEMMs: half-precision operands, fp32 accumulation,
-# kernels/precision.py) and store their result's dtype; so do the activations (kind "act", but prelu). The
+# kernels/precision.py) and store their result's dtype; so do the activations (kind "act"). The
 # others take float32 only. bfloat16 needs a GPU: Triton's interpreter (triton 3.9, numpy 2.4) converts
 # float32 to bfloat16 by truncation, not rounding to nearest, and returns garbage from a bfloat16 tl.dot,
 # both silently; its kernels are checked by the sm_90 build (tests/test_aot_half.py) and on a GPU.
@@ -556,12 +556,14 @@ BF16_ON_INTERPRETER = ("bfloat16 needs a GPU: Triton's interpreter converts floa
                        "computes a bfloat16 tl.dot wrongly, so fusednn refuses it there; use float16 on the CPU")
 HALF_OPS = frozenset({"conv2d", "conv_relu_pool", "conv_infer", "linear", "linear_relu", "max_pool2d", "avg_pool2d",
                       "adaptive_avg_pool2d", "adaptive_max_pool2d", "batch_norm", "batch_norm_act", "cross_entropy",
-                      "mean", "amax", "max_pool2d_indices", "adaptive_max_pool2d_indices",
+                      "mean", "amax", "sum", "max_pool2d_indices", "adaptive_max_pool2d_indices", "softmax",
+                      "log_softmax", "layer_norm", "group_norm", "instance_norm", "cat", "dropout", "dropout2d",
+                      "nll_loss", "mse_loss", "l1_loss", "rsub",
                       "add", "sub", "mul", "reshape", "pointwise"})
 
 
 def _half_ok(n: Node) -> bool:
-    return all(a.op in HALF_OPS or (REGISTRY[a.op].kind == "act" and a.op != "prelu") for a in (n, *n.absorbed))
+    return all(a.op in HALF_OPS or REGISTRY[a.op].kind == "act" for a in (n, *n.absorbed))
 
 
 def check(graph: Graph) -> None:

@@ -71,10 +71,13 @@ def user_name(func: Any) -> str:
     return f"{module}.{qual}" if module.startswith("torch") else qual
 
 
-# torch.autocast's op lists, for the ops fusednn traces (the same on CPU and CUDA): these run in the autocast
-# dtype (their floating operands cast to it), these in float32; every other op runs in the dtype it is given.
-AUTOCAST_LOWER = frozenset({"conv2d", "linear"})
-AUTOCAST_FP32 = frozenset({"cross_entropy", "nll_loss", "mse_loss", "l1_loss"})
+# torch.autocast's op lists (torch.amp docs, "Autocast Op Reference"), for the ops fusednn traces: these run in
+# the autocast dtype (their floating operands cast to it), these in float32, per device type; every other op
+# runs in the dtype it is given (mixed operands promote, as without autocast).
+AUTOCAST_LOWER = frozenset({"conv2d", "linear", "prelu"})
+_LOSSES = frozenset({"cross_entropy", "nll_loss", "mse_loss", "l1_loss"})
+AUTOCAST_FP32 = {"cpu": _LOSSES,
+                 "cuda": _LOSSES | {"softmax", "log_softmax", "layer_norm", "group_norm", "sum", "softplus"}}
 
 
 def _cast_floats(tree: Any, dtype: torch.dtype, back: dict[int, torch.Tensor]) -> Any:
@@ -92,12 +95,12 @@ def _cast_floats(tree: Any, dtype: torch.dtype, back: dict[int, torch.Tensor]) -
 class _Recorder(TorchFunctionMode):
     """Records registered torch calls as Nodes; everything returning non-tensors passes through.
 
-    autocast: the dtype of the torch.autocast the traced call runs under (None: none). The meta tensors
-    the trace runs on escape autocast, so the recorder applies its op lists itself: a node's result has the
-    dtype eager would give it, and its operands keep theirs (the kernel casts as it loads)."""
+    autocast: the (device type, dtype) of the torch.autocast the traced call runs under (None: none). The meta
+    tensors the trace runs on escape autocast, so the recorder applies its op lists itself: a node's result
+    has the dtype eager would give it, and its operands keep theirs (the kernel casts as it loads)."""
 
     def __init__(self, values: dict[int, Value], keep: list[Any], strict: bool = True,
-                 autocast: torch.dtype | None = None):
+                 autocast: tuple[str, torch.dtype] | None = None):
         super().__init__()
         self.values = values
         self.keep = keep  # keeps traced tensors alive so their ids stay unique
@@ -172,9 +175,11 @@ class _Recorder(TorchFunctionMode):
         where = user_location()
         shapes = _shapes((args, kwargs))
         back: dict[int, torch.Tensor] = {}  # a cast operand -> the traced tensor it stands for
-        if self.autocast is not None and d.name in AUTOCAST_LOWER | AUTOCAST_FP32:
-            to = self.autocast if d.name in AUTOCAST_LOWER else torch.float32
-            args, kwargs = _cast_floats(args, to, back), _cast_floats(kwargs, to, back)
+        if self.autocast is not None:
+            device, dtype = self.autocast
+            to = dtype if d.name in AUTOCAST_LOWER else torch.float32 if d.name in AUTOCAST_FP32[device] else None
+            if to is not None:
+                args, kwargs = _cast_floats(args, to, back), _cast_floats(kwargs, to, back)
         try:
             tensors, attrs = d.parse(*args, **kwargs)
         except (CompileError, ValueError, TypeError) as e:
@@ -319,11 +324,12 @@ def input_names(fn: Callable, n: int) -> list[str]:
 
 
 def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: bool = True,
-          autocast: torch.dtype | None = None) -> Graph:
+          autocast: tuple[str, torch.dtype] | None = None) -> Graph:
     """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph.
 
     strict=False records a torch call the registry does not know as an `eager` node (torch runs it)
-    instead of raising UnsupportedOpError. autocast: trace as under torch.autocast(dtype=autocast).
+    instead of raising UnsupportedOpError. autocast: (device type, dtype): trace as under
+    torch.autocast(device type, dtype=dtype).
     """
     if isinstance(fn, torch.nn.Module):
         mods = [("", fn)]

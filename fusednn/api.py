@@ -59,8 +59,8 @@ class Specialization:
     """
 
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
-                 positions: tuple[int, ...] = (), autocast: torch.dtype | None = None):
-        self.autocast = autocast  # the torch.autocast dtype its calls run under (None: none)
+                 positions: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None):
+        self.autocast = autocast  # the (device type, dtype) of the torch.autocast its calls run under, or None
         self.traced = trace(fn, *example, strict=options.strict, autocast=autocast)
         _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
         g = _transform(self.traced, options)
@@ -228,11 +228,11 @@ def _module_key(m: torch.nn.Module) -> tuple[str, str, str]:
 
 
 def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]],
-               batch_at: tuple[int, ...] = (), autocast: torch.dtype | None = None) -> tuple:
+               batch_at: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None) -> tuple:
     """What a specialisation is compiled for: every input's and parameter's shape, dtype, device,
     requires_grad and layout, other arguments by repr, each submodule's mode, settings (extra_repr)
-    and other attributes (`_attributes`), and the torch.autocast dtype of the call (an entry only under
-    autocast). The arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it
+    and other attributes (`_attributes`), and the torch.autocast (device type, dtype) of the call (an entry
+    only under autocast). The arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it
     back)."""
     sig: list[tuple] = [(i, _tensor_key(a) if isinstance(a, torch.Tensor) else ("value", repr(a)))
                         for i, a in enumerate(args)]
@@ -242,7 +242,7 @@ def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tupl
     sig += [(name, _tensor_key(t)) for name, t in tensors.items()]
     sig += [(("module", name), _module_key(m)) for name, m in modules]
     if autocast is not None:
-        sig.append(("torch.autocast", ("value", str(autocast).replace("torch.", ""))))
+        sig.append(("torch.autocast", ("value", f"{autocast[0]} {str(autocast[1]).replace('torch.', '')}")))
     return tuple(sig)
 
 
@@ -440,7 +440,7 @@ class _Compiled:
     def _fnn_call(self, args: tuple) -> Any:
         amp = self._autocast(args) if torch._C._is_any_autocast_enabled() else None  # ~0.1 us: one C call
         guard = self._fnn_guard
-        if guard is not None and guard.spec.autocast is amp:
+        if guard is not None and guard.spec.autocast == amp:
             tensors = guard.tensors(args)
             if tensors is not None:  # nothing the key reads has changed since the last call
                 return guard.spec.run(tensors, args, checked=True)
@@ -479,8 +479,9 @@ class _Compiled:
         self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
         return spec.run(tensors, args)
 
-    def _autocast(self, args: tuple) -> torch.dtype | None:
-        """The dtype of the torch.autocast this call runs under, for its inputs' device type (None: none).
+    def _autocast(self, args: tuple) -> tuple[str, torch.dtype] | None:
+        """The (device type, dtype) of the torch.autocast this call runs under, for its inputs' device type
+        (None: none).
 
         Under it conv2d and linear compute in that dtype and losses in float32, as in eager (the trace
         applies autocast's op lists: trace.AUTOCAST_LOWER, AUTOCAST_FP32); it is part of the
@@ -497,7 +498,7 @@ class _Compiled:
                 f"{self._fnn_name()} called under torch.autocast({device!r}, dtype={dtype}): {why}. Use "
                 "backend='triton' with float16 or bfloat16, or call it outside autocast "
                 f"(torch.autocast({device!r}, enabled=False) around the call)")
-        return dtype
+        return device, dtype
 
     def _warn_eager(self, spec: Specialization) -> None:
         """strict=False: one warning per compiled model naming the calls torch runs inside the graph."""

@@ -369,9 +369,9 @@ def _prelu_bwd_dx_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    dy = tl.load(dy_ptr + offs, mask=mask)
-    x = tl.load(x_ptr + offs, mask=mask)
-    w = tl.load(w_ptr + (offs // inner) % channels, mask=mask)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    w = tl.load(w_ptr + (offs // inner) % channels, mask=mask).to(tl.float32)
     tl.store(dx_ptr + offs, tl.where(x > 0, dy, w * dy), mask=mask)
 
 
@@ -392,8 +392,8 @@ def _prelu_bwd_dw_kernel(
         j = start + tl.arange(0, BLOCK)
         m = j < per_channel
         offs = (j // inner) * (channels * inner) + c * inner + j % inner
-        x = tl.load(x_ptr + offs, mask=m, other=0.0)
-        dy = tl.load(dy_ptr + offs, mask=m, other=0.0)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
         acc += tl.where(x > 0, 0.0, x * dy)  # masked lanes: x = 0 gives 0 * 0
     tl.store(dw_ptr + c, tl.sum(acc, axis=0))
 

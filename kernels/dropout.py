@@ -49,7 +49,7 @@ def _dropout_bwd_dx_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     keep = _dropout_keep(seed, offs // INNER if CHANNELWISE else offs, P)
-    dy = tl.load(dy_ptr + offs, mask=mask)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
     tl.store(dx_ptr + offs, dy * tl.where(keep, SCALE, 0.0), mask=mask)
 
 

@@ -57,10 +57,10 @@ def _norm_bwd_dx_kernel(
         cols = l0 + tl.arange(0, BLOCK_L)
         mask = r_ok[:, None] & (cols < L)[None, :]
         offs = rows[:, None] * L + cols[None, :]
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
-            g *= tl.load(w_ptr + (rows % G)[:, None] * CPG + (cols // INNER)[None, :], mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            g *= tl.load(w_ptr + (rows % G)[:, None] * CPG + (cols // INNER)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc_g += g
         acc_gx += tl.where(mask, g * _norm_xhat(x, mean, mean_lo, invstd), 0.0)
     mean_g = (tl.sum(acc_g, axis=1) / L)[:, None]
@@ -69,10 +69,10 @@ def _norm_bwd_dx_kernel(
         cols = l0 + tl.arange(0, BLOCK_L)
         mask = r_ok[:, None] & (cols < L)[None, :]
         offs = rows[:, None] * L + cols[None, :]
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
-            g *= tl.load(w_ptr + (rows % G)[:, None] * CPG + (cols // INNER)[None, :], mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            g *= tl.load(w_ptr + (rows % G)[:, None] * CPG + (cols // INNER)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx = invstd * (g - mean_g - _norm_xhat(x, mean, mean_lo, invstd) * mean_gx)
         tl.store(dx_ptr + offs, dx, mask=mask)
 
@@ -105,8 +105,8 @@ def _norm_bwd_dwdb_kernel(
         mask = (ms < M)[:, None] & p_ok[None, :]
         offs = (n * (P * INNER) + ms % INNER)[:, None] + ps[None, :] * INNER
         stat = n[:, None] * G + (ps // CPG)[None, :]  # the row (n, g) of each element
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = _norm_xhat(x, tl.load(mean_ptr + stat, mask=mask, other=0.0),
                           tl.load(mean_lo_ptr + stat, mask=mask, other=0.0),
                           tl.load(invstd_ptr + stat, mask=mask, other=0.0))

@@ -108,7 +108,8 @@ def _reduce_bwd_kernel(
 
 
 def reduce_backward(dy: torch.Tensor, x_shape: tuple[int, ...], dims: tuple[int, ...], *, kind: str,
-                    x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                    x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradient of `kind` (sum | mean | amax) of a tensor of x_shape over dims, as a new contiguous tensor.
 
     Args:
@@ -125,7 +126,7 @@ def reduce_backward(dy: torch.Tensor, x_shape: tuple[int, ...], dims: tuple[int,
         raise ValueError(f"reduce_backward: dy has {dy.numel()} elements, the result of reducing "
                          f"{list(x_shape)} over {list(dims)} has {M}")
     dy = dy.contiguous()
-    dx = torch.empty(x_shape, dtype=dy.dtype, device=dy.device)
+    dx = torch.empty(x_shape, dtype=dtype or dy.dtype, device=dy.device)  # dtype: the input's
     amax = kind == "amax"
     xt = x.contiguous() if amax else dy  # dy stands in for the unread x and y
     yt = y.contiguous() if amax else dy

@@ -36,29 +36,30 @@ def _softmax_bwd_dx_kernel(
     row_ok = rows < n_rows
     offs = ((rows // INNER) * (D * INNER) + rows % INNER)[:, None] + cols[None, :] * INNER
     mask = row_ok[:, None] & (cols[None, :] < D)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if LOG:
         # masked cells load y = -inf, so exp(y) = 0 there
-        y = tl.load(y_ptr + offs, mask=mask, other=float("-inf"))
+        y = tl.load(y_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
         dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
     else:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
     tl.store(dx_ptr + offs, dx, mask=mask)
 
 
 def softmax_backward(dy: torch.Tensor, y: torch.Tensor, *, outer: int, D: int, inner: int,
-                     log: bool) -> torch.Tensor:
+                     log: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradient of softmax (log=False) or log_softmax (log=True) over D of [outer, D, inner], from its output y.
 
     Args:
         dy: upstream gradient, contiguous, same shape as y.
         y: the forward output (softmax probabilities, or log-probabilities when log).
         outer, D, inner: the [outer, D, inner] view of the tensor; the softmax runs over D.
+        dtype: the input's dtype, dx's (y's by default; a float16 input under CUDA autocast gives a float32 y).
     Returns dx, a new tensor shaped like y.
     """
     dy = dy.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
-    dx = torch.empty_like(y)
+    dx = torch.empty_like(y, dtype=dtype or y.dtype)
     n_rows = outer * inner
     cfg = configs.rows(configs.nominal(n_rows), D)
     grid = (configs.cdiv(n_rows, cfg["BLOCK_R"]),)

@@ -135,9 +135,9 @@ def test_bfloat16_autocast_on_the_interpreter_and_ops_without_half_kernels_are_r
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(fusednn.InputMismatchError, match=r"bfloat16 needs a GPU"):
             c(x)
-    sm = fusednn.compile(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softmax(dim=1)))
+    sm = fusednn.compile(nn.Sequential(nn.Conv2d(1, 4, 3), nn.LPPool2d(2, 2)))
     with _amp():
-        with pytest.raises(fusednn.InputMismatchError, match=r"softmax in module '1'.*take float32 \(half precision only.*f16"):
+        with pytest.raises(fusednn.InputMismatchError, match=r"lp_pool2d in module '1'.*take float32 \(half precision only.*f16"):
             sm(x)
     ref = fusednn.compile(LeNet(), backend="reference")
     with _amp():
@@ -223,3 +223,24 @@ def test_autocast_on_a_gpu_matches_torch_float64(dtype, fuse):
     assert rel_err(loss, loss64) <= max(rtol, 4 * rel_err(loss_e, loss64))
     for g, ge, g64 in zip(grads, grads_e, grads64):
         assert g.dtype == torch.float32 and rel_err(g, g64) <= max(rtol, 4 * rel_err(ge, g64))
+
+
+def test_the_trace_follows_each_device_types_autocast_lists():
+    """torch.amp's op reference: on CUDA softmax, log_softmax, layer_norm, group_norm, sum and softplus run in
+    float32 under autocast, on the CPU in the dtype they are given; conv2d, linear and prelu run in the
+    autocast dtype on both; the losses in float32 on both."""
+    from fusednn.compiler.trace import trace
+
+    def fn(x, w, a):
+        h = F.conv2d(x, w)
+        return F.softmax(h, 1), F.layer_norm(h, h.shape[1:]), h.sum(), F.softplus(h), F.prelu(h, a)
+
+    x, w, a = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(1)
+    for device, want in (("cpu", torch.float16), ("cuda", torch.float32)):
+        g = trace(fn, x, w, a, autocast=(device, torch.float16))
+        out = {n.op: n.out.type.dtype for n in g.nodes}
+        assert out["conv2d"] == out["prelu"] == torch.float16, (device, out)
+        assert out["softmax"] == out["layer_norm"] == out["sum"] == out["softplus"] == want, (device, out)
+    g = trace(lambda x, y: F.cross_entropy(x, y), torch.randn(4, 5).half(), torch.randint(0, 5, (4,)),
+              autocast=("cpu", torch.float16))
+    assert g.nodes[-1].out.type.dtype == torch.float32

@@ -61,7 +61,7 @@ def generate(spec: DropoutSpec) -> str:
         src.writeline("pid = tl.program_id(0)")
         src.writeline("offs = pid * BLOCK + tl.arange(0, BLOCK)")
         src.writeline("mask = offs < numel")
-        src.writeline("x = tl.load(x_ptr + offs, mask=mask)")
+        src.writeline("x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)")
         for label in spec.labels:
             src.writeline(f"# {label}")
         draw = f"offs // {spec.inner}" if spec.inner > 0 else "offs"  # dropout2d: one draw per (n, c)

@@ -48,7 +48,7 @@ _TILE = """
 cols = l0 + tl.arange(0, BLOCK_L)
 mask = r_ok[:, None] & (cols < L)[None, :]
 offs = rows[:, None] * L + cols[None, :]
-x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 """
 
 
@@ -169,9 +169,9 @@ def _emit_body(s: Source, spec: NormSpec) -> None:
         if spec.weight or spec.bias:
             s.writeline(_param_index(spec))
             if spec.weight:
-                s.writeline("y = y * tl.load(w_ptr + p, mask=mask, other=0.0)")
+                s.writeline("y = y * tl.load(w_ptr + p, mask=mask, other=0.0).to(tl.float32)")
             if spec.bias:
-                s.writeline("y = y + tl.load(b_ptr + p, mask=mask, other=0.0)")
+                s.writeline("y = y + tl.load(b_ptr + p, mask=mask, other=0.0).to(tl.float32)")
         s.writeline("tl.store(y_ptr + offs, y, mask=mask)")
 
 
@@ -212,8 +212,8 @@ def _emit_running(s: Source, spec: NormSpec) -> None:
                 acc_m += tl.load(mean_ptr + n * C + chans, mask=c_ok, other=0.0)
                 acc_m += tl.load(mean_lo_ptr + n * C + chans, mask=c_ok, other=0.0)
                 acc_v += tl.load(var_ptr + n * C + chans, mask=c_ok, other=0.0)
-            rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0)
-            rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0)
+            rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
+            rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
             tl.store(rmean_ptr + chans, (1.0 - MOMENTUM) * rm + MOMENTUM * (acc_m / N), mask=c_ok)
             tl.store(rvar_ptr + chans, (1.0 - MOMENTUM) * rv + MOMENTUM * (acc_v / N * L / (L - 1)), mask=c_ok)
         """

@@ -184,10 +184,10 @@ def _expr(s: PwStep) -> list[str]:
     if s.op == "prelu":
         x, w = arg
         if s.channels == 1:
-            load = f"{s.out}_w = tl.load({w}_ptr)  # one weight for every element"
+            load = f"{s.out}_w = tl.load({w}_ptr).to(tl.float32)  # one weight for every element"
         else:
             idx = "offs" if s.inner == 1 else f"(offs // {s.inner})"
-            load = f"{s.out}_w = tl.load({w}_ptr + {idx} % {s.channels}, mask=mask)  # weight of the channel"
+            load = f"{s.out}_w = tl.load({w}_ptr + {idx} % {s.channels}, mask=mask).to(tl.float32)  # weight of the channel"
         return [load, f"{s.out} = tl.where({x} > 0, {x}, {s.out}_w * {x})"]
     return [f"{s.out} = {arg[0]} {_SYMBOL[s.op]} {arg[1]}"]
 

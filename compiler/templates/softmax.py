@@ -91,7 +91,7 @@ def generate(spec: SoftmaxSpec) -> str:
             s.writeline(f"# {label}")
         s.writelines(
             """
-            x = tl.load(x_ptr + offs, mask=mask, other=float("-inf"))
+            x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
             # subtract the row max: exp never overflows, so logits of 1e4 stay finite
             m = tl.max(x, axis=1)
             m = tl.where(row_ok, m, 0.0)  # rows past the end are all -inf; keep them free of NaN
