@@ -107,7 +107,8 @@ def _lower_conv(n: Node, precision: str) -> Step:
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
               bn=rm is not None, bn_weight=bn_w is not None, bn_bias=bn_b is not None,
               bn_eps=a.get("bn_eps", 1e-5), residual=res is not None, bn_after_pool=a.get("bn_after_pool", False),
-              inference=inference, act_params=a.get("act_params", ()), precision=precision)
+              inference=inference, act_params=a.get("act_params", ()), precision=precision,
+              compute=_compute_dtype(n))
     bn_values = (rm, rv, bn_w, bn_b)
 
     moved: dict = {}
@@ -130,6 +131,13 @@ def _lower_conv(n: Node, precision: str) -> Step:
         env.values[n.out] = y
 
     return Step(n, k, run)
+
+
+def _compute_dtype(n: Node) -> str:
+    """The dtype of a fused conv's own result where the kernel's output has another ("" where not): under
+    CUDA autocast an absorbed op of autocast's float32 list makes the output float32, the conv stays half."""
+    own, out = (n.absorbed[0].out if n.absorbed else n.out).type.dtype, n.out.type.dtype
+    return "" if own == out else str(own).replace("torch.", "")
 
 
 def _lower_linear(n: Node, precision: str) -> Step:

@@ -282,6 +282,9 @@ def fuse_batch_norm(graph: Graph) -> Graph:
             chain.append(act)
         between = graph.nodes[pos[id(bn)] + 1:pos[id(chain[-1])]]
         state = {v for v in bn.inputs[1:3] + bn.inputs[5:] if v is not None}  # what the update writes
+        for n in graph.nodes[:pos[id(chain[-1])]]:  # and the views of it, which alias it
+            if REGISTRY[n.op].kind == "view" and n.inputs[0] in state:
+                state.add(n.out)
         if len(chain) == 1 or any(_has_side_effects(n) or state.intersection(n.inputs) for n in between):
             continue
         kind, params = REGISTRY[act.op].kernel_act(act.attrs) if act is not None else ("none", ())

@@ -80,6 +80,16 @@ AUTOCAST_FP32 = {"cpu": _LOSSES,
                  "cuda": _LOSSES | {"softmax", "log_softmax", "layer_norm", "group_norm", "sum", "softplus"}}
 
 
+def _autocast_state(device: str, forced: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype of the torch.autocast in force for `device` where the traced code now runs (None: none);
+    `forced`: the state to assume where torch cannot turn autocast on (CUDA's lists traced without CUDA)."""
+    try:
+        on = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (meta): none
+        return forced
+    return torch.get_autocast_dtype(device) if on else forced
+
+
 def _cast_floats(tree: Any, dtype: torch.dtype, back: dict[int, torch.Tensor]) -> Any:
     """tree with its floating tensors cast to dtype; back maps each cast tensor's id to the original."""
     def cast(t: Any) -> Any:
@@ -95,17 +105,19 @@ def _cast_floats(tree: Any, dtype: torch.dtype, back: dict[int, torch.Tensor]) -
 class _Recorder(TorchFunctionMode):
     """Records registered torch calls as Nodes; everything returning non-tensors passes through.
 
-    autocast: the (device type, dtype) of the torch.autocast the traced call runs under (None: none). The meta
-    tensors the trace runs on escape autocast, so the recorder applies its op lists itself: a node's result
-    has the dtype eager would give it, and its operands keep theirs (the kernel casts as it loads)."""
+    device: the device type of the traced call's tensors. The meta tensors the trace runs on escape
+    torch.autocast, so for each call the recorder reads the autocast state in force for that device type
+    (the caller's, or a `with torch.autocast` inside the traced code) and applies its op lists itself: a
+    node's result has the dtype eager would give it, and its operands keep theirs (the kernel casts as it
+    loads)."""
 
-    def __init__(self, values: dict[int, Value], keep: list[Any], strict: bool = True,
-                 autocast: tuple[str, torch.dtype] | None = None):
+    def __init__(self, values: dict[int, Value], keep: list[Any], strict: bool = True, device: str = "cpu",
+                 forced: torch.dtype | None = None):
         super().__init__()
         self.values = values
         self.keep = keep  # keeps traced tensors alive so their ids stay unique
         self.strict = strict
-        self.autocast = autocast
+        self.device, self.forced = device, forced
         self.nodes: list[Node] = []
         self.module_stack: list[str] = []
         # BatchNorm(momentum=None) reads its batch counter as a Python float: float(num_batches_tracked)
@@ -126,6 +138,11 @@ class _Recorder(TorchFunctionMode):
     def _record_eager(self, func: Any, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
         """An `eager` node: the call replayed by torch at run time on the traced tensors it read."""
         where = user_location()
+        if _autocast_state(self.device, self.forced) is not None:
+            raise UnsupportedOpError(
+                f"{name}{' in module ' + repr(self.module) if self.module else ''} ({where}) is a call fusednn does "
+                "not trace (strict=False runs it in torch) inside torch.autocast: fusednn cannot give it autocast's "
+                "casts. Call it outside autocast, or trace the model without strict=False")
         leaves, spec = pytree.tree_flatten((args, kwargs))
         ins: list[Value] = []
         slots: list[int | None] = []
@@ -175,9 +192,10 @@ class _Recorder(TorchFunctionMode):
         where = user_location()
         shapes = _shapes((args, kwargs))
         back: dict[int, torch.Tensor] = {}  # a cast operand -> the traced tensor it stands for
-        if self.autocast is not None:
-            device, dtype = self.autocast
-            to = dtype if d.name in AUTOCAST_LOWER else torch.float32 if d.name in AUTOCAST_FP32[device] else None
+        amp = _autocast_state(self.device, self.forced)
+        if amp is not None:
+            fp32 = AUTOCAST_FP32.get(self.device, _LOSSES)
+            to = amp if d.name in AUTOCAST_LOWER else torch.float32 if d.name in fp32 else None
             if to is not None:
                 args, kwargs = _cast_floats(args, to, back), _cast_floats(kwargs, to, back)
         try:
@@ -324,12 +342,14 @@ def input_names(fn: Callable, n: int) -> list[str]:
 
 
 def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: bool = True,
-          autocast: tuple[str, torch.dtype] | None = None) -> Graph:
+          autocast: tuple[str, torch.dtype] | None = None, device: str | None = None) -> Graph:
     """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph.
 
     strict=False records a torch call the registry does not know as an `eager` node (torch runs it)
-    instead of raising UnsupportedOpError. autocast: (device type, dtype): trace as under
-    torch.autocast(device type, dtype=dtype).
+    instead of raising UnsupportedOpError. The trace follows the torch.autocast in force where it runs for
+    the example inputs' device type; autocast: (device type, dtype): trace as under
+    torch.autocast(device type, dtype=dtype) as well. device: the device type the traced call runs on (by
+    default the example inputs', which may be meta stand-ins).
     """
     if isinstance(fn, torch.nn.Module):
         mods = [("", fn)]
@@ -378,7 +398,12 @@ def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: b
                 swap[pname] = by_id[id(t)]
         replacements.append((mod, swap))
 
-    rec = _Recorder(values, keep, strict, autocast)
+    if device is None:
+        real = [x.device.type for x in pytree.tree_leaves(example_inputs) if isinstance(x, torch.Tensor) and not x.is_meta]
+        device = autocast[0] if autocast is not None else real[0] if real else "cpu"
+    # torch turns autocast off (with a warning) for a device type it cannot run: assume it then
+    can_enter = autocast is not None and (autocast[0] != "cuda" or torch.cuda.is_available())
+    rec = _Recorder(values, keep, strict, device, autocast[1] if autocast is not None and not can_enter else None)
 
     def pre_hook(module, _inputs):
         rec.module_stack.append(names_of.get(id(module), type(module).__name__))
@@ -394,6 +419,8 @@ def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: b
                 stack.enter_context(_reparametrize_module(mod, swap))
             stack.enter_context(torch.no_grad())
             stack.enter_context(torch.random.fork_rng(devices=[]))  # meta dropout still draws a seed
+            if can_enter:
+                stack.enter_context(torch.autocast(autocast[0], dtype=autocast[1]))
             stack.enter_context(rec)
             out = fn(*meta_inputs)
     finally:

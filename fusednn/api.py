@@ -61,7 +61,8 @@ class Specialization:
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
                  positions: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None):
         self.autocast = autocast  # the (device type, dtype) of the torch.autocast its calls run under, or None
-        self.traced = trace(fn, *example, strict=options.strict, autocast=autocast)
+        self.device = next((a.device.type for a in example if isinstance(a, torch.Tensor)), "cpu")
+        self.traced = trace(fn, *example, strict=options.strict, autocast=autocast, device=self.device)
         _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
         g = _transform(self.traced, options)
         self.min_batch: int | None = None
@@ -91,7 +92,8 @@ class Specialization:
             return lambda b: which[b] if b in which else which.setdefault(b, make(b))
 
         def trace_at(b: int) -> Graph:
-            return trace(fn, *batching.at_batch(example, positions, b), strict=options.strict, autocast=self.autocast)
+            return trace(fn, *batching.at_batch(example, positions, b), strict=options.strict, autocast=self.autocast,
+                         device=self.device)
 
         for sizes, least in (([batch, batch + 1, 1], 1), ([batch, batch + 1], 2)):
             dyn_t = batching.polymorphic(build(traced, trace_at), sizes)

@@ -201,7 +201,7 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
     M = N * inner
     dout = dout.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
     from_out = act != "none" and SAVES[act] == "y"
-    if act != "none" and (out is None if from_out else (has_residual and residual is None)):
+    if act != "none" and (out is None if from_out else (SAVES[act] == "x" and has_residual and residual is None)):
         raise ValueError(f"batch_norm_act_backward: act' of {act} needs the forward's "
                          f"{'output' if from_out else 'residual'}")
     p = (tuple(float(v) for v in act_params) + (0.0, 0.0, 0.0))[:3]
@@ -222,7 +222,7 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
                dw, db, *fwd, dres if write_dy else None, *p, M, C, inner, WRITE_DY=write_dy, **flags, **cfg)
     if needs_dx:
         grid = (configs.cdiv(M, cfg["BLOCK_R"]), configs.cdiv(C, cfg["BLOCK_C"]))
-        if write_dy:  # read the pulled-back dy the reduction wrote
+        if write_dy and dres.dtype == torch.float32:  # read back the pulled-back dy the reduction wrote (unrounded)
             src, fwd, flags = dres, (None,) * 4, dict(flags, ACT="none", ACT_FROM_OUT=False, HAS_RES=False,
                                                        HAS_BIAS=False)
         else:

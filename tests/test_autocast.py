@@ -269,3 +269,58 @@ def test_twenty_autocast_sgd_steps_of_resnet8_track_eager_autocast():
     exact = train(copy.deepcopy(model).double(), False, torch.optim.SGD)
     for p, e, r in zip(ours, eager, exact):
         assert rel_err(p, r) <= max(F16_RTOL, 4 * rel_err(e, r))
+
+
+class _InnerAutocast(nn.Module):
+    """autocast entered, or turned off, inside forward around one of two linears."""
+
+    def __init__(self, outer: bool) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.outer = outer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.float16):  # on, whether the caller had it on or not
+            h = F.relu(self.fc(x))
+        with torch.autocast("cpu", enabled=False):  # called under autocast: turns it off
+            z = self.head(x)
+        return h, z
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["inner-on", "inner-off"])
+def test_autocast_blocks_inside_forward_are_followed(outer):
+    torch.manual_seed(0)
+    model = _InnerAutocast(outer)
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=outer):
+        ys, ys_eager = fusednn.compile(model)(x), eager(x)
+    for y, y_eager in zip(ys, ys_eager):
+        assert y.dtype == y_eager.dtype
+        assert rel_err(y, y_eager) <= 1e-3
+    assert (ys[0].dtype, ys[1].dtype) == (torch.float16, torch.float32)
+
+
+def test_calls_torch_runs_are_refused_under_autocast():
+    """strict=False runs an untraced call in torch; under autocast fusednn cannot give it autocast's casts."""
+    w = torch.randn(8, 8)
+    c = fusednn.compile(lambda x, w: F.relu(torch.matmul(x, w)), strict=False)
+    with _amp():
+        with pytest.raises(fusednn.UnsupportedOpError, match=r"matmul.*autocast"):
+            c(torch.randn(4, 8), w)
+    assert c(torch.randn(4, 8), w).dtype == torch.float32  # outside autocast it runs
+
+
+def test_a_fused_conv_keeps_half_operands_when_its_epilogue_gives_float32():
+    """Under CUDA autocast softplus runs in float32: an eval-mode conv -> batch norm -> softplus folds into one
+    conv_infer kernel whose output is float32, but the conv's tl.dot operands stay float16 (as eager's conv)."""
+    from fusednn.compiler import codegen, passes
+    from fusednn.compiler.trace import trace
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Softplus()).eval()
+    g = trace(model, torch.randn(2, 3, 8, 8), autocast=("cuda", torch.float16))
+    g = passes.run(g, passes.pipeline(True, inference=True))
+    [node] = [n for n in g.nodes if n.op == "conv_infer"]
+    assert node.out.type.dtype == torch.float32 and node.absorbed[0].out.type.dtype == torch.float16
+    [step] = [s for s in codegen.lower(g, "ieee") if s.node is node]
+    assert "_dot_in(x_tile, tl.float16), _dot_in(w_tile, tl.float16)" in step.kernel.source

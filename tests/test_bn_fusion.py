@@ -293,3 +293,35 @@ def test_the_pass_leaves_batch_norms_alone_without_an_add_or_activation_after_th
     c(torch.randn(2, 3, 8, 8))
     assert not _fused(c)
     assert passes.fuse_batch_norm in passes.pipeline(True) and passes.fuse_batch_norm not in passes.pipeline(False)
+
+
+class NegResidual(nn.Module):
+    """-(bn(x) + r): the fused activation is neg, whose backward reads nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(self.bn(self.conv(x)) + x)
+
+
+class ViewOfStats(nn.Module):
+    """A view of the running mean taken before the batch norm and read after it: it aliases the buffer, so it
+    sees the updated statistics (eager); the fused batch norm must not move past that read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4, momentum=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rm = self.bn.running_mean.view(1, -1, 1, 1)
+        y = self.bn(x)
+        return F.relu(y + x * rm)
+
+
+@pytest.mark.parametrize("make", [NegResidual, ViewOfStats])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_negated_residual_and_a_view_of_the_running_statistics(make, fuse):
+    _check(_affine(make()), torch.randn(3, 4, 6, 6) + 1.0, fuse=fuse)

@@ -55,6 +55,9 @@ class ConvSpec:
         inference: no backward reads this kernel's outputs (the inference graph): any kernel activation of
             kernels/activation.py (`act_params`: its parameters), and a max pool stores no argmax.
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
+        compute: the dtype of the conv's own result, which its tl.dot operands take (kernels/precision.py),
+            where it differs from the kernel's output (an epilogue op in float32 under CUDA autocast); "":
+            the output's.
         name: the kernel's name; header: the file's comment header (compiler.source.header).
         labels: the IR labels of the stages present, in order: conv2d, batch norm, add, act, pool (with
             bn_after_pool: conv2d, pool, batch norm, act).
@@ -86,6 +89,7 @@ class ConvSpec:
     inference: bool = False
     act_params: tuple[float, ...] = ()
     precision: str = "ieee"
+    compute: str = ""  # the conv's own result dtype ("float16", ...), where the kernel's output differs from it
     name: str = "fnn_conv"
     header: str = ""
     labels: tuple[str, ...] = ("%1 conv2d",)
@@ -356,6 +360,7 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
     ok = "conv_ok" if partial else "m_ok"
     if partial:
         src.writeline("conv_ok = m_ok & (oh < OH) & (ow < OW)")
+    ct = f"tl.{spec.compute}" if spec.compute else "y_ptr.dtype.element_ty"
     src.writelines(f"""
         # {roles["conv"]}
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -370,7 +375,7 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
             # w is [K, CG * R * S] row-major: the (c, r, s) taps of channel k are contiguous
             w_tile = tl.load(w_ptr + k[None, :] * CRS + q[:, None], mask=q_ok[:, None] & j_ok[None, :], other=0.0)
             # operands in the output's precision (float16 in, fp32 accumulation), the epilogue in fp32
-            acc = tl.dot(_dot_in(x_tile, y_ptr.dtype.element_ty), _dot_in(w_tile, y_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+            acc = tl.dot(_dot_in(x_tile, {ct}), _dot_in(w_tile, {ct}), acc, input_precision=PRECISION)
         {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
     """)
     pre = conv_t

@@ -86,7 +86,7 @@ def record_step(spec: Any, named: dict[str, torch.Tensor], with_sgd: bool = True
                 if v is n.out and isinstance(t, torch.Tensor):
                     u.tensors[f"{key}:{_val(v)}"] = t
             u.outputs = [k for k in u.tensors if k == _val(n.out) or k.endswith(":" + _val(n.out))]
-            if n.op == "batch_norm" and n.attrs["training"] and n.inputs[1] is not None:
+            if n.op in ("batch_norm", "batch_norm_act") and n.attrs["training"] and n.inputs[1] is not None:
                 u.outputs += [_val(n.inputs[1]), _val(n.inputs[2])]  # running statistics, in place
             units.append(u)
         # backward: the plan's walk (autodiff.BackwardPlan.run), a fused pointwise chain op by op as its VJP does
