@@ -1,9 +1,9 @@
 """fusednn's own host (Python) cost per kernel launch in a LeNet training step, kernels not run.
 
-Every launch goes through `fusednn.launch.launch`; inside `launch.recording(execute=False)` it records the
-launch and returns before Triton's launcher, so what is timed is fusednn's Python (specialisation lookup,
-allocation, shape checks, launch configs, the autograd node) plus torch's autograd bookkeeping, and none of
-Triton's launcher, the driver or the kernel. The step is forward (LeNet + cross-entropy compiled as one
+Every launch goes through `fusednn.launch.launch`; inside `launch.suppressed()` it returns just before
+Triton's launcher, so what is timed is fusednn's Python as a training loop runs it (specialisation lookup,
+allocation, shape checks, launch configs, the runtime's launch counting, the autograd node) plus torch's
+autograd bookkeeping, and none of Triton's launcher, the driver or the kernel. The step is forward (LeNet + cross-entropy compiled as one
 graph), backward, and `fusednn.optim.SGD.step()`; each phase is reported in microseconds per launch. The
 specialisation-key cost (live parameters, the signature, the batch wildcard) is timed separately per call.
 
@@ -29,8 +29,7 @@ from fusednn.models import LeNet
 from fusednn.optim import SGD
 
 
-def _median_us(phase: Callable[[], None], steps: int, rounds: int, before: Callable[[], None] | None = None,
-               rec: list | None = None) -> float:
+def _median_us(phase: Callable[[], None], steps: int, rounds: int, before: Callable[[], None] | None = None) -> float:
     """Median over rounds of the mean time of `phase` in microseconds (`before`, untimed, runs first)."""
     per = []
     for _ in range(rounds):
@@ -38,8 +37,6 @@ def _median_us(phase: Callable[[], None], steps: int, rounds: int, before: Calla
         for _ in range(steps):
             if before is not None:
                 before()
-            if rec is not None:
-                del rec[:]  # the recording keeps every launch: drop them between calls
             t0 = time.perf_counter()
             phase()
             total += time.perf_counter() - t0
@@ -107,15 +104,15 @@ def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = Tru
 
     phases = {"forward": (forward, None), "backward": (backward, forward_fresh_grads), "optimizer": (opt.step, None)}
     out: dict = {}
-    with launch.recording(execute=False) as rec:
+    with launch.suppressed():
         forward(), backward(), opt.step()  # compile, and create the momentum buffers
         for name, (phase, before) in phases.items():
             if before is not None:
                 before()
-            del rec[:]
-            phase()
+            with launch.recording(execute=False) as rec:  # the phase's launches, counted once
+                phase()
             n = len(rec)
-            us = _median_us(phase, steps, rounds, before, rec)
+            us = _median_us(phase, steps, rounds, before)
             out[name] = {"us_per_call": round(us, 1), "launches": n, "us_per_launch": round(us / n, 2)}
 
     def full_key() -> None:
@@ -129,7 +126,7 @@ def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = Tru
     out["full_key"] = {"us_per_call": round(_median_us(full_key, steps, rounds), 1)}
     out["floor"] = _torch_floor(len(step_fn._tensors()) + 2, steps, rounds, opt)
     out["config"] = {"batch": batch, "fuse": fuse, "steps": steps, "rounds": rounds, "torch": torch.__version__,
-                     "kernels": "not executed (launch.recording(execute=False))"}
+                     "kernels": "not executed (launch.suppressed())"}
     return out
 
 

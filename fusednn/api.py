@@ -346,7 +346,9 @@ class _Guard:
 
     @staticmethod
     def _tensor_state(t: torch.Tensor) -> tuple:
-        return (t.dtype, t.device, t.requires_grad)
+        """What the key reads of a tensor besides its shape, and its contiguity, in one comparable tuple
+        (`get_device()`: an int, where `.device` builds an object on every read)."""
+        return (t.dtype, t.get_device(), t.requires_grad, t.is_contiguous())
 
     @classmethod
     def build(cls, owner: "_Compiled", spec: Specialization, args: tuple, tensors: dict[str, torch.Tensor],
@@ -364,10 +366,13 @@ class _Guard:
             prefix = owner._fnn_prefix.get(id(m), "")
             for path, sub in m.named_modules(remove_duplicate=False):
                 at = prefix + path + "." if path else prefix
-                g.modules.append((sub, {k: copy.deepcopy(v) if isinstance(v, (list, dict, set)) and _plain(v) else v
-                                        for k, v in sub.__dict__.items()}, dict(sub._modules), tuple(sub._parameters),
-                                  tuple(sub._buffers),
-                                  tuple(k for d in (sub._parameters, sub._buffers) for k, v in d.items() if v is None)))
+                # One snapshot of the attribute dict, with copies of the children, parameter and buffer dicts:
+                # a single comparison then sees a changed setting, child, name or None, or a replaced tensor.
+                snap = {k: copy.deepcopy(v) if isinstance(v, (list, dict, set)) and _plain(v) else v
+                        for k, v in sub.__dict__.items()}
+                for k in ("_modules", "_parameters", "_buffers"):
+                    snap[k] = dict(sub.__dict__[k])
+                g.modules.append((sub, snap))
                 params += [(at + k, sub._parameters, k) for k, v in sub._parameters.items() if v is not None]
                 buffers += [(at + k, sub._buffers, k) for k, v in sub._buffers.items() if v is not None]
         g.entries = params + buffers
@@ -384,18 +389,15 @@ class _Guard:
         if len(args) != len(self.args):
             return None
         try:
-            for sub, attrs, children, pnames, bnames, nones in self.modules:
-                if (sub.__dict__ != attrs or sub._modules != children or tuple(sub._parameters) != pnames
-                        or tuple(sub._buffers) != bnames):
+            for sub, snap in self.modules:
+                if sub.__dict__ != snap:
                     return None
-                for k in nones:
-                    if (sub._parameters.get(k) if k in sub._parameters else sub._buffers.get(k)) is not None:
-                        return None
-        except Exception:  # an attribute whose == raises (a tensor attribute replaced): the full key decides
+        except Exception:  # an attribute whose == raises (a tensor attribute or parameter replaced): the full key
             return None
+        state = self._tensor_state
         batch = None
-        for i, (a, (shape, state)) in enumerate(zip(args, self.args)):
-            if not isinstance(a, torch.Tensor) or (a.dtype, a.device, a.requires_grad) != state:
+        for i, (a, (shape, st)) in enumerate(zip(args, self.args)):
+            if not isinstance(a, torch.Tensor) or state(a) != st:
                 return None
             if i in self.batch_at:
                 if a.dim() == 0 or a.shape[1:] != shape:
@@ -406,16 +408,14 @@ class _Guard:
                     return None
             elif a.shape != shape:
                 return None
-            if not a.is_contiguous():
-                return None
         if self.batch_at:
             # the batch positions must be exactly those the full key would find (batching.batch_of)
             if batch < self.min_batch or batching.batch_of(args) != (batch, self.batch_at):
                 return None
         out = {}
-        for (name, d, k), (shape, state) in zip(self.entries, self.checks):
+        for (name, d, k), (shape, st) in zip(self.entries, self.checks):
             t = d[k]
-            if t is None or t.shape != shape or (t.dtype, t.device, t.requires_grad) != state or not t.is_contiguous():
+            if t.shape != shape or state(t) != st:
                 return None
             out[name] = t
         return out

@@ -60,6 +60,7 @@ class _Recorder:
 
 _recorders: list[_Recorder] = []
 _tags: list[str] = []
+_suppressed = [0]  # > 0 inside `suppressed()`: launches are counted as usual, none runs
 
 
 def kernel_name(kernel: Any) -> str:
@@ -107,24 +108,42 @@ def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **me
     nbytes: the bytes the kernel must move, when the tensor arguments do not say it (e.g. a multi-tensor
     kernel that receives a table of addresses); by default the sum of the tensor arguments' sizes.
     """
-    grid = tuple(map(int, grid))
     for g in grid:
         if g <= 0:
             return
     execute = True
     if _recorders:
         moved = tensor_bytes(args) if nbytes is None else int(nbytes)
-        rec = Launch(kernel, grid, args, meta, moved, _tags[-1] if _tags else "")
+        rec = Launch(kernel, tuple(map(int, grid)), args, meta, moved, _tags[-1] if _tags else "")
         for r in _recorders:
             r.sink(rec)
             execute = execute and r.execute
-    if execute:
+    if execute and not _suppressed[0]:
         kernel[grid](*args, **meta)
 
 
+def observed() -> bool:
+    """Whether anything observes launches now (`counting()`, `recording()`)."""
+    return bool(_recorders)
+
+
 def executing() -> bool:
-    """False inside `recording(execute=False)`: launches are collected, none runs."""
-    return all(r.execute for r in _recorders)
+    """False inside `recording(execute=False)` or `suppressed()`: launches are collected, none runs."""
+    return not _suppressed[0] and all(r.execute for r in _recorders)
+
+
+class suppressed:
+    """Run nothing inside the block, observe as usual: every launch goes through fusednn's Python (configs,
+    observers, the runtime's counting) and returns before Triton's launcher. For timing fusednn's own host
+    cost (benchmarks/host_cost.py) without the overhead of recording every launch."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _suppressed[0] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        _suppressed[0] -= 1
 
 
 @contextlib.contextmanager

@@ -58,9 +58,11 @@ class _GraphFunction(torch.autograd.Function):
         for v, d in zip(exe.graph.outputs, grads):
             if d is not None and v.type.dtype.is_floating_point:
                 g[v] = d if v not in g else g[v] + d
-        with launch.counting() as counts, exe.tiles_at(env.batch):
-            out = exe.plan.run(env, g, tuple(ctx.needs_input_grad[1:]), exe.precision)
-        exe.backward_counts = counts
+        needs = tuple(ctx.needs_input_grad[1:])
+        key = (env.batch, configs.target(), needs, tuple(v in g for v in exe.graph.outputs))
+        with exe.tiles_at(env.batch), exe.counted(exe.backward_seen, key) as counter:
+            out = exe.plan.run(env, g, needs, exe.precision)
+        exe.backward_counts = counter.counts
         return (None, *out)
 
 
@@ -90,6 +92,11 @@ class TritonExecutable:
         # arguments record them explicitly (launch.recording()).
         self.forward_counts = launch.LaunchCounts()
         self.backward_counts = launch.LaunchCounts()
+        # What a forward or backward launched, by what fixes it (batch, launch-config target, and for a
+        # backward which gradients flow): counted on the first such call, then reused (`counted`).
+        self.forward_seen: dict[tuple, launch.LaunchCounts] = {}
+        self.backward_seen: dict[tuple, launch.LaunchCounts] = {}
+        self._runs = [s.run for s in self.steps]
         # Batch polymorphism: the graph's IR shapes hold the nominal batch; a call reads its own from the
         # first user input that follows the batch, and every kernel keeps the tiles of the nominal batch.
         dyn = [i for i, v in enumerate(graph.inputs) if v.name in graph.dynamic]
@@ -112,19 +119,30 @@ class TritonExecutable:
             self._batches_checked.add(batch)
         return batch
 
+    def counted(self, seen: dict[tuple, launch.LaunchCounts], key: tuple) -> "_Counter":
+        """Count the launches of the block unless a call with the same `key` already did and nothing else
+        observes launches now: the launches and bytes of a graph's forward (or backward) are fixed by the
+        batch, the launch-config target and which gradients flow (bytes are measured once per launch site
+        and batch: kernels/plan.py), so the steady state skips the per-launch bookkeeping."""
+        return _Counter(seen, key)
+
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
         batch = self._batch_of(tensors)
         env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
-        with launch.counting() as counts, self.tiles_at(batch):
-            for step, label in zip(self.steps, self.labels):
-                if step.kernel is None:  # a view, an eager call, an empty node: no fusednn launch to label
-                    step.run(env)
-                    continue
-                with launch.tagged(label):
-                    step.run(env)
-        self.forward_counts = counts
+        with self.tiles_at(batch), self.counted(self.forward_seen, (batch, configs.target())) as counter:
+            if counter.steady:  # nobody observes: no labels, no per-launch bookkeeping
+                for run in self._runs:
+                    run(env)
+            else:
+                for step, label in zip(self.steps, self.labels):
+                    if step.kernel is None:  # a view, an eager call, an empty node: no fusednn launch to label
+                        step.run(env)
+                        continue
+                    with launch.tagged(label):
+                        step.run(env)
+        self.forward_counts = counter.counts
         if self.debug >= 2:
-            log.warning("fusednn: forward launches:\n%s", summary(counts))
+            log.warning("fusednn: forward launches:\n%s", summary(counter.counts))
         return env
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
@@ -175,6 +193,31 @@ class TritonExecutable:
             "forward": last.forward_counts.as_dict(),
             "backward": self.backward_counts.as_dict(),
         }
+
+
+class _Counter:
+    """`TritonExecutable.counted`: `counts` after the block; `steady` inside it when they are reused."""
+
+    __slots__ = ("seen", "key", "counts", "steady", "_counting")
+
+    def __init__(self, seen: dict[tuple, launch.LaunchCounts], key: tuple) -> None:
+        self.seen, self.key = seen, key
+        known = seen.get(key)
+        self.steady = known is not None and not launch.observed()
+        self.counts = known if self.steady else launch.LaunchCounts()
+        self._counting: launch.counting | None = None
+
+    def __enter__(self) -> "_Counter":
+        if not self.steady:
+            self._counting = launch.counting()
+            self.counts = self._counting.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._counting is not None:
+            self._counting.__exit__(*exc)
+            if exc[0] is None:
+                self.seen[self.key] = self.counts
 
 
 def launch_stats(launches: list[launch.Launch]) -> dict:
