@@ -445,6 +445,8 @@ class BackwardPlan:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self._needs_cache: dict[tuple[bool, ...], dict[Value, bool]] = {}
+        # The differentiable nodes in reverse, each with whether it is empty (what `run` walks every call)
+        self._reverse = [(n, empty_node(n)) for n in reversed(graph.nodes) if differentiable(n)]
 
     def saved(self) -> tuple[set[Value], set[tuple[Value, str]]]:
         """Forward values and extra tensors the backward reads: all that a forward saves."""
@@ -472,20 +474,26 @@ class BackwardPlan:
         return cached
 
     def run(self, env: Env, grads: dict[Value, torch.Tensor], input_needs: tuple[bool, ...],
-            precision: str) -> list[torch.Tensor | None]:
-        """Propagate output gradients back to the graph inputs; returns one gradient per graph input."""
+            precision: str, vjp: Callable[..., list] | None = None) -> list[torch.Tensor | None]:
+        """Propagate output gradients back to the graph inputs; returns one gradient per graph input.
+
+        vjp: runs a node's VJP instead of calling its rule directly, as `vjp(n, env, dy, needs, general)`
+        where `general()` is the rule's call (the runtime records and replays it: fusednn/prebuilt.py)."""
         need = self.requires_grad(input_needs)
         acc = GradSum(grads)
-        for n in reversed(self.graph.nodes):
+        for n, empty in self._reverse:
             dy = grads.pop(n.out, None)
-            if dy is None or not differentiable(n) or not need.get(n.out, False):
+            if dy is None or not need.get(n.out, False):
                 continue
             needs = [v is not None and need.get(v, False) for v in n.inputs]
-            if empty_node(n):  # batch 0: nothing flows back; parameters get zeros, as in torch
+            if empty:  # batch 0: nothing flows back; parameters get zeros, as in torch
                 outs = [torch.zeros(env.shape(v), dtype=v.type.dtype, device=dy.device) if nd else None
                         for v, nd in zip(n.inputs, needs)]
-            else:
+            elif vjp is None:
                 outs = rule(n).vjp(n, env, dy.contiguous(), needs, precision)
+            else:
+                dyc = dy.contiguous()
+                outs = vjp(n, env, dyc, needs, lambda n=n, dyc=dyc, needs=needs: rule(n).vjp(n, env, dyc, needs, precision))
             for v, g in zip(n.inputs, outs):
                 if v is not None and g is not None and need.get(v, False):
                     if g.dtype != v.type.dtype:  # a VJP past a dtype change (autocast): the value's dtype

@@ -49,6 +49,9 @@ class Step:
     node: Node
     kernel: Kernel | None
     run: Callable[[Env], None]
+    # run reads Env values, allocates its results with torch.empty and launches, nothing else (no host
+    # state, no torch op): its launches can be recorded once per batch and replayed (fusednn/prebuilt.py)
+    replayable: bool = False
 
 
 def _numel(shape) -> int:
@@ -130,7 +133,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
         k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _compute_dtype(n: Node) -> str:
@@ -156,7 +159,7 @@ def _lower_linear(n: Node, precision: str) -> Step:
         k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_pointwise(n: Node, precision: str) -> Step:
@@ -225,7 +228,7 @@ def _lower_pointwise(n: Node, precision: str) -> Step:
         k.module.launch(*ins, *outs, nbytes=_moved(moved, env.batch, *ins, *outs))
         env.values.update(zip(keep, outs))
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _is_prelu_weight(v: Value, chain: tuple[Node, ...]) -> bool:
@@ -278,7 +281,7 @@ def _lower_pool(n: Node, precision: str) -> Step:
         k.module.launch(xt, y4, idx, nbytes=_moved(moved, env.batch, xt, y4, idx))
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_pool_indices(n: Node, precision: str) -> Step:
@@ -304,7 +307,7 @@ def _lower_softmax(n: Node, precision: str) -> Step:
         k.module.launch(xt, y, nbytes=_moved(moved, env.batch, xt, y))
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_loss(n: Node, precision: str) -> Step:
@@ -323,7 +326,7 @@ def _lower_loss(n: Node, precision: str) -> Step:
         k.module.launch(xt, tt, loss, nbytes=_moved(moved, env.batch, xt, tt, loss))
         env.values[n.out] = loss
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_class_loss(n: Node) -> Step:
@@ -352,7 +355,7 @@ def _lower_class_loss(n: Node) -> Step:
         k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = loss
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_reduce(n: Node, precision: str) -> Step:
@@ -372,7 +375,7 @@ def _lower_reduce(n: Node, precision: str) -> Step:
         k.module.launch(xt, y)
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_cat(n: Node, precision: str) -> Step:
@@ -425,7 +428,7 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
         _write_back(stats, work)
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _get(env: Env, v: Value | None) -> torch.Tensor | None:
@@ -472,7 +475,7 @@ def _lower_norm(n: Node, precision: str) -> Step:
         _write_back(stats, work)
         env.values[n.out] = y
 
-    return Step(n, k, run)
+    return Step(n, k, run, replayable=True)
 
 
 def _lower_dropout(n: Node, precision: str) -> Step:

@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from fusednn import launch
+from fusednn import launch, prebuilt
 from fusednn._backend import debug_level
 from fusednn.compiler import autodiff, codegen, configs
-from fusednn.compiler.ir import Env, Graph
+from fusednn.compiler.ir import Env, Graph, Node
 from fusednn.errors import CompileError, InputMismatchError
 
 log = logging.getLogger("fusednn")
@@ -61,7 +61,15 @@ class _GraphFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[1:])
         key = (env.batch, configs.target(), needs, tuple(v in g for v in exe.graph.outputs))
         with exe.tiles_at(env.batch), exe.counted(exe.backward_seen, key) as counter:
-            out = exe.plan.run(env, g, needs, exe.precision)
+            recorded = exe.backward_programs.get(key)
+            if counter.steady and recorded is not None:
+                out = exe.plan.run(env, g, needs, exe.precision, vjp=_replayer(recorded))
+            elif recorded is None:
+                fresh: dict[Node, tuple | None] = {}
+                out = exe.plan.run(env, g, needs, exe.precision, vjp=_recorder(fresh))
+                exe.backward_programs[key] = fresh
+            else:  # observed: the general path, as recorded by the observer
+                out = exe.plan.run(env, g, needs, exe.precision)
         exe.backward_counts = counter.counts
         return (None, *out)
 
@@ -96,7 +104,11 @@ class TritonExecutable:
         # backward which gradients flow): counted on the first such call, then reused (`counted`).
         self.forward_seen: dict[tuple, launch.LaunchCounts] = {}
         self.backward_seen: dict[tuple, launch.LaunchCounts] = {}
-        self._runs = [s.run for s in self.steps]
+        # The forward as a list of prebuilt launches (fusednn/prebuilt.py) per such key, and the general
+        # path's steps where a step could not be captured.
+        self.programs: dict[tuple, list[Callable[[Env], None]]] = {}
+        # The backward's node VJPs recorded per key (None: a VJP that keeps the general path).
+        self.backward_programs: dict[tuple, dict[Node, tuple | None]] = {}
         # Batch polymorphism: the graph's IR shapes hold the nominal batch; a call reads its own from the
         # first user input that follows the batch, and every kernel keeps the tiles of the nominal batch.
         dyn = [i for i, v in enumerate(graph.inputs) if v.name in graph.dynamic]
@@ -129,17 +141,24 @@ class TritonExecutable:
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
         batch = self._batch_of(tensors)
         env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
-        with self.tiles_at(batch), self.counted(self.forward_seen, (batch, configs.target())) as counter:
-            if counter.steady:  # nobody observes: no labels, no per-launch bookkeeping
-                for run in self._runs:
+        key = (batch, configs.target())
+        with self.tiles_at(batch), self.counted(self.forward_seen, key) as counter:
+            if counter.steady:  # nobody observes: the prebuilt launches, no labels, no per-launch bookkeeping
+                for run in self.programs[key]:
                     run(env)
             else:
+                program = []
                 for step, label in zip(self.steps, self.labels):
                     if step.kernel is None:  # a view, an eager call, an empty node: no fusednn launch to label
                         step.run(env)
+                    elif step.replayable and key not in self.programs:
+                        program.append(_recorded_step(step, label, env))
                         continue
-                    with launch.tagged(label):
-                        step.run(env)
+                    else:
+                        with launch.tagged(label):
+                            step.run(env)
+                    program.append(step.run)
+                self.programs.setdefault(key, program)
         self.forward_counts = counter.counts
         if self.debug >= 2:
             log.warning("fusednn: forward launches:\n%s", summary(counter.counts))
@@ -193,6 +212,70 @@ class TritonExecutable:
             "forward": last.forward_counts.as_dict(),
             "backward": self.backward_counts.as_dict(),
         }
+
+
+def _recorded_step(step: codegen.Step, label: str, env: Env) -> Callable[[Env], None]:
+    """Run a forward step on env, recording it: what later calls at this batch run instead of step.run."""
+    before_values, before_extra = set(env.values), set(env.extra)
+    ins = list(dict.fromkeys(v for v in step.node.inputs if v is not None))
+    with launch.tagged(label), prebuilt.Capture() as cap:
+        step.run(env)
+    values = [v for v in env.values if v not in before_values]
+    extra = [k for k in env.extra if k not in before_extra]
+    pb = cap.build([env.values[v] for v in ins], [env.values[v] for v in values] + [env.extra[k] for k in extra])
+    if pb is None:
+        return step.run
+    nv = len(values)
+
+    def run(env: Env) -> None:
+        vals = env.values
+        out = pb.run([vals[v] for v in ins])
+        for v, t in zip(values, out):
+            vals[v] = t
+        if extra:
+            env.extra.update(zip(extra, out[nv:]))
+
+    run.prebuilt = pb  # type: ignore[attr-defined]
+    return run
+
+
+def _read_keys(n: Node, env: Env) -> list[tuple[bool, Any]]:
+    """What node n's VJP reads besides its output gradient: what its rule saves that this call has, as
+    (in env.extra, key); once per Value or key (not per tensor: two inputs one call passes the same tensor
+    for must stay two reads)."""
+    keys = []
+    for s in dict.fromkeys(autodiff.rule(n).saves(n)):
+        extra = isinstance(s, str)
+        key = (n.out, s) if extra else s
+        if (env.extra if extra else env.values).get(key) is not None:
+            keys.append((extra, key))
+    return keys
+
+
+def _recorder(programs: dict) -> Callable[..., list]:
+    """A BackwardPlan.run vjp that runs each VJP's general path and records it into `programs`."""
+    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list]) -> list:
+        keys = _read_keys(n, env)
+        with prebuilt.Capture() as cap:
+            outs = list(general())
+        pb = cap.build([dy] + [(env.extra if extra else env.values)[k] for extra, k in keys], outs)
+        programs[n] = None if pb is None else (pb, keys)
+        return outs
+
+    return vjp
+
+
+def _replayer(programs: dict) -> Callable[..., list]:
+    """A BackwardPlan.run vjp that replays each recorded VJP (the general path where none was)."""
+    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list]) -> list:
+        entry = programs.get(n)
+        if entry is None:
+            return general()
+        pb, keys = entry
+        values, extras = env.values, env.extra
+        return pb.run([dy] + [(extras if extra else values)[k] for extra, k in keys])
+
+    return vjp
 
 
 class _Counter:

@@ -1,0 +1,188 @@
+"""Prebuilt launches: a step's launches recorded once per batch and replayed as a list.
+
+A forward step or a node's backward (VJP) of the general path reads its tensors, allocates its results,
+and calls launchers that check shapes, pick launch configs, compute grids and hand everything to
+`fusednn.launch.launch`: 10-20 us of Python per launch. At a fixed batch, all of it but the tensors is the
+same on every call. So the first call records what a step does (`Capture`), and later calls replay it
+(`Prebuilt.run`): allocate what it allocated, fill the tensor slots of each recorded launch, launch, hand
+back its results. Nothing else runs.
+
+A capture is kept only where a replay is exactly the general path:
+  - the step computes nothing outside its launches: a TorchDispatchMode watches every aten op it issues
+    (outside the kernels themselves) and allows allocations (`empty`, `empty_strided`, `empty_like`...)
+    and views, nothing else (a `zero_()`, a `.contiguous()` copy, a random seed drawn with torch or read
+    with `.item()` all keep the general path);
+  - it reads tensors only: a number it reads (a dropout's seed) may change from call to call;
+  - every tensor a launch receives or the step returns lies inside one of the tensors it read or one it
+    allocated, at an element offset with the same dtype: on replay it is that tensor, or a view of it at
+    the same offset, shape and strides;
+  - no two of the tensors it read overlap: which one a launch read could not be told apart on a later call
+    where they do not.
+The step's own code declares that it keeps no other host state (`codegen.Step.replayable`; a VJP reads
+what it saves). Replays run only when nothing observes launches (no counting, no recording): an observer
+sees the general path, with its labels and arguments.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusednn import launch
+
+_ALLOCATE = frozenset(("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"))
+_FREE = frozenset(("detach", "alias", "lift_fresh"))  # no computation, no new memory
+_LAUNCH = launch.launch.__code__
+
+
+def _inside_a_launch() -> bool:
+    """Whether the current aten op comes from inside `launch.launch` (Triton's interpreter copies tensors)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code is _LAUNCH:
+            return True
+        f = f.f_back
+    return False
+
+
+class _Watch(TorchDispatchMode):
+    """The tensors a step allocates, and the names of the other aten ops it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocated: list[torch.Tensor] = []
+        self.computed: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or name in _FREE or _inside_a_launch():
+            return out
+        if name in _ALLOCATE:
+            self.allocated.append(out)
+        else:
+            self.computed.append(name)
+        return out
+
+
+# A tensor on replay: (root, element offset, shape, strides, exact); root indexes the step's reads, then
+# its allocations; exact: the root itself (same offset 0, shape and strides), no view to build.
+_Desc = tuple
+
+
+@dataclass(slots=True)
+class _Launch:
+    kernel: Any
+    grid: tuple
+    args: list  # the recorded arguments, tensors replaced by None and filled on every replay
+    fills: tuple  # (position, _Desc); a launch needs only the address and dtype: offset 0 is the root
+    meta: dict
+
+
+@dataclass(slots=True)
+class Prebuilt:
+    """One step's allocations, launches and results at one batch."""
+
+    allocations: tuple  # (shape, strides, dtype, device)
+    launches: tuple  # _Launch
+    results: tuple  # _Desc or None per result
+
+    def run(self, reads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The step's results, computed by its recorded launches on `reads` (what it read, in order)."""
+        roots = reads + [torch.empty_strided(shape, strides, dtype=dtype, device=device)
+                         for shape, strides, dtype, device in self.allocations]
+        execute = not launch._suppressed[0]
+        for ln in self.launches:
+            args = ln.args.copy()
+            for pos, d in ln.fills:
+                args[pos] = roots[d[0]] if d[1] == 0 else _view(roots, d)
+            if execute:
+                ln.kernel[ln.grid](*args, **ln.meta)
+        return [None if d is None else roots[d[0]] if d[4] else _view(roots, d) for d in self.results]
+
+
+def _view(roots: list[torch.Tensor], d: _Desc) -> torch.Tensor:
+    root = roots[d[0]]
+    return root.as_strided(d[2], d[3], root.storage_offset() + d[1])
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes from t's first element to past its last."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+class Capture:
+    """Record a step (`with Capture() as cap: ...`), then `cap.build(reads, results)`."""
+
+    def __init__(self) -> None:
+        self._watch = _Watch()
+        self._recording = launch.recording()
+        self.launches: list[launch.Launch] = []
+
+    def __enter__(self) -> "Capture":
+        self.launches = self._recording.__enter__()
+        self._watch.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._watch.__exit__(*exc)
+        self._recording.__exit__(*exc)
+
+    def build(self, reads: list[Any], results: list[Any]) -> Prebuilt | None:
+        """The Prebuilt of the step just recorded, which read `reads` and produced `results` (tensors or
+        None), or None where a replay would not be exactly what it did (see the module docstring). Drops
+        every tensor the recording held."""
+        try:
+            return self._build(reads, results)
+        finally:
+            self.launches = []
+            self._watch = _Watch()
+
+    def _build(self, reads: list[Any], results: list[Any]) -> Prebuilt | None:
+        if self._watch.computed or not all(isinstance(t, torch.Tensor) for t in reads):
+            return None
+        roots = [*reads, *self._watch.allocated]
+        ranges = sorted((t.data_ptr(), t.data_ptr() + _span(t), i) for i, t in enumerate(roots) if t.numel() > 0)
+        for (_, hi, _), (lo, _, _) in zip(ranges[:-1], ranges[1:]):
+            if lo < hi:
+                return None  # two reads sharing memory (allocations never do)
+
+        def describe(t: torch.Tensor) -> _Desc | None:
+            if t.numel() == 0:
+                return None
+            p = t.data_ptr()
+            for lo, hi, i in ranges:
+                root = roots[i]
+                if lo <= p < hi and root.dtype == t.dtype and (p - lo) % t.element_size() == 0:
+                    off = (p - lo) // t.element_size()
+                    exact = off == 0 and t.shape == root.shape and t.stride() == root.stride()
+                    return (i, off, tuple(t.shape), tuple(t.stride()), exact)
+            return None
+
+        built = []
+        for rec in self.launches:
+            args, fills = list(rec.args), []
+            for pos, a in enumerate(args):
+                if isinstance(a, torch.Tensor):
+                    d = describe(a)
+                    if d is None:
+                        return None
+                    fills.append((pos, d))
+                    args[pos] = None
+            built.append(_Launch(rec.kernel, rec.grid, args, tuple(fills), dict(rec.meta)))
+        descs = []
+        for t in results:
+            if t is not None and not isinstance(t, torch.Tensor):
+                return None
+            d = None if t is None else describe(t)
+            if t is not None and d is None:
+                return None
+            descs.append(d)
+        allocations = tuple((tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in self._watch.allocated)
+        return Prebuilt(allocations, tuple(built), tuple(descs))
+

@@ -1,0 +1,218 @@
+"""Prebuilt launches (fusednn/prebuilt.py): the first call at a batch records each forward step's launches,
+later calls replay them. A replay must be exactly the general path: same results, forward and every
+gradient and the running statistics, against float64 torch over several calls on fresh inputs; and where a
+capture would not be exact (inputs sharing memory, a host-drawn seed) the general path runs instead."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import fusednn
+from fusednn import launch
+from fusednn.compiler import autodiff
+from fusednn.models import MODELS
+from fusednn.prebuilt import Capture, Prebuilt
+from tests.helpers import rel_err
+
+
+def _replayed(compiled) -> int:
+    """How many forward steps of the last specialisation's programs run prebuilt launches."""
+    exe = compiled._last().executable
+    return sum(isinstance(getattr(r, "prebuilt", None), Prebuilt) for p in exe.programs.values() for r in p)
+
+
+def _no_general_path(compiled, monkeypatch):
+    """Make every generated launcher of the compiled graph, and every VJP rule of a node whose backward
+    was recorded, raise: a replay calls none of them."""
+    exe = compiled._last().executable
+    for s in exe.steps:
+        if s.kernel is not None and s.replayable:
+            def boom(*a, _name=s.kernel.name, **k):
+                raise AssertionError(f"{_name}: the general path ran where a replay was expected")
+
+            monkeypatch.setattr(s.kernel.module, "launch", boom)
+    recorded = {n for p in exe.backward_programs.values() for n, entry in p.items() if entry is not None}
+    assert recorded
+    for fam, r in list(autodiff.VJPS.items()):
+        def vjp(n, *a, _r=r, **k):
+            assert n not in recorded, f"{n.label()}: the general backward ran where a replay was expected"
+            return _r.vjp(n, *a, **k)
+
+        monkeypatch.setitem(autodiff.VJPS, fam, dataclasses.replace(r, vjp=vjp))
+
+
+def _tol(f32: torch.Tensor, f64: torch.Tensor) -> float:
+    """The promise: 1e-5 relative, or 4x float32 torch's own error against float64 where that is larger."""
+    return max(1e-5, 4 * rel_err(f32, f64))
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet8", "mobilenet"])
+def test_replayed_calls_match_float64_torch(name, monkeypatch):
+    torch.manual_seed(0)
+    rgb = name != "lenet"
+    model = MODELS[name](in_channels=3) if rgb else MODELS[name]()
+    ref64, ref32 = copy.deepcopy(model).double(), copy.deepcopy(model)
+    c = fusednn.compile(model)
+    shape = (2, 3, 16, 16) if rgb else (2, 1, 32, 32)
+    for call in range(3):
+        x = torch.randn(shape)
+        xs = [x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()]
+        outs = [m(t) for m, t in zip((c, ref64, ref32), xs)]
+        g = torch.randn_like(outs[1])
+        for o in outs:
+            o.backward(g.to(o.dtype))
+        assert rel_err(outs[0], outs[1]) <= _tol(outs[2], outs[1]), call
+        assert rel_err(xs[0].grad, xs[1].grad) <= _tol(xs[2].grad, xs[1].grad), call
+        for (n, p), q, r in zip(model.named_parameters(), ref64.parameters(), ref32.parameters()):
+            assert rel_err(p.grad, q.grad) <= _tol(r.grad, q.grad), (call, n)
+            p.grad = q.grad = r.grad = None
+        for (n, b), b64, b32 in zip(model.named_buffers(), ref64.buffers(), ref32.buffers()):
+            assert rel_err(b, b64) <= _tol(b32, b64), (call, n)
+        if call == 0:  # recorded: from now on the general path must not run
+            assert _replayed(c) > 0
+            _no_general_path(c, monkeypatch)
+
+
+def _alias_fn(a, b):
+    return torch.tanh(a * 2.0 + b)
+
+
+@pytest.mark.parametrize("first", ["shared", "distinct"])
+def test_inputs_that_share_memory_on_one_call_but_not_another(first):
+    """A capture cannot tell apart two inputs at one address: it is not taken there, and a capture of
+    distinct inputs stays right when a later call passes one tensor for both."""
+    c = fusednn.compile(_alias_fn)
+    x, y = torch.randn(5, 7), torch.randn(5, 7)
+    calls = [(x, x), (x, y), (y, x), (y, y)] if first == "shared" else [(x, y), (y, y), (x, x), (y, x)]
+    for a, b in calls:
+        ag = a.clone().requires_grad_()
+        got = c(ag, ag if a is b else b.clone().requires_grad_())
+        want = _alias_fn(a.double(), b.double())
+        assert rel_err(got, want) < 1e-6
+        got.backward(torch.ones_like(got))
+        # d/da tanh(2a + b) with b = a when one tensor is passed for both: 3 (1 - tanh^2), else 2 (1 - tanh^2)
+        assert rel_err(ag.grad, (3.0 if a is b else 2.0) * (1 - want ** 2)) < 1e-6
+    assert (_replayed(c) == 0) == (first == "shared")
+
+
+def test_dropout_draws_a_new_mask_on_every_call_forward_and_backward():
+    """A dropout's seed is drawn on the host per call and read back by its backward: neither is replayed
+    with the first call's seed."""
+    torch.manual_seed(0)
+    c = fusednn.compile(lambda x: F.dropout(torch.tanh(x), 0.5))
+    x = torch.randn(8, 64)
+    masks = []
+    for _ in range(3):
+        xg = x.clone().requires_grad_()
+        out = c(xg)
+        out.backward(torch.ones_like(out))
+        keep = out != 0
+        want = torch.where(keep, 2 * (1 - torch.tanh(x.double()) ** 2), 0.0)
+        assert rel_err(xg.grad, want) < 1e-6
+        masks.append(keep)
+    assert _replayed(c) > 0  # the tanh is replayed
+    assert not torch.equal(masks[1], masks[2]) and not torch.equal(masks[0], masks[1])
+
+
+def test_an_observer_sees_the_general_path_with_labels():
+    torch.manual_seed(0)
+    net = MODELS["lenet"]()
+    c = fusednn.compile(net)
+    x = torch.randn(2, 1, 32, 32)
+    c(x), c(x)
+    with launch.recording() as rec:
+        c(x)
+    assert len(rec) == c.stats()["forward"]["launches"] == 5
+    assert all(r.tag for r in rec)  # labelled by the IR group each implements
+
+
+def test_prebuilt_launches_hold_no_tensor():
+    """Replays allocate their results on every call: what a program keeps is shapes, kernels and constants."""
+    torch.manual_seed(0)
+    net = MODELS["lenet"]()
+    c = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y))
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 10, (2,))
+    c(x, y).backward()
+    c(x, y).backward()
+    found = 0
+    for program in c._last().executable.programs.values():
+        for run in program:
+            pb = getattr(run, "prebuilt", None)
+            if isinstance(pb, Prebuilt):
+                found += 1
+                for ln in pb.launches:
+                    assert not any(isinstance(a, torch.Tensor) for a in [*ln.args, *ln.meta.values()])
+    assert found == 6
+
+
+# -- the capture itself, on hand-made steps ---------------------------------------------------------------
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, s, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * s + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
+def _accumulate(x, y, s):
+    """y += s * x, launched through fusednn.launch."""
+    launch.launch(_scale_kernel, (1,), x, y, x.numel(), s, BLOCK=64)
+
+
+def test_a_step_that_computes_outside_its_launches_is_not_recorded():
+    """y.zero_() runs in torch, not in a launch: a replay that only allocated and launched would add into
+    uninitialised memory."""
+    x = torch.randn(40)
+    with Capture() as cap:
+        y = torch.empty_like(x)
+        y.zero_()
+        _accumulate(x, y, 2.0)
+    assert torch.equal(y, 2.0 * x)
+    assert cap.build([x], [y]) is None
+
+
+def test_a_step_that_reads_a_number_is_not_recorded():
+    x = torch.randn(40)
+    with Capture() as cap:
+        y = torch.zeros_like(x)
+    assert cap.build([x, 3], [y]) is None  # zeros_like computes, and a number read may change
+    with Capture() as cap:
+        y = torch.empty_like(x)
+    assert cap.build([x, 3], [y]) is None
+
+
+def test_replays_build_views_at_offsets_into_fresh_memory():
+    """A result inside a larger allocation (a [dw | db] buffer's db) is the same view on replay, of memory
+    allocated anew on every replay."""
+    def step(x):
+        buf = torch.empty(3 * x.numel())
+        out = buf[x.numel():2 * x.numel()].view(x.shape)
+        _write(x, out)
+        return buf[: x.numel()], out
+
+    x = torch.randn(5, 8)
+    with Capture() as cap:
+        first = step(x)
+    pb = cap.build([x], list(first))
+    assert pb is not None
+    x2 = torch.randn(5, 8)
+    a = pb.run([x2])
+    b = pb.run([x2])
+    assert torch.equal(a[1], 3.0 * x2) and a[1].shape == (5, 8) and a[1].storage_offset() == 40
+    assert a[1].data_ptr() != b[1].data_ptr() and a[1].data_ptr() != first[1].data_ptr()
+
+
+@triton.jit
+def _write_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 3.0, mask=mask)
+
+
+def _write(x, y):
+    launch.launch(_write_kernel, (1,), x, y, x.numel(), BLOCK=64)
