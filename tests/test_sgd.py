@@ -338,3 +338,59 @@ def test_sgd_tensor_momentum_and_weight_decay_are_read_by_the_kernel():
             ref_opt.step()
             _assert_close(params, ref, opt, ref_opt)
     assert launches[0].meta["MOMENTUM_PTR"] and launches[0].meta["WD_PTR"] and not launches[0].meta["LR_PTR"]
+
+
+def test_sgd_steady_steps_follow_every_change_between_steps(monkeypatch):
+    """A step whose parameters, gradients (kept in place, as zero_grad(set_to_none=False) does), buffers and
+    hyper-parameters are those of the step before relaunches its launch; any change between steps must reach
+    the update: lr, a momentum buffer replaced, a parameter's data replaced, a strided gradient, a
+    parameter without a gradient."""
+    params = _params()
+    ref = _twin(params)
+    opt, ref_opt = SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    general = []
+    real = opt._general_step
+    monkeypatch.setattr(opt, "_general_step", lambda *a: (general.append(1), real(*a)))
+
+    def grads_in_place(skip=()):
+        for i, (p, q) in enumerate(zip(params, ref)):
+            if i in skip:
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape)
+            if p.grad is None or not p.grad.is_contiguous():
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            q.grad = g.double()
+
+    def lr():
+        for grp in opt.param_groups + ref_opt.param_groups:
+            grp["lr"] = 0.05
+
+    def buffer():
+        for o, p in ((opt, params[0]), (ref_opt, ref[0])):
+            o.state[p]["momentum_buffer"] = o.state[p]["momentum_buffer"] * -0.5
+
+    def data():
+        with torch.no_grad():
+            params[3].data = params[3].data * 3
+            ref[3].data = ref[3].data * 3
+
+    def strided():
+        g = torch.randn(84, 10)
+        params[2].grad, ref[2].grad = g.t(), g.t().double()
+
+    took = []
+    for change in (None, None, None, lr, None, buffer, None, data, None, strided, "skip", None, None):
+        grads_in_place(skip=(1,) if change == "skip" else ())
+        if callable(change):
+            change()
+        before = len(general)
+        opt.step()
+        ref_opt.step()
+        _assert_close(params, ref, opt, ref_opt)
+        took.append(len(general) - before)
+    # general: the first step, the first with buffers, each change, and after the strided gradient and the
+    # skipped parameter the steps whose gradients are new tensors; every other step relaunches
+    assert took == [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0]
