@@ -414,8 +414,8 @@ class _Guard:
                 return None
         out = {}
         for (name, d, k), (shape, st) in zip(self.entries, self.checks):
-            t = d[k]
-            if t.shape != shape or state(t) != st:
+            t = d[k]  # _tensor_state, inlined: this loop runs for every parameter on every call
+            if t.shape != shape or (t.dtype, t.get_device(), t.requires_grad, t.is_contiguous()) != st:
                 return None
             out[name] = t
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -42,7 +43,36 @@ class _Fused(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Update one group's parameters that have a gradient, in one launch: the last step's launch again
+        when nothing it depends on changed (`_steady_key`), else built anew (`_general_step`), every check
+        made and every table looked up."""
+        key = self._steady_key(group, params)
+        steady = self.__dict__.setdefault("_fnn_steady", {})  # id(group) -> (key, launch, before it)
+        last = steady.get(id(group))
+        if key is not None and last is not None and last[0] == key:
+            _, rec, before = last
+            if before is not None:
+                before()
+            launch(rec.kernel, rec.grid, *rec.args, nbytes=rec.bytes, **rec.meta)
+            return
+        steady.pop(id(group), None)
+        with recording() as launches:
+            before = self._general_step(group, params)
+        if key is not None and len(launches) == 1:
+            steady[id(group)] = (key, launches[0], before)
+
+    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        """What a step's launch depends on, read cheaply; None where the general path must run."""
+        return None
+
+    def _general_step(self, group: dict, params: list[torch.Tensor]) -> Callable[[], None] | None:
+        """One group's step; returns what a relaunch must do before its launch (None: nothing)."""
         raise NotImplementedError
+
+
+def _dense_f32(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a dense, contiguous float32 tensor (what a relaunch may read in place)."""
+    return all(t.layout is torch.strided and t.dtype is torch.float32 and t.is_contiguous() for t in tensors)
 
 
 class SGD(_Fused):
@@ -137,22 +167,6 @@ class SGD(_Fused):
             else:
                 key += (id(p), p.data_ptr(), p.numel(), g.data_ptr(), buf.data_ptr())
         return tuple(key)
-
-    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Update one group's parameters that have a gradient, in one launch: the last step's launch again
-        when nothing it depends on changed (`_steady_key`), else built anew (`_general_step`)."""
-        key = self._steady_key(group, params)
-        steady = self.__dict__.setdefault("_fnn_steady", {})  # id(group) -> (key, launch)
-        last = steady.get(id(group))
-        if key is not None and last is not None and last[0] == key:
-            rec = last[1]
-            launch(rec.kernel, rec.grid, *rec.args, nbytes=rec.bytes, **rec.meta)
-            return
-        with recording() as launches:
-            self._general_step(group, params)
-        steady.pop(id(group), None)
-        if key is not None and len(launches) == 1:
-            steady[id(group)] = (key, launches[0])
 
     def _general_step(self, group: dict, params: list[torch.Tensor]) -> None:
         """One group's step, every check made and every table looked up: `sgd_step`."""
@@ -293,8 +307,31 @@ class Adam(_Fused):
             return step.to(device=p.device, dtype=torch.float32)
         return step
 
-    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Update one group's parameters that have a gradient, in one launch."""
+    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        """SGD's `_steady_key` for Adam: the hyper-parameters (Python numbers), and per parameter its identity,
+        address and size and the addresses of its gradient, moments and step counter (all present, dense,
+        contiguous float32 on its device); the step counters are incremented before each relaunch."""
+        hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["amsgrad"],
+                 group["maximize"], group["decoupled_weight_decay"])
+        if any(isinstance(h, torch.Tensor) for h in hyper):
+            return None
+        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        key: list = [hyper]
+        state = self.state
+        for p in params:
+            st = state.get(p)
+            if st is None or "step" not in st or any(k not in st for k in names):
+                return None
+            step, bufs = st["step"], [st[k] for k in names]
+            if (not isinstance(step, torch.Tensor) or step.dtype is not torch.float32 or step.numel() != 1
+                    or step.device != p.device or not _dense_f32(p, p.grad, *bufs)
+                    or any(b.numel() != p.numel() for b in bufs)):
+                return None
+            key += (id(p), p.data_ptr(), p.numel(), p.grad.data_ptr(), step.data_ptr(), *(b.data_ptr() for b in bufs))
+        return tuple(key)
+
+    def _general_step(self, group: dict, params: list[torch.Tensor]) -> Callable[[], None]:
+        """One group's step, every check made and every table looked up: `adam_step`."""
         amsgrad = bool(group["amsgrad"])
         grads, steps, new = [], [], []
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
@@ -338,6 +375,7 @@ class Adam(_Fused):
         # Only after a successful launch: a refused step leaves the state as it was.
         for p, entry in zip(params, new):
             self.state[p].update(entry)
+        return functools.partial(torch._foreach_add_, steps, 1.0)  # what adam_step does before its launch
 
 
 class AdamW(Adam):

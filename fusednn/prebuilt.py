@@ -16,8 +16,10 @@ A capture is kept only where a replay is exactly the general path:
   - every tensor a launch receives or the step returns lies inside one of the tensors it read or one it
     allocated, at an element offset with the same dtype: on replay it is that tensor, or a view of it at
     the same offset, shape and strides;
-  - no two of the tensors it read overlap: which one a launch read could not be told apart on a later call
-    where they do not.
+  - no two of the tensors it read that come from outside (the caller's inputs and parameters, autograd's
+    gradients) overlap: which one a launch read could not be told apart on a later call where they do not.
+    Tensors made by the graph itself may (a flattened view of an activation and the activation): how they
+    overlap is fixed by the graph, the same on every call.
 The step's own code declares that it keeps no other host state (`codegen.Step.replayable`; a VJP reads
 what it saves). Replays run only when nothing observes launches (no counting, no recording): an observer
 sees the general path, with its labels and arguments.
@@ -80,27 +82,36 @@ class _Launch:
     args: list  # the recorded arguments, tensors replaced by None and filled on every replay
     fills: tuple  # (position, _Desc); a launch needs only the address and dtype: offset 0 is the root
     meta: dict
+    allocate: tuple = ()  # (root, shape, strides, dtype, device): allocations first used by this launch
+    release: tuple = ()  # roots last used by this launch and not a result: freed after it, as the general
+    # path frees a temporary (a split-K partial, an intermediate gradient) once nothing refers to it
 
 
 @dataclass(slots=True)
 class Prebuilt:
     """One step's allocations, launches and results at one batch."""
 
-    allocations: tuple  # (shape, strides, dtype, device)
+    n_roots: int  # reads + allocations
     launches: tuple  # _Launch
     results: tuple  # _Desc or None per result
+    allocate_last: tuple = ()  # allocations no launch uses (results only)
 
     def run(self, reads: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The step's results, computed by its recorded launches on `reads` (what it read, in order)."""
-        roots = reads + [torch.empty_strided(shape, strides, dtype=dtype, device=device)
-                         for shape, strides, dtype, device in self.allocations]
+        roots: list = reads + [None] * (self.n_roots - len(reads))
         execute = not launch._suppressed[0]
         for ln in self.launches:
+            for i, shape, strides, dtype, device in ln.allocate:
+                roots[i] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
             args = ln.args.copy()
             for pos, d in ln.fills:
                 args[pos] = roots[d[0]] if d[1] == 0 else _view(roots, d)
             if execute:
                 ln.kernel[ln.grid](*args, **ln.meta)
+            for i in ln.release:
+                roots[i] = None
+        for i, shape, strides, dtype, device in self.allocate_last:
+            roots[i] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
         return [None if d is None else roots[d[0]] if d[4] else _view(roots, d) for d in self.results]
 
 
@@ -133,32 +144,37 @@ class Capture:
         self._watch.__exit__(*exc)
         self._recording.__exit__(*exc)
 
-    def build(self, reads: list[Any], results: list[Any]) -> Prebuilt | None:
+    def build(self, reads: list[Any], results: list[Any], internal: list[bool] | None = None) -> Prebuilt | None:
         """The Prebuilt of the step just recorded, which read `reads` and produced `results` (tensors or
-        None), or None where a replay would not be exactly what it did (see the module docstring). Drops
-        every tensor the recording held."""
+        None), or None where a replay would not be exactly what it did (see the module docstring).
+        internal: per read, whether the graph itself made it (may overlap other reads); default none.
+        Drops every tensor the recording held."""
         try:
-            return self._build(reads, results)
+            return self._build(reads, results, internal or [False] * len(reads))
         finally:
             self.launches = []
             self._watch = _Watch()
 
-    def _build(self, reads: list[Any], results: list[Any]) -> Prebuilt | None:
+    def _build(self, reads: list[Any], results: list[Any], internal: list[bool]) -> Prebuilt | None:
         if self._watch.computed or not all(isinstance(t, torch.Tensor) for t in reads):
             return None
         roots = [*reads, *self._watch.allocated]
         ranges = sorted((t.data_ptr(), t.data_ptr() + _span(t), i) for i, t in enumerate(roots) if t.numel() > 0)
-        for (_, hi, _), (lo, _, _) in zip(ranges[:-1], ranges[1:]):
+        outside = [(lo, hi) for lo, hi, i in ranges if i < len(reads) and not internal[i]]
+        for (_, hi), (lo, _) in zip(outside[:-1], outside[1:]):
             if lo < hi:
-                return None  # two reads sharing memory (allocations never do)
+                return None  # two tensors from outside sharing memory
+        for lo, hi, i in ranges:  # an allocation overlaps nothing: its memory is new
+            if i >= len(reads) and any(a < hi and lo < b for a, b, j in ranges if j != i):
+                return None
 
         def describe(t: torch.Tensor) -> _Desc | None:
             if t.numel() == 0:
                 return None
-            p = t.data_ptr()
-            for lo, hi, i in ranges:
+            p, end = t.data_ptr(), t.data_ptr() + _span(t)
+            for lo, hi, i in ranges:  # the first tensor read or allocated that holds all of t
                 root = roots[i]
-                if lo <= p < hi and root.dtype == t.dtype and (p - lo) % t.element_size() == 0:
+                if lo <= p and end <= hi and root.dtype == t.dtype and (p - lo) % t.element_size() == 0:
                     off = (p - lo) // t.element_size()
                     exact = off == 0 and t.shape == root.shape and t.stride() == root.stride()
                     return (i, off, tuple(t.shape), tuple(t.stride()), exact)
@@ -183,6 +199,20 @@ class Capture:
             if t is not None and d is None:
                 return None
             descs.append(d)
-        allocations = tuple((tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in self._watch.allocated)
-        return Prebuilt(allocations, tuple(built), tuple(descs))
+        # Allocate each allocation before the launch that first uses it; free it after the last one that
+        # does unless a result lies in it.
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for j, ln in enumerate(built):
+            for _, d in ln.fills:
+                first.setdefault(d[0], j)
+                last[d[0]] = j
+        kept = {d[0] for d in descs if d is not None}
+        n = len(reads)
+        spec = {n + k: (n + k, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+                for k, t in enumerate(self._watch.allocated)}
+        for j, ln in enumerate(built):
+            ln.allocate = tuple(spec[i] for i in spec if first.get(i) == j)
+            ln.release = tuple(i for i in spec if last.get(i) == j and i not in kept)
+        return Prebuilt(len(roots), tuple(built), tuple(descs), tuple(spec[i] for i in spec if i not in first))
 

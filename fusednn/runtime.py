@@ -28,13 +28,17 @@ class _GraphFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, exe: "TritonExecutable", *tensors: torch.Tensor):  # type: ignore[override]
         env = exe.forward(tensors)
-        vals, extra = exe.saved_keys
         ctx.exe = exe
         ctx.batch = env.batch
         values, ext = env.values, env.extra
-        ctx.val_keys = [v for v in vals if v in values]
-        ctx.extra_keys = [k for k in extra if isinstance(ext.get(k), torch.Tensor)]
-        ctx.extra_ints = {k: ext[k] for k in extra if k in ext and not isinstance(ext[k], torch.Tensor)}
+        saves = exe.saves_at.get(env.batch)
+        if saves is None:  # what of the saved keys a forward at this batch has: the same on every call
+            vals, extra = exe.saved_keys
+            saves = exe.saves_at[env.batch] = (
+                [v for v in vals if v in values], [k for k in extra if isinstance(ext.get(k), torch.Tensor)],
+                [k for k in extra if k in ext and not isinstance(ext[k], torch.Tensor)])
+        ctx.val_keys, ctx.extra_keys, int_keys = saves
+        ctx.extra_ints = {k: ext[k] for k in int_keys}  # a dropout's seed: read on every call
         ctx.save_for_backward(*[values[v] for v in ctx.val_keys], *[ext[k] for k in ctx.extra_keys])
         outs = tuple(values[v] for v in exe.graph.outputs)
         if exe.integer_outputs:
@@ -63,11 +67,19 @@ class _GraphFunction(torch.autograd.Function):
         with exe.tiles_at(env.batch), exe.counted(exe.backward_seen, key) as counter:
             recorded = exe.backward_programs.get(key)
             if counter.steady and recorded is not None:
-                out = exe.plan.run(env, g, needs, exe.precision, vjp=_replayer(recorded))
+                whole, vjps = recorded
+                if whole is not None:
+                    out = whole.run(_backward_reads(g, saved, ctx.extra_ints))
+                else:
+                    out = exe.plan.run(env, g, needs, exe.precision, vjp=_replayer(vjps))
             elif recorded is None:
-                fresh: dict[Node, tuple | None] = {}
-                out = exe.plan.run(env, g, needs, exe.precision, vjp=_recorder(fresh))
-                exe.backward_programs[key] = fresh
+                g = {v: d.contiguous() for v, d in g.items()}
+                reads = _backward_reads(g, saved, ctx.extra_ints)
+                vjps: dict[Node, tuple | None] = {}
+                with prebuilt.Capture() as cap:
+                    out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps))
+                internal = [False] * len(g) + [v not in exe.input_set for v in ctx.val_keys] + [True] * (len(reads) - len(g) - nv)
+                exe.backward_programs[key] = (cap.build(reads, list(out), internal), vjps)
             else:  # observed: the general path, as recorded by the observer
                 out = exe.plan.run(env, g, needs, exe.precision)
         exe.backward_counts = counter.counts
@@ -93,6 +105,7 @@ class TritonExecutable:
         self.plan = autodiff.plan(graph)
         vals, extra = self.plan.saved()
         self.saved_keys = (tuple(vals), tuple(extra))  # iterated on every call: tuples, in a fixed order
+        self.saves_at: dict[int | None, tuple[list, list, list]] = {}  # per batch: the saved keys a call has
         self._param_names = [v.name for v in graph.inputs if v.kind != "input"]
         self.integer_outputs = any(not v.type.dtype.is_floating_point for v in graph.outputs)
         # Counts only: keeping the launches themselves would pin every tensor of the last step (LeNet at
@@ -106,9 +119,11 @@ class TritonExecutable:
         self.backward_seen: dict[tuple, launch.LaunchCounts] = {}
         # The forward as a list of prebuilt launches (fusednn/prebuilt.py) per such key, and the general
         # path's steps where a step could not be captured.
-        self.programs: dict[tuple, list[Callable[[Env], None]]] = {}
-        # The backward's node VJPs recorded per key (None: a VJP that keeps the general path).
-        self.backward_programs: dict[tuple, dict[Node, tuple | None]] = {}
+        self.programs: dict[tuple, Callable[..., Env]] = {}
+        # The backward recorded per key: as one Prebuilt where it could be, and each node's VJP (None: a
+        # VJP that keeps the general path) for where it could not.
+        self.backward_programs: dict[tuple, tuple[prebuilt.Prebuilt | None, dict[Node, tuple | None]]] = {}
+        self.input_set = set(graph.inputs)
         # Batch polymorphism: the graph's IR shapes hold the nominal batch; a call reads its own from the
         # first user input that follows the batch, and every kernel keeps the tiles of the nominal batch.
         dyn = [i for i, v in enumerate(graph.inputs) if v.name in graph.dynamic]
@@ -140,29 +155,40 @@ class TritonExecutable:
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
         batch = self._batch_of(tensors)
-        env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
         key = (batch, configs.target())
         with self.tiles_at(batch), self.counted(self.forward_seen, key) as counter:
             if counter.steady:  # nobody observes: the prebuilt launches, no labels, no per-launch bookkeeping
-                for run in self.programs[key]:
-                    run(env)
+                env = self.programs[key](tensors, batch)
             else:
-                program = []
-                for step, label in zip(self.steps, self.labels):
-                    if step.kernel is None:  # a view, an eager call, an empty node: no fusednn launch to label
-                        step.run(env)
-                    elif step.replayable and key not in self.programs:
-                        program.append(_recorded_step(step, label, env))
-                        continue
-                    else:
+                env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
+                if key in self.programs:  # observed: the general path, labelled
+                    for step, label in zip(self.steps, self.labels):
                         with launch.tagged(label):
                             step.run(env)
-                    program.append(step.run)
-                self.programs.setdefault(key, program)
+                else:
+                    self.programs[key] = self._record_forward(env, tensors)
         self.forward_counts = counter.counts
         if self.debug >= 2:
             log.warning("fusednn: forward launches:\n%s", summary(counter.counts))
         return env
+
+    def _record_forward(self, env: Env, tensors: tuple[torch.Tensor, ...]) -> Callable[..., Env]:
+        """Run the forward's general path on env, recording it: the whole forward as one Prebuilt where it
+        can be, else each step's where it can be (fusednn/prebuilt.py). Returns what later calls run."""
+        runs = []
+        inputs = set(self.graph.inputs)
+        with prebuilt.Capture() as whole:
+            for step, label in zip(self.steps, self.labels):
+                if step.replayable:
+                    runs.append(_recorded_step(step, label, env, inputs))
+                    continue
+                with launch.tagged(label):
+                    step.run(env)
+                runs.append(step.run)
+        keys = [v for v in dict.fromkeys((*self.saved_keys[0], *self.graph.outputs)) if v in env.values]
+        extra = [k for k in self.saved_keys[1] if k in env.extra]
+        pb = whole.build(list(tensors), [env.values[v] for v in keys] + [env.extra[k] for k in extra])
+        return _Program(self.graph, runs) if pb is None else _WholeForward(pb, keys, extra, self.graph.dynamic)
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
         for v, t in zip(self.graph.inputs, tensors):
@@ -214,7 +240,35 @@ class TritonExecutable:
         }
 
 
-def _recorded_step(step: codegen.Step, label: str, env: Env) -> Callable[[Env], None]:
+class _WholeForward:
+    """A forward recorded as one Prebuilt: what it reads is the graph's inputs, what it hands back the
+    values and extra tensors the backward reads and the outputs."""
+
+    def __init__(self, pb: prebuilt.Prebuilt, keys: list, extra: list, dynamic: frozenset[str]) -> None:
+        self.prebuilt, self.keys, self.extra, self.dynamic = pb, keys, extra, dynamic
+        self.replayed = True
+
+    def __call__(self, tensors: tuple[torch.Tensor, ...], batch: int | None) -> Env:
+        out = self.prebuilt.run(list(tensors))
+        nv = len(self.keys)
+        return Env(dict(zip(self.keys, out)), dict(zip(self.extra, out[nv:])), batch, self.dynamic)
+
+
+class _Program:
+    """A forward run step by step: each step's Prebuilt where it has one, else its general path."""
+
+    def __init__(self, graph: Graph, runs: list[Callable[[Env], None]]) -> None:
+        self.graph, self.runs = graph, runs
+        self.replayed = sum(hasattr(r, "prebuilt") for r in runs)
+
+    def __call__(self, tensors: tuple[torch.Tensor, ...], batch: int | None) -> Env:
+        env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
+        for run in self.runs:
+            run(env)
+        return env
+
+
+def _recorded_step(step: codegen.Step, label: str, env: Env, graph_inputs: set) -> Callable[[Env], None]:
     """Run a forward step on env, recording it: what later calls at this batch run instead of step.run."""
     before_values, before_extra = set(env.values), set(env.extra)
     ins = list(dict.fromkeys(v for v in step.node.inputs if v is not None))
@@ -222,7 +276,8 @@ def _recorded_step(step: codegen.Step, label: str, env: Env) -> Callable[[Env], 
         step.run(env)
     values = [v for v in env.values if v not in before_values]
     extra = [k for k in env.extra if k not in before_extra]
-    pb = cap.build([env.values[v] for v in ins], [env.values[v] for v in values] + [env.extra[k] for k in extra])
+    pb = cap.build([env.values[v] for v in ins], [env.values[v] for v in values] + [env.extra[k] for k in extra],
+                   internal=[v not in graph_inputs for v in ins])
     if pb is None:
         return step.run
     nv = len(values)
@@ -237,6 +292,12 @@ def _recorded_step(step: codegen.Step, label: str, env: Env) -> Callable[[Env], 
 
     run.prebuilt = pb  # type: ignore[attr-defined]
     return run
+
+
+def _backward_reads(g: dict, saved: tuple, ints: dict) -> list:
+    """What a whole backward reads: the output gradients (contiguous, as each VJP takes them), the saved
+    tensors, and the numbers saved (a dropout's seed: a number read makes a capture refuse itself)."""
+    return [d.contiguous() for d in g.values()] + list(saved) + list(ints.values())
 
 
 def _read_keys(n: Node, env: Env) -> list[tuple[bool, Any]]:

@@ -286,3 +286,56 @@ def test_adam_kernel_compiles_for_sm90_without_spills():
     for c in compiled:
         assert "int_to_ptr" in c.ttir and c.job.arch == 90
         assert not c.resources.spills, c.resources
+
+
+@pytest.mark.parametrize("cls, ref_cls", [(Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW)])
+def test_adam_steady_steps_follow_every_change_between_steps(cls, ref_cls, monkeypatch):
+    """As tests/test_sgd.py's: a step like the one before relaunches its launch after incrementing the step
+    counters; lr, a moment replaced, a parameter's data replaced and a parameter without a gradient each
+    take the general path, and every step matches torch."""
+    params = _params()
+    ref = _twin(params)
+    opt, ref_opt = cls(params, lr=0.01, amsgrad=True), ref_cls(ref, lr=0.01, amsgrad=True)
+    general = []
+    real = opt._general_step
+    monkeypatch.setattr(opt, "_general_step", lambda *a: (general.append(1), real(*a))[1])
+
+    def grads_in_place(skip=()):
+        for i, (p, q) in enumerate(zip(params, ref)):
+            if i in skip:
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            q.grad = g.clone()
+
+    def lr():
+        for grp in opt.param_groups + ref_opt.param_groups:
+            grp["lr"] = 0.003
+
+    def moment():
+        for o, p in ((opt, params[0]), (ref_opt, ref[0])):
+            o.state[p]["exp_avg"] = o.state[p]["exp_avg"] * -0.5
+
+    def data():
+        with torch.no_grad():
+            params[3].data = params[3].data * 3
+            ref[3].data = ref[3].data * 3
+
+    took = []
+    for change in (None, None, None, lr, None, moment, None, data, None, "skip", None, None):
+        grads_in_place(skip=(1,) if change == "skip" else ())
+        if callable(change):
+            change()
+        before = len(general)
+        opt.step()
+        ref_opt.step()
+        _assert_close(params, ref, opt, ref_opt)
+        took.append(len(general) - before)
+    # general: the first step (no state yet) and the one after (the first whose state is all there), each
+    # change, and after the skipped parameter the step where its gradient is a new tensor; every other step
+    # relaunches
+    assert took == [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 0]

@@ -1,6 +1,7 @@
 """Differential fuzzing of graph structure: Hypothesis writes small random programs of elementwise ops,
 linear and conv layers, compiles each with fusion on and off, and compares every output and every
-gradient (inputs, broadcast operands, parameters) with the same program run by torch in float64.
+gradient (inputs, broadcast operands, parameters) of a second call (which replays the launches the first
+recorded) with the same program run by torch in float64.
 
 What the programs exercise, because silent wrong results hid there:
 - values with several users (operands are drawn from all earlier values, so most are read more than once,
@@ -122,13 +123,21 @@ def _inputs(shape, smalls):
     return [x] + [torch.randn(_small(k, shape)) for k in smalls]
 
 
-def _run(model: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor], compiled: bool, fuse: bool = True):
-    """Outputs, input gradients and parameter gradients of one run (model and inputs are copied)."""
+def _run(model: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor], compiled: bool, fuse: bool = True,
+         calls: int = 1):
+    """Outputs, input gradients and parameter gradients of a run (model and inputs are copied), one list
+    per call for calls > 1 (gradients reset between calls). A compiled model's first call records its
+    launches, later calls replay them (fusednn/prebuilt.py)."""
     m = copy.deepcopy(model)
-    ins = [t.clone().requires_grad_() for t in inputs]
-    outs = (fusednn.compile(m, fuse=fuse) if compiled else m)(*ins)
-    torch.autograd.backward(outs, [g.to(outs[0].dtype) for g in grads])
-    return list(outs) + [t.grad for t in ins] + [p.grad for p in m.parameters()]
+    run = fusednn.compile(m, fuse=fuse) if compiled else m
+    results = []
+    for _ in range(calls):
+        m.zero_grad(set_to_none=True)
+        ins = [t.clone().requires_grad_() for t in inputs]
+        outs = run(*ins)
+        torch.autograd.backward(outs, [g.to(outs[0].dtype) for g in grads])
+        results.append(list(outs) + [t.grad for t in ins] + [p.grad for p in m.parameters()])
+    return results if calls > 1 else results[0]
 
 
 def _compare(ours: list, ref: list) -> list[str]:
@@ -155,6 +164,7 @@ def test_random_graphs_match_float64_torch_fused_and_unfused(case, seed):
     ref = _run(model.double(), [t.double() for t in inputs], grads, compiled=False)
     f32 = _run(model.float(), inputs, grads, compiled=False)
     assume(all(a is None or rel_err(a, b) <= TOL / 10 for a, b in zip(f32, ref)))  # torch's float32 is exact enough
-    for fuse in (True, False):
-        bad = _compare(_run(model, inputs, grads, compiled=True, fuse=fuse), ref)
-        assert not bad, f"fuse={fuse}, shape {shape}, broadcast operands {smalls}, program {code}: {bad}"
+    for fuse in (True, False):  # the second call replays what the first recorded
+        for call, ours in enumerate(_run(model, inputs, grads, compiled=True, fuse=fuse, calls=2)):
+            bad = _compare(ours, ref)
+            assert not bad, f"call {call}, fuse={fuse}, shape {shape}, broadcast operands {smalls}, program {code}: {bad}"

@@ -24,7 +24,17 @@ from tests.helpers import rel_err
 def _replayed(compiled) -> int:
     """How many forward steps of the last specialisation's programs run prebuilt launches."""
     exe = compiled._last().executable
-    return sum(isinstance(getattr(r, "prebuilt", None), Prebuilt) for p in exe.programs.values() for r in p)
+    return sum(int(p.replayed) for p in exe.programs.values())
+
+
+def _prebuilts(exe) -> list[Prebuilt]:
+    """Every Prebuilt an executable keeps: whole forwards, forward steps, whole backwards, backward VJPs."""
+    out = []
+    for p in exe.programs.values():
+        out += [p.prebuilt] if hasattr(p, "prebuilt") else [r.prebuilt for r in p.runs if hasattr(r, "prebuilt")]
+    for whole, vjps in exe.backward_programs.values():
+        out += ([whole] if whole is not None else []) + [e[0] for e in vjps.values() if e is not None]
+    return out
 
 
 def _no_general_path(compiled, monkeypatch):
@@ -37,7 +47,7 @@ def _no_general_path(compiled, monkeypatch):
                 raise AssertionError(f"{_name}: the general path ran where a replay was expected")
 
             monkeypatch.setattr(s.kernel.module, "launch", boom)
-    recorded = {n for p in exe.backward_programs.values() for n, entry in p.items() if entry is not None}
+    recorded = {n for whole, vjps in exe.backward_programs.values() for n, entry in vjps.items() if entry is not None}
     assert recorded
     for fam, r in list(autodiff.VJPS.items()):
         def vjp(n, *a, _r=r, **k):
@@ -140,15 +150,41 @@ def test_prebuilt_launches_hold_no_tensor():
     x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 10, (2,))
     c(x, y).backward()
     c(x, y).backward()
-    found = 0
-    for program in c._last().executable.programs.values():
-        for run in program:
-            pb = getattr(run, "prebuilt", None)
-            if isinstance(pb, Prebuilt):
-                found += 1
-                for ln in pb.launches:
-                    assert not any(isinstance(a, torch.Tensor) for a in [*ln.args, *ln.meta.values()])
-    assert found == 6
+    exe = c._last().executable
+    found = _prebuilts(exe)
+    whole_forward, (whole_backward, _) = list(exe.programs.values())[0], list(exe.backward_programs.values())[0]
+    assert hasattr(whole_forward, "prebuilt") and whole_backward is not None  # LeNet records whole
+    for pb in found:
+        for ln in pb.launches:
+            assert not any(isinstance(a, torch.Tensor) for a in [*ln.args, *ln.meta.values()])
+    assert len(found) == 2 + 7  # the whole forward and backward, and each backward node's VJP (the fallback)
+
+
+def test_replays_allocate_when_first_used_and_free_temporaries_after_last_use():
+    """A replayed backward holds its temporaries (split-K partials, intermediate gradients) no longer than
+    the general path: each allocation is made before the launch that first uses it and dropped after the
+    last one, unless a result lies in it."""
+    torch.manual_seed(0)
+    net = MODELS["lenet"]()
+    c = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y))
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 10, (2,))
+    c(x, y).backward()
+    released = 0
+    for pb in _prebuilts(c._last().executable):
+        results = {d[0] for d in pb.results if d is not None}
+        allocated = {a[0] for ln in pb.launches for a in ln.allocate} | {a[0] for a in pb.allocate_last}
+        reads = pb.n_roots - len(allocated)
+        made: set[int] = set()
+        gone: set[int] = set()
+        for ln in pb.launches:
+            made |= {a[0] for a in ln.allocate}
+            used = {d[0] for _, d in ln.fills}
+            assert not used & gone, "a launch uses a freed temporary"
+            assert all(i < reads or i in made for i in used), "a launch uses an allocation not made yet"
+            gone |= set(ln.release)
+        assert allocated <= gone | results and not gone & results
+        released += len(gone)
+    assert released > 0  # the whole backward frees its intermediate gradients as it goes
 
 
 # -- the capture itself, on hand-made steps ---------------------------------------------------------------
