@@ -1,4 +1,4 @@
-"""fusednn's own host (Python) cost per kernel launch in a LeNet training step, kernels not run.
+"""fusednn's own host (Python) cost per kernel launch in a training step (LeNet by default), kernels not run.
 
 Every launch goes through `fusednn.launch.launch`; inside `launch.suppressed()` it returns just before
 Triton's launcher, so what is timed is fusednn's Python as a training loop runs it (specialisation lookup,
@@ -7,7 +7,7 @@ autograd bookkeeping, and none of Triton's launcher, the driver or the kernel. T
 graph), backward, and `fusednn.optim.SGD.step()`; each phase is reported in microseconds per launch. The
 specialisation-key cost (live parameters, the signature, the batch wildcard) is timed separately per call.
 
-    python benchmarks/host_cost.py [--batch 64] [--steps 300] [--unfused]
+    python benchmarks/host_cost.py [--batch 64] [--steps 300] [--unfused] [--model resnet8]
 
 Timings live here, never in tests. They depend on the machine; numbers are medians of `--rounds` rounds.
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import fusednn
 from fusednn import api, launch
 from fusednn.compiler import batch as batching
-from fusednn.models import LeNet
+from fusednn.models import MODELS
 from fusednn.optim import SGD
 
 
@@ -79,14 +79,17 @@ def _torch_floor(n_inputs: int, steps: int, rounds: int, opt: torch.optim.Optimi
             "optimizer": round(_median_us(empty.step, steps, rounds), 1)}
 
 
-def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = True) -> dict:
+_RGB = ("resnet8", "airbench", "mobilenet")  # built with in_channels=3, run on 3x32x32
+
+
+def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = True, model: str = "lenet") -> dict:
     """{phase: {"us_per_call", "launches", "us_per_launch"}} for forward, backward and optimizer, and the
     specialisation key's cost per call."""
     torch.manual_seed(0)
-    net = LeNet()
+    net = MODELS[model](in_channels=3) if model in _RGB else MODELS[model]()
     step_fn = fusednn.compile(lambda x, y: F.cross_entropy(net(x), y), fuse=fuse)
     opt = SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
+    x, y = torch.randn(batch, 3 if model in _RGB else 1, 32, 32), torch.randint(0, 10, (batch,))
     state: dict = {}
 
     def forward() -> None:
@@ -125,7 +128,7 @@ def measure(batch: int = 64, steps: int = 300, rounds: int = 5, fuse: bool = Tru
     out["key"] = {"us_per_call": round(_median_us(lambda: guard.tensors((x, y)), steps, rounds), 1)}
     out["full_key"] = {"us_per_call": round(_median_us(full_key, steps, rounds), 1)}
     out["floor"] = _torch_floor(len(step_fn._tensors()) + 2, steps, rounds, opt)
-    out["config"] = {"batch": batch, "fuse": fuse, "steps": steps, "rounds": rounds, "torch": torch.__version__,
+    out["config"] = {"model": model, "batch": batch, "fuse": fuse, "steps": steps, "rounds": rounds, "torch": torch.__version__,
                      "kernels": "not executed (launch.suppressed())"}
     return out
 
@@ -136,10 +139,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--unfused", action="store_true", help="fuse=False: one kernel per op")
+    p.add_argument("--model", default="lenet", choices=sorted(MODELS))
     p.add_argument("--json", help="also write the figures to this file")
     a = p.parse_args()
-    r = measure(a.batch, a.steps, a.rounds, fuse=not a.unfused)
-    print(f"LeNet training step, batch {a.batch}, {'unfused' if a.unfused else 'fused'}, kernels not executed")
+    r = measure(a.batch, a.steps, a.rounds, fuse=not a.unfused, model=a.model)
+    print(f"{a.model} training step, batch {a.batch}, {'unfused' if a.unfused else 'fused'}, kernels not executed")
     print(f"{'phase':<10} {'launches':>8} {'us/call':>9} {'us/launch':>10} {'torch floor':>12} {'fusednn us/launch':>18}")
     for name in ("forward", "backward", "optimizer"):
         e, floor = r[name], r["floor"][name]

@@ -15,7 +15,8 @@ A capture is kept only where a replay is exactly the general path:
   - it reads tensors only: a number it reads (a dropout's seed) may change from call to call;
   - every tensor a launch receives or the step returns lies inside one of the tensors it read or one it
     allocated, at an element offset with the same dtype: on replay it is that tensor, or a view of it at
-    the same offset, shape and strides;
+    the same offset, shape and strides (an empty tensor a launch receives, a buffer its kernel variant never
+    touches, is passed again as recorded: it has no memory);
   - no two of the tensors it read that come from outside (the caller's inputs and parameters, autograd's
     gradients) overlap: which one a launch read could not be told apart on a later call where they do not.
     Tensors made by the graph itself may (a flattened view of an activation and the activation): how they
@@ -184,7 +185,7 @@ class Capture:
         for rec in self.launches:
             args, fills = list(rec.args), []
             for pos, a in enumerate(args):
-                if isinstance(a, torch.Tensor):
+                if isinstance(a, torch.Tensor) and a.numel() > 0:  # an empty one is kept: no memory to read
                     d = describe(a)
                     if d is None:
                         return None
