@@ -489,11 +489,12 @@ class BackwardPlan:
             if empty:  # batch 0: nothing flows back; parameters get zeros, as in torch
                 outs = [torch.zeros(env.shape(v), dtype=v.type.dtype, device=dy.device) if nd else None
                         for v, nd in zip(n.inputs, needs)]
-            elif vjp is None:
-                outs = rule(n).vjp(n, env, dy.contiguous(), needs, precision)
             else:
                 dyc = dy.contiguous()
-                outs = vjp(n, env, dyc, needs, lambda n=n, dyc=dyc, needs=needs: rule(n).vjp(n, env, dyc, needs, precision))
+                if vjp is None:
+                    outs = rule(n).vjp(n, env, dyc, needs, precision)
+                else:
+                    outs = vjp(n, env, dyc, needs, lambda n=n, d=dyc, nd=needs: rule(n).vjp(n, env, d, nd, precision))
             for v, g in zip(n.inputs, outs):
                 if v is not None and g is not None and need.get(v, False):
                     if g.dtype != v.type.dtype:  # a VJP past a dtype change (autocast): the value's dtype

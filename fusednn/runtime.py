@@ -78,7 +78,9 @@ class _GraphFunction(torch.autograd.Function):
                 vjps: dict[Node, tuple | None] = {}
                 with prebuilt.Capture() as cap:
                     out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps))
-                internal = [False] * len(g) + [v not in exe.input_set for v in ctx.val_keys] + [True] * (len(reads) - len(g) - nv)
+                # output gradients come from outside; saved values from outside only if graph inputs
+                internal = ([False] * len(g) + [v not in exe.input_set for v in ctx.val_keys]
+                            + [True] * (len(reads) - len(g) - nv))
                 exe.backward_programs[key] = (cap.build(reads, list(out), internal), vjps)
             else:  # observed: the general path, as recorded by the observer
                 out = exe.plan.run(env, g, needs, exe.precision)
