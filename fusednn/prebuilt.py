@@ -10,8 +10,10 @@ back its results. Nothing else runs.
 A capture is kept only where a replay is exactly the general path:
   - the step computes nothing outside its launches: a TorchDispatchMode watches every aten op it issues
     (outside the kernels themselves) and allows allocations (`empty`, `empty_strided`, `empty_like`...)
-    and views, nothing else (a `zero_()`, a `.contiguous()` copy, a random seed drawn with torch or read
-    with `.item()` all keep the general path);
+    and views, and one computing op, a number added in place to a tensor the step read (a batch norm's
+    `num_batches_tracked.add_(1)`: replayed in its place between the launches); nothing else (a `zero_()`,
+    a `.contiguous()` copy, a random seed drawn with torch or read with `.item()` all keep the general
+    path);
   - it reads tensors only: a number it reads (a dropout's seed) may change from call to call;
   - every tensor a launch receives or the step returns lies inside one of the tensors it read or one it
     allocated, at an element offset with the same dtype: on replay it is that tensor, or a view of it at
@@ -37,6 +39,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusednn import launch
 
 _ALLOCATE = frozenset(("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"))
+# The one computing op a record replays: adding a number in place to a tensor the step read (a batch norm's
+# `num_batches_tracked.add_(1)`, between the launches of a training forward). It reads nothing from the host
+# and makes no tensor; anything else that computes refuses the record.
+_ADD_ = torch.ops.aten.add_.Tensor
 _FREE = frozenset(("detach", "alias", "lift_fresh"))  # no computation, no new memory
 _LAUNCH = launch.launch.__code__
 
@@ -52,11 +58,14 @@ def _inside_a_launch() -> bool:
 
 
 class _Watch(TorchDispatchMode):
-    """The tensors a step allocates, and the names of the other aten ops it runs."""
+    """The tensors a step allocates, its in-place number adds (with how many launches came before each),
+    and the names of the other aten ops it runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, launches: list) -> None:
         super().__init__()
+        self.launches = launches
         self.allocated: list[torch.Tensor] = []
+        self.adds: list[tuple[int, torch.Tensor, int | float]] = []
         self.computed: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -66,6 +75,9 @@ class _Watch(TorchDispatchMode):
             return out
         if name in _ALLOCATE:
             self.allocated.append(out)
+        elif (func is _ADD_ and not kwargs and len(args) == 2 and type(args[1]) in (int, float)
+              and isinstance(args[0], torch.Tensor)):
+            self.adds.append((len(self.launches), args[0], args[1]))
         else:
             self.computed.append(name)
         return out
@@ -84,6 +96,7 @@ class _Launch:
     fills: tuple  # (position, _Desc); a launch needs only the address and dtype: offset 0 is the root
     meta: dict
     allocate: tuple = ()  # (root, shape, strides, dtype, device): allocations first used by this launch
+    adds: tuple = ()  # (root, number): in-place adds to tensors read, made before this launch
     release: tuple = ()  # roots last used by this launch and not a result: freed after it, as the general
     # path frees a temporary (a split-K partial, an intermediate gradient) once nothing refers to it
 
@@ -96,12 +109,15 @@ class Prebuilt:
     launches: tuple  # _Launch
     results: tuple  # _Desc or None per result
     allocate_last: tuple = ()  # allocations no launch uses (results only)
+    adds_last: tuple = ()  # in-place adds made after the last launch
 
     def run(self, reads: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The step's results, computed by its recorded launches on `reads` (what it read, in order)."""
         roots: list = reads + [None] * (self.n_roots - len(reads))
         execute = not launch._suppressed[0]
         for ln in self.launches:
+            for i, number in ln.adds:
+                roots[i].add_(number)
             for i, shape, strides, dtype, device in ln.allocate:
                 roots[i] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
             args = ln.args.copy()
@@ -111,6 +127,8 @@ class Prebuilt:
                 ln.kernel[ln.grid](*args, **ln.meta)
             for i in ln.release:
                 roots[i] = None
+        for i, number in self.adds_last:
+            roots[i].add_(number)
         for i, shape, strides, dtype, device in self.allocate_last:
             roots[i] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
         return [None if d is None else roots[d[0]] if d[4] else _view(roots, d) for d in self.results]
@@ -132,12 +150,13 @@ class Capture:
     """Record a step (`with Capture() as cap: ...`), then `cap.build(reads, results)`."""
 
     def __init__(self) -> None:
-        self._watch = _Watch()
         self._recording = launch.recording()
         self.launches: list[launch.Launch] = []
+        self._watch = _Watch(self.launches)
 
     def __enter__(self) -> "Capture":
         self.launches = self._recording.__enter__()
+        self._watch = _Watch(self.launches)
         self._watch.__enter__()
         return self
 
@@ -154,7 +173,7 @@ class Capture:
             return self._build(reads, results, internal or [False] * len(reads))
         finally:
             self.launches = []
-            self._watch = _Watch()
+            self._watch = _Watch(self.launches)
 
     def _build(self, reads: list[Any], results: list[Any], internal: list[bool]) -> Prebuilt | None:
         if self._watch.computed or not all(isinstance(t, torch.Tensor) for t in reads):
@@ -215,5 +234,14 @@ class Capture:
         for j, ln in enumerate(built):
             ln.allocate = tuple(spec[i] for i in spec if first.get(i) == j)
             ln.release = tuple(i for i in spec if last.get(i) == j and i not in kept)
-        return Prebuilt(len(roots), tuple(built), tuple(descs), tuple(spec[i] for i in spec if i not in first))
+        adds: list[list] = [[] for _ in range(len(built) + 1)]
+        for j, t, number in self._watch.adds:
+            d = describe(t)
+            if d is None or d[0] >= n or not d[4]:
+                return None  # an add to anything but a tensor the step read, as it was read
+            adds[j].append((d[0], number))
+        for j, ln in enumerate(built):
+            ln.adds = tuple(adds[j])
+        return Prebuilt(len(roots), tuple(built), tuple(descs), tuple(spec[i] for i in spec if i not in first),
+                        tuple(adds[-1]))
 

@@ -89,6 +89,34 @@ def test_replayed_calls_match_float64_torch(name, monkeypatch):
             _no_general_path(c, monkeypatch)
 
 
+class _TwiceCumulative(torch.nn.Module):
+    """A cumulative-average batch norm (momentum=None: its factor is 1 / num_batches_tracked, read after the
+    counter's in-place add) called twice per forward: the replayed adds must land between the right launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4, momentum=None)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.bn(self.conv(x))) * 2.0)
+
+
+def test_replayed_batch_norm_counters_and_cumulative_statistics_match_torch():
+    torch.manual_seed(0)
+    model = _TwiceCumulative()
+    ref = copy.deepcopy(model).double()
+    c = fusednn.compile(model)
+    for call in range(4):
+        x = torch.randn(2, 3, 6, 6)
+        out, want = c(x), ref(x.double())
+        assert rel_err(out, want) < 1e-5, call
+        assert model.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 2 * (call + 1)
+        assert rel_err(model.bn.running_mean, ref.bn.running_mean) < 1e-5, call
+        assert rel_err(model.bn.running_var, ref.bn.running_var) < 1e-5, call
+    assert hasattr(list(c._last().executable.programs.values())[0], "prebuilt")  # replayed whole
+
+
 def _alias_fn(a, b):
     return torch.tanh(a * 2.0 + b)
 
