@@ -346,9 +346,8 @@ class _Guard:
 
     @staticmethod
     def _tensor_state(t: torch.Tensor) -> tuple:
-        """What the key reads of a tensor besides its shape, and its contiguity, in one comparable tuple
-        (`get_device()`: an int, where `.device` builds an object on every read)."""
-        return (t.dtype, t.get_device(), t.requires_grad, t.is_contiguous())
+        """What the key reads of a tensor besides its shape, and its contiguity, in one comparable tuple."""
+        return (t.dtype, t.device, t.requires_grad, t.is_contiguous())
 
     @classmethod
     def build(cls, owner: "_Compiled", spec: Specialization, args: tuple, tensors: dict[str, torch.Tensor],
@@ -415,7 +414,7 @@ class _Guard:
         out = {}
         for (name, d, k), (shape, st) in zip(self.entries, self.checks):
             t = d[k]  # _tensor_state, inlined: this loop runs for every parameter on every call
-            if t.shape != shape or (t.dtype, t.get_device(), t.requires_grad, t.is_contiguous()) != st:
+            if t.shape != shape or (t.dtype, t.device, t.requires_grad, t.is_contiguous()) != st:
                 return None
             out[name] = t
         return out

@@ -108,13 +108,14 @@ def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **me
     nbytes: the bytes the kernel must move, when the tensor arguments do not say it (e.g. a multi-tensor
     kernel that receives a table of addresses); by default the sum of the tensor arguments' sizes.
     """
+    grid = tuple(map(int, grid))
     for g in grid:
         if g <= 0:
             return
     execute = True
     if _recorders:
         moved = tensor_bytes(args) if nbytes is None else int(nbytes)
-        rec = Launch(kernel, tuple(map(int, grid)), args, meta, moved, _tags[-1] if _tags else "")
+        rec = Launch(kernel, grid, args, meta, moved, _tags[-1] if _tags else "")
         for r in _recorders:
             r.sink(rec)
             execute = execute and r.execute

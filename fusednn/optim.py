@@ -9,8 +9,8 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from fusednn.kernels.adam import adam_step
-from fusednn.launch import launch, recording
 from fusednn.kernels.sgd import hyper_arg, sgd_step
+from fusednn.launch import launch, recording
 
 __all__ = ["SGD", "Adam", "AdamW"]
 
@@ -147,20 +147,24 @@ class SGD(_Fused):
         """What a step's launch depends on, read cheaply: the hyper-parameters (Python numbers only), and
         per parameter its identity, address and size, its gradient's and momentum buffer's addresses, and
         that all are dense, contiguous float32. Equal keys give the same launch: its address tables are
-        keyed by these addresses (kernels/sgd.py), and a buffer present means not a first step. None where
-        the step takes the general path anyway (a tensor hyper-parameter, a sparse or strided tensor)."""
+        keyed by these addresses (kernels/sgd.py). None where the step takes the general path: a tensor
+        hyper-parameter, a sparse or strided tensor, or with momentum a parameter without a buffer (a first
+        step, which allocates one)."""
         hyper = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
                  group["maximize"])
         if any(isinstance(h, torch.Tensor) for h in hyper):
             return None
         key: list = [hyper]
         state, f32, strided = self.state, torch.float32, torch.strided
+        momentum = group["momentum"] != 0
         for p in params:
             g = p.grad
             buf = state.get(p, {}).get("momentum_buffer")
             if g.layout is not strided or not (g.is_contiguous() and p.is_contiguous()) or p.dtype is not f32:
                 return None
             if buf is None:
+                if momentum:  # a first step: its buffer is allocated anew (a relaunch would write a freed one)
+                    return None
                 key += (id(p), p.data_ptr(), p.numel(), g.data_ptr(), None)
             elif buf.dtype is not f32 or buf.numel() != p.numel() or not buf.is_contiguous():
                 return None

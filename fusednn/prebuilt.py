@@ -14,15 +14,18 @@ A capture is kept only where a replay is exactly the general path:
     `num_batches_tracked.add_(1)`: replayed in its place between the launches); nothing else (a `zero_()`,
     a `.contiguous()` copy, a random seed drawn with torch or read with `.item()` all keep the general
     path);
-  - it reads tensors only: a number it reads (a dropout's seed) may change from call to call;
+  - it reads tensors only: a number it reads (a dropout's seed) may change from call to call. A number the
+    step reads out of a tensor through torch (`.item()`) is an aten op and refused as above; one read
+    around torch (`.tolist()`, `.numpy()`) is not seen, which is why a step must declare itself;
   - every tensor a launch receives or the step returns lies inside one of the tensors it read or one it
     allocated, at an element offset with the same dtype: on replay it is that tensor, or a view of it at
     the same offset, shape and strides (an empty tensor a launch receives, a buffer its kernel variant never
     touches, is passed again as recorded: it has no memory);
-  - no two of the tensors it read that come from outside (the caller's inputs and parameters, autograd's
-    gradients) overlap: which one a launch read could not be told apart on a later call where they do not.
-    Tensors made by the graph itself may (a flattened view of an activation and the activation): how they
-    overlap is fixed by the graph, the same on every call.
+  - two tensors it read overlap only where the graph makes them overlap on every call: views of one value
+    (a flattened activation and the activation), which the caller says by giving both reads one alias class.
+    Anything else that overlaps (the caller passed one tensor for two inputs, or a view of one input beside
+    another, or an output as its own gradient) may not on a later call, and which one a launch read could
+    not be told apart then: the record refuses itself.
 The step's own code declares that it keeps no other host state (`codegen.Step.replayable`; a VJP reads
 what it saves). Replays run only when nothing observes launches (no counting, no recording): an observer
 sees the general path, with its labels and arguments.
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -83,9 +86,15 @@ class _Watch(TorchDispatchMode):
         return out
 
 
-# A tensor on replay: (root, element offset, shape, strides, exact); root indexes the step's reads, then
-# its allocations; exact: the root itself (same offset 0, shape and strides), no view to build.
-_Desc = tuple
+class _Desc(NamedTuple):
+    """Where a tensor of a record lies: in root (an index into the step's reads, then its allocations), at
+    an element offset, with a shape and strides; exact: it is the root itself, no view to build."""
+
+    root: int
+    offset: int
+    shape: tuple
+    strides: tuple
+    exact: bool
 
 
 @dataclass(slots=True)
@@ -122,7 +131,7 @@ class Prebuilt:
                 roots[i] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
             args = ln.args.copy()
             for pos, d in ln.fills:
-                args[pos] = roots[d[0]] if d[1] == 0 else _view(roots, d)
+                args[pos] = roots[d.root] if d.offset == 0 else _view(roots, d)
             if execute:
                 ln.kernel[ln.grid](*args, **ln.meta)
             for i in ln.release:
@@ -131,12 +140,12 @@ class Prebuilt:
             roots[i].add_(number)
         for i, shape, strides, dtype, device in self.allocate_last:
             roots[i] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
-        return [None if d is None else roots[d[0]] if d[4] else _view(roots, d) for d in self.results]
+        return [None if d is None else roots[d.root] if d.exact else _view(roots, d) for d in self.results]
 
 
 def _view(roots: list[torch.Tensor], d: _Desc) -> torch.Tensor:
-    root = roots[d[0]]
-    return root.as_strided(d[2], d[3], root.storage_offset() + d[1])
+    root = roots[d.root]
+    return root.as_strided(d.shape, d.strides, root.storage_offset() + d.offset)
 
 
 def _span(t: torch.Tensor) -> int:
@@ -152,7 +161,7 @@ class Capture:
     def __init__(self) -> None:
         self._recording = launch.recording()
         self.launches: list[launch.Launch] = []
-        self._watch = _Watch(self.launches)
+        self._watch: _Watch | None = None
 
     def __enter__(self) -> "Capture":
         self.launches = self._recording.__enter__()
@@ -164,29 +173,29 @@ class Capture:
         self._watch.__exit__(*exc)
         self._recording.__exit__(*exc)
 
-    def build(self, reads: list[Any], results: list[Any], internal: list[bool] | None = None) -> Prebuilt | None:
+    def build(self, reads: list[Any], results: list[Any], classes: list[Any] | None = None) -> Prebuilt | None:
         """The Prebuilt of the step just recorded, which read `reads` and produced `results` (tensors or
         None), or None where a replay would not be exactly what it did (see the module docstring).
-        internal: per read, whether the graph itself made it (may overlap other reads); default none.
-        Drops every tensor the recording held."""
+        classes: per read, its alias class: reads may overlap only within one class (views of one value,
+        on every call); default: each read its own. Drops every tensor the recording held."""
         try:
-            return self._build(reads, results, internal or [False] * len(reads))
+            return self._build(reads, results, classes if classes is not None else list(range(len(reads))))
         finally:
             self.launches = []
-            self._watch = _Watch(self.launches)
+            self._watch = None  # type: ignore[assignment]
 
-    def _build(self, reads: list[Any], results: list[Any], internal: list[bool]) -> Prebuilt | None:
+    def _build(self, reads: list[Any], results: list[Any], classes: list[Any]) -> Prebuilt | None:
         if self._watch.computed or not all(isinstance(t, torch.Tensor) for t in reads):
             return None
         roots = [*reads, *self._watch.allocated]
         ranges = sorted((t.data_ptr(), t.data_ptr() + _span(t), i) for i, t in enumerate(roots) if t.numel() > 0)
-        outside = [(lo, hi) for lo, hi, i in ranges if i < len(reads) and not internal[i]]
-        for (_, hi), (lo, _) in zip(outside[:-1], outside[1:]):
-            if lo < hi:
-                return None  # two tensors from outside sharing memory
-        for lo, hi, i in ranges:  # an allocation overlaps nothing: its memory is new
-            if i >= len(reads) and any(a < hi and lo < b for a, b, j in ranges if j != i):
-                return None
+        n = len(reads)
+        for k, (lo, hi, i) in enumerate(ranges):  # every overlapping pair: reads of one class, never an allocation
+            for lo2, _, j in ranges[k + 1:]:
+                if lo2 >= hi:
+                    break
+                if i >= n or j >= n or classes[i] != classes[j]:
+                    return None
 
         def describe(t: torch.Tensor) -> _Desc | None:
             if t.numel() == 0:
@@ -197,7 +206,7 @@ class Capture:
                 if lo <= p and end <= hi and root.dtype == t.dtype and (p - lo) % t.element_size() == 0:
                     off = (p - lo) // t.element_size()
                     exact = off == 0 and t.shape == root.shape and t.stride() == root.stride()
-                    return (i, off, tuple(t.shape), tuple(t.stride()), exact)
+                    return _Desc(i, off, tuple(t.shape), tuple(t.stride()), exact)
             return None
 
         built = []
@@ -225,10 +234,9 @@ class Capture:
         last: dict[int, int] = {}
         for j, ln in enumerate(built):
             for _, d in ln.fills:
-                first.setdefault(d[0], j)
-                last[d[0]] = j
-        kept = {d[0] for d in descs if d is not None}
-        n = len(reads)
+                first.setdefault(d.root, j)
+                last[d.root] = j
+        kept = {d.root for d in descs if d is not None}
         spec = {n + k: (n + k, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
                 for k, t in enumerate(self._watch.allocated)}
         for j, ln in enumerate(built):
@@ -237,9 +245,9 @@ class Capture:
         adds: list[list] = [[] for _ in range(len(built) + 1)]
         for j, t, number in self._watch.adds:
             d = describe(t)
-            if d is None or d[0] >= n or not d[4]:
+            if d is None or d.root >= n or not d.exact:
                 return None  # an add to anything but a tensor the step read, as it was read
-            adds[j].append((d[0], number))
+            adds[j].append((d.root, number))
         for j, ln in enumerate(built):
             ln.adds = tuple(adds[j])
         return Prebuilt(len(roots), tuple(built), tuple(descs), tuple(spec[i] for i in spec if i not in first),

@@ -16,7 +16,8 @@ import torch
 from fusednn import launch, prebuilt
 from fusednn._backend import debug_level
 from fusednn.compiler import autodiff, codegen, configs
-from fusednn.compiler.ir import Env, Graph, Node
+from fusednn.compiler.ir import Env, Graph, Node, Value
+from fusednn.compiler.ops import REGISTRY
 from fusednn.errors import CompileError, InputMismatchError
 
 log = logging.getLogger("fusednn")
@@ -64,7 +65,7 @@ class _GraphFunction(torch.autograd.Function):
                 g[v] = d if v not in g else g[v] + d
         needs = tuple(ctx.needs_input_grad[1:])
         key = (env.batch, configs.target(), needs, tuple(v in g for v in exe.graph.outputs))
-        with exe.tiles_at(env.batch), exe.counted(exe.backward_seen, key) as counter:
+        with exe.tiles_at(env.batch), _Counter(exe.backward_seen, key) as counter:
             recorded = exe.backward_programs.get(key)
             if counter.steady and recorded is not None:
                 whole, vjps = recorded
@@ -77,11 +78,11 @@ class _GraphFunction(torch.autograd.Function):
                 reads = _backward_reads(g, saved, ctx.extra_ints)
                 vjps: dict[Node, tuple | None] = {}
                 with prebuilt.Capture() as cap:
-                    out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps))
-                # output gradients come from outside; saved values from outside only if graph inputs
-                internal = ([False] * len(g) + [v not in exe.input_set for v in ctx.val_keys]
-                            + [True] * (len(reads) - len(g) - nv))
-                exe.backward_programs[key] = (cap.build(reads, list(out), internal), vjps)
+                    out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps, exe.alias))
+                # alias classes: each output gradient its own, a saved value its value's, an extra its key
+                classes = ([("gradient", i) for i in range(len(g))] + [exe.alias.get(v, v) for v in ctx.val_keys]
+                           + list(ctx.extra_keys) + [("number", k) for k in ctx.extra_ints])
+                exe.backward_programs[key] = (cap.build(reads, list(out), classes), vjps)
             else:  # observed: the general path, as recorded by the observer
                 out = exe.plan.run(env, g, needs, exe.precision)
         exe.backward_counts = counter.counts
@@ -116,7 +117,7 @@ class TritonExecutable:
         self.forward_counts = launch.LaunchCounts()
         self.backward_counts = launch.LaunchCounts()
         # What a forward or backward launched, by what fixes it (batch, launch-config target, and for a
-        # backward which gradients flow): counted on the first such call, then reused (`counted`).
+        # backward which gradients flow): counted on the first such call, then reused (`_Counter`).
         self.forward_seen: dict[tuple, launch.LaunchCounts] = {}
         self.backward_seen: dict[tuple, launch.LaunchCounts] = {}
         # The forward as a list of prebuilt launches (fusednn/prebuilt.py) per such key, and the general
@@ -125,7 +126,7 @@ class TritonExecutable:
         # The backward recorded per key: as one Prebuilt where it could be, and each node's VJP (None: a
         # VJP that keeps the general path) for where it could not.
         self.backward_programs: dict[tuple, tuple[prebuilt.Prebuilt | None, dict[Node, tuple | None]]] = {}
-        self.input_set = set(graph.inputs)
+        self.alias = _alias_classes(graph)
         # Batch polymorphism: the graph's IR shapes hold the nominal batch; a call reads its own from the
         # first user input that follows the batch, and every kernel keeps the tiles of the nominal batch.
         dyn = [i for i, v in enumerate(graph.inputs) if v.name in graph.dynamic]
@@ -148,17 +149,10 @@ class TritonExecutable:
             self._batches_checked.add(batch)
         return batch
 
-    def counted(self, seen: dict[tuple, launch.LaunchCounts], key: tuple) -> "_Counter":
-        """Count the launches of the block unless a call with the same `key` already did and nothing else
-        observes launches now: the launches and bytes of a graph's forward (or backward) are fixed by the
-        batch, the launch-config target and which gradients flow (bytes are measured once per launch site
-        and batch: kernels/plan.py), so the steady state skips the per-launch bookkeeping."""
-        return _Counter(seen, key)
-
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
         batch = self._batch_of(tensors)
         key = (batch, configs.target())
-        with self.tiles_at(batch), self.counted(self.forward_seen, key) as counter:
+        with self.tiles_at(batch), _Counter(self.forward_seen, key) as counter:
             if counter.steady:  # nobody observes: the prebuilt launches, no labels, no per-launch bookkeeping
                 env = self.programs[key](tensors, batch)
             else:
@@ -178,11 +172,10 @@ class TritonExecutable:
         """Run the forward's general path on env, recording it: the whole forward as one Prebuilt where it
         can be, else each step's where it can be (fusednn/prebuilt.py). Returns what later calls run."""
         runs = []
-        inputs = set(self.graph.inputs)
         with prebuilt.Capture() as whole:
             for step, label in zip(self.steps, self.labels):
                 if step.replayable:
-                    runs.append(_recorded_step(step, label, env, inputs))
+                    runs.append(_recorded_step(step, label, env, self.alias))
                     continue
                 with launch.tagged(label):
                     step.run(env)
@@ -190,7 +183,9 @@ class TritonExecutable:
         keys = [v for v in dict.fromkeys((*self.saved_keys[0], *self.graph.outputs)) if v in env.values]
         extra = [k for k in self.saved_keys[1] if k in env.extra]
         pb = whole.build(list(tensors), [env.values[v] for v in keys] + [env.extra[k] for k in extra])
-        return _Program(self.graph, runs) if pb is None else _WholeForward(pb, keys, extra, self.graph.dynamic)
+        if pb is None:
+            return _Program(self.graph, runs)
+        return _WholeForward(pb, keys, extra, self.graph.dynamic, len(runs))
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
         for v, t in zip(self.graph.inputs, tensors):
@@ -242,13 +237,30 @@ class TritonExecutable:
         }
 
 
+def _alias_classes(graph: Graph) -> dict[Value, Any]:
+    """Each value's alias class: the value whose memory it is a view of on every call (a reshape's input's
+    class, a counter's buffer's, a pool's indices' extra key), else itself. Reads of one class may overlap
+    in a record (fusednn/prebuilt.py); a strict=False call or an empty node's torch result gets a class of
+    its own even where it is a view: overlapping anything then refuses the record."""
+    classes: dict[Value, Any] = {v: v for v in graph.inputs}
+    for n in graph.nodes:
+        family = REGISTRY[n.op].lower
+        if family in ("reshape", "counter"):
+            classes[n.out] = classes.get(n.inputs[0], n.inputs[0])
+        elif family == "pool_indices":
+            classes[n.out] = (n.inputs[1], "idx")
+        else:
+            classes[n.out] = n.out
+    return classes
+
+
 class _WholeForward:
     """A forward recorded as one Prebuilt: what it reads is the graph's inputs, what it hands back the
     values and extra tensors the backward reads and the outputs."""
 
-    def __init__(self, pb: prebuilt.Prebuilt, keys: list, extra: list, dynamic: frozenset[str]) -> None:
+    def __init__(self, pb: prebuilt.Prebuilt, keys: list, extra: list, dynamic: frozenset[str], steps: int) -> None:
         self.prebuilt, self.keys, self.extra, self.dynamic = pb, keys, extra, dynamic
-        self.replayed = True
+        self.replayed = steps  # steps whose launches replay: all
 
     def __call__(self, tensors: tuple[torch.Tensor, ...], batch: int | None) -> Env:
         out = self.prebuilt.run(list(tensors))
@@ -261,7 +273,7 @@ class _Program:
 
     def __init__(self, graph: Graph, runs: list[Callable[[Env], None]]) -> None:
         self.graph, self.runs = graph, runs
-        self.replayed = sum(hasattr(r, "prebuilt") for r in runs)
+        self.replayed = sum(hasattr(r, "prebuilt") for r in runs)  # steps whose launches replay
 
     def __call__(self, tensors: tuple[torch.Tensor, ...], batch: int | None) -> Env:
         env = Env(dict(zip(self.graph.inputs, tensors)), batch=batch, dynamic=self.graph.dynamic)
@@ -270,7 +282,7 @@ class _Program:
         return env
 
 
-def _recorded_step(step: codegen.Step, label: str, env: Env, graph_inputs: set) -> Callable[[Env], None]:
+def _recorded_step(step: codegen.Step, label: str, env: Env, alias: dict[Value, Any]) -> Callable[[Env], None]:
     """Run a forward step on env, recording it: what later calls at this batch run instead of step.run."""
     before_values, before_extra = set(env.values), set(env.extra)
     ins = list(dict.fromkeys(v for v in step.node.inputs if v is not None))
@@ -279,7 +291,7 @@ def _recorded_step(step: codegen.Step, label: str, env: Env, graph_inputs: set) 
     values = [v for v in env.values if v not in before_values]
     extra = [k for k in env.extra if k not in before_extra]
     pb = cap.build([env.values[v] for v in ins], [env.values[v] for v in values] + [env.extra[k] for k in extra],
-                   internal=[v not in graph_inputs for v in ins])
+                   [alias.get(v, v) for v in ins])
     if pb is None:
         return step.run
     nv = len(values)
@@ -315,13 +327,15 @@ def _read_keys(n: Node, env: Env) -> list[tuple[bool, Any]]:
     return keys
 
 
-def _recorder(programs: dict) -> Callable[..., list]:
+def _recorder(programs: dict, alias: dict[Value, Any]) -> Callable[..., list]:
     """A BackwardPlan.run vjp that runs each VJP's general path and records it into `programs`."""
     def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list]) -> list:
         keys = _read_keys(n, env)
         with prebuilt.Capture() as cap:
             outs = list(general())
-        pb = cap.build([dy] + [(env.extra if extra else env.values)[k] for extra, k in keys], outs)
+        reads = [dy] + [(env.extra if extra else env.values)[k] for extra, k in keys]
+        classes = [("gradient",)] + [k if extra else alias.get(k, k) for extra, k in keys]
+        pb = cap.build(reads, outs, classes)
         programs[n] = None if pb is None else (pb, keys)
         return outs
 
@@ -342,7 +356,11 @@ def _replayer(programs: dict) -> Callable[..., list]:
 
 
 class _Counter:
-    """`TritonExecutable.counted`: `counts` after the block; `steady` inside it when they are reused."""
+    """Count the launches of the block unless a call with the same key already did and nothing else
+    observes launches now: the launches and bytes of a graph's forward (or backward) are fixed by the
+    batch, the launch-config target and which gradients flow (bytes are measured once per launch site and
+    batch: kernels/plan.py), so the steady state skips the per-launch bookkeeping. `counts` after the block;
+    `steady` inside it when they are reused (and the recorded launches may replay)."""
 
     __slots__ = ("seen", "key", "counts", "steady", "_counting")
 

@@ -1,7 +1,7 @@
 """Differential fuzzing of graph structure: Hypothesis writes small random programs of elementwise ops,
 linear and conv layers, compiles each with fusion on and off, and compares every output and every
-gradient (inputs, broadcast operands, parameters) of a second call (which replays the launches the first
-recorded) with the same program run by torch in float64.
+gradient (inputs, broadcast operands, parameters) of two calls on different values (the second replays the
+launches the first recorded) with the same program run by torch in float64.
 
 What the programs exercise, because silent wrong results hid there:
 - values with several users (operands are drawn from all earlier values, so most are read more than once,
@@ -123,21 +123,20 @@ def _inputs(shape, smalls):
     return [x] + [torch.randn(_small(k, shape)) for k in smalls]
 
 
-def _run(model: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor], compiled: bool, fuse: bool = True,
-         calls: int = 1):
-    """Outputs, input gradients and parameter gradients of a run (model and inputs are copied), one list
-    per call for calls > 1 (gradients reset between calls). A compiled model's first call records its
-    launches, later calls replay them (fusednn/prebuilt.py)."""
+def _run(model: nn.Module, calls: list[tuple[list, list]], compiled: bool, fuse: bool = True) -> list[list]:
+    """Per call (its inputs and upstream gradients): the outputs, input gradients and parameter gradients
+    (the model is copied once, inputs per call; gradients reset between calls). A compiled model's first
+    call records its launches, later calls replay them (fusednn/prebuilt.py)."""
     m = copy.deepcopy(model)
     run = fusednn.compile(m, fuse=fuse) if compiled else m
     results = []
-    for _ in range(calls):
+    for inputs, grads in calls:
         m.zero_grad(set_to_none=True)
         ins = [t.clone().requires_grad_() for t in inputs]
         outs = run(*ins)
         torch.autograd.backward(outs, [g.to(outs[0].dtype) for g in grads])
         results.append(list(outs) + [t.grad for t in ins] + [p.grad for p in m.parameters()])
-    return results if calls > 1 else results[0]
+    return results
 
 
 def _compare(ours: list, ref: list) -> list[str]:
@@ -157,14 +156,17 @@ def test_random_graphs_match_float64_torch_fused_and_unfused(case, seed):
     shape, smalls, code, n_linear, n_conv = case
     torch.manual_seed(seed)
     model = Program(shape, code, n_linear, n_conv)
-    inputs = _inputs(shape, smalls)
-    with torch.no_grad():
-        outs = model(*inputs)
-    grads = [torch.randn(o.shape) for o in outs]
-    ref = _run(model.double(), [t.double() for t in inputs], grads, compiled=False)
-    f32 = _run(model.float(), inputs, grads, compiled=False)
-    assume(all(a is None or rel_err(a, b) <= TOL / 10 for a, b in zip(f32, ref)))  # torch's float32 is exact enough
-    for fuse in (True, False):  # the second call replays what the first recorded
-        for call, ours in enumerate(_run(model, inputs, grads, compiled=True, fuse=fuse, calls=2)):
-            bad = _compare(ours, ref)
+    calls = []
+    for _ in range(2):  # the second call, on other values, replays what the first recorded
+        inputs = _inputs(shape, smalls)
+        with torch.no_grad():
+            outs = model(*inputs)
+        calls.append((inputs, [torch.randn(o.shape) for o in outs]))
+    ref = _run(model.double(), [([t.double() for t in ins], gs) for ins, gs in calls], compiled=False)
+    f32 = _run(model.float(), calls, compiled=False)
+    for a32, a64 in zip(f32, ref):  # torch's float32 is exact enough on both calls
+        assume(all(a is None or rel_err(a, b) <= TOL / 10 for a, b in zip(a32, a64)))
+    for fuse in (True, False):
+        for call, (ours, want) in enumerate(zip(_run(model, calls, compiled=True, fuse=fuse), ref)):
+            bad = _compare(ours, want)
             assert not bad, f"call {call}, fuse={fuse}, shape {shape}, broadcast operands {smalls}, program {code}: {bad}"

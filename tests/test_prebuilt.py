@@ -139,6 +139,42 @@ def test_inputs_that_share_memory_on_one_call_but_not_another(first):
     assert (_replayed(c) == 0) == (first == "shared")
 
 
+def test_a_view_of_one_input_sharing_memory_with_another_on_the_first_call():
+    """`pred.flatten()` (a view the graph makes of one input) and `target` share memory on the recording
+    call only: a replay must read each call's own tensors, forward and backward."""
+    def loss(pred, target):
+        return F.mse_loss(pred.flatten(), target)
+
+    c = fusednn.compile(loss)
+    t = torch.randn(20, requires_grad=True)
+    assert c(t.view(4, 5), t.detach()).item() == 0.0  # the loss of a target against itself
+    for _ in range(3):
+        pred, target = torch.randn(4, 5, requires_grad=True), torch.randn(20)
+        p64 = pred.detach().double().requires_grad_()
+        got, want = c(pred, target), loss(p64, target.double())
+        assert rel_err(got, want) < 1e-6
+        got.backward()
+        want.backward()
+        assert rel_err(pred.grad, p64.grad) < 1e-6
+
+
+def test_an_output_gradient_that_is_the_output_itself_on_the_first_backward():
+    """`y.backward(y)` on the recording call: the gradient and the saved output share memory then, and
+    never after."""
+    def f(x):
+        return torch.tanh(x * 2.0)
+
+    c = fusednn.compile(f)
+    for call in range(3):
+        x = torch.randn(4, 8, requires_grad=True)
+        x64 = x.detach().double().requires_grad_()
+        y, y64 = c(x), f(x64)
+        g, g64 = (y, y64) if call == 0 else (lambda g: (g, g.double()))(torch.randn(4, 8))
+        y.backward(g)
+        y64.backward(g64)
+        assert rel_err(x.grad, x64.grad) < 1e-6, call
+
+
 def test_dropout_draws_a_new_mask_on_every_call_forward_and_backward():
     """A dropout's seed is drawn on the host per call and read back by its backward: neither is replayed
     with the first call's seed."""

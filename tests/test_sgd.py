@@ -394,3 +394,25 @@ def test_sgd_steady_steps_follow_every_change_between_steps(monkeypatch):
     # general: the first step, the first with buffers, each change, and after the strided gradient and the
     # skipped parameter the steps whose gradients are new tensors; every other step relaunches
     assert took == [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0]
+
+
+def test_sgd_state_cleared_after_a_first_step_starts_momentum_again():
+    """`opt.state.clear()` (a warm restart) right after a first step: the next step is a first step again,
+    whose buffer is allocated anew (not the freed one the first step wrote) and kept."""
+    params = _params()
+    ref = _twin(params)
+    opt, ref_opt = SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    for p, q in zip(params, ref):
+        p.grad, q.grad = torch.zeros(p.shape), torch.zeros(q.shape, dtype=q.dtype)
+    for step in range(4):
+        for p, q in zip(params, ref):  # gradients kept at their addresses, as zero_grad(set_to_none=False)
+            g = torch.randn(p.shape)
+            p.grad.copy_(g)
+            q.grad.copy_(g.double())
+        opt.step()
+        ref_opt.step()
+        if step == 0:
+            opt.state.clear()
+            ref_opt.state.clear()
+        else:
+            _assert_close(params, ref, opt, ref_opt)
