@@ -61,14 +61,13 @@ def _inside_a_launch() -> bool:
 
 
 class _Watch(TorchDispatchMode):
-    """The tensors a step allocates, its in-place number adds (with how many launches came before each),
-    and the names of the other aten ops it runs."""
+    """Sees every aten op a recorded step issues outside the kernels: allocations and in-place number adds
+    go to the capture (`Capture._allocated`, `Capture._added`), the names of other computing ops to
+    `computed`."""
 
-    def __init__(self, launches: list) -> None:
+    def __init__(self, capture: "Capture") -> None:
         super().__init__()
-        self.launches = launches
-        self.allocated: list[torch.Tensor] = []
-        self.adds: list[tuple[int, torch.Tensor, int | float]] = []
+        self.capture = capture
         self.computed: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -77,10 +76,10 @@ class _Watch(TorchDispatchMode):
         if func.is_view or name in _FREE or _inside_a_launch():
             return out
         if name in _ALLOCATE:
-            self.allocated.append(out)
+            self.capture._allocated(out)
         elif (func is _ADD_ and not kwargs and len(args) == 2 and type(args[1]) in (int, float)
               and isinstance(args[0], torch.Tensor)):
-            self.adds.append((len(self.launches), args[0], args[1]))
+            self.capture._added(args[0], args[1])
         else:
             self.computed.append(name)
         return out
@@ -156,78 +155,94 @@ def _span(t: torch.Tensor) -> int:
 
 
 class Capture:
-    """Record a step (`with Capture() as cap: ...`), then `cap.build(reads, results)`."""
+    """Record a step: `with Capture(reads, classes) as cap: <the step>`, then `cap.build(results)`.
 
-    def __init__(self) -> None:
-        self._recording = launch.recording()
-        self.launches: list[launch.Launch] = []
-        self._watch: _Watch | None = None
+    Each tensor is described where it appears (an allocation, a launch argument, an in-place add), by
+    address, against the step's reads and its allocations so far; the capture keeps descriptions, never
+    the tensors, so the recording call frees its temporaries as the general path does. An allocation's
+    memory may be reused by a later one once freed: an address belongs to the latest allocation that holds
+    it. classes: per read, its alias class: reads may overlap only within one class (views of one value, on
+    every call); default: each read its own."""
+
+    def __init__(self, reads: list[Any], classes: list[Any] | None = None) -> None:
+        self.n = len(reads)
+        self.ok = all(isinstance(t, torch.Tensor) for t in reads)  # a number read refuses the record
+        # (address, end, root, dtype, shape, strides): the reads, then each allocation as it is made
+        self._roots: list[tuple] = []
+        self._allocations: list[tuple] = []  # (root, shape, strides, dtype, device)
+        self._launches: list[_Launch] = []
+        self._adds: list[tuple[int, int, int | float]] = []  # (launches before it, root, number)
+        if self.ok:
+            classes = classes if classes is not None else list(range(len(reads)))
+            spans = sorted((t.data_ptr(), t.data_ptr() + _span(t), i) for i, t in enumerate(reads) if t.numel() > 0)
+            for k, (lo, hi, i) in enumerate(spans):  # every overlapping pair of reads: one class
+                for lo2, _, j in spans[k + 1:]:
+                    if lo2 >= hi:
+                        break
+                    if classes[i] != classes[j]:
+                        self.ok = False
+            self._roots = [(t.data_ptr(), t.data_ptr() + _span(t), i, t.dtype, tuple(t.shape), tuple(t.stride()))
+                           for i, t in enumerate(reads)]
+        self._watch = _Watch(self)
+        self._observer = launch._Recorder(True, self._launched)
 
     def __enter__(self) -> "Capture":
-        self.launches = self._recording.__enter__()
-        self._watch = _Watch(self.launches)
+        launch._recorders.append(self._observer)
         self._watch.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._watch.__exit__(*exc)
-        self._recording.__exit__(*exc)
+        launch._recorders.remove(self._observer)
 
-    def build(self, reads: list[Any], results: list[Any], classes: list[Any] | None = None) -> Prebuilt | None:
-        """The Prebuilt of the step just recorded, which read `reads` and produced `results` (tensors or
-        None), or None where a replay would not be exactly what it did (see the module docstring).
-        classes: per read, its alias class: reads may overlap only within one class (views of one value,
-        on every call); default: each read its own. Drops every tensor the recording held."""
-        try:
-            return self._build(reads, results, classes if classes is not None else list(range(len(reads))))
-        finally:
-            self.launches = []
-            self._watch = None  # type: ignore[assignment]
+    def _describe(self, t: torch.Tensor) -> _Desc | None:
+        """Where t lies: in the latest allocation that holds all of it, else in a read; None: nowhere."""
+        p, end, size = t.data_ptr(), t.data_ptr() + _span(t), t.element_size()
+        for lo, hi, i, dtype, shape, strides in reversed(self._roots):
+            if lo <= p and end <= hi and dtype == t.dtype and (p - lo) % size == 0:
+                off = (p - lo) // size
+                exact = off == 0 and tuple(t.shape) == shape and tuple(t.stride()) == strides
+                return _Desc(i, off, tuple(t.shape), tuple(t.stride()), exact)
+        return None
 
-    def _build(self, reads: list[Any], results: list[Any], classes: list[Any]) -> Prebuilt | None:
-        if self._watch.computed or not all(isinstance(t, torch.Tensor) for t in reads):
+    def _allocated(self, t: torch.Tensor) -> None:
+        i = len(self._roots)
+        self._roots.append((t.data_ptr(), t.data_ptr() + _span(t), i, t.dtype, tuple(t.shape), tuple(t.stride())))
+        self._allocations.append((i, tuple(t.shape), tuple(t.stride()), t.dtype, t.device))
+
+    def _added(self, t: torch.Tensor, number: int | float) -> None:
+        d = self._describe(t) if t.numel() > 0 else None
+        if d is None or d.root >= self.n or not d.exact:
+            self.ok = False  # an add to anything but a tensor the step read, as it was read
+        else:
+            self._adds.append((len(self._launches), d.root, number))
+
+    def _launched(self, rec: launch.Launch) -> None:
+        args, fills = list(rec.args), []
+        for pos, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.numel() > 0:  # an empty one is kept: no memory to read
+                d = self._describe(a)
+                if d is None:
+                    self.ok = False
+                    return
+                fills.append((pos, d))
+                args[pos] = None
+        self._launches.append(_Launch(rec.kernel, rec.grid, args, tuple(fills), dict(rec.meta)))
+
+    def build(self, results: list[Any]) -> Prebuilt | None:
+        """The Prebuilt of the step just recorded, which produced `results` (tensors or None), or None where a
+        replay would not be exactly what it did (see the module docstring)."""
+        if not self.ok or self._watch.computed:
             return None
-        roots = [*reads, *self._watch.allocated]
-        ranges = sorted((t.data_ptr(), t.data_ptr() + _span(t), i) for i, t in enumerate(roots) if t.numel() > 0)
-        n = len(reads)
-        for k, (lo, hi, i) in enumerate(ranges):  # every overlapping pair: reads of one class, never an allocation
-            for lo2, _, j in ranges[k + 1:]:
-                if lo2 >= hi:
-                    break
-                if i >= n or j >= n or classes[i] != classes[j]:
-                    return None
-
-        def describe(t: torch.Tensor) -> _Desc | None:
-            if t.numel() == 0:
-                return None
-            p, end = t.data_ptr(), t.data_ptr() + _span(t)
-            for lo, hi, i in ranges:  # the first tensor read or allocated that holds all of t
-                root = roots[i]
-                if lo <= p and end <= hi and root.dtype == t.dtype and (p - lo) % t.element_size() == 0:
-                    off = (p - lo) // t.element_size()
-                    exact = off == 0 and t.shape == root.shape and t.stride() == root.stride()
-                    return _Desc(i, off, tuple(t.shape), tuple(t.stride()), exact)
-            return None
-
-        built = []
-        for rec in self.launches:
-            args, fills = list(rec.args), []
-            for pos, a in enumerate(args):
-                if isinstance(a, torch.Tensor) and a.numel() > 0:  # an empty one is kept: no memory to read
-                    d = describe(a)
-                    if d is None:
-                        return None
-                    fills.append((pos, d))
-                    args[pos] = None
-            built.append(_Launch(rec.kernel, rec.grid, args, tuple(fills), dict(rec.meta)))
         descs = []
         for t in results:
             if t is not None and not isinstance(t, torch.Tensor):
                 return None
-            d = None if t is None else describe(t)
+            d = None if t is None else self._describe(t) if t.numel() > 0 else None
             if t is not None and d is None:
                 return None
             descs.append(d)
+        built = self._launches
         # Allocate each allocation before the launch that first uses it; free it after the last one that
         # does unless a result lies in it.
         first: dict[int, int] = {}
@@ -237,19 +252,13 @@ class Capture:
                 first.setdefault(d.root, j)
                 last[d.root] = j
         kept = {d.root for d in descs if d is not None}
-        spec = {n + k: (n + k, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-                for k, t in enumerate(self._watch.allocated)}
         for j, ln in enumerate(built):
-            ln.allocate = tuple(spec[i] for i in spec if first.get(i) == j)
-            ln.release = tuple(i for i in spec if last.get(i) == j and i not in kept)
+            ln.allocate = tuple(a for a in self._allocations if first.get(a[0]) == j)
+            ln.release = tuple(a[0] for a in self._allocations if last.get(a[0]) == j and a[0] not in kept)
         adds: list[list] = [[] for _ in range(len(built) + 1)]
-        for j, t, number in self._watch.adds:
-            d = describe(t)
-            if d is None or d.root >= n or not d.exact:
-                return None  # an add to anything but a tensor the step read, as it was read
-            adds[j].append((d.root, number))
+        for j, root, number in self._adds:
+            adds[j].append((root, number))
         for j, ln in enumerate(built):
             ln.adds = tuple(adds[j])
-        return Prebuilt(len(roots), tuple(built), tuple(descs), tuple(spec[i] for i in spec if i not in first),
-                        tuple(adds[-1]))
-
+        return Prebuilt(len(self._roots), tuple(built), tuple(descs),
+                        tuple(a for a in self._allocations if a[0] not in first), tuple(adds[-1]))

@@ -75,14 +75,13 @@ class _GraphFunction(torch.autograd.Function):
                     out = exe.plan.run(env, g, needs, exe.precision, vjp=_replayer(vjps))
             elif recorded is None:
                 g = {v: d.contiguous() for v, d in g.items()}
-                reads = _backward_reads(g, saved, ctx.extra_ints)
-                vjps: dict[Node, tuple | None] = {}
-                with prebuilt.Capture() as cap:
-                    out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps, exe.alias))
                 # alias classes: each output gradient its own, a saved value its value's, an extra its key
                 classes = ([("gradient", i) for i in range(len(g))] + [exe.alias.get(v, v) for v in ctx.val_keys]
                            + list(ctx.extra_keys) + [("number", k) for k in ctx.extra_ints])
-                exe.backward_programs[key] = (cap.build(reads, list(out), classes), vjps)
+                vjps: dict[Node, tuple | None] = {}
+                with prebuilt.Capture(_backward_reads(g, saved, ctx.extra_ints), classes) as cap:
+                    out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps, exe.alias))
+                exe.backward_programs[key] = (cap.build(list(out)), vjps)
             else:  # observed: the general path, as recorded by the observer
                 out = exe.plan.run(env, g, needs, exe.precision)
         exe.backward_counts = counter.counts
@@ -172,7 +171,7 @@ class TritonExecutable:
         """Run the forward's general path on env, recording it: the whole forward as one Prebuilt where it
         can be, else each step's where it can be (fusednn/prebuilt.py). Returns what later calls run."""
         runs = []
-        with prebuilt.Capture() as whole:
+        with prebuilt.Capture(list(tensors)) as whole:
             for step, label in zip(self.steps, self.labels):
                 if step.replayable:
                     runs.append(_recorded_step(step, label, env, self.alias))
@@ -182,7 +181,7 @@ class TritonExecutable:
                 runs.append(step.run)
         keys = [v for v in dict.fromkeys((*self.saved_keys[0], *self.graph.outputs)) if v in env.values]
         extra = [k for k in self.saved_keys[1] if k in env.extra]
-        pb = whole.build(list(tensors), [env.values[v] for v in keys] + [env.extra[k] for k in extra])
+        pb = whole.build([env.values[v] for v in keys] + [env.extra[k] for k in extra])
         if pb is None:
             return _Program(self.graph, runs)
         return _WholeForward(pb, keys, extra, self.graph.dynamic, len(runs))
@@ -286,12 +285,11 @@ def _recorded_step(step: codegen.Step, label: str, env: Env, alias: dict[Value, 
     """Run a forward step on env, recording it: what later calls at this batch run instead of step.run."""
     before_values, before_extra = set(env.values), set(env.extra)
     ins = list(dict.fromkeys(v for v in step.node.inputs if v is not None))
-    with launch.tagged(label), prebuilt.Capture() as cap:
+    with launch.tagged(label), prebuilt.Capture([env.values[v] for v in ins], [alias.get(v, v) for v in ins]) as cap:
         step.run(env)
     values = [v for v in env.values if v not in before_values]
     extra = [k for k in env.extra if k not in before_extra]
-    pb = cap.build([env.values[v] for v in ins], [env.values[v] for v in values] + [env.extra[k] for k in extra],
-                   [alias.get(v, v) for v in ins])
+    pb = cap.build([env.values[v] for v in values] + [env.extra[k] for k in extra])
     if pb is None:
         return step.run
     nv = len(values)
@@ -331,11 +329,11 @@ def _recorder(programs: dict, alias: dict[Value, Any]) -> Callable[..., list]:
     """A BackwardPlan.run vjp that runs each VJP's general path and records it into `programs`."""
     def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list]) -> list:
         keys = _read_keys(n, env)
-        with prebuilt.Capture() as cap:
-            outs = list(general())
         reads = [dy] + [(env.extra if extra else env.values)[k] for extra, k in keys]
         classes = [("gradient",)] + [k if extra else alias.get(k, k) for extra, k in keys]
-        pb = cap.build(reads, outs, classes)
+        with prebuilt.Capture(reads, classes) as cap:
+            outs = list(general())
+        pb = cap.build(outs)
         programs[n] = None if pb is None else (pb, keys)
         return outs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -268,22 +269,25 @@ def test_a_step_that_computes_outside_its_launches_is_not_recorded():
     """y.zero_() runs in torch, not in a launch: a replay that only allocated and launched would add into
     uninitialised memory."""
     x = torch.randn(40)
-    with Capture() as cap:
+    with Capture([x]) as cap:
         y = torch.empty_like(x)
         y.zero_()
         _accumulate(x, y, 2.0)
     assert torch.equal(y, 2.0 * x)
-    assert cap.build([x], [y]) is None
+    assert cap.build([y]) is None
 
 
 def test_a_step_that_reads_a_number_is_not_recorded():
     x = torch.randn(40)
-    with Capture() as cap:
+    with Capture([x]) as cap:
         y = torch.zeros_like(x)
-    assert cap.build([x, 3], [y]) is None  # zeros_like computes, and a number read may change
-    with Capture() as cap:
+    assert cap.build([y]) is None  # zeros_like computes
+    with Capture([x, 3]) as cap:
         y = torch.empty_like(x)
-    assert cap.build([x, 3], [y]) is None
+    assert cap.build([y]) is None  # a number read may change from call to call
+    with Capture([x]) as cap:
+        y = torch.empty_like(x)
+    assert cap.build([y]) is not None
 
 
 def test_replays_build_views_at_offsets_into_fresh_memory():
@@ -296,9 +300,9 @@ def test_replays_build_views_at_offsets_into_fresh_memory():
         return buf[: x.numel()], out
 
     x = torch.randn(5, 8)
-    with Capture() as cap:
+    with Capture([x]) as cap:
         first = step(x)
-    pb = cap.build([x], list(first))
+    pb = cap.build(list(first))
     assert pb is not None
     x2 = torch.randn(5, 8)
     a = pb.run([x2])
@@ -316,3 +320,22 @@ def _write_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 def _write(x, y):
     launch.launch(_write_kernel, (1,), x, y, x.numel(), BLOCK=64)
+
+
+def test_a_recording_keeps_no_tensor_alive():
+    """The recording call frees a temporary when the step drops it, as the general path does (a first
+    backward holds no more gradients at once than later ones); the replay allocates and frees it again."""
+    x = torch.randn(40)
+    with Capture([x]) as cap:
+        tmp = torch.empty_like(x)
+        _write(x, tmp)
+        out = torch.empty_like(x)
+        _write(tmp, out)
+        gone = weakref.ref(tmp)
+        del tmp
+        assert gone() is None
+    pb = cap.build([out])
+    assert pb is not None and torch.equal(out, (x * 3.0) * 3.0)
+    x2 = torch.randn(40)
+    assert torch.equal(pb.run([x2])[0], (x2 * 3.0) * 3.0)
+    assert [ln.release for ln in pb.launches] == [(), (1,)]  # the temporary, root 1, after its last use
