@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusednn import launch
@@ -46,7 +47,7 @@ _ALLOCATE = frozenset(("empty", "empty_strided", "empty_like", "new_empty", "new
 # `num_batches_tracked.add_(1)`, between the launches of a training forward). It reads nothing from the host
 # and makes no tensor; anything else that computes refuses the record.
 _ADD_ = torch.ops.aten.add_.Tensor
-_FREE = frozenset(("detach", "alias", "lift_fresh"))  # no computation, no new memory
+_FREE = frozenset(("detach", "alias"))  # no computation, no new memory (`lift_fresh` brings host data in)
 _LAUNCH = launch.launch.__code__
 
 
@@ -154,20 +155,28 @@ def _span(t: torch.Tensor) -> int:
     return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
 
 
+def _root(t: torch.Tensor, i: int) -> tuple:
+    """A read or an allocation as `Capture._describe` places tensors in it; it holds no reference to t."""
+    return (t.data_ptr(), t.data_ptr() + _span(t), i, t.dtype, tuple(t.shape), tuple(t.stride()),
+            StorageWeakRef(t.untyped_storage()))
+
+
 class Capture:
     """Record a step: `with Capture(reads, classes) as cap: <the step>`, then `cap.build(results)`.
 
     Each tensor is described where it appears (an allocation, a launch argument, an in-place add), by
-    address, against the step's reads and its allocations so far; the capture keeps descriptions, never
-    the tensors, so the recording call frees its temporaries as the general path does. An allocation's
-    memory may be reused by a later one once freed: an address belongs to the latest allocation that holds
-    it. classes: per read, its alias class: reads may overlap only within one class (views of one value, on
-    every call); default: each read its own."""
+    address, inside a read or an allocation so far of the same memory (storage, held by weak reference)
+    and dtype; the capture keeps descriptions, never the tensors, so the recording call frees its
+    temporaries as the general path does, and a freed allocation's memory, reused by another tensor, is
+    never taken for it. The caller keeps the reads alive until `build`. classes: per read, its alias class:
+    reads may overlap only within one class (views of one value, on every call); default: each read its
+    own."""
 
     def __init__(self, reads: list[Any], classes: list[Any] | None = None) -> None:
         self.n = len(reads)
         self.ok = all(isinstance(t, torch.Tensor) for t in reads)  # a number read refuses the record
-        # (address, end, root, dtype, shape, strides): the reads, then each allocation as it is made
+        # (address, end, root, dtype, shape, strides, storage): the reads, then each allocation as it is
+        # made (root n + k); storage: a weak reference to its memory, which a freed allocation gives back
         self._roots: list[tuple] = []
         self._allocations: list[tuple] = []  # (root, shape, strides, dtype, device)
         self._launches: list[_Launch] = []
@@ -181,8 +190,7 @@ class Capture:
                         break
                     if classes[i] != classes[j]:
                         self.ok = False
-            self._roots = [(t.data_ptr(), t.data_ptr() + _span(t), i, t.dtype, tuple(t.shape), tuple(t.stride()))
-                           for i, t in enumerate(reads)]
+            self._roots = [_root(t, i) for i, t in enumerate(reads)]
         self._watch = _Watch(self)
         self._observer = launch._Recorder(True, self._launched)
 
@@ -196,18 +204,21 @@ class Capture:
         launch._recorders.remove(self._observer)
 
     def _describe(self, t: torch.Tensor) -> _Desc | None:
-        """Where t lies: in the latest allocation that holds all of it, else in a read; None: nowhere."""
+        """Where t lies: inside a read or an allocation of the same memory (storage) and dtype; None:
+        nowhere (memory the watch did not see made, or a view of it with another dtype)."""
         p, end, size = t.data_ptr(), t.data_ptr() + _span(t), t.element_size()
-        for lo, hi, i, dtype, shape, strides in reversed(self._roots):
-            if lo <= p and end <= hi and dtype == t.dtype and (p - lo) % size == 0:
+        storage = StorageWeakRef(t.untyped_storage()).cdata
+        for lo, hi, i, dtype, shape, strides, ref in self._roots:
+            if (ref.cdata == storage and not ref.expired() and lo <= p and end <= hi and dtype == t.dtype
+                    and (p - lo) % size == 0):
                 off = (p - lo) // size
                 exact = off == 0 and tuple(t.shape) == shape and tuple(t.stride()) == strides
                 return _Desc(i, off, tuple(t.shape), tuple(t.stride()), exact)
         return None
 
     def _allocated(self, t: torch.Tensor) -> None:
-        i = len(self._roots)
-        self._roots.append((t.data_ptr(), t.data_ptr() + _span(t), i, t.dtype, tuple(t.shape), tuple(t.stride())))
+        i = self.n + len(self._allocations)
+        self._roots.append(_root(t, i))
         self._allocations.append((i, tuple(t.shape), tuple(t.stride()), t.dtype, t.device))
 
     def _added(self, t: torch.Tensor, number: int | float) -> None:
@@ -260,5 +271,5 @@ class Capture:
             adds[j].append((root, number))
         for j, ln in enumerate(built):
             ln.adds = tuple(adds[j])
-        return Prebuilt(len(self._roots), tuple(built), tuple(descs),
+        return Prebuilt(self.n + len(self._allocations), tuple(built), tuple(descs),
                         tuple(a for a in self._allocations if a[0] not in first), tuple(adds[-1]))

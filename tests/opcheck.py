@@ -103,19 +103,21 @@ def op_samples(name: str, variant: str = "") -> list[tuple[Any, Any]]:
 def check_module(m64: torch.nn.Module, tensors: Sequence[torch.Tensor], fuse: bool = True,
                  kwargs: dict | None = None) -> Any:
     """Compile a float32 copy of the float64 module m64; output, every gradient (inputs and parameters) and
-    every buffer after the step match m64 (float32 torch's own error sets the tolerance). Returns the
-    compiled module."""
+    every buffer after the step match float64 torch (float32 torch's own error sets the tolerance). Returns
+    the compiled module. As in `check_fn`, the float64 reference runs on the float32 operands: a float64
+    copy of the float32 module, on the inputs rounded to float32 (m64 itself is left as it was)."""
     import copy
 
     kwargs = kwargs or {}
     m32, mt = copy.deepcopy(m64).float(), copy.deepcopy(m64).float()
+    m64 = copy.deepcopy(m32).double()
     c = fusednn.compile(m32, fuse=fuse)
 
-    def leaves(dtype):
-        return [t.detach().to(dtype).requires_grad_(t.requires_grad) if t.is_floating_point() else t
-                for t in tensors]
+    def leaves(dtype, ref=None):
+        return [(t.detach().to(dtype) if ref is None else t.detach().to(dtype).to(ref)).requires_grad_(t.requires_grad)
+                if t.is_floating_point() else t for t in tensors]
 
-    xs, x64, x32 = leaves(torch.float32), leaves(torch.float64), leaves(torch.float32)
+    xs, x64, x32 = leaves(torch.float32), leaves(torch.float32, torch.float64), leaves(torch.float32)
     outs = c(*xs, **kwargs), m64(*x64, **kwargs), mt(*x32, **kwargs)
     flat = [pytree.tree_leaves(o) for o in outs]
     for i, (y, y64, y32) in enumerate(zip(*flat)):
@@ -125,7 +127,7 @@ def check_module(m64: torch.nn.Module, tensors: Sequence[torch.Tensor], fuse: bo
             assert torch.equal(y, y64), f"output {i} (integer) differs"
     diff = [(y, y64, y32) for y, y64, y32 in zip(*flat) if y64.requires_grad]
     if diff:
-        gs = [torch.randn(y.shape) for y, _, _ in diff]
+        gs = [torch.randn(y.shape) for y, _, _ in diff]  # float32, as every run receives them
         torch.autograd.backward([d[0] for d in diff], gs)
         torch.autograd.backward([d[1] for d in diff], [g.double() for g in gs])
         torch.autograd.backward([d[2] for d in diff], gs)

@@ -339,3 +339,47 @@ def test_a_recording_keeps_no_tensor_alive():
     x2 = torch.randn(40)
     assert torch.equal(pb.run([x2])[0], (x2 * 3.0) * 3.0)
     assert [ln.release for ln in pb.launches] == [(), (1,)]  # the temporary, root 1, after its last use
+
+
+class _Copy:
+    """A stand-in kernel (`_Copy()[grid](src, dst)`) for steps whose memory reuse a test arranges."""
+
+    def __getitem__(self, grid):
+        return lambda src, dst: dst.copy_(src)
+
+
+def _reusing(make_step, attempts: int = 50):
+    """Run make_step() under a Capture until the allocator hands a freed temporary's memory to the tensor the
+    step reads or writes next (what the test is about); (capture, that tensor, the step's result)."""
+    for _ in range(attempts):
+        x, cap, seen, out, freed = make_step()
+        if seen.data_ptr() == freed:
+            return x, cap, out
+    pytest.skip("the allocator did not reuse the freed temporary's memory")
+
+
+@pytest.mark.parametrize("case", ["a view with another dtype", "a table built on the host"])
+def test_memory_a_freed_temporary_gives_back_is_not_taken_for_it(case):
+    """A tensor in memory a freed allocation gave back is not that allocation: a write through a float32 view
+    of a new uint8 buffer, or a table torch.tensor() built from host data, is not recorded as the temporary
+    (a replay would write the temporary, or read an earlier launch's output)."""
+    def step():
+        x = torch.randn(1000) if case.startswith("a view") else torch.arange(1000, dtype=torch.int64)
+        with Capture([x]) as cap:
+            tmp = torch.empty_like(x)
+            launch.launch(_Copy(), (1,), x, tmp)
+            freed = tmp.data_ptr()
+            del tmp
+            if case.startswith("a view"):
+                out = torch.empty(4000, dtype=torch.uint8)
+                seen = out
+                launch.launch(_Copy(), (1,), x, out.view(torch.float32))
+            else:
+                seen = torch.tensor(list(range(5000, 6000)), dtype=torch.int64)
+                out = torch.empty_like(x)
+                launch.launch(_Copy(), (1,), seen, out)
+        return x, cap, seen, out, freed
+
+    x, cap, out = _reusing(step)
+    pb = cap.build([out])
+    assert pb is None or torch.equal(pb.run([x])[0], out)
