@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 @dataclass(slots=True)
@@ -61,6 +62,9 @@ class _Recorder:
 _recorders: list[_Recorder] = []
 _tags: list[str] = []
 _suppressed = [0]  # > 0 inside `suppressed()`: launches are counted as usual, none runs
+# > 0 while a prebuilt.Capture watches a step's aten ops: kernels run with Python dispatch modes set aside
+# (what Triton's interpreter does with tensors inside a kernel is not the step's)
+_bare = [0]
 
 
 def kernel_name(kernel: Any) -> str:
@@ -120,7 +124,11 @@ def launch(kernel: Any, grid: tuple, *args: Any, nbytes: int | None = None, **me
             r.sink(rec)
             execute = execute and r.execute
     if execute and not _suppressed[0]:
-        kernel[grid](*args, **meta)
+        if _bare[0]:
+            with _disable_current_modes():
+                kernel[grid](*args, **meta)
+        else:
+            kernel[grid](*args, **meta)
 
 
 def observed() -> bool:

@@ -32,7 +32,6 @@ sees the general path, with its labels and arguments.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -48,19 +47,6 @@ _ALLOCATE = frozenset(("empty", "empty_strided", "empty_like", "new_empty", "new
 # and makes no tensor; anything else that computes refuses the record.
 _ADD_ = torch.ops.aten.add_.Tensor
 _FREE = frozenset(("detach", "alias"))  # no computation, no new memory (`lift_fresh` brings host data in)
-_LAUNCH = launch.launch.__code__
-
-
-def _inside_a_launch() -> bool:
-    """Whether the current aten op comes from inside `launch.launch` (Triton's interpreter copies tensors)."""
-    f = sys._getframe(2)
-    while f is not None:
-        if f.f_code is _LAUNCH:
-            return True
-        f = f.f_back
-    return False
-
-
 class _Watch(TorchDispatchMode):
     """Sees every aten op a recorded step issues outside the kernels: allocations and in-place number adds
     go to the capture (`Capture._allocated`, `Capture._added`), the names of other computing ops to
@@ -74,7 +60,7 @@ class _Watch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if func.is_view or name in _FREE or _inside_a_launch():
+        if func.is_view or name in _FREE:
             return out
         if name in _ALLOCATE:
             self.capture._allocated(out)
@@ -196,11 +182,13 @@ class Capture:
 
     def __enter__(self) -> "Capture":
         launch._recorders.append(self._observer)
+        launch._bare[0] += 1  # the kernels run outside the watch
         self._watch.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._watch.__exit__(*exc)
+        launch._bare[0] -= 1
         launch._recorders.remove(self._observer)
 
     def _describe(self, t: torch.Tensor) -> _Desc | None:

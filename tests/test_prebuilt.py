@@ -63,7 +63,7 @@ def _tol(f32: torch.Tensor, f64: torch.Tensor) -> float:
     return max(1e-5, 4 * rel_err(f32, f64))
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet8", "mobilenet"])
+@pytest.mark.parametrize("name", ["lenet", "resnet8"])  # MobileNetV2Tiny: a minute in the interpreter
 def test_replayed_calls_match_float64_torch(name, monkeypatch):
     torch.manual_seed(0)
     rgb = name != "lenet"
