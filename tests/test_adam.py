@@ -12,6 +12,7 @@ from fusednn.compiler import configs
 from fusednn.kernels.adam import adam_step
 from fusednn.launch import kernel_name, recording
 from fusednn.optim import Adam, AdamW
+from tests import helpers
 from tests.helpers import rel_err
 
 SHAPES = [(6, 1, 5, 5), (6,), (10, 84), (1,), (3, 7)]
@@ -301,29 +302,17 @@ def test_adam_steady_steps_follow_every_change_between_steps(cls, ref_cls, monke
     monkeypatch.setattr(opt, "_general_step", lambda *a: (general.append(1), real(*a))[1])
 
     def grads_in_place(skip=()):
-        for i, (p, q) in enumerate(zip(params, ref)):
-            if i in skip:
-                p.grad = q.grad = None
-                continue
-            g = torch.randn(p.shape)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
-            q.grad = g.clone()
+        helpers.grads_in_place(params, ref, skip)
 
     def lr():
-        for grp in opt.param_groups + ref_opt.param_groups:
-            grp["lr"] = 0.003
+        helpers.set_lr((opt, ref_opt), 0.003)
 
     def moment():
         for o, p in ((opt, params[0]), (ref_opt, ref[0])):
             o.state[p]["exp_avg"] = o.state[p]["exp_avg"] * -0.5
 
     def data():
-        with torch.no_grad():
-            params[3].data = params[3].data * 3
-            ref[3].data = ref[3].data * 3
+        helpers.scale_data(params, ref, 3, 3.0)
 
     took = []
     for change in (None, None, None, lr, None, moment, None, data, None, "skip", None, None):
