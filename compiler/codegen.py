@@ -52,6 +52,7 @@ class Step:
     # run reads Env values, allocates its results with torch.empty and launches, nothing else (no host
     # state, no torch op): its launches can be recorded once per batch and replayed (fusednn/prebuilt.py)
     replayable: bool = False
+    extra_reads: tuple = ()  # the env.extra keys run reads (another step's side outputs)
 
 
 def _numel(shape) -> int:
@@ -110,9 +111,10 @@ def _lower_conv(n: Node, precision: str) -> Step:
               act_param=a.get("act_param", 0.0), pool=pool_kind, pool_k=pool_k, save_act=save_act,
               bn=rm is not None, bn_weight=bn_w is not None, bn_bias=bn_b is not None,
               bn_eps=a.get("bn_eps", 1e-5), residual=res is not None, bn_after_pool=a.get("bn_after_pool", False),
-              inference=inference, act_params=a.get("act_params", ()), precision=precision,
-              compute=_compute_dtype(n))
+              inference=inference, act_params=a.get("act_params", ()), stats=a.get("stats", False),
+              precision=precision, compute=_compute_dtype(n))
     bn_values = (rm, rv, bn_w, bn_b)
+    stats = a.get("stats", False)
 
     moved: dict = {}
 
@@ -130,7 +132,12 @@ def _lower_conv(n: Node, precision: str) -> Step:
         args = (xt, _c(env.values[w]), _c(env.values.get(b)) if b is not None else None, _as4d(y), idx, aout)
         if inference:
             args += tuple(_c(_get(env, v)) for v in bn_values) + (_as4d(_c(_get(env, res))) if res is not None else None,)
-        k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
+        if stats:  # the per-tile statistics the training batch norm of y combines (passes.conv_batch_stats)
+            st = torch.empty(k.module.stats_size(xt.shape[0]), dtype=torch.float32, device=xt.device)
+            env.extra[(n.out, "stats")] = st
+            k.module.launch(*args, st=st, nbytes=_moved(moved, env.batch, *args, st))
+        else:
+            k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 
     return Step(n, k, run, replayable=True)
@@ -412,7 +419,9 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
     k = _emit(n, batch_norm.generate, batch_norm.BatchNormSpec, N=N, C=C, inner=inner, training=training,
               momentum=momentum, eps=n.attrs["eps"], weight=w is not None, bias=b is not None,
               track_running_stats=rm is not None, act=n.attrs.get("act", "none"),
-              act_params=tuple(n.attrs.get("act_params", ())), residual=residual is not None)
+              act_params=tuple(n.attrs.get("act_params", ())), residual=residual is not None,
+              partials=n.attrs.get("conv_stats", False))
+    partials = (x, "stats") if n.attrs.get("conv_stats") else None
 
     moved: dict = {}
 
@@ -423,12 +432,16 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
         invstd = torch.empty_like(mean)
         env.extra[(n.out, "mean")], env.extra[(n.out, "invstd")] = mean, invstd
         stats, work = _running_stats(env, rm, rv)
-        k.module.launch(xt, _c(_get(env, w)), _c(_get(env, b)), *work, y, mean, invstd, _get(env, counter),
-                        _c(_get(env, residual)))
+        args = (xt, _c(_get(env, w)), _c(_get(env, b)), *work, y, mean, invstd, _get(env, counter),
+                _c(_get(env, residual)))
+        if partials is not None:  # the conv's per-tile statistics of x (passes.conv_batch_stats)
+            k.module.launch(*args, st=env.extra[partials])
+        else:
+            k.module.launch(*args)
         _write_back(stats, work)
         env.values[n.out] = y
 
-    return Step(n, k, run, replayable=True)
+    return Step(n, k, run, replayable=True, extra_reads=() if partials is None else (partials,))
 
 
 def _get(env: Env, v: Value | None) -> torch.Tensor | None:

@@ -205,6 +205,29 @@ def reduce_cols(n_rows: int, n_cols: int, heavy: bool = False) -> dict:
 
 
 @_per_target
+def reduce_split(n_rows: int, col_blocks: int, block_r: int) -> int:
+    """Row slices for a deterministic two-level column reduction (batch-norm sums): each of `col_blocks`
+    column blocks cuts its rows into this many slices of whole BLOCK_R steps, one program each, which
+    write partial sums; the consumer adds the partials of a column in slice order (no atomics, the same
+    bits on every run). One program walking all rows of a 16-channel batch norm at batch 64 (65,536 rows)
+    would leave all but one SM idle."""
+    if target() == "interp":
+        return 1  # a program costs the interpreter ~ms whatever its size: one pass over the rows is cheapest
+    # at least 8 steps a slice, about 2 waves on a 132-SM H100, at most 128 partials a column
+    return max(1, min(-(-n_rows // (block_r * 8)), -(-264 // max(col_blocks, 1)), 128))
+
+
+@_per_target
+def normalize_split(n_rows: int, col_blocks: int, block_r: int, tiles: int) -> int:
+    """Row slices of a training batch norm that normalises with a conv's per-tile partial statistics:
+    every program first combines all `tiles` partials of its channels, so the slices are few enough that
+    those reads stay within twice the rows' own (slices x tiles <= 2 rows)."""
+    if target() == "interp":
+        return 1
+    return max(1, min(-(-n_rows // block_r), -(-264 // max(col_blocks, 1)), 2 * n_rows // max(tiles, 1)))
+
+
+@_per_target
 def split_k(tiles: int, steps: int) -> int:
     """Slices for a deterministic split-K reduction (weight gradients): `steps` BLOCK_K steps over
     `tiles` output tiles are cut into this many slices, each writing a partial tile that a second pass

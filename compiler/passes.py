@@ -298,6 +298,27 @@ def fuse_batch_norm(graph: Graph) -> Graph:
     return graph
 
 
+def conv_batch_stats(graph: Graph) -> Graph:
+    """A batch norm normalising a conv's output with batch statistics takes them from the conv: the conv's
+    epilogue writes per-tile partial statistics of what it stores (attr stats, compiler/templates/conv.py)
+    and the batch norm combines those instead of walking x (attr conv_stats, templates/batch_norm.py), so
+    its own grid splits the rows. Runs after `fuse`: the conv's stored output (after a fused activation or
+    pool) is what the batch norm reads. Not for a conv that also saves its activation (avg pool after an
+    activation), nor an unbatched one."""
+    producer = {n.out: n for n in graph.nodes}
+    for bn in graph.nodes:
+        if bn.op not in ("batch_norm", "batch_norm_act") or not (bn.attrs["training"] or bn.inputs[1] is None):
+            continue
+        conv = producer.get(bn.inputs[0])
+        if conv is None or conv.op not in ("conv2d", "conv_relu_pool") or len(conv.out.type.shape) != 4:
+            continue
+        if conv.attrs.get("pool", "none") == "avg" and conv.attrs.get("act", "none") != "none":
+            continue
+        conv.attrs = dict(conv.attrs, stats=True)
+        bn.attrs = dict(bn.attrs, conv_stats=True)
+    return graph
+
+
 def fuse_pointwise(graph: Graph) -> Graph:
     """Elementwise nodes fuse into `pointwise` groups: a node whose result only one elementwise node of the
     same shape reads joins that node's group, so a group is a tree of nodes (a gate `tanh(a + b) * sigmoid(c)`
@@ -342,7 +363,8 @@ def pipeline(fuse_ops: bool, inference: bool = False) -> list[Pass]:
     (training ones, and those after no conv) take the residual add and activation after them."""
     if not fuse_ops:
         return [canonicalize, dce]
-    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse_batch_norm, fuse, fuse_pointwise, dce]
+    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse_batch_norm, fuse, conv_batch_stats,
+            fuse_pointwise, dce]
 
 
 def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:

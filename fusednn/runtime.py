@@ -285,7 +285,9 @@ def _recorded_step(step: codegen.Step, label: str, env: Env, alias: dict[Value, 
     """Run a forward step on env, recording it: what later calls at this batch run instead of step.run."""
     before_values, before_extra = set(env.values), set(env.extra)
     ins = list(dict.fromkeys(v for v in step.node.inputs if v is not None))
-    with launch.tagged(label), prebuilt.Capture([env.values[v] for v in ins], [alias.get(v, v) for v in ins]) as cap:
+    keys = [k for k in step.extra_reads if k in env.extra]
+    reads = [env.values[v] for v in ins] + [env.extra[k] for k in keys]
+    with launch.tagged(label), prebuilt.Capture(reads, [alias.get(v, v) for v in ins] + keys) as cap:
         step.run(env)
     values = [v for v in env.values if v not in before_values]
     extra = [k for k in env.extra if k not in before_extra]
@@ -296,7 +298,7 @@ def _recorded_step(step: codegen.Step, label: str, env: Env, alias: dict[Value, 
 
     def run(env: Env) -> None:
         vals = env.values
-        out = pb.run([vals[v] for v in ins])
+        out = pb.run([vals[v] for v in ins] + [env.extra[k] for k in keys])
         for v, t in zip(values, out):
             vals[v] = t
         if extra:

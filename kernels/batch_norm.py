@@ -20,8 +20,12 @@ from fusednn.launch import launch
 #   ∂μ/∂x_j = 1/M,  ∂σ⁻¹/∂x_j = −σ⁻³ (x_j − μ)/M  ⇒  ∂x̂_i/∂x_j = σ⁻¹ (δ_ij − 1/M − x̂_i x̂_j / M)
 #   dx_j = Σ_i g_i ∂x̂_i/∂x_j = w σ⁻¹ (dy_j − Σdy/M − x̂_j Σ(dy x̂)/M)
 # So both cases need only the two channel sums Σdy and Σ(dy x̂), which are dbias and dweight. One kernel
-# reduces them (each program owns BLOCK_C channels and walks all rows in a fixed order: bit-identical
-# every run), a second, parallel over rows and channels, writes dx from them.
+# reduces them in two levels: its grid is (row slices, channel blocks), each program walks its slice's
+# rows in a fixed order and writes partial sums [SPLIT, C]; a second kernel, parallel over rows and
+# channels, adds a channel's partials in slice order (every program the same bits, on every run), writes
+# dx from them, and its first row block writes dweight and dbias. SPLIT (configs.reduce_split) keeps the
+# GPU's SMs busy: one program per channel block walking all 65,536 rows of a batch-64 CIFAR stage would
+# not. With SPLIT == 1 the partials are the sums themselves.
 
 
 # Fused forms (batch_norm_act: out = act(y + r), y the batch norm's output, r a residual): the kernels
@@ -56,14 +60,14 @@ def _pullback(dout_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok,
     return tl.where(mask, dy, 0.0)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "ROWS"])  # runtime ints: one compiled kernel for every batch
 def _batch_norm_bwd_dwdb_kernel(
     dy_ptr,  # [N, C, INNER] upstream gradient (of the activation's output when ACT is not "none")
     x_ptr,  # [N, C, INNER] forward input
     mean_ptr,  # [C] mean the forward normalised with
     invstd_ptr,  # [C] 1/sqrt(var + eps) the forward normalised with
-    dw_ptr,  # [C] Σ dy·x̂, written (= dweight)
-    db_ptr,  # [C] Σ dy, written (= dbias)
+    dw_ptr,  # [SPLIT, C] Σ dy·x̂ over each slice's rows, written (SPLIT == 1: dweight)
+    db_ptr,  # [SPLIT, C] Σ dy over each slice's rows, written (SPLIT == 1: dbias)
     out_ptr,  # [N, C, INNER] the fused output (ACT_FROM_OUT only)
     res_ptr,  # [N, C, INNER] the residual (HAS_RES and act' from z only)
     w_ptr,  # [C] weight (HAS_WEIGHT; act' from z only)
@@ -75,6 +79,7 @@ def _batch_norm_bwd_dwdb_kernel(
     M,  # N * INNER: values per channel
     C,
     INNER,
+    ROWS,  # rows per slice, a multiple of BLOCK_R: slice s sums rows [s * ROWS, (s + 1) * ROWS)
     ACT: tl.constexpr,
     ACT_FROM_OUT: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -84,13 +89,14 @@ def _batch_norm_bwd_dwdb_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    first = tl.program_id(0) * ROWS
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = chans < C
     mean = tl.load(mean_ptr + chans, mask=c_ok, other=0.0)
     invstd = tl.load(invstd_ptr + chans, mask=c_ok, other=0.0)
     acc_dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, M, BLOCK_R):
+    for r0 in range(first, tl.minimum(first + ROWS, M), BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         offs = ((rows // INNER) * (C * INNER) + rows % INNER)[:, None] + chans[None, :] * INNER
         mask = (rows < M)[:, None] & c_ok[None, :]
@@ -101,11 +107,11 @@ def _batch_norm_bwd_dwdb_kernel(
             tl.store(dz_ptr + offs, dy, mask=mask)
         acc_dw += dy * ((x - mean[None, :]) * invstd[None, :])
         acc_db += dy
-    tl.store(dw_ptr + chans, tl.sum(acc_dw, axis=0), mask=c_ok)
-    tl.store(db_ptr + chans, tl.sum(acc_db, axis=0), mask=c_ok)
+    tl.store(dw_ptr + tl.program_id(0) * C + chans, tl.sum(acc_dw, axis=0), mask=c_ok)
+    tl.store(db_ptr + tl.program_id(0) * C + chans, tl.sum(acc_db, axis=0), mask=c_ok)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "SPLIT"])
 def _batch_norm_bwd_dx_kernel(
     dy_ptr,  # [N, C, INNER] upstream gradient (of the activation's output when ACT is not "none"), or the
              # pulled-back dy the reduction kernel wrote (DY_WRITTEN)
@@ -113,8 +119,10 @@ def _batch_norm_bwd_dx_kernel(
     w_ptr,  # [C] weight, or None without affine (HAS_WEIGHT False)
     mean_ptr,  # [C] mean the forward normalised with
     invstd_ptr,  # [C] 1/sqrt(var + eps) the forward normalised with
-    dw_ptr,  # [C] Σ dy·x̂ from _batch_norm_bwd_dwdb_kernel (read only in TRAINING)
-    db_ptr,  # [C] Σ dy from _batch_norm_bwd_dwdb_kernel (read only in TRAINING)
+    dw_ptr,  # [SPLIT, C] partial Σ dy·x̂ from _batch_norm_bwd_dwdb_kernel (read only in TRAINING)
+    db_ptr,  # [SPLIT, C] partial Σ dy from _batch_norm_bwd_dwdb_kernel (read only in TRAINING)
+    sum_dw_ptr,  # [C] Σ dy·x̂, written by the first row block (WRITE_SUMS: dweight)
+    sum_db_ptr,  # [C] Σ dy, written by the first row block (WRITE_SUMS: dbias)
     dx_ptr,  # [N, C, INNER] gradient of x, written
     out_ptr,  # [N, C, INNER] the fused output (ACT_FROM_OUT only)
     res_ptr,  # [N, C, INNER] the residual (HAS_RES and act' from z only)
@@ -125,7 +133,9 @@ def _batch_norm_bwd_dx_kernel(
     M,  # N * INNER: values per channel
     C,
     INNER,
+    SPLIT,  # partials per channel (TRAINING)
     TRAINING: tl.constexpr,
+    WRITE_SUMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ACT: tl.constexpr,  # "none" also when DY_WRITTEN: dy is already pulled back
     ACT_FROM_OUT: tl.constexpr,
@@ -133,6 +143,7 @@ def _batch_norm_bwd_dx_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -151,8 +162,23 @@ def _batch_norm_bwd_dx_kernel(
     dy = _pullback(dy_ptr, out_ptr, res_ptr, w_ptr, b_ptr, offs, mask, chans, c_ok, x, mean, invstd, p0, p1, p2,
                    ACT, ACT_FROM_OUT, HAS_RES, HAS_WEIGHT, HAS_BIAS)
     if TRAINING:
-        mean_dy = tl.load(db_ptr + chans, mask=c_ok, other=0.0) / M
-        mean_dy_xhat = tl.load(dw_ptr + chans, mask=c_ok, other=0.0) / M
+        # the channel sums: the slices' partials added in slice order, the same in every program
+        part_dw = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        part_db = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        for s0 in range(0, SPLIT, BLOCK_S):
+            sl = s0 + tl.arange(0, BLOCK_S)
+            at = sl[:, None] * C + chans[None, :]
+            s_ok = (sl < SPLIT)[:, None] & c_ok[None, :]
+            part_dw += tl.load(dw_ptr + at, mask=s_ok, other=0.0)
+            part_db += tl.load(db_ptr + at, mask=s_ok, other=0.0)
+        sum_dw = tl.sum(part_dw, axis=0)
+        sum_db = tl.sum(part_db, axis=0)
+        if WRITE_SUMS:
+            if tl.program_id(0) == 0:
+                tl.store(sum_dw_ptr + chans, sum_dw, mask=c_ok)
+                tl.store(sum_db_ptr + chans, sum_db, mask=c_ok)
+        mean_dy = sum_db / M
+        mean_dy_xhat = sum_dw / M
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = scale[None, :] * (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :])
     else:
@@ -212,14 +238,25 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
     write_dy = needs_dresidual and act != "none"
     dx = torch.empty_like(x) if needs_dx else None
     dres = (torch.empty_like(x) if write_dy else dout) if needs_dresidual else None
-    dw = db = None
+    dw = db = part_dw = part_db = None
     cfg = configs.reduce_cols(configs.nominal(M), C, heavy=heavy_act(act))
+    split = 1
     if needs_dweight or needs_dbias or (needs_dx and training) or write_dy:
-        # Σ dy·x̂ and Σ dy per channel: dweight and dbias themselves, and what training dx reads
-        dw = torch.empty(C, device=x.device, dtype=torch.float32)
-        db = torch.empty(C, device=x.device, dtype=torch.float32)
-        launch(_batch_norm_bwd_dwdb_kernel, (configs.cdiv(C, cfg["BLOCK_C"]),), dout, x, save_mean, save_invstd,
-               dw, db, *fwd, dres if write_dy else None, *p, M, C, inner, WRITE_DY=write_dy, **flags, **cfg)
+        # Σ dy·x̂ and Σ dy per channel: dweight and dbias, and what training dx reads. In slices where the
+        # dx kernel adds them up (and writes dweight, dbias); else one slice, the sums themselves.
+        c_blocks = configs.cdiv(C, cfg["BLOCK_C"])
+        if needs_dx and training:
+            split = configs.reduce_split(M, c_blocks, cfg["BLOCK_R"])
+        rows = configs.cdiv(configs.cdiv(M, split), cfg["BLOCK_R"]) * cfg["BLOCK_R"]
+        part_dw = torch.empty(split, C, device=x.device, dtype=torch.float32)
+        part_db = torch.empty(split, C, device=x.device, dtype=torch.float32)
+        launch(_batch_norm_bwd_dwdb_kernel, (split, c_blocks), dout, x, save_mean, save_invstd, part_dw, part_db,
+               *fwd, dres if write_dy else None, *p, M, C, inner, rows, WRITE_DY=write_dy, **flags, **cfg)
+        if split == 1:
+            dw, db = part_dw.view(C), part_db.view(C)
+        elif needs_dweight or needs_dbias:
+            dw = torch.empty(C, device=x.device, dtype=torch.float32)
+            db = torch.empty(C, device=x.device, dtype=torch.float32)
     if needs_dx:
         grid = (configs.cdiv(M, cfg["BLOCK_R"]), configs.cdiv(C, cfg["BLOCK_C"]))
         if write_dy and dres.dtype == torch.float32:  # read back the pulled-back dy the reduction wrote (unrounded)
@@ -228,7 +265,9 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
         else:
             src = dout
         reads_x = training or (flags["ACT"] != "none" and not flags["ACT_FROM_OUT"])
+        write_sums = training and split > 1 and dw is not None
         launch(_batch_norm_bwd_dx_kernel, grid, src, x if reads_x else None, weight, save_mean, save_invstd,
-               dw if training else None, db if training else None, dx, fwd[0], fwd[1], fwd[3], *p, M, C, inner,
-               TRAINING=training, **flags, **cfg)
+               part_dw if training else None, part_db if training else None, dw if write_sums else None,
+               db if write_sums else None, dx, fwd[0], fwd[1], fwd[3], *p, M, C, inner, split,
+               TRAINING=training, WRITE_SUMS=write_sums, BLOCK_S=16, **flags, **cfg)
     return dx, (dw if needs_dweight else None), (db if needs_dbias else None), dres

@@ -13,6 +13,7 @@ from fusednn.tools import aot
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.batch_norm import BatchNormSpec, generate
 from fusednn.kernels.batch_norm import batch_norm_backward
+from fusednn.compiler.configs import use_target
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
 
@@ -216,6 +217,29 @@ def test_batch_norm_with_weight_or_bias_alone_matches_torch(weight):
     assert rel_err(dw, w64.grad) <= TOL if weight else rel_err(db, b64.grad) <= TOL
 
 
+def test_batch_norm_backward_sums_split_over_row_slices_match_torch_and_rerun_bit_identically():
+    # With the GPU's launch configs the channel sums are reduced in row slices (configs.reduce_split), each
+    # writing partials that the dx kernel adds in slice order; dweight and dbias come from its first row
+    # block. Run here in the interpreter, against float64 torch, twice.
+    case = Case((8, 16, 16, 16), True, True, True)
+    _, mean, invstd = case.forward()
+    x64, w64, b64 = double(case.x), double(case.w), double(case.b)
+    dy = torch.randn_like(case.x)
+    F.batch_norm(x64, None, None, w64, b64, training=True, eps=EPS).backward(dy.double())
+    with use_target("gpu"), recording() as launches:
+        first = case.backward(dy, mean, invstd)
+    second = case.backward(dy, mean, invstd)
+    with use_target("gpu"):
+        third = case.backward(dy, mean, invstd)
+    reduce = next(r for r in launches if kernel_name(r.kernel) == "_batch_norm_bwd_dwdb_kernel")
+    assert reduce.grid[0] == 4  # 2,048 rows of 64 in slices of at least 8 steps
+    for got, ref in zip(first, (x64.grad, w64.grad, b64.grad)):
+        assert rel_err(got, ref) <= TOL
+    for a, b, c in zip(first, second, third):
+        assert rel_err(b, a) <= TOL  # one slice (the interpreter's configs): the same sums, another order
+        assert torch.equal(a, c)
+
+
 def test_batch_norm_launches():
     case = Case((2, 3, 4, 4), True, True, True)
     with recording() as launches:
@@ -255,3 +279,37 @@ def test_batch_norm_kernels_compile_for_sm90_without_spills():
                                           "_batch_norm_bwd_dx_kernel"}
     for c in compiled:
         assert not c.resources.spills, c.resources
+
+
+def test_statistics_from_a_convs_tile_partials_are_within_an_ulp_of_the_exact_ones():
+    # A conv's epilogue writes per-tile partial statistics (templates/conv.py `stats`) and the batch norm
+    # combines them (`partials`), at the GPU's tiles here: 64 tiles of 32 rows, 32 programs. Outputs far
+    # from 0 against their spread: the corrected two-pass keeps the mean within an ulp of float64's on the
+    # same float32 values (without the correction it is ~2 ulps off, as a one-pass sum would be).
+    from fusednn.compiler.templates.conv import ConvSpec, generate as conv_generate
+
+    N, C, H, W, K = 8, 4, 16, 16, 8
+    cs = ConvSpec(N=N, C=C, H=H, W=W, K=K, R=3, S=3, padding=1, stats=True, name="fnn_conv_stats_test")
+    conv = load(conv_generate(cs), cs.name)
+    bs = BatchNormSpec("fnn_batch_norm_partials_test", header("fnn_batch_norm_partials_test", ["%2 batch_norm"],
+                       ["bn"], "kernels/batch_norm.py"), ("%2 batch_norm",), N, K, H * W, True, partials=True)
+    bn = load(generate(bs), bs.name)
+    x, w, b = torch.randn(N, C, H, W), torch.randn(K, C, 3, 3) * 0.3, torch.randn(K) * 0.01 + 3
+    rm, rv, wt, bt = torch.rand(K), torch.rand(K) + 0.5, torch.randn(K), torch.randn(K)
+    rm0, rv0 = rm.clone(), rv.clone()
+    with use_target("gpu"), recording() as launches:
+        y = torch.empty(N, K, H, W)
+        st = torch.empty(conv.stats_size(N))
+        conv.launch(x, w, b, y, None, None, st=st)
+        out, mean, invstd = torch.empty_like(y), torch.empty(K), torch.empty(K)
+        bn.launch(y, wt, bt, rm, rv, out, mean, invstd, st=st)
+    assert [r.grid[0] for r in launches] == [64, 32]
+    y64 = y.double()
+    m64, v64 = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
+    assert ((mean.double() - m64).abs() <= torch.finfo(torch.float32).eps * m64.abs()).all(), (mean.double() - m64)
+    assert rel_err(invstd, (v64 + EPS).rsqrt()) <= 1e-6
+    ref = F.batch_norm(y64, rm0.double(), rv0.double(), wt.double(), bt.double(), training=True, momentum=MOMENTUM,
+                       eps=EPS)
+    assert rel_err(out, ref) <= TOL
+    assert rel_err(rm, rm0.double() * (1 - MOMENTUM) + MOMENTUM * m64) <= RUNNING_TOL
+    assert rel_err(rv, rv0.double() * (1 - MOMENTUM) + MOMENTUM * y64.var((0, 2, 3))) <= RUNNING_TOL

@@ -16,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednn
+from fusednn import launch
 from fusednn.compiler import passes
+from fusednn.compiler.configs import use_target
 from tests.helpers import rel_err
 
 ACTS = {
@@ -105,6 +107,22 @@ def test_batch_norm_activation_and_residual_fuse_and_match_torch_in_training(act
     model = _affine(Unit(act, residual))
     c = _check(model, torch.randn(3, 4, 6, 6))
     assert len(_fused(c)) == 1 and len(c.stats()["kernels"]) == 2, c.stats()["kernels"]  # conv, bn+act
+
+
+@pytest.mark.parametrize("act", ["gelu"])  # act' from z, recomputed in both kernels
+def test_gpu_configs_split_the_batch_norm_rows_and_match_torch(act):
+    # With the GPU's launch configs (2,048 rows here, in the interpreter) the conv writes per-tile partial
+    # statistics (64 tiles of 32 rows) that every program of the batch norm combines before normalising its
+    # own slice of rows (configs.normalize_split), and the backward cuts each channel's sums into row slices
+    # (configs.reduce_split); the pulled-back dy the residual receives is written slice by slice. The input
+    # sits far from 0, so the conv's outputs have a mean large against their spread.
+    model = _affine(Unit(act, residual=True))
+    with use_target("gpu"), launch.recording() as launches:
+        c = _check(model, torch.randn(8, 4, 16, 16) + 4)
+    grids = {launch.kernel_name(r.kernel): r.grid for r in launches}
+    conv, bn = c.stats()["kernels"]
+    assert grids[conv][0] > 1 and grids[bn][0] > 1 and grids["_batch_norm_bwd_dwdb_kernel"][0] > 1, grids
+    assert "stats=True" in str(c.fused_graph) and "conv_stats=True" in str(c.fused_graph)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "none"])

@@ -7,6 +7,13 @@ E[x²] − E[x]² cancellation), normalise.
 Everything is deterministic and the whole op is one launch. With running statistics (eval) the op is
 pointwise per channel and the grid also splits the rows.
 
+Where a conv produces x (`partials`, passes.conv_batch_stats), its epilogue has already written per tile of
+rows the mean and the sum of squared deviations of each channel (compiler/templates/conv.py `stats`). The
+kernel then never walks x for the statistics: each program combines the tiles' partials in tile order
+(Chan, Golub & LeVeque: mean = Σ nₜ meanₜ / M, M2 = Σ M2ₜ + nₜ (meanₜ − mean)²), the same bits in every
+program, and normalises its own slice of rows; the first row slice saves the statistics and updates the
+running ones. The grid splits the rows (configs.normalize_split), so the whole GPU works on it.
+
 The normalise pass may go on, in registers, with what follows the batch norm in a network (the
 `batch_norm_act` group of passes.fuse_batch_norm): a residual add (the other operand read once) and any
 activation of kernels/activation.py, so `relu(bn(conv(x)) + shortcut)` writes only its result.
@@ -40,6 +47,7 @@ class BatchNormSpec:
     act: str = "none"  # an activation of kernels/activation.py applied after the (residual add of the) affine map
     act_params: tuple[float, ...] = ()  # its parameters, in the order its `_<act>` helper takes them
     residual: bool = False  # y = act(bn(x) + residual), the residual of x's shape
+    partials: bool = False  # batch statistics from the producing conv's per-tile partials (module docstring)
 
     @property
     def batch_stats(self) -> bool:
@@ -68,6 +76,8 @@ def generate(spec: BatchNormSpec) -> str:
     use_running = not spec.batch_stats
     if spec.act != "none" and spec.act not in SAVES:
         raise ValueError(f"batch_norm: unknown activation {spec.act!r}")
+    if spec.partials and not spec.batch_stats:
+        raise ValueError("batch_norm: per-tile partial statistics are for batch statistics")
     params = ["x_ptr,  # [N, C, INNER] input, contiguous"]
     args = ["x"]
     if spec.residual:
@@ -92,11 +102,19 @@ def generate(spec: BatchNormSpec) -> str:
     if cma:
         params.append("count_ptr,  # [] int64 num_batches_tracked, already counted: the factor is 1/count")
         args.append("counter")
+    if spec.partials:
+        params += ["st_ptr,  # float32 [T * (2 * C + 1)]: the conv's per-tile means [T, C], sums of squared "
+                   "deviations [T, C], row counts [T]",
+                   "T,  # row tiles of the conv",
+                   "ROWS,  # rows per program, a multiple of BLOCK_R"]
+        args += ["st", "st.numel() // " + str(2 * spec.C + 1), "rows"]
     params.append("N,  # batch, a runtime int: statistics divide by the actual N * INNER")
     params += [f"{p}: tl.constexpr," for p in ("C", "INNER", "EPS")]
     if update and not cma:
         params.append("MOMENTUM: tl.constexpr,")
     params += ["BLOCK_R: tl.constexpr,", "BLOCK_C: tl.constexpr,"]
+    if spec.partials:
+        params.append("BLOCK_T: tl.constexpr,")
 
     s = Source()
     s.writelines(spec.header)
@@ -115,7 +133,8 @@ def generate(spec: BatchNormSpec) -> str:
         s.writeline(f"from fusednn.kernels.activation import _{spec.act}")
     s.writeline()
     s.writeline()
-    s.writeline('@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every batch size')
+    runtime = '["N", "T", "ROWS"]' if spec.partials else '["N"]'
+    s.writeline(f'@triton.jit(do_not_specialize={runtime})  # one compiled kernel for every batch size')
     s.writeline(f"def {spec.name}(")
     with s.indent():
         for p in params:
@@ -133,12 +152,14 @@ def generate(spec: BatchNormSpec) -> str:
             s.writeline(f"# {label}")
         if use_running:
             _emit_eval(s, spec)
+        elif spec.partials:
+            _emit_partials(s, spec, update)
         else:
             _emit_train(s, spec, update)
     s.writeline()
     s.writeline()
     s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None, "
-                "residual=None, nbytes=None):")
+                f"residual=None, {'st=None, ' if spec.partials else ''}nbytes=None):")
     with s.indent():
         mode = "running" if use_running else "batch"
         then = "".join([" + residual" if spec.residual else "", f", then {spec.act}" if spec.act != "none" else ""])
@@ -147,11 +168,18 @@ def generate(spec: BatchNormSpec) -> str:
         s.writeline("n = x.shape[0]")
         s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C}{', heavy=True' if heavy_act(spec.act) else ''})")
         rows_grid = f'configs.cdiv(n * {spec.inner}, cfg["BLOCK_R"])' if use_running else "1"
+        if spec.partials:
+            s.writeline(f'split = configs.normalize_split(n * {spec.inner}, configs.cdiv({spec.C}, cfg["BLOCK_C"]), '
+                        f'cfg["BLOCK_R"], st.numel() // {2 * spec.C + 1})')
+            s.writeline(f'rows = configs.cdiv(configs.cdiv(n * {spec.inner}, split), cfg["BLOCK_R"]) * cfg["BLOCK_R"]')
+            rows_grid = "split"
         s.writeline(f'grid = ({rows_grid}, configs.cdiv({spec.C}, cfg["BLOCK_C"]))')
         args.append("n")
         meta = f"C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
         if update and not cma:
             meta += f", MOMENTUM={spec.momentum!r}"
+        if spec.partials:
+            meta += ", BLOCK_T=32"
         s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, nbytes=nbytes, **cfg)")
     return s.getvalue()
 
@@ -189,21 +217,87 @@ def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
         """
     )
     if update:
-        if spec.momentum is None:  # read on the device: a traced step never syncs for .item()
-            s.writeline("momentum = 1.0 / tl.load(count_ptr).to(tl.float32)")
-        else:
-            s.writeline("momentum = MOMENTUM")
-        s.writelines(
-            """
-            # running stats exactly as torch: running_var takes the unbiased variance
-            rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
-            rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
-            tl.store(rmean_ptr + chans, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)
-            tl.store(rvar_ptr + chans, (1.0 - momentum) * rv + momentum * (var * M / (M - 1)), mask=c_ok)
-            """
-        )
+        _emit_update(s, spec)
     y = _emit_scale(s, spec)
     s.writeline("for r0 in range(0, M, BLOCK_R):")
+    with s.indent():
+        s.writelines(_TILE)
+        _emit_store(s, spec, y)
+
+
+def _emit_update(s: Source, spec: BatchNormSpec) -> None:
+    """The running statistics' update from the batch's mean and biased var."""
+    if spec.momentum is None:  # read on the device: a traced step never syncs for .item()
+        s.writeline("momentum = 1.0 / tl.load(count_ptr).to(tl.float32)")
+    else:
+        s.writeline("momentum = MOMENTUM")
+    s.writelines(
+        """
+        # running stats exactly as torch: running_var takes the unbiased variance
+        rm = tl.load(rmean_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + chans, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(rmean_ptr + chans, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)
+        tl.store(rvar_ptr + chans, (1.0 - momentum) * rv + momentum * (var * M / (M - 1)), mask=c_ok)
+        """
+    )
+
+
+# The partial statistics of tiles t0 .. t0 + BLOCK_T of the conv (row count, mean; `m2` adds the sums of
+# squared deviations), the tiles past T masked to nothing.
+_PARTIALS = """
+t = t0 + tl.arange(0, BLOCK_T)
+t_ok = t < T
+t_at = t[:, None] * C + chans[None, :]
+t_mask = t_ok[:, None] & c_ok[None, :]
+t_rows = tl.load(st_ptr + 2 * T * C + t, mask=t_ok, other=0.0)
+t_mean = tl.load(st_ptr + t_at, mask=t_mask, other=0.0)
+"""
+
+
+def _emit_partials(s: Source, spec: BatchNormSpec, update: bool) -> None:
+    """Batch statistics from the conv's per-tile partials; grid (row slices, channel blocks)."""
+    s.writelines(
+        """
+        # the statistics from the conv's per-tile partials, combined in tile order (every program alike)
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+        """
+    )
+    with s.indent():
+        s.writelines(_PARTIALS)
+        s.writeline("acc += t_rows[:, None] * t_mean")
+    s.writelines(
+        """
+        mean = tl.sum(acc, axis=0) / M
+        # second pass: the tiles' deviations d from that mean; Σ nₜ d corrects the mean for the rounding of
+        # the first sum, as the corrected two-pass of the kernel without partials
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        acc_d = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+        """
+    )
+    with s.indent():
+        s.writelines(_PARTIALS)
+        s.writeline("d = tl.where(t_mask, t_mean - mean[None, :], 0.0)")
+        s.writeline("acc += tl.load(st_ptr + T * C + t_at, mask=t_mask, other=0.0) + t_rows[:, None] * d * d")
+        s.writeline("acc_d += t_rows[:, None] * d")
+    s.writelines(
+        """
+        sum_d = tl.sum(acc_d, axis=0)
+        mean += sum_d / M
+        var = (tl.sum(acc, axis=0) - sum_d * sum_d / M) / M  # biased: what normalises
+        invstd = 1.0 / tl.sqrt(var + EPS)
+        if tl.program_id(0) == 0:  # the first row slice saves them and updates the running statistics
+        """
+    )
+    with s.indent():
+        s.writeline("tl.store(mean_ptr + chans, mean, mask=c_ok)")
+        s.writeline("tl.store(invstd_ptr + chans, invstd, mask=c_ok)")
+        if update:
+            _emit_update(s, spec)
+    y = _emit_scale(s, spec)
+    s.writeline("first = tl.program_id(0) * ROWS")
+    s.writeline("for r0 in range(first, tl.minimum(first + ROWS, M), BLOCK_R):")
     with s.indent():
         s.writelines(_TILE)
         _emit_store(s, spec, y)

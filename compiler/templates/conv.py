@@ -54,6 +54,9 @@ class ConvSpec:
             no residual).
         inference: no backward reads this kernel's outputs (the inference graph): any kernel activation of
             kernels/activation.py (`act_params`: its parameters), and a max pool stores no argmax.
+        stats: a training batch norm normalises y: the epilogue also writes, per tile of rows and output
+            channel, the mean of the values stored and the sum of their squared deviations from it, and each
+            tile's row count (`STATS` below); the batch norm adds the tiles' in a fixed order.
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
         compute: the dtype of the conv's own result, which its tl.dot operands take (kernels/precision.py),
             where it differs from the kernel's output (an epilogue op in float32 under CUDA autocast); "":
@@ -88,6 +91,7 @@ class ConvSpec:
     bn_after_pool: bool = False
     inference: bool = False
     act_params: tuple[float, ...] = ()
+    stats: bool = False
     precision: str = "ieee"
     compute: str = ""  # the conv's own result dtype ("float16", ...), where the kernel's output differs from it
     name: str = "fnn_conv"
@@ -115,6 +119,8 @@ class ConvSpec:
             raise ValueError(f"ConvSpec {self.name}: bn_weight / bn_bias without bn")
         if self.bn_after_pool and (not self.bn or self.pool == "none" or self.residual or self.save_act):
             raise ValueError(f"ConvSpec {self.name}: bn_after_pool needs a batch norm and a pool, no residual or save_act")
+        if self.stats and (self.bn or self.inference or self.save_act):
+            raise ValueError(f"ConvSpec {self.name}: stats are for a training batch norm of y (no bn, inference or save_act)")
         n_stages = 1 + self.bn + self.residual + (self.act != "none") + (self.pool != "none")
         if len(self.labels) != n_stages:
             raise ValueError(f"ConvSpec {self.name}: {n_stages} stages but labels {self.labels}")
@@ -234,6 +240,9 @@ def generate(spec: ConvSpec) -> str:
         ptrs.append(("idx_ptr", "uint8 [N, K, PH, PW]: window offset dh * POOL_K + dw of each max"))
     if spec.save_act:
         ptrs.append(("a_ptr", "activation before the pool [N, K, OH, OW], saved for backward"))
+    if spec.stats:
+        ptrs.append(("st_ptr", "float32 [T * (2 * K + 1)], T row tiles: the tiles' means [T, K], sums of "
+                               "squared deviations [T, K], row counts [T]"))
     consts = [
         ("C, H, W", "input shape [N, C, H, W]"),
         ("K, R, S, GROUPS", "filters"),
@@ -347,10 +356,34 @@ def generate(spec: ConvSpec) -> str:
             src.writeline("tl.store(idx_ptr + y_off, win.to(tl.uint8), mask=y_ok)")
         if spec.save_act and not pooled:
             src.writeline(f"tl.store(a_ptr + y_off, {act_t}, mask=y_ok)")
+        if spec.stats:
+            _stats_lines(src, final)
     src.writeline()
     src.writeline()
     _launch_fn(src, spec, rows_h, rows_w, partial)
     return src.getvalue()
+
+
+def _stats_lines(src: Source, final: str) -> None:
+    """The batch statistics of this tile of y, per channel, for the training batch norm that normalises y:
+    the values as stored (rounded to y's dtype), their mean and the sum of squared deviations from it
+    (corrected two-pass over registers, as the batch norm's own: no E[y²] − E[y]² cancellation, and the
+    mean corrected for the rounding of its sum), and the tile's row count. Tile pid_m's
+    entries sit at pid_m of each [T, ...] part; the batch norm combines them in tile order (Chan et al.)."""
+    src.writelines(f"""
+        # batch statistics of the tile for the training batch norm of y (STATS)
+        st_y = {final}.to(y_ptr.dtype.element_ty).to(tl.float32)
+        st_rows = tl.sum(m_ok.to(tl.float32), axis=0)
+        st_mean = tl.sum(tl.where(m_ok[:, None], st_y, 0.0), axis=0) / st_rows
+        st_dev = tl.where(m_ok[:, None], st_y - st_mean[None, :], 0.0)
+        st_sum_dev = tl.sum(st_dev, axis=0)  # corrects the mean for the rounding of the first sum
+        st_m2 = tl.sum(st_dev * st_dev, axis=0) - st_sum_dev * st_sum_dev / st_rows
+        st_tiles = tl.num_programs(0)
+        tl.store(st_ptr + pid_m * K + k, st_mean + st_sum_dev / st_rows, mask=j_ok)
+        tl.store(st_ptr + (st_tiles + pid_m) * K + k, st_m2, mask=j_ok)
+        if (pid_n == 0) & (g == 0):
+            tl.store(st_ptr + 2 * st_tiles * K + pid_m, st_rows)
+    """)
 
 
 def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str, partial: bool) -> None:
@@ -433,6 +466,7 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         args += ["rm", "rv"] + (["bn_w"] if spec.bn_weight else []) + (["bn_b"] if spec.bn_bias else [])
     args += (["r"] if spec.residual else []) + ["y"]
     args += (["idx"] if spec.pool == "max" and not spec.inference else []) + (["a"] if spec.save_act else [])
+    args += ["st"] if spec.stats else []
     meta = [f"C={spec.C}, H={spec.H}, W={spec.W}, K={spec.K}, R={spec.R}, S={spec.S}, "
             f"GROUPS={spec.groups},",
             f"STRIDE_H={sh}, STRIDE_W={sw}, PAD_H={ph}, PAD_W={pw}, DIL_H={dh}, DIL_W={dw}, "
@@ -452,6 +486,9 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     bn_args = spec.inference or spec.bn or spec.residual
     extra = ", rm=None, rv=None, bn_w=None, bn_b=None, r=None" if bn_args else ""
     extra_doc = " (the batch norm's rm, rv, bn_w, bn_b; the residual r)" if bn_args else ""
+    if spec.stats:
+        extra += ", st=None"
+        extra_doc += " (st: the statistics partials, `stats_size(n)` floats)"
     src.writelines(f'''
         def launch(x, w, b, y, idx, a{extra}, nbytes=None):
             """{stages} in one launch; b, idx, a{extra_doc} are None where this variant has none."""
@@ -468,3 +505,12 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
             src.writeline(line)
     with src.indent():
         src.writeline(")")
+    if spec.stats:
+        src.writeline()
+        src.writeline()
+        src.writelines(f'''
+            def stats_size(n):
+                """Floats of the statistics partials `st` at batch n: T row tiles x (2 K + 1)."""
+                cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True{heavy})
+                return configs.cdiv(n * {per_image}, cfg["BLOCK_M"]) * {2 * spec.K + 1}
+        ''')
