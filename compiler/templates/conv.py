@@ -357,14 +357,14 @@ def generate(spec: ConvSpec) -> str:
         if spec.save_act and not pooled:
             src.writeline(f"tl.store(a_ptr + y_off, {act_t}, mask=y_ok)")
         if spec.stats:
-            _stats_lines(src, final)
+            _stats_lines(src, final, f"{rows_h} * {rows_w}")
     src.writeline()
     src.writeline()
     _launch_fn(src, spec, rows_h, rows_w, partial)
     return src.getvalue()
 
 
-def _stats_lines(src: Source, final: str) -> None:
+def _stats_lines(src: Source, final: str, rows: str) -> None:
     """The batch statistics of this tile of y, per channel, for the training batch norm that normalises y:
     the values as stored (rounded to y's dtype), their mean and the sum of squared deviations from it
     (corrected two-pass over registers, as the batch norm's own: no E[y²] − E[y]² cancellation, and the
@@ -373,7 +373,7 @@ def _stats_lines(src: Source, final: str) -> None:
     src.writelines(f"""
         # batch statistics of the tile for the training batch norm of y (STATS)
         st_y = {final}.to(y_ptr.dtype.element_ty).to(tl.float32)
-        st_rows = tl.sum(m_ok.to(tl.float32), axis=0)
+        st_rows = tl.minimum(N * {rows} - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         st_mean = tl.sum(tl.where(m_ok[:, None], st_y, 0.0), axis=0) / st_rows
         st_dev = tl.where(m_ok[:, None], st_y - st_mean[None, :], 0.0)
         st_sum_dev = tl.sum(st_dev, axis=0)  # corrects the mean for the rounding of the first sum
