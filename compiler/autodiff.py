@@ -42,6 +42,9 @@ class Rule:
     kernels: tuple[str, ...]
     saves: Callable[[Node], list[Value | str]]  # Values (inputs/outputs) and extra keys ("idx", "lse", ...)
     vjp: Vjp
+    # The VJP takes `into=`, a gradient its first input already has from other uses, and returns that
+    # input's gradient with it added (in its own kernel: no separate sum)
+    accumulates: bool = False
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +64,8 @@ def _conv_saves(n: Node) -> list[Value | str]:
     return out
 
 
-def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str) -> Grads:
+def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str,
+              into: torch.Tensor | None = None) -> Grads:
     from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
 
     x, w, b = n.inputs
@@ -75,7 +79,8 @@ def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
         stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
         act=a.get("act", "none"), act_param=a.get("act_param", 0.0), pool=a.get("pool", "none"),
         pool_k=a.get("pool_k", 1), out_hw=(OH, OW), needs_dx=needs[0], needs_dw=needs[1],
-        needs_db=b is not None and needs[2], precision=precision)
+        needs_db=b is not None and needs[2], precision=precision,
+        dx_into=None if into is None else _as4d(into))
     if dx is not None and xt.dim() == 3:
         dx = dx.squeeze(0)
     return [dx, dw, db]
@@ -377,7 +382,7 @@ def _reshape_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisi
 _NONE: Callable[[Node], list[Value | str]] = lambda n: []  # noqa: E731
 # The VJP of each autodiff family (the registry row's `backward`).
 VJPS: dict[str, Rule] = {
-    "conv": Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp),
+    "conv": Rule(("conv_relu_pool_backward",), _conv_saves, _conv_vjp, accumulates=True),
     "linear": Rule(("linear_relu_backward",), _linear_saves, _linear_vjp),
     "act": Rule(("activation_backward",), lambda n: [v for v in (_act_saved(n),) if v is not None], _act_vjp),
     "prelu": Rule(("prelu_backward",), lambda n: list(n.inputs), _prelu_vjp),
@@ -425,6 +430,20 @@ class GradSum:
     def __init__(self, grads: dict[Value, torch.Tensor]) -> None:
         self.grads = grads
         self._owned: set[Value] = set()
+
+    def owned(self, v: Value, g: torch.Tensor) -> None:
+        """v's gradient is g, a new tensor that already holds every sum so far (an accumulating VJP's)."""
+        self.grads[v] = g
+        self._owned.add(v)
+
+    def into(self, n: Node, needs: list[bool]) -> torch.Tensor | None:
+        """What an accumulating VJP of n adds into its first input's gradient: the gradient that input
+        already has, where its kernel can read it as it is (the value's shape and dtype, contiguous)."""
+        v = n.inputs[0]
+        prev = self.grads.get(v) if needs[0] and rule(n).accumulates else None
+        if prev is None or prev.dtype != v.type.dtype or not prev.is_contiguous():
+            return None
+        return prev
 
     def add(self, v: Value, g: torch.Tensor) -> None:
         from fusednn.kernels.activation import accumulate_, add
@@ -477,8 +496,9 @@ class BackwardPlan:
             precision: str, vjp: Callable[..., list] | None = None) -> list[torch.Tensor | None]:
         """Propagate output gradients back to the graph inputs; returns one gradient per graph input.
 
-        vjp: runs a node's VJP instead of calling its rule directly, as `vjp(n, env, dy, needs, general)`
-        where `general()` is the rule's call (the runtime records and replays it: fusednn/prebuilt.py)."""
+        vjp: runs a node's VJP instead of calling its rule directly, as `vjp(n, env, dy, needs, general, into)`
+        where `general()` is the rule's call and `into` the gradient it adds into (GradSum.into; None for
+        none): the runtime records and replays it (fusednn/prebuilt.py)."""
         need = self.requires_grad(input_needs)
         acc = GradSum(grads)
         for n, empty in self._reverse:
@@ -491,15 +511,21 @@ class BackwardPlan:
                         for v, nd in zip(n.inputs, needs)]
             else:
                 dyc = dy.contiguous()
+                into = acc.into(n, needs)
+                kw = {} if into is None else {"into": into}
                 if vjp is None:
-                    outs = rule(n).vjp(n, env, dyc, needs, precision)
+                    outs = rule(n).vjp(n, env, dyc, needs, precision, **kw)
                 else:
-                    outs = vjp(n, env, dyc, needs, lambda n=n, d=dyc, nd=needs: rule(n).vjp(n, env, d, nd, precision))
-            for v, g in zip(n.inputs, outs):
+                    outs = vjp(n, env, dyc, needs,
+                               lambda n=n, d=dyc, nd=needs, kw=kw: rule(n).vjp(n, env, d, nd, precision, **kw), into)
+            for i, (v, g) in enumerate(zip(n.inputs, outs)):
                 if v is not None and g is not None and need.get(v, False):
                     if g.dtype != v.type.dtype:  # a VJP past a dtype change (autocast): the value's dtype
                         g = g.to(v.type.dtype)
-                    acc.add(v, g)
+                    if i == 0 and into is not None:  # the VJP added the gradient v had
+                        acc.owned(v, g)
+                    else:
+                        acc.add(v, g)
         return [grads.get(v) for v in self.graph.inputs]
 
     def format(self) -> str:

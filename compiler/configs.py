@@ -139,6 +139,19 @@ def gemm(M: int, N: int, K: int, gather: bool = False, heavy_epilogue: bool = Fa
 
 
 @_per_target
+def depthwise(rows: int, channels: int, heavy_epilogue: bool = False) -> dict:
+    """Tiles for a direct depthwise conv kernel (groups == channels: each output channel reads only its own
+    input channel) and its backward: BLOCK_M positions x BLOCK_N channels per program, one FMA per tap and
+    element, no tl.dot (an implicit GEMM would pad each one-channel group to 16 columns and its 9 taps to
+    16). BLOCK_K is unused; the kernels share the GEMM kernels' signature. heavy_epilogue as `gemm`."""
+    if target() == "interp":
+        return dict(BLOCK_M=pow2(rows, 16, 1024), BLOCK_N=pow2(channels, 16, 128), BLOCK_K=16, num_warps=4)
+    bm = 64 if rows >= 4096 else 32
+    return dict(BLOCK_M=bm, BLOCK_N=pow2(channels, 16, 32), BLOCK_K=16,
+                num_warps=8 if heavy_epilogue and bm >= 64 else 4)
+
+
+@_per_target
 def elementwise(n: int) -> dict:
     """Block for a 1-D pointwise kernel over n elements."""
     if target() == "interp":

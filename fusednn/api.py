@@ -328,6 +328,24 @@ def _what_varies(sigs: list[tuple], names: list[str], most: int = 4) -> str:
     return "; ".join(parts) or "parameters or modules were added or removed"
 
 
+def _tensor_guards(tensors: list[torch.Tensor], dynamic_dim0: set[int]) -> Any:
+    """torch's own C++ tensor check (what torch.compile's guards use), or None where this torch lacks it or
+    it does not behave as relied on: `check(*tensors)` is True only for tensors of the same class, dispatch
+    keys, dtype, device, requires_grad, sizes (dim 0 free at `dynamic_dim0`) and strides. ~0.2 us a tensor,
+    against ~0.6 us for the same reads in Python."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        sizes = [[None, *t.shape[1:]] if i in dynamic_dim0 else list(t.shape) for i, t in enumerate(tensors)]
+        guards = TensorGuards(*tensors, dynamic_dims_sizes=sizes,
+                              dynamic_dims_strides=[list(t.stride()) for t in tensors])
+        if guards.check(*tensors):
+            return guards
+    except Exception:  # noqa: BLE001 - a private API: any failure means the Python checks
+        pass
+    return None
+
+
 class _Guard:
     """The steady-state key check: what the last call's full key (`_signature`) read, re-read cheaply.
 
@@ -342,7 +360,7 @@ class _Guard:
     the key, never looser.
     """
 
-    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch")
+    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch", "native", "names")
 
     @staticmethod
     def _tensor_state(t: torch.Tensor) -> tuple:
@@ -381,6 +399,9 @@ class _Guard:
             return None
         g.checks = [(t.shape, cls._tensor_state(t)) for t in tensors.values()]
         g.args = [(a.shape[1:] if i in batch_at else a.shape, cls._tensor_state(a)) for i, a in enumerate(args)]
+        g.names = [e[0] for e in g.entries]
+        # The same reads, and stricter (strides, dispatch keys), in one C++ call where torch has it
+        g.native = _tensor_guards([*args, *tensors.values()], set(batch_at))
         return g
 
     def tensors(self, args: tuple) -> dict[str, torch.Tensor] | None:
@@ -393,6 +414,16 @@ class _Guard:
                     return None
         except Exception:  # an attribute whose == raises (a tensor attribute or parameter replaced): the full key
             return None
+        if self.native is not None:
+            live = [d[k] for _, d, k in self.entries]
+            if not self.native.check(*args, *live):
+                return None
+            if self.batch_at:
+                batch = args[self.batch_at[0]].shape[0]
+                if any(args[i].shape[0] != batch for i in self.batch_at) or batch < self.min_batch or \
+                        batching.batch_of(args) != (batch, self.batch_at):
+                    return None
+            return dict(zip(self.names, live))
         state = self._tensor_state
         batch = None
         for i, (a, (shape, st)) in enumerate(zip(args, self.args)):

@@ -329,14 +329,16 @@ def _read_keys(n: Node, env: Env) -> list[tuple[bool, Any]]:
 
 def _recorder(programs: dict, alias: dict[Value, Any]) -> Callable[..., list]:
     """A BackwardPlan.run vjp that runs each VJP's general path and records it into `programs`."""
-    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list]) -> list:
+    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list],
+            into: torch.Tensor | None) -> list:
         keys = _read_keys(n, env)
-        reads = [dy] + [(env.extra if extra else env.values)[k] for extra, k in keys]
-        classes = [("gradient",)] + [k if extra else alias.get(k, k) for extra, k in keys]
+        added = [] if into is None else [into]  # the gradient the VJP adds into, its own alias class
+        reads = [dy] + added + [(env.extra if extra else env.values)[k] for extra, k in keys]
+        classes = [("gradient",)] + [("into",)] * len(added) + [k if extra else alias.get(k, k) for extra, k in keys]
         with prebuilt.Capture(reads, classes) as cap:
             outs = list(general())
         pb = cap.build(outs)
-        programs[n] = None if pb is None else (pb, keys)
+        programs[n] = None if pb is None else (pb, keys, into is not None)
         return outs
 
     return vjp
@@ -344,13 +346,14 @@ def _recorder(programs: dict, alias: dict[Value, Any]) -> Callable[..., list]:
 
 def _replayer(programs: dict) -> Callable[..., list]:
     """A BackwardPlan.run vjp that replays each recorded VJP (the general path where none was)."""
-    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list]) -> list:
+    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list],
+            into: torch.Tensor | None) -> list:
         entry = programs.get(n)
-        if entry is None:
+        if entry is None or entry[2] != (into is not None):
             return general()
-        pb, keys = entry
+        pb, keys, _ = entry
         values, extras = env.values, env.extra
-        return pb.run([dy] + [(extras if extra else values)[k] for extra, k in keys])
+        return pb.run([dy] + ([] if into is None else [into]) + [(extras if extra else values)[k] for extra, k in keys])
 
     return vjp
 

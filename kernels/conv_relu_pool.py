@@ -7,6 +7,7 @@ gradient dy, the 1-byte argmax idx and the activation's output: the full-size gr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -94,6 +95,7 @@ def _conv_relu_pool_bwd_dx_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     w_ptr,  # filters [K, C // GROUPS, R, S]
     dx_ptr,  # out: input gradient [N, C, H, W]
+    into_ptr,  # [N, C, H, W] a gradient x already has, added to dx (ACCUMULATE)
     slope,  # leaky_relu's negative slope
     N,  # batch
     C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -101,7 +103,7 @@ def _conv_relu_pool_bwd_dx_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Implicit GEMM of the transposed conv, one group g per program along axis 2:
@@ -144,6 +146,8 @@ def _conv_relu_pool_bwd_dx_kernel(
         acc = tl.dot(_dot_in(dz, dy_ptr.dtype.element_ty), _dot_in(w_tile, dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
     c = g * CG + offs_j
     dx_off = ((n[:, None] * C + c[None, :]) * H + ih[:, None]) * W + iw[:, None]
+    if ACCUMULATE:  # x's other uses' gradient, summed here in fp32 and rounded once
+        acc += tl.load(into_ptr + dx_off, mask=j_ok[None, :], other=0.0).to(tl.float32)
     tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & j_ok[None, :])
 
 
@@ -214,6 +218,108 @@ def _conv_relu_pool_bwd_dw_kernel(
             tl.store(db_ptr + part * K + k, db_acc, mask=i_ok)
 
 
+# Depthwise (GROUPS == C == K, each output channel filters its own input channel): the same VJP with one
+# channel per group, run directly, not as GEMMs of one-column groups padded to 16 (configs.depthwise):
+#   dx[n,c,h,w] = sum_{r,s} dz[n,c,oh,ow] * w[c,0,r,s]      (the conv positions the taps reach, as above)
+#   dw[c,0,r,s] = sum_{n,oh,ow} dz[n,c,oh,ow] * x[n,c, oh*SH - PAD_H + r*DH, ow*SW - PAD_W + s*DW]
+# Programs own BLOCK_N channels; dw's rows are cut into SPLIT slices whose partials are summed as above.
+@triton.jit(do_not_specialize=["N"])
+def _depthwise_bwd_dx_kernel(
+    dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
+    w_ptr,  # filters [C, 1, R, S]
+    dx_ptr,  # out: input gradient [N, C, H, W]
+    into_ptr,  # [N, C, H, W] a gradient x already has, added to dx (ACCUMULATE)
+    slope,  # leaky_relu's negative slope
+    N,  # batch
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    #   rows m = (n, ih, iw) input positions, columns c = channels; R * S multiply-adds per element
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N * H * W
+    rows = tl.minimum(offs_m, N * H * W - 1)  # past the end: the last row again, so only the store is masked
+    n = rows // (H * W)
+    ih = (rows // W) % H
+    iw = rows % W
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(R * S):
+        th = ih + PAD_H - (rs // S) * DIL_H  # == oh * STRIDE_H when the tap hits
+        tw = iw + PAD_W - (rs % S) * DIL_W
+        oh = th // STRIDE_H
+        ow = tw // STRIDE_W
+        hit = (th >= 0) & (tw >= 0) & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < OH) & (ow < OW)
+        dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], c[None, :], oh[:, None],
+                                ow[:, None], hit[:, None] & c_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+        w_tap = tl.load(w_ptr + c * (R * S) + rs, mask=c_ok, other=0.0)
+        # operands rounded as the GEMM kernels' tl.dot takes them, products and sums in fp32
+        acc += (_dot_in(dz, dy_ptr.dtype.element_ty).to(tl.float32)
+                * _dot_in(w_tap, dy_ptr.dtype.element_ty).to(tl.float32)[None, :])
+    dx_off = ((n[:, None] * C + c[None, :]) * H + ih[:, None]) * W + iw[:, None]
+    if ACCUMULATE:  # x's other uses' gradient, summed here in fp32 and rounded once
+        acc += tl.load(into_ptr + dx_off, mask=c_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(dx_ptr + dx_off, acc, mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["N"])
+def _depthwise_bwd_dw_kernel(
+    dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
+    x_ptr,  # input [N, C, H, W]
+    dw_ptr,  # out: [SPLIT, C, R * S] weight-gradient partials, one per row slice
+    db_ptr,  # out: [SPLIT, C] bias-gradient partials
+    slope,  # leaky_relu's negative slope
+    N,  # batch
+    SLICE,  # rows per slice, a multiple of BLOCK_M (a slice may be empty)
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
+    SPLIT: tl.constexpr,  # row slices
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    #   one (row slice, channel block) per program; per tap, the slice's conv positions in order
+    part = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < C
+    if COMPUTE_DW:
+        for rs in range(R * S):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for m0 in range(part * SLICE, (part + 1) * SLICE, BLOCK_M):
+                m = m0 + tl.arange(0, BLOCK_M)
+                m_ok = m < N * OH * OW
+                n = m // (OH * OW)
+                oh = (m // OW) % OH
+                ow = m % OW
+                dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], c[None, :], oh[:, None],
+                                        ow[:, None], m_ok[:, None] & c_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+                ih = oh * STRIDE_H - PAD_H + (rs // S) * DIL_H
+                iw = ow * STRIDE_W - PAD_W + (rs % S) * DIL_W
+                x_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
+                x_tile = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + ih[:, None]) * W + iw[:, None],
+                                 mask=x_ok, other=0.0)
+                acc += (_dot_in(dz, dy_ptr.dtype.element_ty).to(tl.float32)
+                        * _dot_in(x_tile, dy_ptr.dtype.element_ty).to(tl.float32))
+            tl.store(dw_ptr + (part * C + c) * (R * S) + rs, tl.sum(acc, axis=0), mask=c_ok)
+    if COMPUTE_DB:
+        db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for m0 in range(part * SLICE, (part + 1) * SLICE, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = m < N * OH * OW
+            db_acc += _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, (m // (OH * OW))[:, None], c[None, :],
+                                         ((m // OW) % OH)[:, None], (m % OW)[:, None], m_ok[:, None] & c_ok[None, :],
+                                         K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+        tl.store(db_ptr + part * C + c, tl.sum(db_acc, axis=0), mask=c_ok)
+
+
 def conv_out_hw(hw: tuple[int, int], rs: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int]) -> tuple[int, int]:
     """A convolution's output (OH, OW), as torch computes it (the template and this file share it)."""
@@ -237,6 +343,8 @@ class _Plan(MeasuredBytes):
     dx_meta: dict
     dw_grid: tuple
     dw_meta: dict
+    dx_kernel: Any = _conv_relu_pool_bwd_dx_kernel  # the depthwise kernels where groups == C == K
+    dw_kernel: Any = _conv_relu_pool_bwd_dw_kernel
     nbytes: dict = field(default_factory=dict)
 
 
@@ -268,11 +376,25 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tupl
                 PAD_H=pad_h, PAD_W=pad_w, DIL_H=dil_h, DIL_W=dil_w, OH=OH, OW=OW, PH=PH, PW=PW,
                 ACT=act, POOL=pool, POOL_K=P, PRECISION=precision)
     KG = K // groups
+    rows, crs = N * OH * OW, CG * R * S
+    if 1 < groups == C == K:  # depthwise: the direct kernels
+        cfg = configs.depthwise(configs.nominal(N * H * W), C)
+        dx_grid = (configs.cdiv(N * H * W, cfg["BLOCK_M"]), configs.cdiv(C, cfg["BLOCK_N"]))
+        cfg_w = configs.depthwise(configs.nominal(rows), C)
+        c_blocks = configs.cdiv(C, cfg_w["BLOCK_N"])
+        split = configs.split_k(c_blocks, configs.cdiv(configs.nominal(rows), cfg_w["BLOCK_M"]))
+        slice_rows = configs.cdiv(configs.cdiv(rows, cfg_w["BLOCK_M"]), split) * cfg_w["BLOCK_M"]
+        dw_meta = {**meta, "SPLIT": split, "COMPUTE_DW": needs_dw, "COMPUTE_DB": needs_db, **cfg_w}
+        return _Plan(N, crs, split, slice_rows, dx_grid, {**meta, **cfg}, (split, c_blocks), dw_meta,
+                     _depthwise_bwd_dx_kernel, _depthwise_bwd_dw_kernel)
+    # dw of a plain 1x1 conv (stride 1, no padding, nothing fused) gathers nothing: GEMM tiles, not gather
+    # tiles. Its dx keeps gather tiles: at 32 x 64 x 32 its ieee kernel took an 8-byte stack on sm_90
+    # (triton 3.9, MobileNetV2Tiny's project convs at batch 64).
+    gather = not (R == S == 1 and (sh, sw) == (1, 1) and (pad_h, pad_w) == (0, 0) and act == pool == "none")
     cfg = configs.gemm(configs.nominal(N * H * W), CG, KG * R * S, gather=True)
     dx_grid = (configs.cdiv(N * H * W, cfg["BLOCK_M"]), configs.cdiv(CG, cfg["BLOCK_N"]), groups)
     dx_meta = {**meta, **cfg}
-    rows, crs = N * OH * OW, CG * R * S
-    cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=True)
+    cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=gather)
     tiles_m, tiles_n = configs.cdiv(KG, cfg["BLOCK_M"]), configs.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
     # SPLIT is a constexpr: chosen at the nominal batch; the slices cut the actual rows (an empty slice
     # writes zero partials).
@@ -303,6 +425,7 @@ def conv_relu_pool_backward(
     needs_dw: bool,
     needs_db: bool,
     precision: str = "ieee",
+    dx_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dx, dw, db) of y = pool(act(conv2d(x, w) + b)) given dy; freshly allocated, None where not needed.
 
@@ -316,6 +439,8 @@ def conv_relu_pool_backward(
         out_hw: the conv output (OH, OW).
         needs_dx, needs_dw, needs_db: which gradients to compute.
         precision: "ieee" or "tf32", for tl.dot.
+        dx_into: a gradient x already has (its other uses'), shaped and typed like x, contiguous: dx is
+            returned with it added (in the dx kernel, no launch of its own); it is only read.
     """
     plan = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), _pair(stride), _pair(padding),
                           _pair(dilation), groups, act, pool, pool_k, tuple(out_hw), precision,
@@ -327,9 +452,14 @@ def conv_relu_pool_backward(
     slope = float(act_param or 0.0)
     dx = dw = db = None
     if needs_dx:
+        if dx_into is not None and (dx_into.shape != x.shape or dx_into.dtype != x.dtype
+                                    or not dx_into.is_contiguous()):
+            raise ValueError(f"conv_relu_pool_backward: dx_into {tuple(dx_into.shape)} {dx_into.dtype} must be "
+                             f"a contiguous {tuple(x.shape)} {x.dtype}")
         dx = torch.empty_like(x)
-        args = (*bufs, w, dx, slope, plan.N)
-        launch(_conv_relu_pool_bwd_dx_kernel, plan.dx_grid, *args, nbytes=plan.moved("dx", args), **plan.dx_meta)
+        args = (*bufs, w, dx, dx_into, slope, plan.N)
+        launch(plan.dx_kernel, plan.dx_grid, *args, nbytes=plan.moved("dx" if dx_into is None else "dx+", args),
+               ACCUMULATE=dx_into is not None, **plan.dx_meta)
     if needs_dw or needs_db:
         split, K = plan.split, w.shape[0]
         # fp32 partials to be summed; a single part is the result itself, in the weight's dtype
@@ -337,7 +467,7 @@ def conv_relu_pool_backward(
         dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=part_dtype)
         db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=part_dtype)
         args = (*bufs, x, dw_part, db_part, slope, plan.N, plan.slice_rows)
-        launch(_conv_relu_pool_bwd_dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
+        launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
         if needs_dw:
             dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False, dtype=w.dtype)).view(w.shape)
         if needs_db:

@@ -293,6 +293,16 @@ def test_backward_is_bit_identical_across_runs():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_a_residual_inputs_two_gradients_are_summed_in_the_conv_dx_kernel(fuse):
+    # x feeds the conv and the residual add: the add's VJP hands x its gradient first, and the conv's dx
+    # kernel adds it into its own result (GradSum.into), so no launch of its own sums them
+    model = _affine(Unit("relu", residual=True))
+    c = _check(model, torch.randn(3, 4, 6, 6), fuse=fuse)
+    kernels = c.stats()["backward"]["per_kernel"]
+    assert "_add_kernel" not in kernels and "_conv_relu_pool_bwd_dx_kernel" in kernels, kernels
+
+
 def test_conv_bn_relu_unit_is_two_forward_and_at_most_five_backward_launches():
     """conv, then batch norm + residual + relu; backward: batch norm (reductions, dx; the relu and the residual's
     gradient inside them), conv (dx, dw and its split sum). Before this fusion: 3 forward launches, 6 backward."""

@@ -129,6 +129,12 @@ CASES = {
     "dilation_2x3": dict(N=2, C=3, H=11, W=12, K=4, R=3, S=3, dilation=(2, 3), act="relu"),
     "groups_2": dict(N=2, C=4, H=9, W=9, K=6, R=3, S=3, groups=2, act="relu", pool="max", pool_k=2),
     "depthwise": dict(N=2, C=4, H=10, W=9, K=4, R=3, S=3, groups=4, padding=1, act="tanh", pool="max", pool_k=2),
+    "depthwise_stride_2": dict(N=2, C=5, H=9, W=8, K=5, R=3, S=3, groups=5, stride=2, padding=1, act="relu"),
+    "depthwise_dilation_no_bias": dict(N=1, C=3, H=9, W=10, K=3, R=3, S=2, groups=3, dilation=(2, 1),
+                                       bias=False, pool="avg", pool_k=2),
+    "1x1": dict(N=2, C=5, H=6, W=7, K=9, R=1, S=1),
+    "1x1_groups_2_relu_max_pool": dict(N=2, C=4, H=6, W=6, K=6, R=1, S=1, groups=2, act="relu", pool="max",
+                                       pool_k=2),
     "depthwise_multiplier_2": dict(N=1, C=3, H=8, W=9, K=6, R=2, S=2, groups=3, act="sigmoid", pool="avg",
                                    pool_k=2),
     "kernel_3x2_leaky_avg": dict(N=2, C=3, H=10, W=9, K=4, R=3, S=2, act="leaky_relu", pool="avg", pool_k=2),
@@ -206,6 +212,74 @@ def test_conv_relu_pool_split_k_grad_matches_torch_and_is_deterministic():
     with configs.use_target("gpu"):
         _, dw2, db2 = backward(spec, dy, x, w, y, idx, a, needs_dx=False)
     assert torch.equal(dw, dw2) and torch.equal(db, db2)
+
+
+@pytest.mark.parametrize("target", ["interp", "gpu"])
+def test_depthwise_conv_runs_direct_kernels_and_matches_torch(target):
+    """groups == C == K: a direct kernel per direction (one multiply-add per tap, channels as columns), no
+    GEMM of one-channel groups. 40 channels (two channel blocks at the GPU's tiles) and, at the GPU's tiles,
+    dw over 4 row slices summed in a fixed order: two runs are bit-identical."""
+    spec = make_spec(N=4, C=40, H=16, W=16, K=40, R=3, S=3, groups=40, padding=1, act="relu")
+    assert spec.depthwise and "tl.dot(" not in generate(spec)
+    x, w, b = make_inputs(spec)
+    dy = torch.randn(spec.N, spec.K, *spec.pooled_hw)
+    with configs.use_target(target), recording() as launches:
+        y, idx, a = forward(spec, x, w, b)
+        grads = backward(spec, dy, x, w, y, idx, a)
+    ref = reference(spec, x, w, b, dy)
+    assert rel_err(y, ref["y"]) <= TOL
+    for out, name in zip(grads, ("dx", "dw", "db")):
+        assert rel_err(out, ref[name]) <= TOL, name
+    names = [kernel_name(r.kernel) for r in launches]
+    assert names[1:3] == ["_depthwise_bwd_dx_kernel", "_depthwise_bwd_dw_kernel"], names
+    if target == "gpu":
+        assert launches[0].grid[1] == 2 and launches[2].grid[0] == 4, [r.grid for r in launches]
+        with configs.use_target(target):
+            again = backward(spec, dy, x, w, y, idx, a)
+        assert all(torch.equal(g, h) for g, h in zip(grads, again))
+
+
+@pytest.mark.parametrize("target", ["interp", "gpu"])
+def test_1x1_conv_is_a_plain_gemm_and_matches_torch(target):
+    """A 1x1 conv with stride 1 and no padding reads x as [N, C, H * W] (no im2col gather) and, with nothing
+    fused, takes GEMM tiles rather than gather tiles forward and for dw (MobileNet's expand and project
+    convs, ResNet's projection shortcuts)."""
+    spec = make_spec(N=4, C=48, H=8, W=8, K=40, R=1, S=1, bias=False)
+    assert spec.plain_gemm and "ih =" not in generate(spec)
+    x, w, b = make_inputs(spec)
+    dy = torch.randn(spec.N, spec.K, *spec.pooled_hw)
+    with configs.use_target(target), recording() as launches:
+        y, idx, a = forward(spec, x, w, b)
+        grads = backward(spec, dy, x, w, y, idx, a)
+    ref = reference(spec, x, w, b, dy)
+    assert rel_err(y, ref["y"]) <= TOL
+    for out, name in zip(grads[:2], ("dx", "dw")):
+        assert rel_err(out, ref[name]) <= TOL, name
+    if target == "gpu":  # gather tiles: 16 x 32 x 16 here
+        tiles = [(r.meta["BLOCK_M"], r.meta["BLOCK_N"], r.meta["BLOCK_K"]) for r in launches[:3]]
+        assert tiles == [(16, 64, 32), (16, 32, 16), (16, 64, 32)], tiles
+
+
+@pytest.mark.parametrize("case", ["lenet_conv1", "depthwise"])
+def test_conv_dx_adds_a_gradient_x_already_has(case):
+    """dx_into: the dx kernel returns the conv's dx plus it, read, not written."""
+    spec = make_spec(**CASES[case])
+    x, w, b = make_inputs(spec)
+    y, idx, a = forward(spec, x, w, b)
+    dy = torch.randn(y.shape)
+    ref = reference(spec, x, w, b, dy)
+    into = torch.randn(x.shape)
+    before = into.clone()
+    dx, _, _ = conv_relu_pool_backward(
+        dy, x, w, y, idx, a, stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
+        act=spec.act, act_param=spec.act_param, pool=spec.pool, pool_k=spec.pool_k, out_hw=spec.out_hw,
+        needs_dx=True, needs_dw=False, needs_db=False, dx_into=into)
+    assert rel_err(dx, ref["dx"] + into.double()) <= TOL and torch.equal(into, before)
+    with pytest.raises(ValueError, match="dx_into"):
+        conv_relu_pool_backward(
+            dy, x, w, y, idx, a, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+            groups=spec.groups, act=spec.act, act_param=spec.act_param, pool=spec.pool, pool_k=spec.pool_k,
+            out_hw=spec.out_hw, needs_dx=True, needs_dw=False, needs_db=False, dx_into=into.double())
 
 
 def test_conv_relu_pool_dw_db_bit_identical_across_runs():
@@ -329,3 +403,30 @@ def test_conv_relu_pool_kernels_compile_for_sm90():
                      "_sum_to_kernel"}
     compiled = aot.compile_launches(launches)
     assert {c.resources.kernel for c in compiled} == names
+
+
+@pytest.mark.aot
+def test_depthwise_kernels_compile_for_sm90_without_spills():
+    """MobileNetV2Tiny's widest depthwise conv at batch 64 with the GPU launch configs, with and without a
+    fused activation and max pool: the direct forward and backward kernels compile for sm_90, no spills."""
+    aot = pytest.importorskip("fusednn.tools.aot")
+    reason = aot.unavailable_reason(90)
+    if reason is not None:
+        pytest.skip(f"cannot compile for sm_90 here: {reason}")
+    specs = [make_spec(N=64, C=96, H=16, W=16, K=96, R=3, S=3, groups=96, padding=1, bias=False,
+                       name="fnn_depthwise_aot"),
+             make_spec(N=64, C=96, H=16, W=16, K=96, R=3, S=3, groups=96, padding=1, act="relu", pool="max",
+                       pool_k=2, name="fnn_depthwise_relu_pool_aot")]
+
+    def step():
+        for spec in specs:
+            x, w, b = make_inputs(spec)
+            y, idx, a = forward(spec, x, w, b)
+            backward(spec, y, x, w, y, idx, a)
+
+    launches = aot.collect(step)
+    names = {kernel_name(r.kernel) for r in launches}
+    assert {"_depthwise_bwd_dx_kernel", "_depthwise_bwd_dw_kernel"} <= names, names
+    compiled = aot.compile_launches(launches)
+    spilled = [c for c in compiled if c.resources.spills]
+    assert not spilled, "\n" + aot.report_table(spilled)

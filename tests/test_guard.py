@@ -81,6 +81,8 @@ CASES = {  # name: (model factory, change, retraces)
     "requires_grad": (Scaled, _no_grad_weight, True),
     "forward hook": (Scaled, _forward_hook, True),
     "same value assigned": (Scaled, _set("scale", 2.0), False),
+    "parameter data replaced": (Scaled, lambda m: setattr(m.fc.weight, "data", torch.randn(3, 4)), False),
+    "parameter data made strided": (Scaled, lambda m: setattr(m.fc.weight, "data", torch.randn(4, 3).t()), True),
     "conv stride": (lambda: _ConvBN(), _stride, True),
     "submodule mode": (lambda: _ConvBN(), _eval_child, True),
 }
@@ -121,6 +123,8 @@ def test_steady_state_calls_take_the_guard_and_follow_the_batch():
         x = torch.randn(b, 4)
         assert rel_err(c(x), copy.deepcopy(m).double()(x.double())) <= TOL
     assert c.trace_count == 1 and c._fnn_guard is not None
+    # torch's C++ tensor check (TensorGuards) does the per-tensor work where this torch has it
+    assert c._fnn_guard.native is not None
 
 
 def test_a_second_argument_that_stops_following_the_batch_is_a_new_key():

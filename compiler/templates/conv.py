@@ -137,6 +137,16 @@ class ConvSpec:
         return dict(zip(order, self.labels))
 
     @property
+    def depthwise(self) -> bool:
+        """Each output channel filters its own input channel (groups == C == K): the direct kernel."""
+        return 1 < self.groups == self.C == self.K
+
+    @property
+    def plain_gemm(self) -> bool:
+        """A 1x1 conv with stride 1 and no padding is a plain GEMM: nothing to gather, larger tiles."""
+        return self.R == self.S == 1 and self.stride == (1, 1) and self.padding == (0, 0)
+
+    @property
     def out_hw(self) -> tuple[int, int]:
         """The conv output (OH, OW)."""
         return conv_out_hw((self.H, self.W), (self.R, self.S), self.stride, self.padding, self.dilation)
@@ -271,15 +281,27 @@ def generate(spec: ConvSpec) -> str:
     src.writeline("):")
 
     with src.indent():
+        if spec.depthwise:
+            src.writelines(f"""
+                # Direct depthwise conv (GROUPS == C == K): each output channel k filters its own input
+                # channel k, so the columns are all K channels (one program along axis 2: g = 0) and each
+                # of the R * S taps is one multiply-add per element, no GEMM:
+                #   rows     m = (n, {ri}, {rj})  {'pool windows' if pooled else 'output positions'}
+                #   columns  j = k            output channels (= input channels)
+                KG: tl.constexpr = K
+            """)
+        else:
+            src.writelines(f"""
+                # Implicit GEMM, one group g per program along axis 2:
+                #   rows     m = (n, {ri}, {rj})  {'pool windows' if pooled else 'output positions'}
+                #   columns  j = k            the group's K // GROUPS output channels
+                #   reduce   q = (c, r, s)    the group's C // GROUPS * R * S taps, one axis so that a
+                #                             1-channel input still fills BLOCK_K
+                CG: tl.constexpr = C // GROUPS
+                KG: tl.constexpr = K // GROUPS
+                CRS: tl.constexpr = CG * R * S
+            """)
         src.writelines(f"""
-            # Implicit GEMM, one group g per program along axis 2:
-            #   rows     m = (n, {ri}, {rj})  {'pool windows' if pooled else 'output positions'}
-            #   columns  j = k            the group's K // GROUPS output channels
-            #   reduce   q = (c, r, s)    the group's C // GROUPS * R * S taps, one axis so that a
-            #                             1-channel input still fills BLOCK_K
-            CG: tl.constexpr = C // GROUPS
-            KG: tl.constexpr = K // GROUPS
-            CRS: tl.constexpr = CG * R * S
             pid_m = tl.program_id(0)
             pid_n = tl.program_id(1)
             g = tl.program_id(2)
@@ -296,8 +318,9 @@ def generate(spec: ConvSpec) -> str:
             offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             j_ok = offs_j < KG
             k = g * KG + offs_j  # output channel
-            offs_q = tl.arange(0, BLOCK_K)
         """)
+        if not spec.depthwise:
+            src.writeline("offs_q = tl.arange(0, BLOCK_K)")
         if spec.bias:
             src.writeline("bias = tl.load(b_ptr + k, mask=j_ok, other=0.0)")
         src.writeline()
@@ -394,8 +417,47 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
     if partial:
         src.writeline("conv_ok = m_ok & (oh < OH) & (ow < OW)")
     ct = f"tl.{spec.compute}" if spec.compute else "y_ptr.dtype.element_ty"
+    if spec.depthwise:
+        src.writelines(f"""
+            # {roles["conv"]}, depthwise: tap (r, s) of channel k reads input channel k
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for rs in range(R * S):
+                ih = oh * STRIDE_H - PAD_H + (rs // S) * DIL_H
+                iw = ow * STRIDE_W - PAD_W + (rs % S) * DIL_W
+                x_ok = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & j_ok[None, :]
+                x_tile = tl.load(x_ptr + ((n[:, None] * C + k[None, :]) * H + ih[:, None]) * W + iw[:, None],
+                                 mask=x_ok, other=0.0)
+                w_tap = tl.load(w_ptr + k * (R * S) + rs, mask=j_ok, other=0.0)  # w is [K, 1, R, S]
+                # operands rounded as tl.dot takes them (float16 in), products and sums in fp32
+                acc += _dot_in(x_tile, {ct}).to(tl.float32) * _dot_in(w_tap, {ct}).to(tl.float32)[None, :]
+            {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
+        """)
+    else:
+        _gemm_lines(src, spec, conv_t, ct)
+    _epilogue_lines(src, spec, conv_t, act_t, pool_t, partial, ok)
+
+
+def _gemm_lines(src: Source, spec: ConvSpec, conv_t: str, ct: str) -> None:
+    """The implicit-GEMM main loop of one group's tile, into `conv_t` (bias added); a plain GEMM for a 1x1
+    conv with stride 1 and no padding."""
+    if spec.plain_gemm:
+        src.writelines(f"""
+            # {spec.roles["conv"]}, 1x1 with stride 1 and no padding: a plain GEMM over x viewed as
+            # [N, C, H * W] (nothing gathered: each row's channels are H * W apart, its positions contiguous)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for q0 in range(0, CRS, BLOCK_K):
+                c = g * CG + q0 + offs_q  # input channel
+                q_ok = q0 + offs_q < CRS
+                x_tile = tl.load(x_ptr + (n[:, None] * C + c[None, :]) * (H * W) + (oh * W + ow)[:, None],
+                                 mask=q_ok[None, :], other=0.0)
+                w_tile = tl.load(w_ptr + k[None, :] * CRS + (q0 + offs_q)[:, None], mask=q_ok[:, None] & j_ok[None, :],
+                                 other=0.0)
+                acc = tl.dot(_dot_in(x_tile, {ct}), _dot_in(w_tile, {ct}), acc, input_precision=PRECISION)
+            {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
+        """)
+        return
     src.writelines(f"""
-        # {roles["conv"]}
+        # {spec.roles["conv"]}
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for q0 in range(0, CRS, BLOCK_K):
             q = q0 + offs_q
@@ -411,6 +473,12 @@ def _conv_body(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str
             acc = tl.dot(_dot_in(x_tile, {ct}), _dot_in(w_tile, {ct}), acc, input_precision=PRECISION)
         {conv_t} = acc{' + bias[None, :]' if spec.bias else ''}
     """)
+
+
+def _epilogue_lines(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t: str, partial: bool, ok: str) -> None:
+    """What follows the conv at conv positions: [batch norm, residual add, activation] (unless the batch
+    norm follows the pool), the save of a and the pool step (reducing `act_t`)."""
+    roles = spec.roles
     pre = conv_t
     if spec.bn and not spec.bn_after_pool:
         bn_t = _temp(roles["bn"], "bn")
@@ -483,6 +551,11 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
     stages = ", ".join(spec.labels)
     # A long activation formula, or a max pool that also writes its argmax (training), per tile element
     heavy = ", heavy_epilogue=True" if spec.act not in ("none", *ACTS) or (spec.pool == "max" and not spec.inference) else ""
+    if spec.depthwise:
+        cfg, cols, axis2 = f"configs.depthwise({spec.N * per_image}, {spec.K}{heavy})", spec.K, 1
+    else:
+        gather = "" if spec.plain_gemm else ", gather=True"
+        cfg, cols, axis2 = f"configs.gemm({spec.N * per_image}, {kg}, {crs}{gather}{heavy})", kg, spec.groups
     bn_args = spec.inference or spec.bn or spec.residual
     extra = ", rm=None, rv=None, bn_w=None, bn_b=None, r=None" if bn_args else ""
     extra_doc = " (the batch norm's rm, rv, bn_w, bn_b; the residual r)" if bn_args else ""
@@ -495,8 +568,8 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
             # GEMM view: M = N * {per_image} rows, N = {kg} channels per group, K = {crs} taps; tiles for
             # the nominal batch {spec.N}, whatever x's batch
             n = x.shape[0]
-            cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True{heavy})
-            grid = (configs.cdiv(n * {per_image}, cfg["BLOCK_M"]), configs.cdiv({kg}, cfg["BLOCK_N"]), {spec.groups})
+            cfg = {cfg}
+            grid = (configs.cdiv(n * {per_image}, cfg["BLOCK_M"]), configs.cdiv({cols}, cfg["BLOCK_N"]), {axis2})
             launch_kernel(
                 {spec.name}, grid, {", ".join(args)}, n, nbytes=nbytes,
     ''')
@@ -511,6 +584,6 @@ def _launch_fn(src: Source, spec: ConvSpec, rows_h: str, rows_w: str, partial: b
         src.writelines(f'''
             def stats_size(n):
                 """Floats of the statistics partials `st` at batch n: T row tiles x (2 K + 1)."""
-                cfg = configs.gemm({spec.N * per_image}, {kg}, {crs}, gather=True{heavy})
+                cfg = {cfg}
                 return configs.cdiv(n * {per_image}, cfg["BLOCK_M"]) * {2 * spec.K + 1}
         ''')

@@ -83,7 +83,7 @@ def record_step(spec: Any, named: dict[str, torch.Tensor], with_sgd: bool = True
                 if v is not None and v in env.values:
                     u.tensors[_val(v)] = env.values[v]
             for (v, key), t in env.extra.items():
-                if v is n.out and isinstance(t, torch.Tensor):
+                if (v is n.out or (v, key) in step.extra_reads) and isinstance(t, torch.Tensor):
                     u.tensors[f"{key}:{_val(v)}"] = t
             u.outputs = [k for k in u.tensors if k == _val(n.out) or k.endswith(":" + _val(n.out))]
             if n.op in ("batch_norm", "batch_norm_act") and n.attrs["training"] and n.inputs[1] is not None:
@@ -342,9 +342,22 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 @REFS@
 
 
-def extra(key, node, env):
+def extra(key, node, env, shape):
     """An extra tensor a kernel writes next to a node's output, from the reference forward."""
     op, ins, a, out = node
+    if key == "stats":  # a conv's per-tile partial statistics of its output [N, K, ...]: see conv.py `stats`
+        y = env[out].detach()
+        flat = y.transpose(0, 1).reshape(y.shape[1], -1)  # [K, M], rows in (n, h, w) order
+        m = flat.shape[1]
+        tiles = shape[0] // (2 * flat.shape[0] + 1)
+        rows = SPEC["meta"].get("BLOCK_M", 0)  # the conv's own tiles, else any tiling of the same count
+        rows = rows if rows and -(-m // rows) == tiles else -(-m // tiles)
+        parts = [flat[:, t * rows:(t + 1) * rows] for t in range(tiles)]
+        mean = torch.stack([p.mean(1) if p.shape[1] else torch.zeros(p.shape[0]) for p in parts])
+        m2 = torch.stack([((p - p.mean(1, keepdim=True)) ** 2).sum(1) if p.shape[1] else torch.zeros(p.shape[0])
+                          for p in parts])
+        counts = torch.tensor([float(p.shape[1]) for p in parts], dtype=torch.float64)
+        return torch.cat([mean.flatten(), m2.flatten(), counts])
     if op == "batch_norm" and key in ("mean", "invstd"):
         x = env[ins[0]]
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
@@ -369,8 +382,9 @@ def forward(env):
             key, owner = role.split(":")
             # a fused group's extras belong to the node that makes them: its pool, its batch norm
             maker = {"idx": "max_pool2d", "mean": "batch_norm", "invstd": "batch_norm"}.get(key)
-            node = next(n for n in nodes if (n[0] == maker if maker else n[3] == owner))
-            env[role] = extra(key, node, env)
+            # (a batch norm's unit reads the partial statistics of its input, made by the conv before it)
+            node = next((n for n in nodes if (n[0] == maker if maker else n[3] == owner)), (None, [], {}, owner))
+            env[role] = extra(key, node, env, SPEC["roles"][role][0])
     return env
 
 
@@ -394,7 +408,9 @@ def reference():
               if r not in made and ":" not in r}
     if kind == "forward":
         env = forward({r: t.clone() for r, t in leaves.items()})
-        return leaves, {r: env[r] for r in SPEC["outputs"]}
+        # extra tensors the unit reads (a batch norm: its input conv's partial statistics), as the reference made them
+        reads = {r: env[r] for r in roles if ":" in r and not r.startswith("d:") and r not in SPEC["outputs"]}
+        return {**leaves, **reads}, {r: env[r] for r in SPEC["outputs"]}
     # backward: saved outputs and extras from the reference forward; the gradient by torch autograd
     wrt = [r for r in leaves if "d:" + r in SPEC["outputs"]]
     env = {r: t.clone().requires_grad_(r in wrt) for r, t in leaves.items()}
