@@ -506,6 +506,7 @@ class BackwardPlan:
             if dy is None or not need.get(n.out, False):
                 continue
             needs = [v is not None and need.get(v, False) for v in n.inputs]
+            into = None
             if empty:  # batch 0: nothing flows back; parameters get zeros, as in torch
                 outs = [torch.zeros(env.shape(v), dtype=v.type.dtype, device=dy.device) if nd else None
                         for v, nd in zip(n.inputs, needs)]
