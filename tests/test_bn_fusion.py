@@ -293,6 +293,15 @@ def test_backward_is_bit_identical_across_runs():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.MaxPool2d(2)], ids=["avg", "max"])
+def test_a_conv_with_a_fused_pool_writes_the_statistics_of_the_pooled_values(pool):
+    # conv -> pool -> training batch norm: the conv's epilogue takes the statistics of what it stores, the
+    # pooled tile (an average's division included)
+    model = _affine(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), pool, nn.BatchNorm2d(4), nn.ReLU()))
+    c = _check(model, torch.randn(2, 3, 8, 8))
+    assert "conv_stats=True" in str(c.fused_graph)
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_a_residual_inputs_two_gradients_are_summed_in_the_conv_dx_kernel(fuse):
     # x feeds the conv and the residual add: the add's VJP hands x its gradient first, and the conv's dx

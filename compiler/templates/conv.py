@@ -143,8 +143,9 @@ class ConvSpec:
 
     @property
     def plain_gemm(self) -> bool:
-        """A 1x1 conv with stride 1 and no padding is a plain GEMM: nothing to gather, larger tiles."""
-        return self.R == self.S == 1 and self.stride == (1, 1) and self.padding == (0, 0)
+        """A 1x1 conv with stride 1 and no padding is a plain GEMM: nothing to gather, larger tiles. Not with
+        save_act: a fused pool then also visits partial windows past the input, which only the gather masks."""
+        return self.R == self.S == 1 and self.stride == (1, 1) and self.padding == (0, 0) and not self.save_act
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -395,7 +396,7 @@ def _stats_lines(src: Source, final: str, rows: str) -> None:
     entries sit at pid_m of each [T, ...] part; the batch norm combines them in tile order (Chan et al.)."""
     src.writelines(f"""
         # batch statistics of the tile for the training batch norm of y (STATS)
-        st_y = {final}.to(y_ptr.dtype.element_ty).to(tl.float32)
+        st_y = ({final}).to(y_ptr.dtype.element_ty).to(tl.float32)
         st_rows = tl.minimum(N * {rows} - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         st_mean = tl.sum(tl.where(m_ok[:, None], st_y, 0.0), axis=0) / st_rows
         st_dev = tl.where(m_ok[:, None], st_y - st_mean[None, :], 0.0)
