@@ -53,6 +53,7 @@ class Step:
     # state, no torch op): its launches can be recorded once per batch and replayed (fusednn/prebuilt.py)
     replayable: bool = False
     extra_reads: tuple = ()  # the env.extra keys run reads (another step's side outputs)
+    also: tuple = ()  # other nodes its kernel implements, before `node` (a batch counter: `_counters_in_kernels`)
 
 
 def _numel(shape) -> int:
@@ -399,28 +400,61 @@ def _lower_cat(n: Node, precision: str) -> Step:
     return Step(n, k, run)
 
 
-def _lower_batch_norm(n: Node, precision: str) -> Step:
+def _lower_batch_norm(n: Node, precision: str, counts: Node | None = None) -> Step:
     """batch_norm, and batch_norm_act: inputs x, running mean and variance, weight, bias, then
-    num_batches_tracked (momentum=None) and, for batch_norm_act, the residual; each may be None."""
+    num_batches_tracked (momentum=None) and, for batch_norm_act, the residual; each may be None.
+    counts: the batch counter's step (`count_`) this kernel makes (`_counters_in_kernels`)."""
     x, rm, rv, w, b = n.inputs[:5]
     counter = n.inputs[5] if len(n.inputs) > 5 else None  # momentum=None: num_batches_tracked
     residual = n.inputs[6] if len(n.inputs) > 6 else None
-    return _batch_norm_step(n, x, rm, rv, w, b, counter, training=n.attrs["training"] or rm is None,
-                            momentum=n.attrs["momentum"], residual=residual)
+    count = 0
+    if counts is not None:
+        counter, count = counts.inputs[0], counts.attrs["by"]
+    step = _batch_norm_step(n, x, rm, rv, w, b, counter, training=n.attrs["training"] or rm is None,
+                            momentum=n.attrs["momentum"], residual=residual, count=count)
+    if counts is not None:
+        step.also = (counts,)
+    return step
+
+
+def _counters_in_kernels(graph: Graph) -> dict[Node, Node]:
+    """{training batch norm: the batch counter step it makes}. A BatchNorm's `num_batches_tracked.add_(1)` is
+    made by the next training batch norm's kernel that updates running statistics at a momentum, once, in
+    program (0, 0): no host op and no extra launch per batch norm. Only where nothing between them (that
+    batch norm included) reads the counter but another count (adds commute), so every read of it sees what
+    it sees in torch; any other counter stays a host `add_`."""
+    counter: dict[Value, Value] = {}  # a counted value -> the buffer it is
+    for n in graph.nodes:
+        if n.op == "count_":
+            counter[n.out] = counter.get(n.inputs[0], n.inputs[0])
+    outputs = set(graph.outputs)
+    made: dict[Node, Node] = {}
+    for i, c in enumerate(graph.nodes):
+        if c.op != "count_" or c.out in outputs:
+            continue
+        buffer = counter[c.out]
+        for m in graph.nodes[i + 1:]:
+            if m.op != "count_" and any(v is not None and counter.get(v, v) is buffer for v in m.inputs):
+                break  # a read of the counter
+            if (REGISTRY[m.op].lower == "batch_norm" and m.attrs["training"] and m.inputs[1] is not None
+                    and m.attrs["momentum"] is not None and m not in made and not empty_node(m)):
+                made[m] = c
+                break
+    return made
 
 
 def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: Value | None, b: Value | None,
                      counter: Value | None, *, training: bool, momentum: float | None,
-                     residual: Value | None = None) -> Step:
+                     residual: Value | None = None, count: int = 0) -> Step:
     """batch norm's kernel for node n (a batch_norm, a batch_norm_act, or an instance_norm with running
-    statistics)."""
+    statistics); count: what it adds to the batch counter `counter` (0: the counter, if any, is read)."""
     shape = x.type.shape
     N, C, inner = shape[0], shape[1], _numel(shape[2:])
     k = _emit(n, batch_norm.generate, batch_norm.BatchNormSpec, N=N, C=C, inner=inner, training=training,
               momentum=momentum, eps=n.attrs["eps"], weight=w is not None, bias=b is not None,
               track_running_stats=rm is not None, act=n.attrs.get("act", "none"),
               act_params=tuple(n.attrs.get("act_params", ())), residual=residual is not None,
-              partials=n.attrs.get("conv_stats", False))
+              partials=n.attrs.get("conv_stats", False), count=count)
     partials = (x, "stats") if n.attrs.get("conv_stats") else None
 
     moved: dict = {}
@@ -532,11 +566,15 @@ def _lower_eager(n: Node, precision: str) -> Step:
     return Step(n, None, run)
 
 
-def _lower_counter(n: Node, precision: str) -> Step:
+def _lower_counter(n: Node, precision: str, in_kernel: bool = False) -> Step:
+    """BatchNorm's batch counter: `add_` on the host, or (in_kernel) counted by a batch norm's kernel."""
     def run(env: Env) -> None:
-        env.values[n.out] = env.values[n.inputs[0]].add_(n.attrs["by"])  # BatchNorm's batch counter
+        env.values[n.out] = env.values[n.inputs[0]].add_(n.attrs["by"])
 
-    return Step(n, None, run)
+    def alias(env: Env) -> None:
+        env.values[n.out] = env.values[n.inputs[0]]  # nothing reads it (`_counters_in_kernels`)
+
+    return Step(n, None, alias if in_kernel else run, replayable=in_kernel)
 
 
 # The lowering of each codegen family (the registry row's `lower`).
@@ -641,10 +679,17 @@ def _lower_empty(n: Node, precision: str) -> Step:
 def lower(graph: Graph, precision: str, debug: int = 0) -> list[Step]:
     """One Step per node, generating and loading each node's kernel (after `check`)."""
     check(graph)
+    counts = _counters_in_kernels(graph)
+    counted = set(counts.values())
     steps = []
     for n in graph.nodes:
-        lower_node = _lower_empty if empty_node(n) and not REGISTRY[n.op].side_effect else LOWER[REGISTRY[n.op].lower]
-        step = lower_node(n, precision)
+        if n in counts:
+            step = _lower_batch_norm(n, precision, counts[n])
+        elif n in counted:
+            step = _lower_counter(n, precision, in_kernel=True)
+        else:
+            lower_node = _lower_empty if empty_node(n) and not REGISTRY[n.op].side_effect else LOWER[REGISTRY[n.op].lower]
+            step = lower_node(n, precision)
         if step.kernel is not None and debug >= 4:
             log.warning("fusednn: generated %s:\n%s", step.kernel.name, step.kernel.source)
         steps.append(step)

@@ -17,6 +17,7 @@ what keeps changing.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 from dataclasses import dataclass
@@ -123,7 +124,15 @@ class Specialization:
         """Run on a call's arguments and the live parameters/buffers; `checked`: by the steady-state guard."""
         self.calls += 1
         user = [a for a in args if isinstance(a, torch.Tensor)]
-        flat = self.executable(user, tensors, checked)
+        return self._unflatten(self.executable(user, tensors, checked))
+
+    def run_inputs(self, inputs: list[torch.Tensor]) -> Any:
+        """Run on the graph's inputs in order (the call's tensors, then parameters and buffers), as checked
+        by the steady-state guard (`_Guard.order`)."""
+        self.calls += 1
+        return self._unflatten(self.executable.run_inputs(inputs))
+
+    def _unflatten(self, flat: list[torch.Tensor]) -> Any:
         if self._leaf:  # one tensor out (a loss, logits): no tree to rebuild
             return flat[0]
         return pytree.tree_unflatten(flat, self.graph.out_spec)
@@ -346,6 +355,37 @@ def _tensor_guards(tensors: list[torch.Tensor], dynamic_dim0: set[int]) -> Any:
     return None
 
 
+def _dict_versions() -> Callable[[dict], int] | None:
+    """CPython's dict version tag (what torch.compile's DICT_VERSION guard reads), or None where this Python
+    or torch does not give one that behaves as relied on: a new tag on every change to a dict, so an equal
+    tag means an unchanged dict. Python 3.13 deprecates the tag; there the guard compares dicts instead."""
+    import sys
+
+    if not (3, 11) <= sys.version_info[:2] < (3, 13):
+        return None
+    try:
+        from torch._C._dynamo.guards import dict_version
+
+        probe: dict = {"a": 1}
+        before = dict_version(probe)
+        probe["a"] = 2
+        after = dict_version(probe)
+        del probe["a"]
+        if before != after and dict_version(probe) not in (before, after):
+            return dict_version
+    except Exception:  # noqa: BLE001 - a private API: any failure means the comparisons
+        pass
+    return None
+
+
+_DICT_VERSION = _dict_versions()
+
+
+def _flat_dict(v: Any) -> bool:
+    """A dict whose values hold no container: its version tag then changes whenever its contents do."""
+    return type(v) in (dict, collections.OrderedDict) and not any(isinstance(e, (list, dict, set)) for e in v.values())
+
+
 class _Guard:
     """The steady-state key check: what the last call's full key (`_signature`) read, re-read cheaply.
 
@@ -360,7 +400,8 @@ class _Guard:
     the key, never looser.
     """
 
-    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch", "native", "names")
+    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch", "native", "names",
+                 "dicts", "versions", "empty", "containers", "order", "fixed0")
 
     @staticmethod
     def _tensor_state(t: torch.Tensor) -> tuple:
@@ -377,7 +418,10 @@ class _Guard:
         g = cls()
         g.spec, g.batch_at = spec, batch_at
         g.min_batch = spec.min_batch if batch_at else None
-        g.modules, g.entries = [], []
+        # dim 0 of the other arguments with a dim (fixed: the checks compare their shapes): a batch equal to
+        # one would make it a batch position too (batching.batch_of), which the full key must then see
+        g.fixed0 = {a.shape[0] for i, a in enumerate(args) if i not in batch_at and a.dim() > 0}
+        g.modules, g.entries, g.dicts, g.empty, g.containers = [], [], [], [], []
         params, buffers = [], []
         for m in owner._fnn_modules:
             prefix = owner._fnn_prefix.get(id(m), "")
@@ -390,6 +434,11 @@ class _Guard:
                 for k in ("_modules", "_parameters", "_buffers"):
                     snap[k] = dict(sub.__dict__[k])
                 g.modules.append((sub, snap))
+                attrs = sub.__dict__
+                mutable = [(k, v) for k, v in attrs.items() if isinstance(v, (list, dict, set))]
+                g.empty += [v for _, v in mutable if not v]  # most hook dicts: checked still empty
+                g.dicts += [attrs, *(v for _, v in mutable if v and _flat_dict(v))]  # compared by version tag
+                g.containers += [(attrs, k, snap[k]) for k, v in mutable if v and not _flat_dict(v) and _plain(v)]
                 params += [(at + k, sub._parameters, k) for k, v in sub._parameters.items() if v is not None]
                 buffers += [(at + k, sub._buffers, k) for k, v in sub._buffers.items() if v is not None]
         g.entries = params + buffers
@@ -400,18 +449,32 @@ class _Guard:
         g.checks = [(t.shape, cls._tensor_state(t)) for t in tensors.values()]
         g.args = [(a.shape[1:] if i in batch_at else a.shape, cls._tensor_state(a)) for i, a in enumerate(args)]
         g.names = [e[0] for e in g.entries]
+        g.versions = None if _DICT_VERSION is None else list(map(_DICT_VERSION, g.dicts))
+        # The live tensors' positions in the graph's inputs after the call's (a Triton executable's order)
+        at = {n: i for i, n in enumerate(g.names)}
+        order = getattr(spec.executable, "_param_names", None)
+        g.order = [at[n] for n in order] if order is not None and all(n in at for n in order) else None
         # The same reads, and stricter (strides, dispatch keys), in one C++ call where torch has it
         g.native = _tensor_guards([*args, *tensors.values()], set(batch_at))
         return g
 
     def tensors(self, args: tuple) -> dict[str, torch.Tensor] | None:
         """The live parameters and buffers by name when nothing the key reads has changed, else None."""
+        live = self.live(args)
+        return None if live is None else dict(zip(self.names, live))
+
+    def live(self, args: tuple) -> list[torch.Tensor] | None:
+        """The live parameters and buffers (in `names` order) when nothing the key reads has changed, else None."""
         if len(args) != len(self.args):
             return None
         try:
-            for sub, snap in self.modules:
-                if sub.__dict__ != snap:
-                    return None
+            # Every attribute dict, and flat dict in one, unchanged since the snapshot (by version tag, or still
+            # empty) and the other containers equal to theirs; else the slower comparison of each whole snapshot.
+            if self.versions is None or list(map(_DICT_VERSION, self.dicts)) != self.versions or any(self.empty) or \
+                    any(attrs[k] != snap for attrs, k, snap in self.containers):
+                for sub, snap in self.modules:
+                    if sub.__dict__ != snap:
+                        return None
         except Exception:  # an attribute whose == raises (a tensor attribute or parameter replaced): the full key
             return None
         if self.native is not None:
@@ -420,10 +483,12 @@ class _Guard:
                 return None
             if self.batch_at:
                 batch = args[self.batch_at[0]].shape[0]
+                # the positions batching.batch_of would find: the same first one (dims are checked), all
+                # of one batch, no other argument of that dim 0
                 if any(args[i].shape[0] != batch for i in self.batch_at) or batch < self.min_batch or \
-                        batching.batch_of(args) != (batch, self.batch_at):
+                        batch in self.fixed0:
                     return None
-            return dict(zip(self.names, live))
+            return live
         state = self._tensor_state
         batch = None
         for i, (a, (shape, st)) in enumerate(zip(args, self.args)):
@@ -442,12 +507,12 @@ class _Guard:
             # the batch positions must be exactly those the full key would find (batching.batch_of)
             if batch < self.min_batch or batching.batch_of(args) != (batch, self.batch_at):
                 return None
-        out = {}
+        out = []
         for (name, d, k), (shape, st) in zip(self.entries, self.checks):
             t = d[k]  # _tensor_state, inlined: this loop runs for every parameter on every call
             if t.shape != shape or (t.dtype, t.device, t.requires_grad, t.is_contiguous()) != st:
                 return None
-            out[name] = t
+            out.append(t)
         return out
 
 
@@ -473,19 +538,24 @@ class _Compiled:
         amp = self._autocast(args) if torch._C._is_any_autocast_enabled() else None  # ~0.1 us: one C call
         guard = self._fnn_guard
         if guard is not None and guard.spec.autocast == amp:
-            tensors = guard.tensors(args)
-            if tensors is not None:  # nothing the key reads has changed since the last call
-                return guard.spec.run(tensors, args, checked=True)
+            live = guard.live(args)
+            if live is not None:  # nothing the key reads has changed since the last call
+                if guard.order is not None:
+                    return guard.spec.run_inputs([*args, *[live[i] for i in guard.order]])
+                return guard.spec.run(dict(zip(guard.names, live)), args, checked=True)
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
         wild = _signature(args, tensors, self._fnn_named_modules(), batch_at, amp)
         spec = self._fnn_poly.get(wild)
         prev = self._fnn_last_key
         self.__dict__["_fnn_last_key"] = (wild, batch_at, batch)
+        self.__dict__["_fnn_guard"] = None  # a new one once this call has run (its checks passed)
         if spec is not None and batch >= spec.min_batch:
             self.__dict__["_fnn_last"] = spec
-            self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, wild, batch_at)
-            return spec.run(tensors, args)
+            guard = _Guard.build(self, spec, args, tensors, wild, batch_at)
+            out = spec.run(tensors, args)
+            self.__dict__["_fnn_guard"] = guard
+            return out
         sig = _with_batch(wild, batch_at, batch)
         spec = self._fnn_cache.get(sig)
         if spec is None:
@@ -508,8 +578,10 @@ class _Compiled:
                 self._fnn_poly[wild] = spec
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
-        self.__dict__["_fnn_guard"] = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
-        return spec.run(tensors, args)
+        guard = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
+        out = spec.run(tensors, args)
+        self.__dict__["_fnn_guard"] = guard
+        return out
 
     def _autocast(self, args: tuple) -> tuple[str, torch.dtype] | None:
         """The (device type, dtype) of the torch.autocast this call runs under, for its inputs' device type

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch.optim.optimizer import ParamsT
 
+from fusednn.api import _DICT_VERSION, _tensor_guards
 from fusednn.kernels.adam import adam_step
 from fusednn.kernels.sgd import hyper_arg, sgd_step
 from fusednn.launch import launch, recording
@@ -44,13 +45,14 @@ class _Fused(torch.optim.Optimizer):
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         """Update one group's parameters that have a gradient, in one launch: the last step's launch again
-        when nothing it depends on changed (`_steady_key`), else built anew (`_general_step`), every check
-        made and every table looked up."""
-        key = self._steady_key(group, params)
-        steady = self.__dict__.setdefault("_fnn_steady", {})  # id(group) -> (key, launch, before it)
+        when nothing it depends on changed (`_steady_key`, then a check of every tensor's dtype, device,
+        sizes and strides against the last step's), else built anew (`_general_step`), every check made and
+        every table looked up."""
+        found = self._steady_key(group, params)
+        steady = self.__dict__.setdefault("_fnn_steady", {})  # id(group) -> (key, launch, before it, check)
         last = steady.get(id(group))
-        if key is not None and last is not None and last[0] == key:
-            _, rec, before = last
+        if found is not None and last is not None and last[0] == found[0] and last[3](found[1]):
+            _, rec, before, _ = last
             if before is not None:
                 before()
             launch(rec.kernel, rec.grid, *rec.args, nbytes=rec.bytes, **rec.meta)
@@ -58,21 +60,64 @@ class _Fused(torch.optim.Optimizer):
         steady.pop(id(group), None)
         with recording() as launches:
             before = self._general_step(group, params)
-        if key is not None and len(launches) == 1:
-            steady[id(group)] = (key, launches[0], before)
+        if found is not None and len(launches) == 1 and _dense_f32(*found[1]):
+            steady[id(group)] = (found[0], launches[0], before, _same_tensors(found[1]))
 
-    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
-        """What a step's launch depends on, read cheaply; None where the general path must run."""
+    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]] | None:
+        """(key, tensors): what a step's launch depends on, read cheaply, and the tensors whose dtype,
+        device, sizes and strides must be as on the step that recorded it; None where the general path
+        must run."""
         return None
 
     def _general_step(self, group: dict, params: list[torch.Tensor]) -> Callable[[], None] | None:
         """One group's step; returns what a relaunch must do before its launch (None: nothing)."""
         raise NotImplementedError
 
+    def _state_tensors(self, params: list[torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor] | None:
+        """[state[p][k] for k in names for p in params], or None where one is not a tensor. Read through the
+        last read's list while neither `self.state` nor any of these parameters' state dicts changed (by
+        version tag; each lookup hashes a tensor in Python, ~0.3 us); with .get, as `self.state` is a
+        defaultdict that a lookup would fill."""
+        state, ids = self.state, tuple(map(id, params))
+        last = self.__dict__.get("_fnn_states")
+        if (last is not None and _DICT_VERSION is not None and last[0] is state and last[1] == ids
+                and last[2] == names and _DICT_VERSION(state) == last[3]
+                and list(map(_DICT_VERSION, last[4])) == last[5]):
+            return last[6]
+        entries = [state.get(p) for p in params]
+        if None in entries:
+            return None
+        tensors = [e.get(k) for k in names for e in entries]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            return None
+        if _DICT_VERSION is not None:
+            self.__dict__["_fnn_states"] = (state, ids, names, _DICT_VERSION(state), entries,
+                                            list(map(_DICT_VERSION, entries)), tensors)
+        return tensors
+
 
 def _dense_f32(*tensors: torch.Tensor) -> bool:
     """Whether every tensor is a dense, contiguous float32 tensor (what a relaunch may read in place)."""
     return all(t.layout is torch.strided and t.dtype is torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _same_tensors(tensors: list[torch.Tensor]) -> Callable[[list[torch.Tensor]], bool]:
+    """A check that tensors (one per position) have the class, dtype, device, sizes and strides of these:
+    one call of torch's C++ tensor check where torch has it (~0.1 us a tensor), else Python."""
+    guards = _tensor_guards(list(tensors), set())
+    if guards is not None:
+        return lambda ts: guards.check(*ts)
+    shapes = [(t.shape, t.stride()) for t in tensors]
+    return lambda ts: _dense_f32(*ts) and [(t.shape, t.stride()) for t in ts] == shapes
+
+
+_address = torch.Tensor.data_ptr
+
+
+def _key(hyper: tuple, params: list[torch.Tensor], tensors: list[torch.Tensor]) -> tuple:
+    """A steady key: the hyper-parameters, the parameters' identities and every tensor's address (the
+    launch's address tables hold these; sizes and layouts are checked apart, `_same_tensors`)."""
+    return hyper, tuple(map(id, params)), tuple(map(_address, tensors))
 
 
 class SGD(_Fused):
@@ -143,34 +188,21 @@ class SGD(_Fused):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
-        """What a step's launch depends on, read cheaply: the hyper-parameters (Python numbers only), and
-        per parameter its identity, address and size, its gradient's and momentum buffer's addresses, and
-        that all are dense, contiguous float32. Equal keys give the same launch: its address tables are
-        keyed by these addresses (kernels/sgd.py). None where the step takes the general path: a tensor
-        hyper-parameter, a sparse or strided tensor, or with momentum a parameter without a buffer (a first
-        step, which allocates one)."""
+    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]] | None:
+        """The hyper-parameters (Python numbers only), the parameters, their gradients and, with momentum,
+        their buffers (`_Fused._steady_key`). None where the step takes the general path: a tensor
+        hyper-parameter, or with momentum a parameter without a buffer (a first step, which allocates one)."""
         hyper = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
                  group["maximize"])
         if any(isinstance(h, torch.Tensor) for h in hyper):
             return None
-        key: list = [hyper]
-        state, f32, strided = self.state, torch.float32, torch.strided
-        momentum = group["momentum"] != 0
-        for p in params:
-            g = p.grad
-            buf = state.get(p, {}).get("momentum_buffer")
-            if g.layout is not strided or not (g.is_contiguous() and p.is_contiguous()) or p.dtype is not f32:
+        tensors = params + [p.grad for p in params]
+        if group["momentum"] != 0:
+            bufs = self._state_tensors(params, ("momentum_buffer",))
+            if bufs is None:  # a first step: its buffer is allocated anew (a relaunch would write a freed one)
                 return None
-            if buf is None:
-                if momentum:  # a first step: its buffer is allocated anew (a relaunch would write a freed one)
-                    return None
-                key += (id(p), p.data_ptr(), p.numel(), g.data_ptr(), None)
-            elif buf.dtype is not f32 or buf.numel() != p.numel() or not buf.is_contiguous():
-                return None
-            else:
-                key += (id(p), p.data_ptr(), p.numel(), g.data_ptr(), buf.data_ptr())
-        return tuple(key)
+            tensors += bufs
+        return _key(hyper, params, tensors), tensors
 
     def _general_step(self, group: dict, params: list[torch.Tensor]) -> None:
         """One group's step, every check made and every table looked up: `sgd_step`."""
@@ -311,28 +343,20 @@ class Adam(_Fused):
             return step.to(device=p.device, dtype=torch.float32)
         return step
 
-    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
-        """SGD's `_steady_key` for Adam: the hyper-parameters (Python numbers), and per parameter its identity,
-        address and size and the addresses of its gradient, moments and step counter (all present, dense,
-        contiguous float32 on its device); the step counters are incremented before each relaunch."""
+    def _steady_key(self, group: dict, params: list[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]] | None:
+        """SGD's `_steady_key` for Adam: the hyper-parameters (Python numbers), the parameters, their
+        gradients, step counters and moments (all present); the step counters are incremented before each
+        relaunch."""
         hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["amsgrad"],
                  group["maximize"], group["decoupled_weight_decay"])
         if any(isinstance(h, torch.Tensor) for h in hyper):
             return None
-        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        key: list = [hyper]
-        state = self.state
-        for p in params:
-            st = state.get(p)
-            if st is None or "step" not in st or any(k not in st for k in names):
-                return None
-            step, bufs = st["step"], [st[k] for k in names]
-            if (not isinstance(step, torch.Tensor) or step.dtype is not torch.float32 or step.numel() != 1
-                    or step.device != p.device or not _dense_f32(p, p.grad, *bufs)
-                    or any(b.numel() != p.numel() for b in bufs)):
-                return None
-            key += (id(p), p.data_ptr(), p.numel(), p.grad.data_ptr(), step.data_ptr(), *(b.data_ptr() for b in bufs))
-        return tuple(key)
+        names = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        held = self._state_tensors(params, names)
+        if held is None:
+            return None  # missing (a first step), or a step counter held as a number (an older state dict)
+        tensors = params + [p.grad for p in params] + held
+        return _key(hyper, params, tensors), tensors
 
     def _general_step(self, group: dict, params: list[torch.Tensor]) -> Callable[[], None]:
         """One group's step, every check made and every table looked up: `adam_step`."""

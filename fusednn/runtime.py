@@ -28,6 +28,16 @@ class _GraphFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, exe: "TritonExecutable", *tensors: torch.Tensor):  # type: ignore[override]
+        steady = exe.steady_forward(tensors)
+        if steady is not None:  # the recorded forward's results, in a fixed order: no Env, no lookups
+            whole, out, ctx.batch = steady
+            ctx.exe, ctx.extra_ints = exe, {}
+            ctx.val_keys, ctx.extra_keys = whole.saved_keys
+            ctx.save_for_backward(*[out[i] for i in whole.saved_at])
+            outs = tuple([out[i] for i in whole.outputs_at])
+            if exe.integer_outputs:
+                ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+            return outs
         env = exe.forward(tensors)
         ctx.exe = exe
         ctx.batch = env.batch
@@ -55,18 +65,22 @@ class _GraphFunction(torch.autograd.Function):
                 "for higher-order gradients.")
         exe: TritonExecutable = ctx.exe
         saved = ctx.saved_tensors
-        nv = len(ctx.val_keys)
-        env = Env(dict(zip(ctx.val_keys, saved[:nv])), dict(zip(ctx.extra_keys, saved[nv:])), ctx.batch,
-                  exe.graph.dynamic)
-        env.extra.update(ctx.extra_ints)
         g = {}
         for v, d in zip(exe.graph.outputs, grads):
             if d is not None and v.type.dtype.is_floating_point:
                 g[v] = d if v not in g else g[v] + d
         needs = tuple(ctx.needs_input_grad[1:])
-        key = (env.batch, configs.target(), needs, tuple(v in g for v in exe.graph.outputs))
+        key = (ctx.batch, configs.target(), needs, tuple(v in g for v in exe.graph.outputs))
+        recorded = exe.backward_programs.get(key)
+        if recorded is not None and recorded[0] is not None and not launch._recorders and key in exe.backward_seen:
+            # the steady state: the whole backward's prebuilt launches, nothing else (as `_Counter` would)
+            exe.backward_counts = exe.backward_seen[key]
+            return (None, *recorded[0].run(_backward_reads(g, saved, ctx.extra_ints)))
+        nv = len(ctx.val_keys)
+        env = Env(dict(zip(ctx.val_keys, saved[:nv])), dict(zip(ctx.extra_keys, saved[nv:])), ctx.batch,
+                  exe.graph.dynamic)
+        env.extra.update(ctx.extra_ints)
         with exe.tiles_at(env.batch), _Counter(exe.backward_seen, key) as counter:
-            recorded = exe.backward_programs.get(key)
             if counter.steady and recorded is not None:
                 whole, vjps = recorded
                 if whole is not None:
@@ -151,6 +165,10 @@ class TritonExecutable:
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Env:
         batch = self._batch_of(tensors)
         key = (batch, configs.target())
+        program = self.programs.get(key)
+        if type(program) is _WholeForward and not launch._recorders and self.debug < 2 and key in self.forward_seen:
+            self.forward_counts = self.forward_seen[key]
+            return program(tensors, batch)
         with self.tiles_at(batch), _Counter(self.forward_seen, key) as counter:
             if counter.steady:  # nobody observes: the prebuilt launches, no labels, no per-launch bookkeeping
                 env = self.programs[key](tensors, batch)
@@ -166,6 +184,18 @@ class TritonExecutable:
         if self.debug >= 2:
             log.warning("fusednn: forward launches:\n%s", summary(counter.counts))
         return env
+
+    def steady_forward(self, tensors: tuple[torch.Tensor, ...]) -> tuple["_WholeForward", list, int | None] | None:
+        """The steady state of `forward`: where a call at this batch recorded the whole forward and nothing
+        observes launches, its prebuilt launches and nothing else (the counts as `_Counter` would keep
+        them): (the whole forward, its results, the batch); else None."""
+        batch = self._batch_of(tensors)
+        key = (batch, configs.target())
+        program = self.programs.get(key)
+        if type(program) is _WholeForward and not launch._recorders and self.debug < 2 and key in self.forward_seen:
+            self.forward_counts = self.forward_seen[key]
+            return program, program.prebuilt.run(list(tensors)), batch
+        return None
 
     def _record_forward(self, env: Env, tensors: tuple[torch.Tensor, ...]) -> Callable[..., Env]:
         """Run the forward's general path on env, recording it: the whole forward as one Prebuilt where it
@@ -184,7 +214,7 @@ class TritonExecutable:
         pb = whole.build([env.values[v] for v in keys] + [env.extra[k] for k in extra])
         if pb is None:
             return _Program(self.graph, runs)
-        return _WholeForward(pb, keys, extra, self.graph.dynamic, len(runs))
+        return _WholeForward(pb, keys, extra, self.graph.dynamic, len(runs), self.saved_keys, self.graph.outputs)
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
         for v, t in zip(self.graph.inputs, tensors):
@@ -199,11 +229,19 @@ class TritonExecutable:
         tensors = user + [named[n] for n in self._param_names]
         if not checked:
             self._check(tensors)
+        return self.run_inputs(tensors)
+
+    def run_inputs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on the graph's inputs in order, their dtypes checked."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             self.last_run = self
             return list(_GraphFunction.apply(self, *tensors))
         exe = self.inference_executable()
         self.last_run = exe
+        steady = exe.steady_forward(tuple(tensors))
+        if steady is not None:
+            whole, out, _ = steady
+            return [out[i] for i in whole.outputs_at]
         env = exe.forward(tuple(tensors))
         return [env.values[v] for v in exe.graph.outputs]
 
@@ -257,9 +295,18 @@ class _WholeForward:
     """A forward recorded as one Prebuilt: what it reads is the graph's inputs, what it hands back the
     values and extra tensors the backward reads and the outputs."""
 
-    def __init__(self, pb: prebuilt.Prebuilt, keys: list, extra: list, dynamic: frozenset[str], steps: int) -> None:
+    def __init__(self, pb: prebuilt.Prebuilt, keys: list, extra: list, dynamic: frozenset[str], steps: int,
+                 saved: tuple[tuple, tuple], outputs: list[Value]) -> None:
         self.prebuilt, self.keys, self.extra, self.dynamic = pb, keys, extra, dynamic
         self.replayed = steps  # steps whose launches replay: all
+        # Where in the results lie what the backward reads (`saved`: the executable's saved keys; those this
+        # forward has, as `_GraphFunction.forward` saves them) and the graph's outputs.
+        at = {k: i for i, k in enumerate(keys)}
+        at.update((k, len(keys) + i) for i, k in enumerate(extra))
+        self.saved_keys = ([v for v in saved[0] if v in at],  # extras only where a tensor, as the general path
+                           [k for k in saved[1] if k in at and pb.results[at[k]] is not None])
+        self.saved_at = [at[k] for k in (*self.saved_keys[0], *self.saved_keys[1])]
+        self.outputs_at = [at[v] for v in outputs]
 
     def __call__(self, tensors: tuple[torch.Tensor, ...], batch: int | None) -> Env:
         out = self.prebuilt.run(list(tensors))

@@ -273,14 +273,19 @@ def linear_relu_backward(
         args = (dy, y, w, dx, p.M, p.N, p.K, p.slope, *p.dx_strides)
         launch(_linear_relu_bwd_dx_kernel, p.dx_grid, *args, nbytes=p.moved("dx", args), **p.dx_meta)
     if needs_dw or needs_db:
-        n_dw, length, split = p.n_dw, p.length, p.split  # dw and db share one buffer, [dw | db]
-        # fp32 partials to be summed; a single part is the result itself, in the weight's dtype
-        parts = torch.empty((split, length), device=x.device, dtype=torch.float32 if split > 1 else w.dtype)
+        n_dw, length, split, N, K = p.n_dw, p.length, p.split, p.N, p.K
+        if split == 1:  # the one part is the result itself, in the weight's dtype: dw and db apart
+            dw = torch.empty((N, K), device=x.device, dtype=w.dtype) if needs_dw else None
+            db = torch.empty((N,), device=x.device, dtype=w.dtype) if needs_db else None
+            args = (dy, y, x, dw, db, p.M, p.N, p.K, p.m_per_split, p.slope, *p.dw_strides)
+            launch(_linear_relu_bwd_dw_kernel, p.dw_grid, *args, nbytes=p.moved("dw", args), **p.dw_meta)
+            return dx, dw, db
+        # fp32 partials, [dw | db] per slice, added in a fixed order
+        parts = torch.empty((split, length), device=x.device, dtype=torch.float32)
         args = (dy, y, x, parts if needs_dw else None, parts[:, n_dw:] if needs_db else None,
                 p.M, p.N, p.K, p.m_per_split, p.slope, *p.dw_strides)
         launch(_linear_relu_bwd_dw_kernel, p.dw_grid, *args, nbytes=p.moved("dw", args), **p.dw_meta)
-        out = parts[0] if split == 1 else sum_to(parts, (length,), batched=False, dtype=w.dtype)  # added in a fixed order
-        N, K = p.N, p.K
+        out = sum_to(parts, (length,), batched=False, dtype=w.dtype)
         dw = out[:n_dw].view(N, K) if needs_dw else None
         db = out[n_dw:] if needs_db else None
     return dx, dw, db

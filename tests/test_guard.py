@@ -141,3 +141,15 @@ def test_a_second_argument_that_stops_following_the_batch_is_a_new_key():
     got = c(x4, y4)  # a new batch on both: the guard's batch path
     ref = copy.deepcopy(fc).double()
     assert rel_err(got, F.mse_loss(ref(x4.double()).squeeze(1), y4.double())) <= TOL
+
+
+def test_an_argument_whose_fixed_dim_0_equals_a_new_batch_takes_the_full_key():
+    """The key's batch positions are the arguments whose dim 0 equals the first one's: w [6, 4] is fixed
+    beside x [8, 4], but beside x [6, 4] it is a batch position too, which only the full key sees."""
+    torch.manual_seed(0)
+    c = fusednn.compile(lambda x, w: torch.tanh(F.linear(x, w)))
+    w = torch.randn(6, 4)
+    for b in (8, 8, 6, 6, 5):
+        x = torch.randn(b, 4)
+        assert rel_err(c(x, w), torch.tanh(F.linear(x.double(), w.double()))) <= TOL, b
+        assert c._fnn_last_key[1:] == (((0, 1) if b == 6 else (0,)), b), b

@@ -90,6 +90,25 @@ def test_replayed_calls_match_float64_torch(name, monkeypatch):
             _no_general_path(c, monkeypatch)
 
 
+def test_a_gradient_that_is_a_whole_allocation_is_allocated_with_its_shape():
+    # LeNet's conv weight gradients are written as [1, K, C*R*S] and handed back as [K, C, R, S]: the replay
+    # allocates them as [K, C, R, S] (no view per call); each matches torch on every replay.
+    torch.manual_seed(0)
+    model = MODELS["lenet"]()
+    ref = copy.deepcopy(model).double()
+    c = fusednn.compile(model)
+    for call in range(3):
+        x = torch.randn(2, 1, 32, 32)
+        c(x).sum().backward()
+        ref(x.double()).sum().backward()
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert p.grad.shape == q.shape and rel_err(p.grad, q.grad) < 1e-5, (call, n)
+            p.grad = q.grad = None
+    [(whole, _)] = c._last().executable.backward_programs.values()
+    conv_w = [d for d in whole.results if d is not None and len(d.shape) == 4]
+    assert len(conv_w) == 2 and all(d.exact for d in conv_w)
+
+
 class _TwiceCumulative(torch.nn.Module):
     """A cumulative-average batch norm (momentum=None: its factor is 1 / num_batches_tracked, read after the
     counter's in-place add) called twice per forward: the replayed adds must land between the right launches."""
@@ -116,6 +135,38 @@ def test_replayed_batch_norm_counters_and_cumulative_statistics_match_torch():
         assert rel_err(model.bn.running_mean, ref.bn.running_mean) < 1e-5, call
         assert rel_err(model.bn.running_var, ref.bn.running_var) < 1e-5, call
     assert hasattr(list(c._last().executable.programs.values())[0], "prebuilt")  # replayed whole
+
+
+class _TwiceCounted(torch.nn.Module):
+    """Batch norms with a momentum: each call of one counts a batch, in the next training batch norm's kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.bn2 = torch.nn.BatchNorm2d(4, momentum=0.3)
+
+    def forward(self, x):
+        return self.bn2(torch.relu(self.bn(torch.relu(self.bn(self.conv(x))))))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_batch_counters_counted_in_batch_norm_kernels_match_torch(fuse):
+    # No host `add_` per batch norm: each `num_batches_tracked.add_(1)` whose count nothing reads is made by
+    # a batch norm's kernel; the same module called twice counts twice, on every replay.
+    torch.manual_seed(0)
+    model = _TwiceCounted()
+    ref = copy.deepcopy(model).double()
+    c = fusednn.compile(model, fuse=fuse)
+    for call in range(3):
+        x = torch.randn(2, 3, 6, 6)
+        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+        assert model.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 2 * (call + 1)
+        assert model.bn2.num_batches_tracked.item() == ref.bn2.num_batches_tracked.item() == call + 1
+        for b, r in zip(model.buffers(), ref.buffers()):
+            assert rel_err(b, r) < 1e-5, call
+    whole = list(c._last().executable.programs.values())[0].prebuilt
+    assert [a for ln in whole.launches for a in ln.adds] == [] and whole.adds_last == ()
 
 
 def _alias_fn(a, b):

@@ -48,6 +48,7 @@ class BatchNormSpec:
     act_params: tuple[float, ...] = ()  # its parameters, in the order its `_<act>` helper takes them
     residual: bool = False  # y = act(bn(x) + residual), the residual of x's shape
     partials: bool = False  # batch statistics from the producing conv's per-tile partials (module docstring)
+    count: int = 0  # added to num_batches_tracked by program (0, 0) with the running statistics' update
 
     @property
     def batch_stats(self) -> bool:
@@ -99,8 +100,13 @@ def generate(spec: BatchNormSpec) -> str:
                "invstd_ptr,  # [C] 1/sqrt(var + eps) used, saved for backward"]
     args += ["y", "save_mean", "save_invstd"]
     cma = update and spec.momentum is None
+    if spec.count and (not update or cma):
+        raise ValueError("batch_norm: a kernel counts batches only with the running statistics' update at a momentum")
     if cma:
         params.append("count_ptr,  # [] int64 num_batches_tracked, already counted: the factor is 1/count")
+        args.append("counter")
+    elif spec.count:
+        params.append(f"count_ptr,  # [] int64 num_batches_tracked, += {spec.count} here (BatchNorm's count of batches)")
         args.append("counter")
     if spec.partials:
         params += ["st_ptr,  # float32 [T * (2 * C + 1)]: the conv's per-tile means [T, C], sums of squared "
@@ -231,6 +237,10 @@ def _emit_update(s: Source, spec: BatchNormSpec) -> None:
         s.writeline("momentum = 1.0 / tl.load(count_ptr).to(tl.float32)")
     else:
         s.writeline("momentum = MOMENTUM")
+    if spec.count:
+        s.writeline("if tl.program_id(0) + tl.program_id(1) == 0:  # num_batches_tracked, counted once")
+        with s.indent():
+            s.writeline(f"tl.store(count_ptr, tl.load(count_ptr) + {spec.count})")
     s.writelines(
         """
         # running stats exactly as torch: running_var takes the unbiased variance

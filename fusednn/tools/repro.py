@@ -77,15 +77,16 @@ def record_step(spec: Any, named: dict[str, torch.Tensor], with_sgd: bool = True
             start = len(rec)
             step.run(env)
             n = step.node
-            u = Unit("forward", n.label(), [n], module=n.module, source=n.source)
+            u = Unit("forward", n.label(), [*step.also, n], module=n.module, source=n.source)
             u.launches = rec[start:]
-            for v in [*n.inputs, n.out]:
+            for v in [*(v for a in step.also for v in (*a.inputs, a.out)), *n.inputs, n.out]:
                 if v is not None and v in env.values:
                     u.tensors[_val(v)] = env.values[v]
+            u.outputs = [_val(a.inputs[0]) for a in step.also]  # a batch counter, counted in place
             for (v, key), t in env.extra.items():
                 if (v is n.out or (v, key) in step.extra_reads) and isinstance(t, torch.Tensor):
                     u.tensors[f"{key}:{_val(v)}"] = t
-            u.outputs = [k for k in u.tensors if k == _val(n.out) or k.endswith(":" + _val(n.out))]
+            u.outputs += [k for k in u.tensors if k == _val(n.out) or k.endswith(":" + _val(n.out))]
             if n.op in ("batch_norm", "batch_norm_act") and n.attrs["training"] and n.inputs[1] is not None:
                 u.outputs += [_val(n.inputs[1]), _val(n.inputs[2])]  # running statistics, in place
             units.append(u)
