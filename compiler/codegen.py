@@ -420,22 +420,22 @@ def _lower_batch_norm(n: Node, precision: str, counts: Node | None = None) -> St
 def _counters_in_kernels(graph: Graph) -> dict[Node, Node]:
     """{training batch norm: the batch counter step it makes}. A BatchNorm's `num_batches_tracked.add_(1)` is
     made by the next training batch norm's kernel that updates running statistics at a momentum, once, in
-    program (0, 0): no host op and no extra launch per batch norm. Only where nothing between them (that
-    batch norm included) reads the counter but another count (adds commute), so every read of it sees what
-    it sees in torch; any other counter stays a host `add_`."""
-    counter: dict[Value, Value] = {}  # a counted value -> the buffer it is
+    program (0, 0): no host op and no extra launch per batch norm. Only for a counter nothing in the graph
+    reads but its counts (no view, no momentum=None batch norm, no output, no op run in torch that could
+    hold it), so no read can tell where the count was made; any other counter stays a host `add_`."""
+    if any(REGISTRY[n.op].lower == "eager" for n in graph.nodes):
+        return {}
+    counter: dict[Value, Value] = {}  # a value that is a buffer's memory -> that buffer
     for n in graph.nodes:
-        if n.op == "count_":
+        if n.op == "count_" or REGISTRY[n.op].lower == "reshape":
             counter[n.out] = counter.get(n.inputs[0], n.inputs[0])
-    outputs = set(graph.outputs)
+    read = {counter.get(v, v) for n in graph.nodes if n.op != "count_" for v in n.inputs if v is not None}
+    read |= {counter.get(v, v) for v in graph.outputs}
     made: dict[Node, Node] = {}
     for i, c in enumerate(graph.nodes):
-        if c.op != "count_" or c.out in outputs:
+        if c.op != "count_" or counter[c.out] in read:
             continue
-        buffer = counter[c.out]
         for m in graph.nodes[i + 1:]:
-            if m.op != "count_" and any(v is not None and counter.get(v, v) is buffer for v in m.inputs):
-                break  # a read of the counter
             if (REGISTRY[m.op].lower == "batch_norm" and m.attrs["training"] and m.inputs[1] is not None
                     and m.attrs["momentum"] is not None and m not in made and not empty_node(m)):
                 made[m] = c

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -379,11 +380,16 @@ def _dict_versions() -> Callable[[dict], int] | None:
 
 
 _DICT_VERSION = _dict_versions()
+_DICT_OF = operator.attrgetter("__dict__")
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 def _flat_dict(v: Any) -> bool:
-    """A dict whose values hold no container: its version tag then changes whenever its contents do."""
-    return type(v) in (dict, collections.OrderedDict) and not any(isinstance(e, (list, dict, set)) for e in v.values())
+    """A plain dict whose values are no containers: its version tag then changes whenever what it holds does
+    (not an OrderedDict: `move_to_end` reorders one and leaves its tag)."""
+    return type(v) is dict and not any(isinstance(e, _CONTAINERS) for e in v.values())
 
 
 class _Guard:
@@ -401,7 +407,7 @@ class _Guard:
     """
 
     __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch", "native", "names",
-                 "dicts", "versions", "empty", "containers", "order", "fixed0")
+                 "dicts", "versions", "empty", "containers", "order", "fixed0", "subs", "attrs")
 
     @staticmethod
     def _tensor_state(t: torch.Tensor) -> tuple:
@@ -421,7 +427,7 @@ class _Guard:
         # dim 0 of the other arguments with a dim (fixed: the checks compare their shapes): a batch equal to
         # one would make it a batch position too (batching.batch_of), which the full key must then see
         g.fixed0 = {a.shape[0] for i, a in enumerate(args) if i not in batch_at and a.dim() > 0}
-        g.modules, g.entries, g.dicts, g.empty, g.containers = [], [], [], [], []
+        g.modules, g.entries, g.dicts, g.empty, g.containers, g.subs, g.attrs = [], [], [], [], [], [], []
         params, buffers = [], []
         for m in owner._fnn_modules:
             prefix = owner._fnn_prefix.get(id(m), "")
@@ -435,6 +441,8 @@ class _Guard:
                     snap[k] = dict(sub.__dict__[k])
                 g.modules.append((sub, snap))
                 attrs = sub.__dict__
+                g.subs.append(sub)
+                g.attrs.append(attrs)
                 mutable = [(k, v) for k, v in attrs.items() if isinstance(v, (list, dict, set))]
                 g.empty += [v for _, v in mutable if not v]  # most hook dicts: checked still empty
                 g.dicts += [attrs, *(v for _, v in mutable if v and _flat_dict(v))]  # compared by version tag
@@ -468,9 +476,11 @@ class _Guard:
         if len(args) != len(self.args):
             return None
         try:
-            # Every attribute dict, and flat dict in one, unchanged since the snapshot (by version tag, or still
-            # empty) and the other containers equal to theirs; else the slower comparison of each whole snapshot.
-            if self.versions is None or list(map(_DICT_VERSION, self.dicts)) != self.versions or any(self.empty) or \
+            # Every attribute dict the same object, it and each flat dict in it unchanged since the snapshot (by
+            # version tag, or still empty), the other containers equal to theirs; else the slower comparison
+            # of each whole snapshot.
+            if self.versions is None or any(map(operator.is_not, map(_DICT_OF, self.subs), self.attrs)) or \
+                    list(map(_DICT_VERSION, self.dicts)) != self.versions or any(self.empty) or \
                     any(attrs[k] != snap for attrs, k, snap in self.containers):
                 for sub, snap in self.modules:
                     if sub.__dict__ != snap:

@@ -331,7 +331,8 @@ class _Program:
 def _recorded_step(step: codegen.Step, label: str, env: Env, alias: dict[Value, Any]) -> Callable[[Env], None]:
     """Run a forward step on env, recording it: what later calls at this batch run instead of step.run."""
     before_values, before_extra = set(env.values), set(env.extra)
-    ins = list(dict.fromkeys(v for v in step.node.inputs if v is not None))
+    # what the step reads: its node's inputs, and those of the nodes its kernel also implements (a counter)
+    ins = list(dict.fromkeys(v for a in (*step.also, step.node) for v in a.inputs if v is not None))
     keys = [k for k in step.extra_reads if k in env.extra]
     reads = [env.values[v] for v in ins] + [env.extra[k] for k in keys]
     with launch.tagged(label), prebuilt.Capture(reads, [alias.get(v, v) for v in ins] + keys) as cap:

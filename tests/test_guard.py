@@ -7,6 +7,7 @@ thing, then calls twice more; every output is compared with the eager module in 
 """
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Callable
 
@@ -69,7 +70,31 @@ def _forward_hook(m: nn.Module) -> None:
     m.fc.register_forward_hook(lambda mod, inp, out: out * 3.0)
 
 
+class Nested(nn.Module):
+    """Attributes whose changes leave a dict's version tag as it was: a list inside a tuple inside a dict,
+    an OrderedDict reordered in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.cfg = {"scale": (1.0, [2.0])}
+        self.ops = collections.OrderedDict(a=2.0, b=3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x) * self.cfg["scale"][1][0]
+        for v in self.ops.values():
+            y = y * v + 1.0
+        return y
+
+
+def _replace_dict(m: nn.Module) -> None:
+    m.__dict__ = {**m.__dict__, "scale": 5.0}
+
+
 CASES = {  # name: (model factory, change, retraces)
+    "list in a tuple in a dict, in place": (Nested, lambda m: m.cfg["scale"][1].__setitem__(0, 5.0), True),
+    "OrderedDict reordered in place": (Nested, lambda m: m.ops.move_to_end("a"), True),
+    "attribute dict replaced": (Scaled, _replace_dict, True),
     "float attribute": (Scaled, _set("scale", 3.0), True),
     "private attribute": (Scaled, _set("_offset", -1.0), True),
     "callable attribute": (Scaled, _set("act", torch.tanh), True),

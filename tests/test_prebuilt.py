@@ -169,6 +169,34 @@ def test_batch_counters_counted_in_batch_norm_kernels_match_torch(fuse):
     assert [a for ln in whole.launches for a in ln.adds] == [] and whole.adds_last == ()
 
 
+class _CounterViewedBefore(torch.nn.Module):
+    """A view of a batch counter taken before its count and read after it: the count must stay where the
+    trace put it (a host add_), not move into the batch norm's kernel after the read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cnt", torch.zeros(1, dtype=torch.long))
+        self.bn = torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        v = self.cnt.view(1, 1)
+        self.cnt.add_(1)
+        return self.bn(x + v.float())
+
+
+def test_a_counter_read_through_a_view_sees_its_count():
+    torch.manual_seed(0)
+    model = _CounterViewedBefore()
+    ref = copy.deepcopy(model).double()
+    c = fusednn.compile(model, strict=False)  # .float() of an integer buffer runs in torch
+    for call in range(3):
+        x = torch.randn(4, 3)
+        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+        assert model.cnt.item() == ref.cnt.item() == call + 1
+        for b, r in zip(model.buffers(), ref.buffers()):
+            assert rel_err(b, r) < 1e-5, call
+
+
 def _alias_fn(a, b):
     return torch.tanh(a * 2.0 + b)
 
