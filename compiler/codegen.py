@@ -454,7 +454,8 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
               momentum=momentum, eps=n.attrs["eps"], weight=w is not None, bias=b is not None,
               track_running_stats=rm is not None, act=n.attrs.get("act", "none"),
               act_params=tuple(n.attrs.get("act_params", ())), residual=residual is not None,
-              partials=n.attrs.get("conv_stats", False), count=count)
+              partials=n.attrs.get("conv_stats", False), count=count,
+              tile_stats=(training or rm is None) and not n.attrs.get("conv_stats", False))
     partials = (x, "stats") if n.attrs.get("conv_stats") else None
 
     moved: dict = {}
@@ -470,6 +471,10 @@ def _batch_norm_step(n: Node, x: Value, rm: Value | None, rv: Value | None, w: V
                 _c(_get(env, residual)))
         if partials is not None:  # the conv's per-tile statistics of x (passes.conv_batch_stats)
             k.module.launch(*args, st=env.extra[partials])
+        elif hasattr(k.module, "stats_size"):  # batch statistics: per-tile partials, then normalise
+            st = env.extra[(n.out, "stats")] = torch.empty(k.module.stats_size(xt.shape[0]), dtype=torch.float32,
+                                                           device=xt.device)
+            k.module.launch(*args, st=st)
         else:
             k.module.launch(*args)
         _write_back(stats, work)

@@ -26,7 +26,7 @@ def bn_spec(shape, training, affine=True, track=True, momentum=MOMENTUM, eps=EPS
     name = "fnn_batch_norm_test"
     return BatchNormSpec(name, header(name, ["%2 batch_norm"], ["bn1"], "kernels/batch_norm.py"), ("%2 batch_norm",),
                          shape[0], shape[1], math.prod(shape[2:]), training, momentum, eps, weight=affine,
-                         bias=affine, track_running_stats=track)
+                         bias=affine, track_running_stats=track, tile_stats=training or not track)
 
 
 class Case:
@@ -50,7 +50,9 @@ class Case:
         """Run our forward (updating self.rm / self.rv in place); returns (y, save_mean, save_invstd)."""
         C = self.x.shape[1]
         y, mean, invstd = torch.empty_like(self.x), torch.empty(C), torch.empty(C)
-        load(generate(self.spec), self.spec.name).launch(self.x, self.w, self.b, self.rm, self.rv, y, mean, invstd)
+        module = load(generate(self.spec), self.spec.name)
+        st = {"st": torch.empty(module.stats_size(self.x.shape[0]))} if self.spec.tile_stats else {}
+        module.launch(self.x, self.w, self.b, self.rm, self.rv, y, mean, invstd, **st)
         return y, mean, invstd
 
     def backward(self, dy, mean, invstd, needs=(True, True, True)):
@@ -189,7 +191,7 @@ def test_batch_norm_cumulative_average_reads_the_counter_on_the_device():
         counter += 1
         C = shape[1]
         kernel.launch(case.x, case.w, case.b, case.rm, case.rv, torch.empty_like(case.x), torch.empty(C),
-                      torch.empty(C), counter)
+                      torch.empty(C), counter, st=torch.empty(kernel.stats_size(shape[0])))
         bn(case.x.double())
     assert rel_err(case.rm, bn.running_mean) <= RUNNING_TOL
     assert rel_err(case.rv, bn.running_var) <= RUNNING_TOL
@@ -200,7 +202,7 @@ def test_batch_norm_with_weight_or_bias_alone_matches_torch(weight):
     shape = (3, 4, 2, 3)
     case = Case(shape, True, True, True)
     case.spec = BatchNormSpec("fnn_batch_norm_test", case.spec.header, case.spec.labels, 3, 4, 6, True,
-                              weight=weight, bias=not weight)
+                              weight=weight, bias=not weight, tile_stats=True)
     if weight:
         case.b = None
     else:
@@ -240,14 +242,40 @@ def test_batch_norm_backward_sums_split_over_row_slices_match_torch_and_rerun_bi
         assert torch.equal(a, c)
 
 
+def test_batch_statistics_over_many_row_tiles_match_torch_and_rerun_bit_identically():
+    # At the GPU's tiles the statistics kernel writes one partial per 64-row tile (32 here, grid (32, 1))
+    # and the batch norm combines them in tile order over row slices: within an ulp of float64's mean on
+    # the same float32 values (a mean far from 0 against the spread), the running statistics as torch's,
+    # and the same bits on a rerun.
+    case = Case((8, 16, 16, 16), True, True, True)
+    with use_target("gpu"), recording() as launches:
+        y, mean, invstd = case.forward()
+    assert [(kernel_name(r.kernel), r.grid[0]) for r in launches] == [
+        ("fnn_batch_norm_test_stats", 32), ("fnn_batch_norm_test", 32)]
+    x64 = case.x.double()
+    m64, v64 = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    assert ((mean.double() - m64).abs() <= torch.finfo(torch.float32).eps * m64.abs()).all(), (mean.double() - m64)
+    assert rel_err(invstd, (v64 + EPS).rsqrt()) <= 1e-6
+    ref = F.batch_norm(x64, case.rm0.double(), case.rv0.double(), case.w.double(), case.b.double(), training=True,
+                       momentum=MOMENTUM, eps=EPS)
+    assert rel_err(y, ref) <= TOL
+    assert rel_err(case.rm, case.rm0.double() * (1 - MOMENTUM) + MOMENTUM * m64) <= RUNNING_TOL
+    assert rel_err(case.rv, case.rv0.double() * (1 - MOMENTUM) + MOMENTUM * x64.var((0, 2, 3))) <= RUNNING_TOL
+    case.rm, case.rv = case.rm0.clone(), case.rv0.clone()
+    with use_target("gpu"):
+        again = case.forward()
+    assert all(torch.equal(a, b) for a, b in zip((y, mean, invstd), again))
+
+
 def test_batch_norm_launches():
     case = Case((2, 3, 4, 4), True, True, True)
     with recording() as launches:
         _, mean, invstd = case.forward()
         case.backward(torch.randn_like(case.x), mean, invstd)
-    # forward: statistics, running stats and y in one kernel; backward: the channel sums, then dx
+    # forward: per-tile statistics, then their combination, running stats and y; backward: the channel
+    # sums, then dx
     assert [kernel_name(r.kernel) for r in launches] == [
-        "fnn_batch_norm_test", "_batch_norm_bwd_dwdb_kernel", "_batch_norm_bwd_dx_kernel"]
+        "fnn_batch_norm_test_stats", "fnn_batch_norm_test", "_batch_norm_bwd_dwdb_kernel", "_batch_norm_bwd_dx_kernel"]
 
 
 def test_generated_batch_norm_source_has_header_labels_and_launch():
@@ -257,7 +285,8 @@ def test_generated_batch_norm_source_has_header_labels_and_launch():
     assert "# %2 batch_norm\n" in text
     assert f"def {spec.name}(" in text
     assert ("\ndef launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None, "
-            "residual=None, nbytes=None):") in text
+            "residual=None, st=None, nbytes=None):") in text
+    assert f"def {spec.name}_stats(" in text and "\ndef stats_size(n):" in text
     compile(text, spec.name, "exec")
 
 
@@ -275,8 +304,8 @@ def test_batch_norm_kernels_compile_for_sm90_without_spills():
             case.backward(case.x, mean, invstd)
 
     compiled = aot.compile_launches(aot.collect(program))
-    assert {c.name for c in compiled} == {"fnn_batch_norm_test", "_batch_norm_bwd_dwdb_kernel",
-                                          "_batch_norm_bwd_dx_kernel"}
+    assert {c.name for c in compiled} == {"fnn_batch_norm_test_stats", "fnn_batch_norm_test",
+                                          "_batch_norm_bwd_dwdb_kernel", "_batch_norm_bwd_dx_kernel"}
     for c in compiled:
         assert not c.resources.spills, c.resources
 

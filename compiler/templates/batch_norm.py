@@ -1,18 +1,17 @@
 """Forward template for batch norm over x viewed as contiguous [N, C, inner] (inner = H*W, or 1 for [N, C]).
 
 A channel's statistics run over its M = N*inner values. With batch statistics (training, or no running
-stats) each program owns BLOCK_C channels and walks all M rows itself, in a fixed order, three times:
-sum (mean), sums of deviations and their squares (corrected two-pass mean and variance: no
-E[x²] − E[x]² cancellation), normalise.
-Everything is deterministic and the whole op is one launch. With running statistics (eval) the op is
-pointwise per channel and the grid also splits the rows.
-
-Where a conv produces x (`partials`, passes.conv_batch_stats), its epilogue has already written per tile of
-rows the mean and the sum of squared deviations of each channel (compiler/templates/conv.py `stats`). The
-kernel then never walks x for the statistics: each program combines the tiles' partials in tile order
+stats) they come from per tile of rows partials: each tile's mean and sum of squared deviations per
+channel and its row count (corrected two-pass in registers: no E[x²] − E[x]² cancellation, the mean
+corrected for the rounding of its sum). Where a conv produces x (`partials`, passes.conv_batch_stats), its
+epilogue has already written them (compiler/templates/conv.py `stats`); otherwise (`tile_stats`) a first
+kernel of this module writes them, one program per tile and channel block (`_emit_tile_stats`). The batch
+norm kernel never walks x for the statistics: each program combines the tiles' partials in tile order
 (Chan, Golub & LeVeque: mean = Σ nₜ meanₜ / M, M2 = Σ M2ₜ + nₜ (meanₜ − mean)²), the same bits in every
 program, and normalises its own slice of rows; the first row slice saves the statistics and updates the
-running ones. The grid splits the rows (configs.normalize_split), so the whole GPU works on it.
+running ones. Both grids split the rows (configs.normalize_split), so the whole GPU works on it, and
+everything is deterministic. With running statistics (eval) the op is pointwise per channel and the grid
+also splits the rows.
 
 The normalise pass may go on, in registers, with what follows the batch norm in a network (the
 `batch_norm_act` group of passes.fuse_batch_norm): a residual add (the other operand read once) and any
@@ -48,6 +47,7 @@ class BatchNormSpec:
     act_params: tuple[float, ...] = ()  # its parameters, in the order its `_<act>` helper takes them
     residual: bool = False  # y = act(bn(x) + residual), the residual of x's shape
     partials: bool = False  # batch statistics from the producing conv's per-tile partials (module docstring)
+    tile_stats: bool = False  # batch statistics from partials its own first kernel writes (`_emit_tile_stats`)
     count: int = 0  # added to num_batches_tracked by program (0, 0) with the running statistics' update
 
     @property
@@ -77,8 +77,11 @@ def generate(spec: BatchNormSpec) -> str:
     use_running = not spec.batch_stats
     if spec.act != "none" and spec.act not in SAVES:
         raise ValueError(f"batch_norm: unknown activation {spec.act!r}")
-    if spec.partials and not spec.batch_stats:
+    if (spec.partials or spec.tile_stats) and not spec.batch_stats:
         raise ValueError("batch_norm: per-tile partial statistics are for batch statistics")
+    if spec.batch_stats and not (spec.partials or spec.tile_stats):
+        raise ValueError("batch_norm: batch statistics come from per-tile partials (the conv's, or tile_stats)")
+    partials = spec.partials or spec.tile_stats
     params = ["x_ptr,  # [N, C, INNER] input, contiguous"]
     args = ["x"]
     if spec.residual:
@@ -108,10 +111,10 @@ def generate(spec: BatchNormSpec) -> str:
     elif spec.count:
         params.append(f"count_ptr,  # [] int64 num_batches_tracked, += {spec.count} here (BatchNorm's count of batches)")
         args.append("counter")
-    if spec.partials:
-        params += ["st_ptr,  # float32 [T * (2 * C + 1)]: the conv's per-tile means [T, C], sums of squared "
+    if partials:
+        params += ["st_ptr,  # float32 [T * (2 * C + 1)]: per row tile, the means [T, C], sums of squared "
                    "deviations [T, C], row counts [T]",
-                   "T,  # row tiles of the conv",
+                   "T,  # row tiles of the partials",
                    "ROWS,  # rows per program, a multiple of BLOCK_R"]
         args += ["st", "st.numel() // " + str(2 * spec.C + 1), "rows"]
     params.append("N,  # batch, a runtime int: statistics divide by the actual N * INNER")
@@ -119,7 +122,7 @@ def generate(spec: BatchNormSpec) -> str:
     if update and not cma:
         params.append("MOMENTUM: tl.constexpr,")
     params += ["BLOCK_R: tl.constexpr,", "BLOCK_C: tl.constexpr,"]
-    if spec.partials:
+    if partials:
         params.append("BLOCK_T: tl.constexpr,")
 
     s = Source()
@@ -139,7 +142,9 @@ def generate(spec: BatchNormSpec) -> str:
         s.writeline(f"from fusednn.kernels.activation import _{spec.act}")
     s.writeline()
     s.writeline()
-    runtime = '["N", "T", "ROWS"]' if spec.partials else '["N"]'
+    if spec.tile_stats:
+        _emit_tile_stats(s, spec)
+    runtime = '["N", "T", "ROWS"]' if partials else '["N"]'
     s.writeline(f'@triton.jit(do_not_specialize={runtime})  # one compiled kernel for every batch size')
     s.writeline(f"def {spec.name}(")
     with s.indent():
@@ -158,23 +163,34 @@ def generate(spec: BatchNormSpec) -> str:
             s.writeline(f"# {label}")
         if use_running:
             _emit_eval(s, spec)
-        elif spec.partials:
-            _emit_partials(s, spec, update)
         else:
-            _emit_train(s, spec, update)
+            _emit_partials(s, spec, update)
     s.writeline()
     s.writeline()
+    cfg = f"configs.reduce_cols({M}, {spec.C}{', heavy=True' if heavy_act(spec.act) else ''})"
+    if spec.tile_stats:
+        s.writelines(f'''
+            def stats_size(n):
+                """Floats of the statistics partials `st` at batch n: T row tiles x (2 C + 1)."""
+                return configs.cdiv(n * {spec.inner}, {cfg}["BLOCK_R"]) * {2 * spec.C + 1}
+        ''')
+        s.writeline()
+        s.writeline()
     s.writeline("def launch(x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, counter=None, "
-                f"residual=None, {'st=None, ' if spec.partials else ''}nbytes=None):")
+                f"residual=None, {'st=None, ' if partials else ''}nbytes=None):")
     with s.indent():
         mode = "running" if use_running else "batch"
         then = "".join([" + residual" if spec.residual else "", f", then {spec.act}" if spec.act != "none" else ""])
+        st_doc = "; st: `stats_size(n)` floats, written then read" if spec.tile_stats else ""
         s.writeline(f'"""batch_norm of [N, {spec.C}, {spec.inner}] with {mode} statistics{then} into y, '
-                    f'save_mean, save_invstd; any batch N (the tiles are picked at N = {spec.N})."""')
+                    f'save_mean, save_invstd; any batch N (the tiles are picked at N = {spec.N}){st_doc}."""')
         s.writeline("n = x.shape[0]")
-        s.writeline(f"cfg = configs.reduce_cols({M}, {spec.C}{', heavy=True' if heavy_act(spec.act) else ''})")
+        s.writeline(f"cfg = {cfg}")
         rows_grid = f'configs.cdiv(n * {spec.inner}, cfg["BLOCK_R"])' if use_running else "1"
-        if spec.partials:
+        if spec.tile_stats:
+            s.writeline(f'run_kernel({spec.name}_stats, (configs.cdiv(n * {spec.inner}, cfg["BLOCK_R"]), '
+                        f'configs.cdiv({spec.C}, cfg["BLOCK_C"])), x, st, n, C={spec.C}, INNER={spec.inner}, **cfg)')
+        if partials:
             s.writeline(f'split = configs.normalize_split(n * {spec.inner}, configs.cdiv({spec.C}, cfg["BLOCK_C"]), '
                         f'cfg["BLOCK_R"], st.numel() // {2 * spec.C + 1})')
             s.writeline(f'rows = configs.cdiv(configs.cdiv(n * {spec.inner}, split), cfg["BLOCK_R"]) * cfg["BLOCK_R"]')
@@ -184,51 +200,54 @@ def generate(spec: BatchNormSpec) -> str:
         meta = f"C={spec.C}, INNER={spec.inner}, EPS={spec.eps!r}"
         if update and not cma:
             meta += f", MOMENTUM={spec.momentum!r}"
-        if spec.partials:
+        if partials:
             meta += ", BLOCK_T=32"
         s.writeline(f"run_kernel({spec.name}, grid, {', '.join(args)}, {meta}, nbytes=nbytes, **cfg)")
     return s.getvalue()
 
 
-def _emit_train(s: Source, spec: BatchNormSpec, update: bool) -> None:
-    """Batch statistics: grid (1, channel blocks); each program walks all M rows three times."""
-    s.writeline("acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)")
-    s.writeline("for r0 in range(0, M, BLOCK_R):")
-    with s.indent():
-        s.writelines(_TILE)
-        s.writeline("acc += x")
-    s.writeline("mean = tl.sum(acc, axis=0) / M")
+def _emit_tile_stats(s: Source, spec: BatchNormSpec) -> None:
+    """The statistics kernel of a batch norm whose input no conv epilogue summarised: grid (row tiles of
+    BLOCK_R, channel blocks), each program writes its tile's per-channel mean and sum of squared deviations
+    (corrected two-pass in registers) and row count, in the conv epilogue's layout (templates/conv.py
+    `_stats_lines`), for `_emit_partials` to combine in tile order. Spread over the whole GPU: a program
+    per channel block walking all N * INNER rows would leave all but a few SMs idle."""
     s.writelines(
-        """
-        # second pass: deviations d from that mean, Σd² (no E[x²] − E[x]² cancellation) and Σd, which
-        # corrects the mean for the rounding of the first sum (corrected two-pass, Chan, Golub & LeVeque)
-        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        acc_d = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, M, BLOCK_R):
+        f"""
+        @triton.jit(do_not_specialize=["N"])  # one compiled kernel for every batch size
+        def {spec.name}_stats(
+            x_ptr,  # [N, C, INNER] input, contiguous
+            st_ptr,  # float32 [T * (2 * C + 1)] out: per row tile, means [T, C], sums of squared deviations [T, C], rows [T]
+            N,  # batch, a runtime int
+            C: tl.constexpr,
+            INNER: tl.constexpr,
+            BLOCK_R: tl.constexpr,
+            BLOCK_C: tl.constexpr,
+        ):
+            M = N * INNER
+            T = tl.num_programs(0)
+            t = tl.program_id(0)
+            chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_ok = chans < C
+            r0 = t * BLOCK_R
         """
     )
     with s.indent():
         s.writelines(_TILE)
-        s.writeline("d = tl.where(mask, x - mean[None, :], 0.0)")
-        s.writeline("acc += d * d")
-        s.writeline("acc_d += d")
-    s.writelines(
-        """
-        sum_d = tl.sum(acc_d, axis=0)
-        mean += sum_d / M
-        var = (tl.sum(acc, axis=0) - sum_d * sum_d / M) / M  # biased: what normalises
-        invstd = 1.0 / tl.sqrt(var + EPS)
-        tl.store(mean_ptr + chans, mean, mask=c_ok)
-        tl.store(invstd_ptr + chans, invstd, mask=c_ok)
-        """
-    )
-    if update:
-        _emit_update(s, spec)
-    y = _emit_scale(s, spec)
-    s.writeline("for r0 in range(0, M, BLOCK_R):")
-    with s.indent():
-        s.writelines(_TILE)
-        _emit_store(s, spec, y)
+        s.writelines(
+            """
+            n_rows = tl.minimum(M - r0, BLOCK_R).to(tl.float32)
+            mean = tl.sum(x, axis=0) / n_rows
+            dev = tl.where(mask, x - mean[None, :], 0.0)
+            sum_dev = tl.sum(dev, axis=0)  # corrects the mean for the rounding of the first sum
+            tl.store(st_ptr + t * C + chans, mean + sum_dev / n_rows, mask=c_ok)
+            tl.store(st_ptr + (T + t) * C + chans, tl.sum(dev * dev, axis=0) - sum_dev * sum_dev / n_rows, mask=c_ok)
+            if tl.program_id(1) == 0:
+                tl.store(st_ptr + 2 * T * C + t, n_rows)
+            """
+        )
+    s.writeline()
+    s.writeline()
 
 
 def _emit_update(s: Source, spec: BatchNormSpec) -> None:
@@ -265,10 +284,11 @@ t_mean = tl.load(st_ptr + t_at, mask=t_mask, other=0.0)
 
 
 def _emit_partials(s: Source, spec: BatchNormSpec, update: bool) -> None:
-    """Batch statistics from the conv's per-tile partials; grid (row slices, channel blocks)."""
+    """Batch statistics from per-tile partials (a conv epilogue's, or `_emit_tile_stats`'s); grid (row
+    slices, channel blocks)."""
     s.writelines(
         """
-        # the statistics from the conv's per-tile partials, combined in tile order (every program alike)
+        # the statistics from the per-tile partials, combined in tile order (every program alike)
         acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
         """

@@ -346,12 +346,14 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 def extra(key, node, env, shape):
     """An extra tensor a kernel writes next to a node's output, from the reference forward."""
     op, ins, a, out = node
-    if key == "stats":  # a conv's per-tile partial statistics of its output [N, K, ...]: see conv.py `stats`
-        y = env[out].detach()
+    if key == "stats":  # per-tile partial statistics of a conv's output [N, K, ...] (conv.py `stats`) or of a
+        # batch norm's input (batch_norm.py `tile_stats`)
+        y = env[ins[0] if op in ("batch_norm", "batch_norm_act") else out].detach()
         flat = y.transpose(0, 1).reshape(y.shape[1], -1)  # [K, M], rows in (n, h, w) order
         m = flat.shape[1]
         tiles = shape[0] // (2 * flat.shape[0] + 1)
-        rows = SPEC["meta"].get("BLOCK_M", 0)  # the conv's own tiles, else any tiling of the same count
+        # the kernel's own tiles, else any tiling of the same count
+        rows = SPEC["meta"].get("BLOCK_M", 0) or SPEC["meta"].get("BLOCK_R", 0)
         rows = rows if rows and -(-m // rows) == tiles else -(-m // tiles)
         parts = [flat[:, t * rows:(t + 1) * rows] for t in range(tiles)]
         mean = torch.stack([p.mean(1) if p.shape[1] else torch.zeros(p.shape[0]) for p in parts])
