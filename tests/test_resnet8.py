@@ -12,7 +12,7 @@ import torch
 
 import fusednn
 from fusednn.models import MODELS, ResNet8
-from tests.helpers import rel_err
+from tests.helpers import rel_err, relu_margin
 
 
 def _tol(f32: torch.Tensor, f64: torch.Tensor) -> float:
@@ -38,6 +38,8 @@ def test_resnet8_output_gradients_and_running_stats_match_torch_float64(fuse, tr
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, in_channels, 32, 32)
+    while relu_margin(net, x) < 1e-5:  # no ReLU input within float32's rounding of the kink
+        x = torch.randn(2, in_channels, 32, 32)
     eager32, eager64 = copy.deepcopy(net), copy.deepcopy(net).double()
     compiled = fusednn.compile(net, fuse=fuse)
 
