@@ -127,11 +127,11 @@ class Specialization:
         user = [a for a in args if isinstance(a, torch.Tensor)]
         return self._unflatten(self.executable(user, tensors, checked))
 
-    def run_inputs(self, inputs: list[torch.Tensor]) -> Any:
+    def run_inputs(self, inputs: list[torch.Tensor], requires_grad: bool) -> Any:
         """Run on the graph's inputs in order (the call's tensors, then parameters and buffers), as checked
-        by the steady-state guard (`_Guard.order`)."""
+        by the steady-state guard (`_Guard.order`); requires_grad: whether any of them does."""
         self.calls += 1
-        return self._unflatten(self.executable.run_inputs(inputs))
+        return self._unflatten(self.executable.run_inputs(inputs, requires_grad))
 
     def _unflatten(self, flat: list[torch.Tensor]) -> Any:
         if self._leaf:  # one tensor out (a loss, logits): no tree to rebuild
@@ -407,7 +407,8 @@ class _Guard:
     """
 
     __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch", "native", "names",
-                 "dicts", "versions", "empty", "containers", "order", "fixed0", "subs", "attrs")
+                 "dicts", "versions", "empty", "containers", "order", "fixed0", "subs", "attrs", "requires_grad",
+                 "owners", "keys")
 
     @staticmethod
     def _tensor_state(t: torch.Tensor) -> tuple:
@@ -457,6 +458,9 @@ class _Guard:
         g.checks = [(t.shape, cls._tensor_state(t)) for t in tensors.values()]
         g.args = [(a.shape[1:] if i in batch_at else a.shape, cls._tensor_state(a)) for i, a in enumerate(args)]
         g.names = [e[0] for e in g.entries]
+        g.owners, g.keys = [e[1] for e in g.entries], [e[2] for e in g.entries]  # live: owners[i][keys[i]]
+        # the checks fix every tensor's requires_grad: whether any does, for the autograd decision
+        g.requires_grad = any(t.requires_grad for t in (*args, *tensors.values()))
         g.versions = None if _DICT_VERSION is None else list(map(_DICT_VERSION, g.dicts))
         # The live tensors' positions in the graph's inputs after the call's (a Triton executable's order)
         at = {n: i for i, n in enumerate(g.names)}
@@ -488,7 +492,7 @@ class _Guard:
         except Exception:  # an attribute whose == raises (a tensor attribute or parameter replaced): the full key
             return None
         if self.native is not None:
-            live = [d[k] for _, d, k in self.entries]
+            live = list(map(dict.__getitem__, self.owners, self.keys))
             if not self.native.check(*args, *live):
                 return None
             if self.batch_at:
@@ -551,7 +555,7 @@ class _Compiled:
             live = guard.live(args)
             if live is not None:  # nothing the key reads has changed since the last call
                 if guard.order is not None:
-                    return guard.spec.run_inputs([*args, *[live[i] for i in guard.order]])
+                    return guard.spec.run_inputs([*args, *[live[i] for i in guard.order]], guard.requires_grad)
                 return guard.spec.run(dict(zip(guard.names, live)), args, checked=True)
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)

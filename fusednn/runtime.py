@@ -229,11 +229,11 @@ class TritonExecutable:
         tensors = user + [named[n] for n in self._param_names]
         if not checked:
             self._check(tensors)
-        return self.run_inputs(tensors)
+        return self.run_inputs(tensors, any(t.requires_grad for t in tensors))
 
-    def run_inputs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run on the graph's inputs in order, their dtypes checked."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    def run_inputs(self, tensors: list[torch.Tensor], requires_grad: bool) -> list[torch.Tensor]:
+        """Run on the graph's inputs in order, their dtypes checked; requires_grad: whether any of them does."""
+        if requires_grad and torch.is_grad_enabled():
             self.last_run = self
             return list(_GraphFunction.apply(self, *tensors))
         exe = self.inference_executable()
