@@ -420,9 +420,10 @@ def _lower_batch_norm(n: Node, precision: str, counts: Node | None = None) -> St
 def _counters_in_kernels(graph: Graph) -> dict[Node, Node]:
     """{training batch norm: the batch counter step it makes}. A BatchNorm's `num_batches_tracked.add_(1)` is
     made by the next training batch norm's kernel that updates running statistics at a momentum, once, in
-    program (0, 0): no host op and no extra launch per batch norm. Only for a counter nothing in the graph
-    reads but its counts (no view, no momentum=None batch norm, no output, no op run in torch that could
-    hold it), so no read can tell where the count was made; any other counter stays a host `add_`."""
+    program (0, 0): no host op and no extra launch per batch norm. Only for a one-element counter nothing
+    in the graph reads but its counts (no view, no momentum=None batch norm, no output, no op run in torch
+    that could hold it), so no read can tell where the count was made; any other counter stays a host
+    `add_`."""
     if any(REGISTRY[n.op].lower == "eager" for n in graph.nodes):
         return {}
     counter: dict[Value, Value] = {}  # a value that is a buffer's memory -> that buffer
@@ -433,8 +434,8 @@ def _counters_in_kernels(graph: Graph) -> dict[Node, Node]:
     read |= {counter.get(v, v) for v in graph.outputs}
     made: dict[Node, Node] = {}
     for i, c in enumerate(graph.nodes):
-        if c.op != "count_" or counter[c.out] in read:
-            continue
+        if c.op != "count_" or counter[c.out] in read or c.inputs[0].type.numel != 1:
+            continue  # (the kernel counts one element: num_batches_tracked's)
         for m in graph.nodes[i + 1:]:
             if (REGISTRY[m.op].lower == "batch_norm" and m.attrs["training"] and m.inputs[1] is not None
                     and m.attrs["momentum"] is not None and m not in made and not empty_node(m)):

@@ -459,13 +459,14 @@ class _Guard:
         g.args = [(a.shape[1:] if i in batch_at else a.shape, cls._tensor_state(a)) for i, a in enumerate(args)]
         g.names = [e[0] for e in g.entries]
         g.owners, g.keys = [e[1] for e in g.entries], [e[2] for e in g.entries]  # live: owners[i][keys[i]]
-        # the checks fix every tensor's requires_grad: whether any does, for the autograd decision
-        g.requires_grad = any(t.requires_grad for t in (*args, *tensors.values()))
         g.versions = None if _DICT_VERSION is None else list(map(_DICT_VERSION, g.dicts))
         # The live tensors' positions in the graph's inputs after the call's (a Triton executable's order)
         at = {n: i for i, n in enumerate(g.names)}
         order = getattr(spec.executable, "_param_names", None)
         g.order = [at[n] for n in order] if order is not None and all(n in at for n in order) else None
+        # the checks fix every tensor's requires_grad: whether any the graph reads does (autograd records it)
+        g.requires_grad = any(t.requires_grad for t in args) or (
+            g.order is not None and any(tensors[n].requires_grad for n in order))
         # The same reads, and stricter (strides, dispatch keys), in one C++ call where torch has it
         g.native = _tensor_guards([*args, *tensors.values()], set(batch_at))
         return g

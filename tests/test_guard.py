@@ -178,3 +178,20 @@ def test_an_argument_whose_fixed_dim_0_equals_a_new_batch_takes_the_full_key():
         x = torch.randn(b, 4)
         assert rel_err(c(x, w), torch.tanh(F.linear(x.double(), w.double()))) <= TOL, b
         assert c._fnn_last_key[1:] == (((0, 1) if b == 6 else (0,)), b), b
+
+
+def test_a_parameter_the_graph_does_not_read_does_not_make_calls_record_autograd():
+    """Only the graph's inputs decide whether autograd records a call: a frozen eval conv + batch norm next
+    to an unused layer that requires grad runs the inference graph (batch norm folded into the conv) on
+    every call, the guard's included."""
+    torch.manual_seed(0)
+    m = _ConvBN().eval()
+    m.unused = nn.Linear(3, 3)
+    for p in [*m.conv.parameters(), *m.bn.parameters()]:
+        p.requires_grad_(False)
+    c = fusednn.compile(m)
+    x = torch.randn(2, 2, 6, 6)
+    for call in range(3):
+        y = c(x)
+        assert not y.requires_grad and c.stats()["inference"], call
+        assert rel_err(y, copy.deepcopy(m).double()(x.double())) <= TOL, call

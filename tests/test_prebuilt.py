@@ -197,6 +197,33 @@ def test_a_counter_read_through_a_view_sees_its_count():
             assert rel_err(b, r) < 1e-5, call
 
 
+class _VectorCounter(torch.nn.Module):
+    """An integer buffer of 3 elements counted like a batch counter: every element counts (host add_)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("hits", torch.zeros(3, dtype=torch.long))
+        self.fc = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        self.hits.add_(1)
+        return self.bn(self.fc(x))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_counter_of_several_elements_counts_every_one(fuse):
+    torch.manual_seed(0)
+    model = _VectorCounter()
+    ref = copy.deepcopy(model).double()
+    c = fusednn.compile(model, fuse=fuse)
+    for call in range(3):
+        x = torch.randn(5, 4)
+        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+        assert model.hits.tolist() == ref.hits.tolist() == [call + 1] * 3
+        assert model.bn.num_batches_tracked.item() == call + 1
+
+
 def _alias_fn(a, b):
     return torch.tanh(a * 2.0 + b)
 

@@ -51,6 +51,21 @@ def test_every_repro_script_of_the_training_step_runs_standalone_and_matches_tor
     assert not re.search(r"^\s*(from|import) fusednn", sources, re.M)
 
 
+def test_repro_scripts_of_a_batch_norm_with_its_own_statistics_kernel_match_torch(tmp_path):
+    # Linear -> BatchNorm1d -> ReLU: the fused batch norm group computes its batch statistics with a kernel
+    # of its own (no conv epilogue); both scripts rebuild the partials from the batch norm's input.
+    torch.manual_seed(0)
+    net = fusednn.compile(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                                              torch.nn.Linear(6, 3)))
+    net(torch.randn(5, 4))
+    net.dump(str(tmp_path), aot=False)
+    scripts = [p for p in _scripts(tmp_path / "repro") if "batch_norm" in p.name and "bwd" not in p.name]
+    assert len(scripts) == 2  # the statistics kernel and the normalising one
+    for script in scripts:
+        r = _run(script)
+        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
+
+
 def test_a_repro_script_fails_when_its_kernel_is_wrong(tmp_path):
     d = _dump("lenet", tmp_path)
     src = d / "src_linear_relu.py"

@@ -383,9 +383,12 @@ def forward(env):
     for role in SPEC["roles"]:
         if ":" in role and not role.startswith("d:"):
             key, owner = role.split(":")
-            # a fused group's extras belong to the node that makes them: its pool, its batch norm
+            # a fused group's extras belong to the node that makes them: its pool, its batch norm (which
+            # also owns the partial statistics of its input in a unit that has one: made by its statistics
+            # kernel, or read from the conv before it)
             maker = {"idx": "max_pool2d", "mean": "batch_norm", "invstd": "batch_norm"}.get(key)
-            # (a batch norm's unit reads the partial statistics of its input, made by the conv before it)
+            if key == "stats" and any(n[0] in ("batch_norm", "batch_norm_act") for n in nodes):
+                maker = next(n[0] for n in nodes if n[0] in ("batch_norm", "batch_norm_act"))
             node = next((n for n in nodes if (n[0] == maker if maker else n[3] == owner)), (None, [], {}, owner))
             env[role] = extra(key, node, env, SPEC["roles"][role][0])
     return env
