@@ -56,8 +56,10 @@ class Specialization:
     """One compiled input signature: the traced graph, the transformed graph and its executable.
 
     With the Triton backend, a batch of at least 2 in `positions` (the inputs whose dim 0 is the batch) is
-    traced again at batch + 1 and at 1: when the graphs follow the batch alone, this specialisation serves
-    every batch >= `min_batch` (1, or 2 when batch 1 traces differently), else `min_batch` is None.
+    traced again at batch + 1 and at 1: when the graphs follow the batch alone, this specialisation may
+    serve every batch >= `min_batch` (1, or 2 when batch 1 traces differently), else `min_batch` is None.
+    It serves a batch it has not traced at only once a trace there (on meta tensors) gives the same graphs
+    (`serves`): a forward may branch on sizes the check traces did not cross.
     """
 
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
@@ -69,6 +71,8 @@ class Specialization:
         g = _transform(self.traced, options)
         self.min_batch: int | None = None
         batch = example[positions[0]].shape[0] if positions else 0
+        self._fn, self._batch = fn, batch
+        self.batches: dict[int, bool] = {batch: True}  # batch -> whether it traces to these graphs
         if options.backend == "triton" and batch >= 2:
             self.min_batch = self._find_polymorphism(fn, example, options, positions, batch, g)
         self.graph: Graph = g
@@ -104,8 +108,29 @@ class Specialization:
                 sizes) if dyn_t is not None else None
             if dyn_t is not None and dyn_f is not None:
                 self.traced.dynamic, g.dynamic = dyn_t, dyn_f
+                self.batches.update(dict.fromkeys(sizes, True))
                 return least
         return None
+
+    def serves(self, args: tuple, positions: tuple[int, ...], batch: int) -> bool:
+        """Whether this batch-polymorphic specialisation computes what the function does at `batch`: a batch
+        it traced at, or one where a trace on meta tensors (milliseconds, once per batch) and its pass
+        pipeline give the same graphs with the same values following the batch."""
+        known = self.batches.get(batch)
+        if known is None:
+            try:
+                at = trace(self._fn, *batching.at_batch(args, positions, batch), strict=self.options.strict,
+                           autocast=self.autocast, device=self.device)
+                fused = _transform(at, self.options, debug=False)
+                known = (batching.dynamic_values([(self._batch, self.traced), (batch, at)]) == self.traced.dynamic
+                         and batching.dynamic_values([(self._batch, self.graph), (batch, fused)]) == self.graph.dynamic)
+            except Exception:  # noqa: BLE001 - a function that cannot trace at this batch is not served by it
+                known = False
+            if not known:
+                log.info("fusednn: %s traces differently at batch %d than at %d: a specialisation of its own",
+                         getattr(self._fn, "__qualname__", "the function"), batch, self._batch)
+            self.batches[batch] = known
+        return known
 
     def _inference_executable(self) -> Any:
         """The executable of calls autograd does not record, where its graph differs (a batch norm in eval
@@ -406,7 +431,7 @@ class _Guard:
     the key, never looser.
     """
 
-    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "min_batch", "native", "names",
+    __slots__ = ("spec", "modules", "entries", "checks", "args", "batch_at", "native", "names",
                  "dicts", "versions", "empty", "containers", "order", "fixed0", "subs", "attrs", "requires_grad",
                  "owners", "keys")
 
@@ -424,7 +449,6 @@ class _Guard:
             return None
         g = cls()
         g.spec, g.batch_at = spec, batch_at
-        g.min_batch = spec.min_batch if batch_at else None
         # dim 0 of the other arguments with a dim (fixed: the checks compare their shapes): a batch equal to
         # one would make it a batch position too (batching.batch_of), which the full key must then see
         g.fixed0 = {a.shape[0] for i, a in enumerate(args) if i not in batch_at and a.dim() > 0}
@@ -500,7 +524,7 @@ class _Guard:
                 batch = args[self.batch_at[0]].shape[0]
                 # the positions batching.batch_of would find: the same first one (dims are checked), all
                 # of one batch, no other argument of that dim 0
-                if any(args[i].shape[0] != batch for i in self.batch_at) or batch < self.min_batch or \
+                if any(args[i].shape[0] != batch for i in self.batch_at) or not self.spec.batches.get(batch) or \
                         batch in self.fixed0:
                     return None
             return live
@@ -520,7 +544,7 @@ class _Guard:
                 return None
         if self.batch_at:
             # the batch positions must be exactly those the full key would find (batching.batch_of)
-            if batch < self.min_batch or batching.batch_of(args) != (batch, self.batch_at):
+            if not self.spec.batches.get(batch) or batching.batch_of(args) != (batch, self.batch_at):
                 return None
         out = []
         for (name, d, k), (shape, st) in zip(self.entries, self.checks):
@@ -543,7 +567,7 @@ class _Compiled:
         self.__dict__["_fnn_options"] = options
         self.__dict__["_fnn_modules"] = modules
         self.__dict__["_fnn_cache"] = {}  # exact signature -> Specialization (every one compiled)
-        self.__dict__["_fnn_poly"] = {}  # signature with the batch wildcard -> batch-polymorphic one
+        self.__dict__["_fnn_poly"] = {}  # signature with the batch wildcard -> its batch-polymorphic ones
         self.__dict__["_fnn_last"] = None
         self.__dict__["_fnn_last_key"] = None  # (wildcard signature, batch positions, batch) of the last call
         self.__dict__["_fnn_guard"] = None  # the steady-state check (_Guard) of the last call's specialisation
@@ -561,11 +585,12 @@ class _Compiled:
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
         wild = _signature(args, tensors, self._fnn_named_modules(), batch_at, amp)
-        spec = self._fnn_poly.get(wild)
+        spec = next((s for s in self._fnn_poly.get(wild, ()) if batch >= s.min_batch and s.serves(args, batch_at, batch)),
+                    None)
         prev = self._fnn_last_key
         self.__dict__["_fnn_last_key"] = (wild, batch_at, batch)
         self.__dict__["_fnn_guard"] = None  # a new one once this call has run (its checks passed)
-        if spec is not None and batch >= spec.min_batch:
+        if spec is not None:
             self.__dict__["_fnn_last"] = spec
             guard = _Guard.build(self, spec, args, tensors, wild, batch_at)
             out = spec.run(tensors, args)
@@ -590,7 +615,7 @@ class _Compiled:
             self._warn_eager(spec)
             self._fnn_cache[sig] = spec
             if spec.min_batch is not None:
-                self._fnn_poly[wild] = spec
+                self._fnn_poly.setdefault(wild, []).append(spec)
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
         guard = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
