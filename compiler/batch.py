@@ -50,13 +50,13 @@ def _values(g: Graph) -> list[Value]:
 
 def _attrs(n: Node) -> dict[str, Any]:
     """A node's attributes in comparable form; a reshape's target shape is its output type (compared as a
-    value), an eager call compares by name and captured arguments."""
+    value), an eager call compares by function, argument layout and captured arguments."""
     out = {}
     for k, v in n.attrs.items():
         if n.op == "reshape" and k == "shape" and tuple(v) == n.out.type.shape:
             continue
-        if isinstance(v, EagerCall):
-            v = (v.name, repr(v.leaves), v.slots)
+        if isinstance(v, EagerCall):  # which function, and each argument in its place (keyword or position)
+            v = (v.fn, v.name, str(v.spec), repr(v.leaves), v.slots)
         elif callable(v):
             v = getattr(v, "__qualname__", repr(v))
         out[k] = v

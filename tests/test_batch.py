@@ -157,6 +157,51 @@ def test_a_branch_on_the_batch_size_is_followed_at_every_batch():
     assert c.trace_count == 2  # batch > 4 and batch <= 4: one specialisation each, each serving its batches
 
 
+class EagerBranch(nn.Module):
+    """A branch on the batch size between two calls run in torch (strict=False) that differ only in which
+    keyword takes the number: `clamp(min=0.1)` and `clamp(max=0.1)` record the same captured arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return torch.clamp(y, min=0.1) if x.shape[0] > 4 else torch.clamp(y, max=0.1)
+
+
+def test_calls_run_in_torch_compare_by_function_and_argument_layout():
+    torch.manual_seed(0)
+    net = EagerBranch()
+    c = fusednn.compile(net, strict=False)
+    for n in (8, 3, 1, 8):
+        x = torch.randn(n, 4)
+        assert rel_err(c(x), copy.deepcopy(net).double()(x.double())) <= TOL, n
+
+
+class CountsCalls(nn.Module):
+    """A forward that sets an attribute as it runs (a call counter), read by nothing it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(self.fc(x))
+
+
+def test_a_forward_that_counts_its_calls_compiles_once_for_every_batch():
+    torch.manual_seed(0)
+    net = CountsCalls()
+    c = fusednn.compile(net)
+    for n in (8, 5, 6, 7, 8, 5, 3):
+        x = torch.randn(n, 4)
+        assert rel_err(c(x), torch.tanh(copy.deepcopy(net.fc).double()(x.double()))) <= TOL, n
+    assert c.trace_count == 1
+
+
 def _recorded_step(c, net: nn.Module, n: int) -> list[launch.Launch]:
     """Every launch of a forward and backward at batch n, recorded without running any kernel."""
     x, y = torch.randn(n, 1, 32, 32, requires_grad=True), torch.randint(0, 10, (n,))
