@@ -62,8 +62,6 @@ class Specialization:
     (`serves`): a forward may branch on sizes the check traces did not cross.
     """
 
-    traces = 0  # `serves` traces made, by every specialisation (a call that made one re-files its key)
-
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
                  positions: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None):
         self.autocast = autocast  # the (device type, dtype) of the torch.autocast its calls run under, or None
@@ -120,7 +118,6 @@ class Specialization:
         pipeline give the same graphs with the same values following the batch."""
         known = self.batches.get(batch)
         if known is None:
-            Specialization.traces += 1
             try:
                 at = trace(self._fn, *batching.at_batch(args, positions, batch), strict=self.options.strict,
                            autocast=self.autocast, device=self.device)
@@ -588,7 +585,6 @@ class _Compiled:
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
         wild = _signature(args, tensors, self._fnn_named_modules(), batch_at, amp)
-        traced = Specialization.traces
         spec = next((s for s in self._fnn_poly.get(wild, ()) if batch >= s.min_batch and s.serves(args, batch_at, batch)),
                     None)
         prev = self._fnn_last_key
@@ -596,8 +592,6 @@ class _Compiled:
         self.__dict__["_fnn_guard"] = None  # a new one once this call has run (its checks passed)
         if spec is not None:
             self.__dict__["_fnn_last"] = spec
-            if Specialization.traces != traced:
-                self._refile(spec, wild, args, batch_at, amp)
             guard = _Guard.build(self, spec, args, tensors, wild, batch_at)
             out = spec.run(tensors, args)
             self.__dict__["_fnn_guard"] = guard
@@ -622,22 +616,12 @@ class _Compiled:
             self._fnn_cache[sig] = spec
             if spec.min_batch is not None:
                 self._fnn_poly.setdefault(wild, []).append(spec)
-                self._refile(spec, wild, args, batch_at, amp)
             self.__dict__["trace_count"] = self.trace_count + 1
         self.__dict__["_fnn_last"] = spec
         guard = _Guard.build(self, spec, args, tensors, sig, batch_at if spec.min_batch else ())
         out = spec.run(tensors, args)
         self.__dict__["_fnn_guard"] = guard
         return out
-
-    def _refile(self, spec: Specialization, wild: tuple, args: tuple, batch_at: tuple[int, ...],
-                amp: tuple[str, torch.dtype] | None) -> None:
-        """File a batch-polymorphic specialisation also under the key the modules have after this call's
-        traces: a forward that sets an attribute (a call counter) changes the key as it is traced, and the
-        next new batch would otherwise find nothing under it and compile again."""
-        now = _signature(args, self._tensors(), self._fnn_named_modules(), batch_at, amp)
-        if now != wild and spec not in self._fnn_poly.setdefault(now, []):
-            self._fnn_poly[now].append(spec)
 
     def _autocast(self, args: tuple) -> tuple[str, torch.dtype] | None:
         """The (device type, dtype) of the torch.autocast this call runs under, for its inputs' device type
