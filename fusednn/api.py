@@ -17,7 +17,6 @@ what keeps changing.
 """
 from __future__ import annotations
 
-import collections
 import copy
 import logging
 import operator
@@ -28,6 +27,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fusednn._backend import debug_level
+from fusednn.checks import dict_version, tensor_guards
 from fusednn.compiler import batch as batching
 from fusednn.compiler import passes
 from fusednn.compiler.codegen import where
@@ -363,51 +363,7 @@ def _what_varies(sigs: list[tuple], names: list[str], most: int = 4) -> str:
     return "; ".join(parts) or "parameters or modules were added or removed"
 
 
-def _tensor_guards(tensors: list[torch.Tensor], dynamic_dim0: set[int]) -> Any:
-    """torch's own C++ tensor check (what torch.compile's guards use), or None where this torch lacks it or
-    it does not behave as relied on: `check(*tensors)` is True only for tensors of the same class, dispatch
-    keys, dtype, device, requires_grad, sizes (dim 0 free at `dynamic_dim0`) and strides. ~0.2 us a tensor,
-    against ~0.6 us for the same reads in Python."""
-    try:
-        from torch._C._dynamo.guards import TensorGuards
-
-        sizes = [[None, *t.shape[1:]] if i in dynamic_dim0 else list(t.shape) for i, t in enumerate(tensors)]
-        guards = TensorGuards(*tensors, dynamic_dims_sizes=sizes,
-                              dynamic_dims_strides=[list(t.stride()) for t in tensors])
-        if guards.check(*tensors):
-            return guards
-    except Exception:  # noqa: BLE001 - a private API: any failure means the Python checks
-        pass
-    return None
-
-
-def _dict_versions() -> Callable[[dict], int] | None:
-    """CPython's dict version tag (what torch.compile's DICT_VERSION guard reads), or None where this Python
-    or torch does not give one that behaves as relied on: a new tag on every change to a dict, so an equal
-    tag means an unchanged dict. Python 3.13 deprecates the tag; there the guard compares dicts instead."""
-    import sys
-
-    if not (3, 11) <= sys.version_info[:2] < (3, 13):
-        return None
-    try:
-        from torch._C._dynamo.guards import dict_version
-
-        probe: dict = {"a": 1}
-        before = dict_version(probe)
-        probe["a"] = 2
-        after = dict_version(probe)
-        del probe["a"]
-        if before != after and dict_version(probe) not in (before, after):
-            return dict_version
-    except Exception:  # noqa: BLE001 - a private API: any failure means the comparisons
-        pass
-    return None
-
-
-_DICT_VERSION = _dict_versions()
 _DICT_OF = operator.attrgetter("__dict__")
-
-
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
@@ -483,7 +439,7 @@ class _Guard:
         g.args = [(a.shape[1:] if i in batch_at else a.shape, cls._tensor_state(a)) for i, a in enumerate(args)]
         g.names = [e[0] for e in g.entries]
         g.owners, g.keys = [e[1] for e in g.entries], [e[2] for e in g.entries]  # live: owners[i][keys[i]]
-        g.versions = None if _DICT_VERSION is None else list(map(_DICT_VERSION, g.dicts))
+        g.versions = None if dict_version is None else list(map(dict_version, g.dicts))
         # The live tensors' positions in the graph's inputs after the call's (a Triton executable's order)
         at = {n: i for i, n in enumerate(g.names)}
         order = getattr(spec.executable, "_param_names", None)
@@ -492,7 +448,7 @@ class _Guard:
         g.requires_grad = any(t.requires_grad for t in args) or (
             g.order is not None and any(tensors[n].requires_grad for n in order))
         # The same reads, and stricter (strides, dispatch keys), in one C++ call where torch has it
-        g.native = _tensor_guards([*args, *tensors.values()], set(batch_at))
+        g.native = tensor_guards([*args, *tensors.values()], set(batch_at))
         return g
 
     def tensors(self, args: tuple) -> dict[str, torch.Tensor] | None:
@@ -509,7 +465,7 @@ class _Guard:
             # version tag, or still empty), the other containers equal to theirs; else the slower comparison
             # of each whole snapshot.
             if self.versions is None or any(map(operator.is_not, map(_DICT_OF, self.subs), self.attrs)) or \
-                    list(map(_DICT_VERSION, self.dicts)) != self.versions or any(self.empty) or \
+                    list(map(dict_version, self.dicts)) != self.versions or any(self.empty) or \
                     any(attrs[k] != snap for attrs, k, snap in self.containers):
                 for sub, snap in self.modules:
                     if sub.__dict__ != snap:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch.optim.optimizer import ParamsT
 
-from fusednn.api import _DICT_VERSION, _tensor_guards
+from fusednn.checks import dict_version, tensor_guards
 from fusednn.kernels.adam import adam_step
 from fusednn.kernels.sgd import hyper_arg, sgd_step
 from fusednn.launch import launch, recording
@@ -80,9 +80,9 @@ class _Fused(torch.optim.Optimizer):
         defaultdict that a lookup would fill."""
         state, ids = self.state, tuple(map(id, params))
         last = self.__dict__.get("_fnn_states")
-        if (last is not None and _DICT_VERSION is not None and last[0] is state and last[1] == ids
-                and last[2] == names and _DICT_VERSION(state) == last[3]
-                and list(map(_DICT_VERSION, last[4])) == last[5]):
+        if (last is not None and dict_version is not None and last[0] is state and last[1] == ids
+                and last[2] == names and dict_version(state) == last[3]
+                and list(map(dict_version, last[4])) == last[5]):
             return last[6]
         entries = [state.get(p) for p in params]
         if None in entries:
@@ -90,9 +90,9 @@ class _Fused(torch.optim.Optimizer):
         tensors = [e.get(k) for k in names for e in entries]
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             return None
-        if _DICT_VERSION is not None:
-            self.__dict__["_fnn_states"] = (state, ids, names, _DICT_VERSION(state), entries,
-                                            list(map(_DICT_VERSION, entries)), tensors)
+        if dict_version is not None:
+            self.__dict__["_fnn_states"] = (state, ids, names, dict_version(state), entries,
+                                            list(map(dict_version, entries)), tensors)
         return tensors
 
 
@@ -104,7 +104,7 @@ def _dense_f32(*tensors: torch.Tensor) -> bool:
 def _same_tensors(tensors: list[torch.Tensor]) -> Callable[[list[torch.Tensor]], bool]:
     """A check that tensors (one per position) have the class, dtype, device, sizes and strides of these:
     one call of torch's C++ tensor check where torch has it (~0.1 us a tensor), else Python."""
-    guards = _tensor_guards(list(tensors), set())
+    guards = tensor_guards(list(tensors), set())
     if guards is not None:
         return lambda ts: guards.check(*ts)
     shapes = [(t.shape, t.stride()) for t in tensors]
