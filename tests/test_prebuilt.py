@@ -150,21 +150,32 @@ class _TwiceCounted(torch.nn.Module):
         return self.bn2(torch.relu(self.bn(torch.relu(self.bn(self.conv(x))))))
 
 
+def _calls_match_torch(model: torch.nn.Module, shape: tuple, check, **options):
+    """Compile model and call it 3 times on fresh inputs of `shape`: the output and every buffer (counters
+    and running statistics) as float64 torch's, then check(call, ref) after each; returns the compiled model."""
+    ref = copy.deepcopy(model).double()
+    c = fusednn.compile(model, **options)
+    for call in range(3):
+        x = torch.randn(shape)
+        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+        for b, r in zip(model.buffers(), ref.buffers()):
+            assert rel_err(b, r) < 1e-5, call
+        check(call, ref)
+    return c
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_batch_counters_counted_in_batch_norm_kernels_match_torch(fuse):
     # No host `add_` per batch norm: each `num_batches_tracked.add_(1)` whose count nothing reads is made by
     # a batch norm's kernel; the same module called twice counts twice, on every replay.
     torch.manual_seed(0)
     model = _TwiceCounted()
-    ref = copy.deepcopy(model).double()
-    c = fusednn.compile(model, fuse=fuse)
-    for call in range(3):
-        x = torch.randn(2, 3, 6, 6)
-        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+
+    def counts(call, ref):
         assert model.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 2 * (call + 1)
         assert model.bn2.num_batches_tracked.item() == ref.bn2.num_batches_tracked.item() == call + 1
-        for b, r in zip(model.buffers(), ref.buffers()):
-            assert rel_err(b, r) < 1e-5, call
+
+    c = _calls_match_torch(model, (2, 3, 6, 6), counts, fuse=fuse)
     whole = list(c._last().executable.programs.values())[0].prebuilt
     assert [a for ln in whole.launches for a in ln.adds] == [] and whole.adds_last == ()
 
@@ -187,14 +198,11 @@ class _CounterViewedBefore(torch.nn.Module):
 def test_a_counter_read_through_a_view_sees_its_count():
     torch.manual_seed(0)
     model = _CounterViewedBefore()
-    ref = copy.deepcopy(model).double()
-    c = fusednn.compile(model, strict=False)  # .float() of an integer buffer runs in torch
-    for call in range(3):
-        x = torch.randn(4, 3)
-        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+
+    def counts(call, ref):
         assert model.cnt.item() == ref.cnt.item() == call + 1
-        for b, r in zip(model.buffers(), ref.buffers()):
-            assert rel_err(b, r) < 1e-5, call
+
+    _calls_match_torch(model, (4, 3), counts, strict=False)  # .float() of an integer buffer runs in torch
 
 
 class _VectorCounter(torch.nn.Module):
@@ -215,13 +223,12 @@ class _VectorCounter(torch.nn.Module):
 def test_a_counter_of_several_elements_counts_every_one(fuse):
     torch.manual_seed(0)
     model = _VectorCounter()
-    ref = copy.deepcopy(model).double()
-    c = fusednn.compile(model, fuse=fuse)
-    for call in range(3):
-        x = torch.randn(5, 4)
-        assert rel_err(c(x), ref(x.double())) < 1e-5, call
+
+    def counts(call, ref):
         assert model.hits.tolist() == ref.hits.tolist() == [call + 1] * 3
         assert model.bn.num_batches_tracked.item() == call + 1
+
+    _calls_match_torch(model, (5, 4), counts, fuse=fuse)
 
 
 def _alias_fn(a, b):
