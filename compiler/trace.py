@@ -342,14 +342,16 @@ def input_names(fn: Callable, n: int) -> list[str]:
 
 
 def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: bool = True,
-          autocast: tuple[str, torch.dtype] | None = None, device: str | None = None) -> Graph:
+          autocast: tuple[str, torch.dtype] | None = None, device: str | None = None, grad: bool = False) -> Graph:
     """Trace a module or function on example inputs (only their shapes and dtypes are used) into a Graph.
 
     strict=False records a torch call the registry does not know as an `eager` node (torch runs it)
     instead of raising UnsupportedOpError. The trace follows the torch.autocast in force where it runs for
     the example inputs' device type; autocast: (device type, dtype): trace as under
     torch.autocast(device type, dtype=dtype) as well. device: the device type the traced call runs on (by
-    default the example inputs', which may be meta stand-ins).
+    default the example inputs', which may be meta stand-ins). grad: the grad mode the traced code sees
+    (`torch.is_grad_enabled()`): that of the call the graph will run for, since a forward may branch on it.
+    Nothing the trace computes requires grad either way (its stand-ins do not), so autograd records nothing.
     """
     if isinstance(fn, torch.nn.Module):
         mods = [("", fn)]
@@ -417,7 +419,7 @@ def trace(fn: Callable, *example_inputs: Any, name: str | None = None, strict: b
         with contextlib.ExitStack() as stack:
             for mod, swap in replacements:
                 stack.enter_context(_reparametrize_module(mod, swap))
-            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.set_grad_enabled(grad))
             stack.enter_context(torch.random.fork_rng(devices=[]))  # meta dropout still draws a seed
             if can_enter:
                 stack.enter_context(torch.autocast(autocast[0], dtype=autocast[1]))

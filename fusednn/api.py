@@ -63,10 +63,12 @@ class Specialization:
     """
 
     def __init__(self, fn: Callable, example: tuple, options: Options, tensors: dict[str, torch.Tensor],
-                 positions: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None):
+                 positions: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None,
+                 grad: bool = True):
         self.autocast = autocast  # the (device type, dtype) of the torch.autocast its calls run under, or None
+        self.grad = grad  # the grad mode its calls run under (torch.is_grad_enabled()): a forward may branch on it
         self.device = next((a.device.type for a in example if isinstance(a, torch.Tensor)), "cpu")
-        self.traced = trace(fn, *example, strict=options.strict, autocast=autocast, device=self.device)
+        self.traced = trace(fn, *example, strict=options.strict, autocast=autocast, device=self.device, grad=grad)
         _check_devices(self.traced, [a for a in example if isinstance(a, torch.Tensor)], tensors, options.backend)
         g = _transform(self.traced, options)
         self.min_batch: int | None = None
@@ -99,7 +101,7 @@ class Specialization:
 
         def trace_at(b: int) -> Graph:
             return trace(fn, *batching.at_batch(example, positions, b), strict=options.strict, autocast=self.autocast,
-                         device=self.device)
+                         device=self.device, grad=self.grad)
 
         for sizes, least in (([batch, batch + 1, 1], 1), ([batch, batch + 1], 2)):
             dyn_t = batching.polymorphic(build(traced, trace_at), sizes)
@@ -120,7 +122,7 @@ class Specialization:
         if known is None:
             try:
                 at = trace(self._fn, *batching.at_batch(args, positions, batch), strict=self.options.strict,
-                           autocast=self.autocast, device=self.device)
+                           autocast=self.autocast, device=self.device, grad=self.grad)
                 fused = _transform(at, self.options, debug=False)
                 known = (batching.dynamic_values([(self._batch, self.traced), (batch, at)]) == self.traced.dynamic
                          and batching.dynamic_values([(self._batch, self.graph), (batch, fused)]) == self.graph.dynamic)
@@ -265,11 +267,13 @@ def _module_key(m: torch.nn.Module) -> tuple[str, str, str]:
 
 
 def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tuple[str, torch.nn.Module]],
-               batch_at: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None) -> tuple:
+               batch_at: tuple[int, ...] = (), autocast: tuple[str, torch.dtype] | None = None,
+               grad: bool = True) -> tuple:
     """What a specialisation is compiled for: every input's and parameter's shape, dtype, device,
     requires_grad and layout, other arguments by repr, each submodule's mode, settings (extra_repr)
-    and other attributes (`_attributes`), and the torch.autocast (device type, dtype) of the call (an entry
-    only under autocast). The arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it
+    and other attributes (`_attributes`), the torch.autocast (device type, dtype) of the call (an entry
+    only under autocast) and its grad mode (a forward may branch on `torch.is_grad_enabled()`; a second
+    specialisation of the same graph generates the same kernel files, so it loads what the first compiled). The arguments at `batch_at` show dim 0 as None (the batch wildcard; `_with_batch` puts it
     back)."""
     sig: list[tuple] = [(i, _tensor_key(a) if isinstance(a, torch.Tensor) else ("value", repr(a)))
                         for i, a in enumerate(args)]
@@ -280,6 +284,7 @@ def _signature(args: tuple, tensors: dict[str, torch.Tensor], modules: list[tupl
     sig += [(("module", name), _module_key(m)) for name, m in modules]
     if autocast is not None:
         sig.append(("torch.autocast", ("value", f"{autocast[0]} {str(autocast[1]).replace('torch.', '')}")))
+    sig.append(("torch.is_grad_enabled()", ("value", str(grad))))
     return tuple(sig)
 
 
@@ -532,7 +537,8 @@ class _Compiled:
     def _fnn_call(self, args: tuple) -> Any:
         amp = self._autocast(args) if torch._C._is_any_autocast_enabled() else None  # ~0.1 us: one C call
         guard = self._fnn_guard
-        if guard is not None and guard.spec.autocast == amp:
+        grad = torch.is_grad_enabled()
+        if guard is not None and guard.spec.autocast == amp and guard.spec.grad is grad:
             live = guard.live(args)
             if live is not None:  # nothing the key reads has changed since the last call
                 if guard.order is not None:
@@ -540,7 +546,7 @@ class _Compiled:
                 return guard.spec.run(dict(zip(guard.names, live)), args, checked=True)
         tensors = self._tensors()
         batch, batch_at = batching.batch_of(args)
-        wild = _signature(args, tensors, self._fnn_named_modules(), batch_at, amp)
+        wild = _signature(args, tensors, self._fnn_named_modules(), batch_at, amp, grad)
         spec = next((s for s in self._fnn_poly.get(wild, ()) if batch >= s.min_batch and s.serves(args, batch_at, batch)),
                     None)
         prev = self._fnn_last_key
@@ -567,7 +573,7 @@ class _Compiled:
                             "signature keeps changing: %s. Each one traces and generates kernels again: pad inputs "
                             "to fixed shapes, keep one dtype/layout (x.contiguous()), or raise max_specializations.",
                             what, len(self._fnn_cache) + 1, cap, _what_varies([*self._fnn_cache, sig], names))
-            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors, batch_at, amp)
+            spec = Specialization(self._fnn_fn, args, self._fnn_options, tensors, batch_at, amp, grad)
             self._warn_eager(spec)
             self._fnn_cache[sig] = spec
             if spec.min_batch is not None:

@@ -195,3 +195,46 @@ def test_a_parameter_the_graph_does_not_read_does_not_make_calls_record_autograd
         y = c(x)
         assert not y.requires_grad and c.stats()["inference"], call
         assert rel_err(y, copy.deepcopy(m).double()(x.double())) <= TOL, call
+
+
+class BranchesOnGradMode(nn.Module):
+    """A forward that computes something else when autograd records (as torch's own fast paths do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return torch.tanh(y) if torch.is_grad_enabled() else torch.sigmoid(y) * 2.0
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["grad first", "no_grad first"])
+def test_a_branch_on_the_grad_mode_is_followed_in_each_mode(first):
+    torch.manual_seed(0)
+    m = BranchesOnGradMode()
+    c = fusednn.compile(m)
+    ref = copy.deepcopy(m).double()
+    for grad in (first, first, not first, not first, first, not first):
+        x = torch.randn(5, 4)
+        with torch.set_grad_enabled(grad):
+            y, want = c(x), ref(x.double())
+        assert rel_err(y, want) <= TOL, grad
+        assert y.requires_grad == grad
+    assert c.trace_count == 2
+
+
+def test_a_forward_that_ignores_the_grad_mode_loads_the_same_kernels_in_each_mode():
+    """The grad mode is part of the key, but a second specialisation of the same graph generates the same
+    kernel files: it loads the modules (and Triton's compiled kernels) of the first."""
+    torch.manual_seed(0)
+    m = Scaled()
+    c = fusednn.compile(m)
+    x = torch.randn(5, 4)
+    c(x)
+    first = {s.kernel.name: s.kernel.module for s in c._last().executable.steps if s.kernel is not None}
+    with torch.no_grad():
+        assert rel_err(c(x), copy.deepcopy(m).double()(x.double())) <= TOL
+    second = {s.kernel.name: s.kernel.module for s in c._last().executable.steps if s.kernel is not None}
+    assert c.trace_count == 2 and first and first.keys() == second.keys()
+    assert all(first[k] is second[k] for k in first)
