@@ -65,7 +65,7 @@ def _conv_saves(n: Node) -> list[Value | str]:
 
 
 def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str,
-              into: torch.Tensor | None = None) -> Grads:
+              into: torch.Tensor | None = None, bn: object | None = None) -> Grads:
     from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
 
     x, w, b = n.inputs
@@ -80,7 +80,7 @@ def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
         act=a.get("act", "none"), act_param=a.get("act_param", 0.0), pool=a.get("pool", "none"),
         pool_k=a.get("pool_k", 1), out_hw=(OH, OW), needs_dx=needs[0], needs_dw=needs[1],
         needs_db=b is not None and needs[2], precision=precision,
-        dx_into=None if into is None else _as4d(into))
+        dx_into=None if into is None else _as4d(into), bn=bn)
     if dx is not None and xt.dim() == 3:
         dx = dx.squeeze(0)
     return [dx, dw, db]
@@ -320,6 +320,50 @@ def _bn_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: s
     return grads
 
 
+def _bn_conv_vjp(bn: Node, conv: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str,
+                 into: torch.Tensor | None = None) -> Grads:
+    """A conv and the batch norm that alone reads its output, as one VJP (`BackwardPlan.pairs`): the batch
+    norm's reduction kernel, then the conv's dw and dx kernels, which make the batch norm's dx in their
+    prologue (kernels/conv_relu_pool.py) instead of a launch of its own. needs: the conv's inputs', then the
+    batch norm's; the gradients come back in that order."""
+    from fusednn.kernels.batch_norm import batch_norm_pending
+
+    nc = len(conv.inputs)
+    needs_c, needs_b = needs[:nc], needs[nc:]
+    x, rm, _, w, b = bn.inputs[:5]
+    res = bn.inputs[6] if len(bn.inputs) > 6 else None
+    reads = _bn_act_reads(bn)
+    get = lambda v: None if v is None else env.values[v].contiguous()  # noqa: E731
+    pending, dres = batch_norm_pending(
+        dy, env.values[x].contiguous(), get(w), env.extra[(bn.out, "mean")], env.extra[(bn.out, "invstd")],
+        training=bn.attrs["training"] or rm is None, needs_dweight=w is not None and needs_b[3],
+        needs_dbias=b is not None and needs_b[4], act=bn.attrs.get("act", "none"),
+        act_params=tuple(bn.attrs.get("act_params", ())), out=get(bn.out) if reads == "y" else None,
+        bias=get(b) if reads == "x" else None, residual=get(res) if reads == "x" else None,
+        has_residual=res is not None, needs_dresidual=res is not None and needs_b[6])
+    grads_b: Grads = [None, None, None, pending.dweight, pending.dbias] + [None] * (len(bn.inputs) - 5)
+    if res is not None:
+        grads_b[6] = dres
+    if res is conv.inputs[0] and into is None and dres is not None and needs_c[0]:
+        into, grads_b[6] = dres, None  # the residual is the conv's input: its dx kernel adds the two
+    return _conv_vjp(conv, env, pending.dy, needs_c, precision, into, bn=pending) + grads_b
+
+
+def fuses_batch_norm(conv: Node, bn: Node, users: int) -> bool:
+    """Whether the backward makes batch norm `bn`'s dx inside conv `conv`'s dw and dx kernels: the batch norm
+    alone reads the conv's output (`users`: its readers, graph outputs counted), nothing sits between them
+    (no act, no pool in the conv's epilogue), the conv is no depthwise one (its direct kernels take no
+    prologue) and the values are float32 or float64 (dy' is stored in the value's dtype, unrounded)."""
+    x = bn.inputs[0]
+    if REGISTRY[conv.op].backward != "conv" or REGISTRY[bn.op].backward != "batch_norm" or conv.out is not x:
+        return False
+    w = conv.inputs[1].type.shape
+    depthwise = 1 < conv.attrs["groups"] == conv.inputs[0].type.shape[1] == w[0]
+    return (users == 1 and conv.attrs.get("act", "none") == "none" and conv.attrs.get("pool", "none") == "none"
+            and not depthwise and len(x.type.shape) == 4 and x.type.dtype in (torch.float32, torch.float64)
+            and not empty_node(conv) and not empty_node(bn))
+
+
 def _running_norm(n: Node) -> bool:
     """instance_norm with running statistics: batch norm in eval, differentiated as such."""
     return n.op == "instance_norm" and not n.attrs["use_input_stats"]
@@ -458,14 +502,41 @@ class GradSum:
             self._owned.add(v)
 
 
+def _add_all(inputs: list[Value | None], outs: Grads, need: dict[Value, bool], acc: GradSum,
+             into: torch.Tensor | None) -> None:
+    """Sum a VJP's gradients into their values' (the first one owned where the VJP added `into` to it)."""
+    for i, (v, g) in enumerate(zip(inputs, outs)):
+        if v is not None and g is not None and need.get(v, False):
+            if g.dtype != v.type.dtype:  # a VJP past a dtype change (autocast): the value's dtype
+                g = g.to(v.type.dtype)
+            if i == 0 and into is not None:  # the VJP added the gradient v had
+                acc.owned(v, g)
+            else:
+                acc.add(v, g)
+
+
 class BackwardPlan:
-    """The reverse schedule of a graph: which nodes run which backward kernels, reading what."""
+    """The reverse schedule of a graph: which nodes run which backward kernels, reading what.
+
+    `pairs`: batch norm -> the conv before it whose dw and dx kernels make the batch norm's dx
+    (`fuses_batch_norm`), run as one VJP (`_bn_conv_vjp`) where the conv's weight needs a gradient."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self._needs_cache: dict[tuple[bool, ...], dict[Value, bool]] = {}
         # The differentiable nodes in reverse, each with whether it is empty (what `run` walks every call)
         self._reverse = [(n, empty_node(n)) for n in reversed(graph.nodes) if differentiable(n)]
+        users: dict[Value, int] = dict.fromkeys(graph.outputs, 1)
+        for n in graph.nodes:
+            for v in {v for a in (*n.absorbed, n) for v in a.inputs if v is not None}:
+                users[v] = users.get(v, 0) + 1
+        producer = {n.out: n for n in graph.nodes}
+        self.pairs: dict[Node, Node] = {}
+        for n in graph.nodes:
+            p = producer.get(n.inputs[0]) if n.inputs and n.inputs[0] is not None else None
+            if p is not None and fuses_batch_norm(p, n, users.get(p.out, 0)):
+                self.pairs[n] = p
+        self._paired = set(self.pairs.values())
 
     def saved(self) -> tuple[set[Value], set[tuple[Value, str]]]:
         """Forward values and extra tensors the backward reads: all that a forward saves."""
@@ -496,9 +567,10 @@ class BackwardPlan:
             precision: str, vjp: Callable[..., list] | None = None) -> list[torch.Tensor | None]:
         """Propagate output gradients back to the graph inputs; returns one gradient per graph input.
 
-        vjp: runs a node's VJP instead of calling its rule directly, as `vjp(n, env, dy, needs, general, into)`
-        where `general()` is the rule's call and `into` the gradient it adds into (GradSum.into; None for
-        none): the runtime records and replays it (fusednn/prebuilt.py)."""
+        vjp: runs a node's VJP instead of calling its rule directly, as `vjp(nodes, env, dy, needs, general,
+        into)` where nodes is (n,), or (batch norm, conv) for a pair, `general()` is the rule's call and `into`
+        the gradient it adds into (GradSum.into; None for none): the runtime records and replays it
+        (fusednn/prebuilt.py)."""
         need = self.requires_grad(input_needs)
         acc = GradSum(grads)
         for n, empty in self._reverse:
@@ -507,6 +579,10 @@ class BackwardPlan:
                 continue
             needs = [v is not None and need.get(v, False) for v in n.inputs]
             into = None
+            conv = self.pairs.get(n)
+            if conv is not None and need.get(conv.inputs[1], False) and need.get(conv.out, False):
+                self._run_pair(n, conv, env, dy.contiguous(), needs, need, acc, precision, vjp)
+                continue
             if empty:  # batch 0: nothing flows back; parameters get zeros, as in torch
                 outs = [torch.zeros(env.shape(v), dtype=v.type.dtype, device=dy.device) if nd else None
                         for v, nd in zip(n.inputs, needs)]
@@ -517,17 +593,22 @@ class BackwardPlan:
                 if vjp is None:
                     outs = rule(n).vjp(n, env, dyc, needs, precision, **kw)
                 else:
-                    outs = vjp(n, env, dyc, needs,
+                    outs = vjp((n,), env, dyc, needs,
                                lambda n=n, d=dyc, nd=needs, kw=kw: rule(n).vjp(n, env, d, nd, precision, **kw), into)
-            for i, (v, g) in enumerate(zip(n.inputs, outs)):
-                if v is not None and g is not None and need.get(v, False):
-                    if g.dtype != v.type.dtype:  # a VJP past a dtype change (autocast): the value's dtype
-                        g = g.to(v.type.dtype)
-                    if i == 0 and into is not None:  # the VJP added the gradient v had
-                        acc.owned(v, g)
-                    else:
-                        acc.add(v, g)
+            _add_all(n.inputs, outs, need, acc, into)
         return [grads.get(v) for v in self.graph.inputs]
+
+    def _run_pair(self, bn: Node, conv: Node, env: Env, dy: torch.Tensor, needs_b: list[bool],
+                  need: dict[Value, bool], acc: GradSum, precision: str, vjp: Callable[..., list] | None) -> None:
+        """A batch norm and its conv as one VJP (`_bn_conv_vjp`); the conv's gradients first, so one that adds
+        into its input's gradient (`into`) owns it before the residual's is added."""
+        needs_c = [v is not None and need.get(v, False) for v in conv.inputs]
+        needs = needs_c + needs_b
+        into = acc.into(conv, needs_c)
+        kw = {} if into is None else {"into": into}
+        general = lambda: _bn_conv_vjp(bn, conv, env, dy, needs, precision, **kw)  # noqa: E731
+        outs = general() if vjp is None else vjp((bn, conv), env, dy, needs, general, into)
+        _add_all([*conv.inputs, None, *bn.inputs[1:]], outs, need, acc, into)  # the conv's output: inside
 
     def format(self) -> str:
         """The plan as text (written by dump() as backward.ir)."""
@@ -540,6 +621,10 @@ class BackwardPlan:
             ins = [f"d{v}" for v in n.inputs if v is not None and v.type.dtype.is_floating_point]
             reads = [str(s) if not isinstance(s, str) else f"{s}(%{n.out.name})" for s in r.saves(n)]
             call = ", ".join(r.kernels) or "view"
+            if n in self.pairs:
+                call += f" (reduction only; its dx made by %{self.pairs[n].out.name}'s dw and dx kernels)"
+            elif n in self._paired:
+                call += " (dz: the batch norm's dx, made in the prologue of dw and dx)"
             lines.append(f"  {', '.join(ins) or '-'} = {call}(d{n.out}; saved: {', '.join(reads) or '-'})"
                          f"  # {n.label()}")
         lines.append("  saved: " + ", ".join(sorted([str(v) for v in vals]) + sorted(f"{k}(%{v.name})" for v, k in extra)))

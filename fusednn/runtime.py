@@ -92,7 +92,7 @@ class _GraphFunction(torch.autograd.Function):
                 # alias classes: each output gradient its own, a saved value its value's, an extra its key
                 classes = ([("gradient", i) for i in range(len(g))] + [exe.alias.get(v, v) for v in ctx.val_keys]
                            + list(ctx.extra_keys) + [("number", k) for k in ctx.extra_ints])
-                vjps: dict[Node, tuple | None] = {}
+                vjps: dict[tuple[Node, ...], tuple | None] = {}
                 with prebuilt.Capture(_backward_reads(g, saved, ctx.extra_ints), classes) as cap:
                     out = exe.plan.run(env, dict(g), needs, exe.precision, vjp=_recorder(vjps, exe.alias))
                 exe.backward_programs[key] = (cap.build(list(out)), vjps)
@@ -358,31 +358,32 @@ def _backward_reads(g: dict, saved: tuple, ints: dict) -> list:
     return [d.contiguous() for d in g.values()] + list(saved) + list(ints.values())
 
 
-def _read_keys(n: Node, env: Env) -> list[tuple[bool, Any]]:
-    """What node n's VJP reads besides its output gradient: what its rule saves that this call has, as
-    (in env.extra, key); once per Value or key (not per tensor: two inputs one call passes the same tensor
-    for must stay two reads)."""
-    keys = []
-    for s in dict.fromkeys(autodiff.rule(n).saves(n)):
-        extra = isinstance(s, str)
-        key = (n.out, s) if extra else s
-        if (env.extra if extra else env.values).get(key) is not None:
-            keys.append((extra, key))
-    return keys
+def _read_keys(nodes: tuple[Node, ...], env: Env) -> list[tuple[bool, Any]]:
+    """What the VJP of `nodes` (one node, or a batch norm and its conv) reads besides its output gradient:
+    what their rules save that this call has, as (in env.extra, key); once per Value or key (not per
+    tensor: two inputs one call passes the same tensor for must stay two reads)."""
+    keys: dict[tuple[bool, Any], None] = {}
+    for n in nodes:
+        for s in autodiff.rule(n).saves(n):
+            extra = isinstance(s, str)
+            key = (n.out, s) if extra else s
+            if (env.extra if extra else env.values).get(key) is not None:
+                keys[(extra, key)] = None
+    return list(keys)
 
 
 def _recorder(programs: dict, alias: dict[Value, Any]) -> Callable[..., list]:
     """A BackwardPlan.run vjp that runs each VJP's general path and records it into `programs`."""
-    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list],
+    def vjp(nodes: tuple[Node, ...], env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list],
             into: torch.Tensor | None) -> list:
-        keys = _read_keys(n, env)
+        keys = _read_keys(nodes, env)
         added = [] if into is None else [into]  # the gradient the VJP adds into, its own alias class
         reads = [dy] + added + [(env.extra if extra else env.values)[k] for extra, k in keys]
         classes = [("gradient",)] + [("into",)] * len(added) + [k if extra else alias.get(k, k) for extra, k in keys]
         with prebuilt.Capture(reads, classes) as cap:
             outs = list(general())
         pb = cap.build(outs)
-        programs[n] = None if pb is None else (pb, keys, into is not None)
+        programs[nodes] = None if pb is None else (pb, keys, into is not None)
         return outs
 
     return vjp
@@ -390,9 +391,9 @@ def _recorder(programs: dict, alias: dict[Value, Any]) -> Callable[..., list]:
 
 def _replayer(programs: dict) -> Callable[..., list]:
     """A BackwardPlan.run vjp that replays each recorded VJP (the general path where none was)."""
-    def vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list],
+    def vjp(nodes: tuple[Node, ...], env: Env, dy: torch.Tensor, needs: list[bool], general: Callable[[], list],
             into: torch.Tensor | None) -> list:
-        entry = programs.get(n)
+        entry = programs.get(nodes)
         if entry is None or entry[2] != (into is not None):
             return general()
         pb, keys, _ = entry

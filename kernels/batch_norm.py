@@ -5,6 +5,8 @@ it normalised with (batch statistics in training, running statistics in eval).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -222,19 +224,8 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
         Otherwise as `batch_norm_backward`. dresidual is the pulled-back dy (dout itself without an
         activation).
     """
-    N, C = x.shape[0], x.shape[1]
-    inner = x.numel() // max(N * C, 1)
-    M = N * inner
-    dout = dout.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
-    from_out = act != "none" and SAVES[act] == "y"
-    if act != "none" and (out is None if from_out else (SAVES[act] == "x" and has_residual and residual is None)):
-        raise ValueError(f"batch_norm_act_backward: act' of {act} needs the forward's "
-                         f"{'output' if from_out else 'residual'}")
-    p = (tuple(float(v) for v in act_params) + (0.0, 0.0, 0.0))[:3]
-    fwd = (out if from_out else None, residual if has_residual and not from_out and act != "none" else None,
-           weight if act != "none" and not from_out else None, bias if act != "none" and not from_out else None)
-    flags = dict(ACT=act, ACT_FROM_OUT=from_out, HAS_RES=fwd[1] is not None, HAS_WEIGHT=weight is not None,
-                 HAS_BIAS=fwd[3] is not None)
+    dout, M, C, inner, p, fwd, flags = _act_inputs(dout, x, weight, act, act_params, out, bias, residual,
+                                                   has_residual)
     write_dy = needs_dresidual and act != "none"
     dx = torch.empty_like(x) if needs_dx else None
     dres = (torch.empty_like(x) if write_dy else dout) if needs_dresidual else None
@@ -247,11 +238,8 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
         c_blocks = configs.cdiv(C, cfg["BLOCK_C"])
         if needs_dx and training:
             split = configs.reduce_split(M, c_blocks, cfg["BLOCK_R"])
-        rows = configs.cdiv(configs.cdiv(M, split), cfg["BLOCK_R"]) * cfg["BLOCK_R"]
-        part_dw = torch.empty(split, C, device=x.device, dtype=torch.float32)
-        part_db = torch.empty(split, C, device=x.device, dtype=torch.float32)
-        launch(_batch_norm_bwd_dwdb_kernel, (split, c_blocks), dout, x, save_mean, save_invstd, part_dw, part_db,
-               *fwd, dres if write_dy else None, *p, M, C, inner, rows, WRITE_DY=write_dy, **flags, **cfg)
+        part_dw, part_db = _reduce(dout, x, save_mean, save_invstd, fwd, p, dres if write_dy else None, M, C, inner,
+                                   split, flags, cfg)
         if split == 1:
             dw, db = part_dw.view(C), part_db.view(C)
         elif needs_dweight or needs_dbias:
@@ -271,3 +259,78 @@ def batch_norm_act_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.T
                db if write_sums else None, dx, fwd[0], fwd[1], fwd[3], *p, M, C, inner, split,
                TRAINING=training, WRITE_SUMS=write_sums, BLOCK_S=16, **flags, **cfg)
     return dx, (dw if needs_dweight else None), (db if needs_dbias else None), dres
+
+
+def _act_inputs(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, act: str,
+                act_params: tuple[float, ...], out: torch.Tensor | None, bias: torch.Tensor | None,
+                residual: torch.Tensor | None, has_residual: bool) -> tuple:
+    """(dout contiguous, M, C, inner, the activation's 3 parameters, what act' reads (out, residual, weight,
+    bias; None where it reads none), the kernels' flags) of a batch_norm_act backward."""
+    N, C = x.shape[0], x.shape[1]
+    inner = x.numel() // max(N * C, 1)
+    M = N * inner
+    dout = dout.contiguous()  # an upstream gradient may arrive expanded (stride 0) from autograd
+    from_out = act != "none" and SAVES[act] == "y"
+    if act != "none" and (out is None if from_out else (SAVES[act] == "x" and has_residual and residual is None)):
+        raise ValueError(f"batch_norm_act_backward: act' of {act} needs the forward's "
+                         f"{'output' if from_out else 'residual'}")
+    p = (tuple(float(v) for v in act_params) + (0.0, 0.0, 0.0))[:3]
+    fwd = (out if from_out else None, residual if has_residual and not from_out and act != "none" else None,
+           weight if act != "none" and not from_out else None, bias if act != "none" and not from_out else None)
+    flags = dict(ACT=act, ACT_FROM_OUT=from_out, HAS_RES=fwd[1] is not None, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=fwd[3] is not None)
+    return dout, M, C, inner, p, fwd, flags
+
+
+def _reduce(dout: torch.Tensor, x: torch.Tensor, save_mean: torch.Tensor, save_invstd: torch.Tensor, fwd: tuple,
+            p: tuple, dy_out: torch.Tensor | None, M: int, C: int, inner: int, split: int, flags: dict,
+            cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduction kernel: [split, C] partials of Σ dy·x̂ and Σ dy (dy pulled back through the activation,
+    and written to dy_out where given)."""
+    rows = configs.cdiv(configs.cdiv(M, split), cfg["BLOCK_R"]) * cfg["BLOCK_R"]
+    part_dw = torch.empty(split, C, device=x.device, dtype=torch.float32)
+    part_db = torch.empty(split, C, device=x.device, dtype=torch.float32)
+    launch(_batch_norm_bwd_dwdb_kernel, (split, configs.cdiv(C, cfg["BLOCK_C"])), dout, x, save_mean, save_invstd,
+           part_dw, part_db, *fwd, dy_out, *p, M, C, inner, rows, WRITE_DY=dy_out is not None, **flags, **cfg)
+    return part_dw, part_db
+
+
+@dataclass
+class BatchNormPending:
+    """A batch norm's backward after its reduction kernel, its dx not yet made: what the conv before it
+    reads to make that dx in its own GEMMs' prologue (kernels/conv_relu_pool.py), and where that conv's dw
+    kernel writes dweight and dbias."""
+
+    dy: torch.Tensor  # dy' [N, C, ...]: pulled back through the activation (the upstream gradient without one)
+    x: torch.Tensor  # the batch norm's input, the conv's output
+    weight: torch.Tensor | None
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    part_dw: torch.Tensor  # [SPLIT, C] partial Σ dy'·x̂
+    part_db: torch.Tensor  # [SPLIT, C] partial Σ dy'
+    training: bool  # batch statistics: dx flows through the mean and variance too
+    dweight: torch.Tensor | None  # [C] fp32, written by the conv's dw kernel (where needed)
+    dbias: torch.Tensor | None
+
+
+def batch_norm_pending(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                       save_mean: torch.Tensor, save_invstd: torch.Tensor, *, training: bool, needs_dweight: bool,
+                       needs_dbias: bool, act: str = "none", act_params: tuple[float, ...] = (),
+                       out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                       residual: torch.Tensor | None = None, has_residual: bool = False,
+                       needs_dresidual: bool = False) -> tuple[BatchNormPending, torch.Tensor | None]:
+    """(pending, dresidual): batch_norm_act_backward's reduction only, for a conv that makes dx itself.
+
+    dy' is written (in x's dtype: callers pass float32 or float64 x, so nothing is rounded that the dx
+    kernel would not) where an activation pulls it back; it is the residual's gradient too."""
+    dout, M, C, inner, p, fwd, flags = _act_inputs(dout, x, weight, act, act_params, out, bias, residual,
+                                                   has_residual)
+    cfg = configs.reduce_cols(configs.nominal(M), C, heavy=heavy_act(act))
+    split = configs.reduce_split(M, configs.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_R"])
+    dy = torch.empty_like(x) if act != "none" else dout
+    part_dw, part_db = _reduce(dout, x, save_mean, save_invstd, fwd, p, dy if act != "none" else None, M, C, inner,
+                               split, flags, cfg)
+    f32 = lambda need: torch.empty(C, device=x.device, dtype=torch.float32) if need else None  # noqa: E731
+    pending = BatchNormPending(dy, x, weight, save_mean, save_invstd, part_dw, part_db, training, f32(needs_dweight),
+                               f32(needs_dbias))
+    return pending, (dy if needs_dresidual else None)

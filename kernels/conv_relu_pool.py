@@ -3,6 +3,10 @@
 The forward kernel is generated (compiler/templates/conv.py). Its backward is two implicit GEMMs, dx and
 dw (db rides along with dw), whose dz operand is made tile by tile by one shared prologue from the pooled
 gradient dy, the 1-byte argmax idx and the activation's output: the full-size gradient never touches memory.
+Where a training batch norm alone reads the conv's output, that prologue makes the batch norm's dx instead
+(`_bn_dz`), so the batch norm's backward is its reduction kernel only; and where dx is computed, the dx
+launch's extra programs sum the dw kernel's split-K partials (`_split_sums`). A conv -> batch norm unit's
+backward is then three launches: the batch norm's reduction, the conv's dw, the conv's dx.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import triton.language as tl
 
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
+from fusednn.kernels.batch_norm import BatchNormPending
 from fusednn.kernels.broadcast import sum_to
 from fusednn.kernels.plan import MeasuredBytes
 from fusednn.kernels.precision import _dot_in
@@ -44,9 +49,10 @@ from fusednn.launch import launch
 #               = (gather(dz) [N*H*W, K/g*R*S] @ w [K/g*R*S, C/g]) per group: the transposed conv
 #
 # Determinism: every dw/db element is summed by one program over its rows in a fixed order; split-K (GPU)
-# writes per-slice partials that a second kernel adds in a fixed order (kernels/broadcast.py `sum_to`: each
-# program adds BLOCK_R slices of its elements at once, then a fixed tree, so the pass is a few vectorised
-# steps, not SPLIT dependent loads). No atomics anywhere.
+# writes per-slice partials that are added in a fixed order, BLOCK_S slices of a block of elements at once,
+# then a fixed tree (a few vectorised steps, not SPLIT dependent loads): by extra programs of the dx launch,
+# which runs after the dw kernel (`_split_sums`), or, where no dx is computed, by kernels/broadcast.py
+# `sum_to`. No atomics anywhere.
 
 
 @triton.jit
@@ -88,6 +94,54 @@ def _conv_relu_pool_dz(
     return dz
 
 
+# A conv whose output only a training-mode batch norm reads (conv -> BN [-> act] [+ residual]) takes the
+# batch norm's dx as its dz, made in this prologue instead of a launch of its own (kernels/batch_norm.py has
+# the VJP): from the pulled-back gradient dy' (the batch norm's reduction kernel wrote it, or the upstream
+# gradient itself without an activation), the conv's output x and per-channel coefficients,
+#   dz = scale (dy' - Σdy'/M - x̂ Σ(dy' x̂)/M),   x̂ = (x - mean) invstd,   scale = invstd weight
+# (eval statistics: dz = scale dy'). The dw kernel runs first: each program adds the reduction's partials
+# of its channels in slice order (the same bits in every program), and the programs of column 0, slice 0
+# write the coefficients for the dx kernel, and the batch norm's dweight (Σ dy' x̂) and dbias (Σ dy').
+@triton.jit
+def _bn_coefficients(k, k_ok, mean_ptr, invstd_ptr, w_ptr, pdw_ptr, pdb_ptr, BN_SPLIT, M,
+                     K: tl.constexpr, BN_TRAIN: tl.constexpr, BN_HAS_W: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel k: (scale, mean, invstd, Σdy'/M, Σ(dy' x̂)/M, Σdy', Σ(dy' x̂)) from [BN_SPLIT, K] partials."""
+    mean = tl.load(mean_ptr + k, mask=k_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + k, mask=k_ok, other=0.0)
+    scale = invstd
+    if BN_HAS_W:
+        scale = invstd * tl.load(w_ptr + k, mask=k_ok, other=0.0)
+    part_dw = tl.zeros([BLOCK_S, k.shape[0]], dtype=tl.float32)
+    part_db = tl.zeros([BLOCK_S, k.shape[0]], dtype=tl.float32)
+    for s0 in range(0, BN_SPLIT, BLOCK_S):
+        sl = s0 + tl.arange(0, BLOCK_S)
+        at = sl[:, None] * K + k[None, :]
+        s_ok = (sl < BN_SPLIT)[:, None] & k_ok[None, :]
+        part_dw += tl.load(pdw_ptr + at, mask=s_ok, other=0.0)
+        part_db += tl.load(pdb_ptr + at, mask=s_ok, other=0.0)
+    sum_dw = tl.sum(part_dw, axis=0)
+    sum_db = tl.sum(part_db, axis=0)
+    if BN_TRAIN:
+        mean_dy = sum_db / M
+        mean_dy_xhat = sum_dw / M
+    else:
+        mean_dy = tl.zeros_like(sum_db)
+        mean_dy_xhat = tl.zeros_like(sum_dw)
+    return scale, mean, invstd, mean_dy, mean_dy_xhat, sum_dw, sum_db
+
+
+@triton.jit
+def _bn_dz(dy_ptr, x_ptr, off, ok, scale, mean, invstd, mean_dy, mean_dy_xhat, BN_TRAIN: tl.constexpr):
+    """The batch norm's dx at conv positions `off` (coefficients broadcast to the tile), zero where masked."""
+    dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    if BN_TRAIN:
+        x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        dz = scale * (dy - mean_dy - ((x - mean) * invstd) * mean_dy_xhat)
+    else:
+        dz = dy * scale
+    return tl.where(ok, dz, 0.0)
+
+
 # N, the batch, is a runtime int (not specialised: batch 1 or a multiple of 16 must not compile anew), so
 # one compiled kernel serves every batch size; every other shape is a constexpr.
 @triton.jit(do_not_specialize=["N"])
@@ -96,6 +150,10 @@ def _conv_relu_pool_bwd_dx_kernel(
     w_ptr,  # filters [K, C // GROUPS, R, S]
     dx_ptr,  # out: input gradient [N, C, H, W]
     into_ptr,  # [N, C, H, W] a gradient x already has, added to dx (ACCUMULATE)
+    bnx_ptr,  # [N, K, OH, OW] the conv's output, the batch norm's input (BN and BN_TRAIN)
+    coef_ptr,  # [5, K] the batch norm's coefficients, written by the dw kernel (BN)
+    dw_part_ptr, dw_ptr,  # [SPLIT_W, K * CRS] the dw kernel's partials, summed into [K * CRS] (SUM_DW)
+    db_part_ptr, db_ptr,  # [SPLIT_W, K] and [K], the same for db (SUM_DB)
     slope,  # leaky_relu's negative slope
     N,  # batch
     C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -104,8 +162,69 @@ def _conv_relu_pool_bwd_dx_kernel(
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BN: tl.constexpr, BN_TRAIN: tl.constexpr,  # dz is a batch norm's dx, made here (dy_ptr: its dy')
+    SUM_DW: tl.constexpr, SUM_DB: tl.constexpr, SPLIT_W: tl.constexpr,  # the dw kernel's split-K sums, here
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    CG: tl.constexpr = C // GROUPS
+    KG: tl.constexpr = K // GROUPS
+    KRS: tl.constexpr = KG * R * S
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    dx_tiles = tl.cdiv(N * H * W, BLOCK_M)
+    if SUM_DW or SUM_DB:
+        if pid_m >= dx_tiles:  # programs past dx's rows: the dw kernel's split-K partials, summed (column 0)
+            if (pid_n == 0) & (g == 0):
+                _split_sums(dw_part_ptr, dw_ptr, db_part_ptr, db_ptr, pid_m - dx_tiles, K * (C // GROUPS) * R * S,
+                            K, SUM_DW, SUM_DB, SPLIT_W)
+    if pid_m < dx_tiles:
+        _conv_bwd_dx_tile(dy_ptr, idx_ptr, y_ptr, a_ptr, w_ptr, dx_ptr, into_ptr, bnx_ptr, coef_ptr, slope, pid_m,
+                          pid_n, g, N, C, H, W, K, R, S, GROUPS, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                          OH, OW, PH, PW, ACT, POOL, POOL_K, ACCUMULATE, BN, BN_TRAIN, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION)
+
+
+# The sums of the dw kernel's split-K partials, by the dx kernel's extra programs (the dw kernel runs first):
+# each program adds BLOCK_S slices of BLOCK_E elements at once, in slice order, then a fixed tree; the same
+# bits on every run, no launch of their own.
+@triton.jit
+def _split_sums(dw_part_ptr, dw_ptr, db_part_ptr, db_ptr, j, DW_N: tl.constexpr, DB_N: tl.constexpr,
+                SUM_DW: tl.constexpr, SUM_DB: tl.constexpr, SPLIT_W: tl.constexpr):
+    BLOCK_E: tl.constexpr = 128
+    BLOCK_S: tl.constexpr = 16
+    DW_TILES: tl.constexpr = (DW_N + BLOCK_E - 1) // BLOCK_E if SUM_DW else 0
+    if SUM_DW:
+        if j < DW_TILES:
+            _sum_slices(dw_part_ptr, dw_ptr, j, DW_N, SPLIT_W, BLOCK_E, BLOCK_S)
+    if SUM_DB:
+        if j >= DW_TILES:
+            _sum_slices(db_part_ptr, db_ptr, j - DW_TILES, DB_N, SPLIT_W, BLOCK_E, BLOCK_S)
+
+
+@triton.jit
+def _sum_slices(part_ptr, out_ptr, j, NUMEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_S: tl.constexpr):
+    """out[e] = Σ_s part[s, e] for the j-th block of BLOCK_E elements, slices in order."""
+    e = j * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e < NUMEL
+    acc = tl.zeros([BLOCK_S, BLOCK_E], dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        sl = s0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(part_ptr + sl[:, None] * NUMEL + e[None, :], mask=(sl < SPLIT)[:, None] & e_ok[None, :],
+                       other=0.0)
+    tl.store(out_ptr + e, tl.sum(acc, axis=0), mask=e_ok)
+
+
+@triton.jit
+def _conv_bwd_dx_tile(dy_ptr, idx_ptr, y_ptr, a_ptr, w_ptr, dx_ptr, into_ptr, bnx_ptr, coef_ptr, slope, pid_m, pid_n,
+                      g, N, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                      S: tl.constexpr, GROUPS: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+                      PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                      OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, ACT: tl.constexpr,
+                      POOL: tl.constexpr, POOL_K: tl.constexpr, ACCUMULATE: tl.constexpr, BN: tl.constexpr,
+                      BN_TRAIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
     # Implicit GEMM of the transposed conv, one group g per program along axis 2:
     #   rows     m = (n, ih, iw)  input positions
     #   columns  j = c            the group's C // GROUPS input channels
@@ -114,9 +233,6 @@ def _conv_relu_pool_bwd_dx_kernel(
     CG: tl.constexpr = C // GROUPS
     KG: tl.constexpr = K // GROUPS
     KRS: tl.constexpr = KG * R * S
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.program_id(2)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N * H * W
@@ -138,8 +254,16 @@ def _conv_relu_pool_bwd_dx_kernel(
         ow = tw // STRIDE_W
         hit = (q_ok[None, :] & (th >= 0) & (tw >= 0)
                & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < OH) & (ow < OW))
-        dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], k[None, :], oh, ow, hit,
-                                K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+        if BN:  # a batch norm's dx (no act, no pool: nothing between the conv and the batch norm)
+            co = coef_ptr + k
+            dz = _bn_dz(dy_ptr, bnx_ptr, ((n[:, None] * K + k[None, :]) * OH + oh) * OW + ow, hit,
+                        tl.load(co, mask=q_ok, other=0.0)[None, :], tl.load(co + K, mask=q_ok, other=0.0)[None, :],
+                        tl.load(co + 2 * K, mask=q_ok, other=0.0)[None, :],
+                        tl.load(co + 3 * K, mask=q_ok, other=0.0)[None, :],
+                        tl.load(co + 4 * K, mask=q_ok, other=0.0)[None, :], BN_TRAIN)
+        else:
+            dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], k[None, :], oh, ow, hit,
+                                    K, OH, OW, PH, PW, ACT, POOL, POOL_K)
         # w viewed as [K, CG, R * S]: row k, channel c, tap (r, s)
         w_tile = tl.load(w_ptr + (k[:, None] * CG + offs_j[None, :]) * (R * S) + rs[:, None],
                          mask=q_ok[:, None] & j_ok[None, :], other=0.0)
@@ -158,9 +282,15 @@ def _conv_relu_pool_bwd_dw_kernel(
     x_ptr,  # input [N, C, H, W]
     dw_ptr,  # out: [SPLIT, K, C // GROUPS * R * S] weight-gradient partials, one per row slice
     db_ptr,  # out: [SPLIT, K] bias-gradient partials
+    bnx_ptr,  # [N, K, OH, OW] the conv's output, the batch norm's input (BN)
+    coef_ptr,  # out: [5, K] the batch norm's coefficients, for the dx kernel (BN)
+    bn_w_ptr, bn_mean_ptr, bn_invstd_ptr,  # [K] the batch norm's weight (BN_HAS_W), saved mean and 1/std
+    bn_pdw_ptr, bn_pdb_ptr,  # [BN_SPLIT, K] partial Σ dy' x̂ and Σ dy' of the batch norm's reduction
+    bn_dw_ptr, bn_db_ptr,  # out: [K] the batch norm's dweight and dbias (BN_DW, BN_DB)
     slope,  # leaky_relu's negative slope
     N,  # batch
     SLICE,  # rows per slice, a multiple of BLOCK_K (grows with the batch; a slice may be empty)
+    BN_SPLIT,  # the batch norm's partials per channel
     C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     K: tl.constexpr, R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
@@ -169,6 +299,8 @@ def _conv_relu_pool_bwd_dw_kernel(
     ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
     SPLIT: tl.constexpr,  # row slices
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BN: tl.constexpr, BN_TRAIN: tl.constexpr, BN_HAS_W: tl.constexpr,  # dz is a batch norm's dx, made here
+    BN_DW: tl.constexpr, BN_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # GEMM dz^T @ im2col(x), one (group g, row slice) per program along axis 2:
@@ -194,14 +326,33 @@ def _conv_relu_pool_bwd_dw_kernel(
     s = offs_j % S
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if BN:
+        scale, mean, invstd, mean_dy, mean_dy_xhat, sum_dw, sum_db = _bn_coefficients(
+            k, i_ok, bn_mean_ptr, bn_invstd_ptr, bn_w_ptr, bn_pdw_ptr, bn_pdb_ptr, BN_SPLIT, N * OH * OW, K,
+            BN_TRAIN, BN_HAS_W, 16)
+        if (pid_n == 0) & (part == 0):  # one program per channel block writes what the others computed too
+            tl.store(coef_ptr + k, scale, mask=i_ok)
+            tl.store(coef_ptr + K + k, mean, mask=i_ok)
+            tl.store(coef_ptr + 2 * K + k, invstd, mask=i_ok)
+            tl.store(coef_ptr + 3 * K + k, mean_dy, mask=i_ok)
+            tl.store(coef_ptr + 4 * K + k, mean_dy_xhat, mask=i_ok)
+            if BN_DW:
+                tl.store(bn_dw_ptr + k, sum_dw, mask=i_ok)
+            if BN_DB:
+                tl.store(bn_db_ptr + k, sum_db, mask=i_ok)
     for m0 in range(part * SLICE, (part + 1) * SLICE, BLOCK_K):
         m = m0 + tl.arange(0, BLOCK_K)
         m_ok = m < N * OH * OW
         n = m // (OH * OW)
         oh = (m // OW) % OH
         ow = m % OW
-        dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[None, :], k[:, None], oh[None, :],
-                                ow[None, :], i_ok[:, None] & m_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+        if BN:
+            dz = _bn_dz(dy_ptr, bnx_ptr, ((n[None, :] * K + k[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
+                        i_ok[:, None] & m_ok[None, :], scale[:, None], mean[:, None], invstd[:, None],
+                        mean_dy[:, None], mean_dy_xhat[:, None], BN_TRAIN)
+        else:
+            dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[None, :], k[:, None], oh[None, :],
+                                    ow[None, :], i_ok[:, None] & m_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K)
         if COMPUTE_DB:
             db_acc += tl.sum(dz, axis=1)
         if COMPUTE_DW:
@@ -393,14 +544,15 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tupl
     gather = not (R == S == 1 and (sh, sw) == (1, 1) and (pad_h, pad_w) == (0, 0) and act == pool == "none")
     cfg = configs.gemm(configs.nominal(N * H * W), CG, KG * R * S, gather=True)
     dx_grid = (configs.cdiv(N * H * W, cfg["BLOCK_M"]), configs.cdiv(CG, cfg["BLOCK_N"]), groups)
-    dx_meta = {**meta, **cfg}
+    dx_meta = {**meta, "BN": False, "BN_TRAIN": False, "SUM_DW": False, "SUM_DB": False, "SPLIT_W": 1, **cfg}
     cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=gather)
     tiles_m, tiles_n = configs.cdiv(KG, cfg["BLOCK_M"]), configs.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
     # SPLIT is a constexpr: chosen at the nominal batch; the slices cut the actual rows (an empty slice
     # writes zero partials).
     split = configs.split_k(tiles_m * tiles_n * groups, configs.cdiv(configs.nominal(rows), cfg["BLOCK_K"]))
     slice_rows = configs.cdiv(configs.cdiv(rows, cfg["BLOCK_K"]), split) * cfg["BLOCK_K"]
-    dw_meta = {**meta, "SPLIT": split, "COMPUTE_DW": needs_dw, "COMPUTE_DB": needs_db, **cfg}
+    dw_meta = {**meta, "SPLIT": split, "COMPUTE_DW": needs_dw, "COMPUTE_DB": needs_db, "BN": False, "BN_TRAIN": False,
+               "BN_HAS_W": False, "BN_DW": False, "BN_DB": False, **cfg}
     return _Plan(N, crs, split, slice_rows, dx_grid, dx_meta, (tiles_m, tiles_n, groups * split), dw_meta)
 
 
@@ -426,6 +578,7 @@ def conv_relu_pool_backward(
     needs_db: bool,
     precision: str = "ieee",
     dx_into: torch.Tensor | None = None,
+    bn: BatchNormPending | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dx, dw, db) of y = pool(act(conv2d(x, w) + b)) given dy; freshly allocated, None where not needed.
 
@@ -441,6 +594,10 @@ def conv_relu_pool_backward(
         precision: "ieee" or "tf32", for tl.dot.
         dx_into: a gradient x already has (its other uses'), shaped and typed like x, contiguous: dx is
             returned with it added (in the dx kernel, no launch of its own); it is only read.
+        bn: the batch norm that alone reads this conv's output (no act, no pool here), its dx not yet made
+            (kernels/batch_norm.batch_norm_pending): dy is then its pulled-back dy', dz its dx, made in the
+            GEMMs' prologue, and its dweight and dbias are written into `bn` by the dw kernel. Needs dw, and
+            not a depthwise conv (`fuses_batch_norm`).
     """
     plan = _backward_plan(tuple(dy.shape), tuple(x.shape), tuple(w.shape), _pair(stride), _pair(padding),
                           _pair(dilation), groups, act, pool, pool_k, tuple(out_hw), precision,
@@ -451,23 +608,55 @@ def conv_relu_pool_backward(
             a if act != "none" and pool == "avg" else None)
     slope = float(act_param or 0.0)
     dx = dw = db = None
+    gemm = plan.dw_kernel is _conv_relu_pool_bwd_dw_kernel
+    if bn is not None and not (gemm and needs_dw and act == pool == "none"):
+        raise ValueError("conv_relu_pool_backward: a batch norm's dx is made only by a non-depthwise conv with "
+                         "no act or pool of its own, computing dw")
+    coef = None if bn is None else torch.empty((5, w.shape[0]), device=x.device, dtype=torch.float32)
+    bn_flags = {} if bn is None else dict(BN=True, BN_TRAIN=bn.training)
+    split, K = plan.split, w.shape[0]
+    if needs_dw or needs_db:  # first: with `bn`, its programs write the coefficients the dx kernel reads
+        # fp32 partials to be summed; a single part is the result itself, in the weight's dtype
+        part_dtype = torch.float32 if split > 1 else w.dtype
+        dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=part_dtype)
+        db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=part_dtype)
+        if gemm:
+            pend = (None,) * 9 if bn is None else (bn.x, coef, bn.weight, bn.mean, bn.invstd, bn.part_dw,
+                                                    bn.part_db, bn.dweight, bn.dbias)
+            args = (*bufs, x, dw_part, db_part, *pend, slope, plan.N, plan.slice_rows,
+                    1 if bn is None else bn.part_dw.shape[0])
+            flags = bn_flags and dict(bn_flags, BN_HAS_W=bn.weight is not None, BN_DW=bn.dweight is not None,
+                                      BN_DB=bn.dbias is not None)
+            launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw+bn" if bn else "dw", args),
+                   **{**plan.dw_meta, **flags})
+        else:
+            args = (*bufs, x, dw_part, db_part, slope, plan.N, plan.slice_rows)
+            launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
     if needs_dx:
         if dx_into is not None and (dx_into.shape != x.shape or dx_into.dtype != x.dtype
                                     or not dx_into.is_contiguous()):
             raise ValueError(f"conv_relu_pool_backward: dx_into {tuple(dx_into.shape)} {dx_into.dtype} must be "
                              f"a contiguous {tuple(x.shape)} {x.dtype}")
         dx = torch.empty_like(x)
-        args = (*bufs, w, dx, dx_into, slope, plan.N)
-        launch(plan.dx_kernel, plan.dx_grid, *args, nbytes=plan.moved("dx" if dx_into is None else "dx+", args),
-               ACCUMULATE=dx_into is not None, **plan.dx_meta)
-    if needs_dw or needs_db:
-        split, K = plan.split, w.shape[0]
-        # fp32 partials to be summed; a single part is the result itself, in the weight's dtype
-        part_dtype = torch.float32 if split > 1 else w.dtype
-        dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=part_dtype)
-        db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=part_dtype)
-        args = (*bufs, x, dw_part, db_part, slope, plan.N, plan.slice_rows)
-        launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
+        grid, extra = plan.dx_grid, dict(bn_flags)
+        if gemm:
+            # the dw kernel's split-K partials are summed by extra programs of this launch (`_split_sums`)
+            sums = split > 1 and (needs_dw or needs_db)
+            if sums:
+                dw = torch.empty(w.shape, device=x.device, dtype=w.dtype) if needs_dw else None
+                db = torch.empty(K, device=x.device, dtype=w.dtype) if needs_db else None
+                tiles = (configs.cdiv(K * plan.crs, 128) if needs_dw else 0) + (configs.cdiv(K, 128) if needs_db else 0)
+                grid = (grid[0] + tiles, *grid[1:])
+                extra |= dict(SUM_DW=needs_dw, SUM_DB=needs_db, SPLIT_W=split)
+            pend = ((None if bn is None or not bn.training else bn.x), coef,
+                    *((dw_part if needs_dw else None, dw, db_part if needs_db else None, db) if sums else (None,) * 4))
+        else:
+            pend = ()
+        args = (*bufs, w, dx, dx_into, *pend, slope, plan.N)
+        site = ("dx" if dx_into is None else "dx+") + ("bn" if bn else "") + ("sums" if "SUM_DW" in extra else "")
+        launch(plan.dx_kernel, grid, *args, nbytes=plan.moved(site, args), ACCUMULATE=dx_into is not None,
+               **{**plan.dx_meta, **extra})
+    if (needs_dw or needs_db) and dw is None and db is None:  # no dx launch summed them
         if needs_dw:
             dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False, dtype=w.dtype)).view(w.shape)
         if needs_db:

@@ -125,6 +125,55 @@ def test_gpu_configs_split_the_batch_norm_rows_and_match_torch(act):
     assert "stats=True" in str(c.fused_graph) and "conv_stats=True" in str(c.fused_graph)
 
 
+def test_the_conv_makes_its_batch_norms_dx_and_sums_its_split_k_partials_at_gpu_configs():
+    # conv -> batch norm + residual + relu, at the GPU's tiles (in the interpreter): the batch norm's backward
+    # is its reduction kernel only; the conv's dw kernel adds the reduction's partials (BN_SPLIT > 1) and
+    # writes dweight and dbias, its dx kernel makes the batch norm's dx in its GEMM prologue and, in extra
+    # programs, sums the dw kernel's split-K partials (SPLIT_W > 1): 3 backward launches for the unit,
+    # bit-identical on a rerun.
+    model = _affine(Unit("relu", residual=True))
+    with use_target("gpu"), launch.recording() as launches:
+        c = _check(model, torch.randn(8, 4, 16, 16) + 4)
+    names = [launch.kernel_name(r.kernel) for r in launches]
+    backward = names[names.index("_batch_norm_bwd_dwdb_kernel"):]
+    assert backward == ["_batch_norm_bwd_dwdb_kernel", "_conv_relu_pool_bwd_dw_kernel",
+                        "_conv_relu_pool_bwd_dx_kernel"], names
+    by_name = {launch.kernel_name(r.kernel): r for r in launches}
+    dw, dx = by_name["_conv_relu_pool_bwd_dw_kernel"], by_name["_conv_relu_pool_bwd_dx_kernel"]
+    assert dw.meta["BN"] and dw.meta["SPLIT"] > 1 and dw.args[-1] > 1  # the last: BN_SPLIT
+    assert dx.meta["BN"] and dx.meta["SUM_DW"] and dx.meta["SPLIT_W"] == dw.meta["SPLIT"]
+    assert dx.meta["ACCUMULATE"]  # the residual is the conv's input: its gradient added in the dx kernel
+    x = torch.randn(8, 4, 16, 16) + 4
+    runs = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with use_target("gpu"):
+            runs.append(_run(c, x)[1])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("frozen", ["conv weight", "none"])
+def test_a_conv_whose_weight_needs_no_gradient_leaves_the_batch_norm_its_own_dx_kernel(frozen):
+    # the pair runs where the conv computes dw (its dw kernel makes the coefficients); a frozen conv keeps
+    # the batch norm's own dx kernel, and both match torch
+    model = _affine(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.SiLU()))
+    if frozen == "conv weight":
+        model[3].weight.requires_grad_(False)
+    eager64 = copy.deepcopy(model).double()
+    c = fusednn.compile(model)
+    x = torch.randn(2, 3, 6, 6)
+    y, grads = _run(c, x)
+    y64, grads64 = _run(eager64, x.double())
+    assert rel_err(y, y64) <= 1e-5
+    for name, g64 in grads64.items():
+        assert (grads[name] is None) == (g64 is None), name
+        assert g64 is None or rel_err(grads[name], g64) <= 1e-5, name
+    kernels = c.stats()["backward"]["per_kernel"]
+    assert ("_batch_norm_bwd_dx_kernel" in kernels) == (frozen == "conv weight"), kernels
+    assert kernels["_batch_norm_bwd_dwdb_kernel"]["launches"] == 2
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu", "none"])
 def test_running_statistics_path_fuses_with_gradients(act):
     """eval mode with gradients (a frozen batch norm while fine-tuning): the running statistics normalise."""

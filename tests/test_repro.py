@@ -36,12 +36,14 @@ def _scripts(d: Path) -> list[Path]:
     return sorted(p for p in d.glob("*.py") if not p.name.startswith("src_"))
 
 
-@pytest.mark.parametrize("model,kernels", [("lenet", 11), ("resnet8", None)])
+@pytest.mark.parametrize("model,kernels", [("lenet", 10), ("resnet8", None)])
 def test_every_repro_script_of_the_training_step_runs_standalone_and_matches_torch(tmp_path, model, kernels):
     d = _dump(model, tmp_path)
     scripts = _scripts(d)
     if kernels is not None:
-        assert len(scripts) == kernels  # 5 generated forward kernels, 5 hand-written backward ones (dx, dw of conv and linear, sum_to), SGD
+        # 5 generated forward kernels, 4 hand-written backward ones (dx, dw of conv and linear; the conv's
+        # split-K sums run in its dx launch), SGD
+        assert len(scripts) == kernels
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(_run, scripts))
     for script, r in zip(scripts, results):
