@@ -351,16 +351,16 @@ def _bn_conv_vjp(bn: Node, conv: Node, env: Env, dy: torch.Tensor, needs: list[b
 
 def fuses_batch_norm(conv: Node, bn: Node, users: int) -> bool:
     """Whether the backward makes batch norm `bn`'s dx inside conv `conv`'s dw and dx kernels: the batch norm
-    alone reads the conv's output (`users`: its readers, graph outputs counted), nothing sits between them
-    (no act, no pool in the conv's epilogue), the conv is no depthwise one (its direct kernels take no
-    prologue) and the values are float32 or float64 (dy' is stored in the value's dtype, unrounded)."""
+    alone reads the conv's output (`users`: its readers, graph outputs counted), no activation sits between
+    them (a pool in the conv's epilogue may: airbench's conv -> max pool -> batch norm), the conv is no
+    depthwise one (its direct kernels take no prologue) and the values are float32 or float64 (dy' is
+    stored in the value's dtype, unrounded)."""
     x = bn.inputs[0]
     if REGISTRY[conv.op].backward != "conv" or REGISTRY[bn.op].backward != "batch_norm" or conv.out is not x:
         return False
     w = conv.inputs[1].type.shape
     depthwise = 1 < conv.attrs["groups"] == conv.inputs[0].type.shape[1] == w[0]
-    return (users == 1 and conv.attrs.get("act", "none") == "none" and conv.attrs.get("pool", "none") == "none"
-            and not depthwise and len(x.type.shape) == 4 and x.type.dtype in (torch.float32, torch.float64)
+    return (users == 1 and conv.attrs.get("act", "none") == "none" and not depthwise and len(x.type.shape) == 4 and x.type.dtype in (torch.float32, torch.float64)
             and not empty_node(conv) and not empty_node(bn))
 
 
@@ -527,8 +527,9 @@ class BackwardPlan:
         # The differentiable nodes in reverse, each with whether it is empty (what `run` walks every call)
         self._reverse = [(n, empty_node(n)) for n in reversed(graph.nodes) if differentiable(n)]
         users: dict[Value, int] = dict.fromkeys(graph.outputs, 1)
-        for n in graph.nodes:
-            for v in {v for a in (*n.absorbed, n) for v in a.inputs if v is not None}:
+        for n in graph.nodes:  # every read: a batch norm whose residual is its own input reads it twice
+            own = [v for v in n.inputs if v is not None]
+            for v in own + [v for a in n.absorbed for v in a.inputs if v is not None and v not in own]:
                 users[v] = users.get(v, 0) + 1
         producer = {n.out: n for n in graph.nodes}
         self.pairs: dict[Node, Node] = {}

@@ -66,11 +66,18 @@ def _conv_relu_pool_dz(
     ok,  # the tile's mask: coordinates inside the conv output
     K: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr,
+    bnx_ptr=None, sc=0.0, mu=0.0, inv=0.0, mdy=0.0, mdyx=0.0,  # a batch norm after the conv (BN; `_bn_dz`)
+    BN: tl.constexpr = False, BN_TRAIN: tl.constexpr = False,
 ):
-    """The GEMM prologue shared by dx and dw: dz at conv positions (n, k, oh, ow), zero where masked."""
+    """The GEMM prologue shared by dx and dw: dz at conv positions (n, k, oh, ow), zero where masked. With
+    BN, dy_ptr holds the batch norm's dy' (at the pooled positions under a pool) and the batch norm's dx
+    there takes dy's place."""
     if POOL == "none":
         off = ((n * K + k) * OH + oh) * OW + ow
-        dz = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if BN:
+            dz = _bn_dz(dy_ptr, bnx_ptr, off, ok, sc, mu, inv, mdy, mdyx, BN_TRAIN)
+        else:
+            dz = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if ACT != "none":
             o = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
     else:
@@ -78,7 +85,10 @@ def _conv_relu_pool_dz(
         pw = ow // POOL_K
         inside = ok & (ph < PH) & (pw < PW)
         p_off = ((n * K + k) * PH + ph) * PW + pw
-        dz = tl.load(dy_ptr + p_off, mask=inside, other=0.0).to(tl.float32)
+        if BN:
+            dz = _bn_dz(dy_ptr, bnx_ptr, p_off, inside, sc, mu, inv, mdy, mdyx, BN_TRAIN)
+        else:
+            dz = tl.load(dy_ptr + p_off, mask=inside, other=0.0).to(tl.float32)
         if POOL == "max":
             win = tl.load(idx_ptr + p_off, mask=inside, other=0).to(tl.int32)
             hit = inside & (win == (oh - ph * POOL_K) * POOL_K + (ow - pw * POOL_K))
@@ -94,7 +104,7 @@ def _conv_relu_pool_dz(
     return dz
 
 
-# A conv whose output only a training-mode batch norm reads (conv -> BN [-> act] [+ residual]) takes the
+# A conv whose (pooled) output only a batch norm reads (conv [-> pool] -> BN [-> act] [+ residual]) takes the
 # batch norm's dx as its dz, made in this prologue instead of a launch of its own (kernels/batch_norm.py has
 # the VJP): from the pulled-back gradient dy' (the batch norm's reduction kernel wrote it, or the upstream
 # gradient itself without an activation), the conv's output x and per-channel coefficients,
@@ -254,16 +264,21 @@ def _conv_bwd_dx_tile(dy_ptr, idx_ptr, y_ptr, a_ptr, w_ptr, dx_ptr, into_ptr, bn
         ow = tw // STRIDE_W
         hit = (q_ok[None, :] & (th >= 0) & (tw >= 0)
                & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < OH) & (ow < OW))
-        if BN:  # a batch norm's dx (no act, no pool: nothing between the conv and the batch norm)
+        if BN:  # the batch norm's coefficients of these taps' channels
             co = coef_ptr + k
-            dz = _bn_dz(dy_ptr, bnx_ptr, ((n[:, None] * K + k[None, :]) * OH + oh) * OW + ow, hit,
-                        tl.load(co, mask=q_ok, other=0.0)[None, :], tl.load(co + K, mask=q_ok, other=0.0)[None, :],
-                        tl.load(co + 2 * K, mask=q_ok, other=0.0)[None, :],
-                        tl.load(co + 3 * K, mask=q_ok, other=0.0)[None, :],
-                        tl.load(co + 4 * K, mask=q_ok, other=0.0)[None, :], BN_TRAIN)
+            sc = tl.load(co, mask=q_ok, other=0.0)[None, :]
+            mu = tl.load(co + K, mask=q_ok, other=0.0)[None, :]
+            inv = tl.load(co + 2 * K, mask=q_ok, other=0.0)[None, :]
+            mdy = tl.load(co + 3 * K, mask=q_ok, other=0.0)[None, :]
+            mdyx = tl.load(co + 4 * K, mask=q_ok, other=0.0)[None, :]
         else:
-            dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], k[None, :], oh, ow, hit,
-                                    K, OH, OW, PH, PW, ACT, POOL, POOL_K)
+            sc = 0.0
+            mu = 0.0
+            inv = 0.0
+            mdy = 0.0
+            mdyx = 0.0
+        dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[:, None], k[None, :], oh, ow, hit,
+                                K, OH, OW, PH, PW, ACT, POOL, POOL_K, bnx_ptr, sc, mu, inv, mdy, mdyx, BN, BN_TRAIN)
         # w viewed as [K, CG, R * S]: row k, channel c, tap (r, s)
         w_tile = tl.load(w_ptr + (k[:, None] * CG + offs_j[None, :]) * (R * S) + rs[:, None],
                          mask=q_ok[:, None] & j_ok[None, :], other=0.0)
@@ -276,7 +291,8 @@ def _conv_bwd_dx_tile(dy_ptr, idx_ptr, y_ptr, a_ptr, w_ptr, dx_ptr, into_ptr, bn
 
 
 # SLICE stays specialised: a multiple of BLOCK_K >= 16 at every batch, so it always compiles the same way.
-@triton.jit(do_not_specialize=["N"])
+# BN_SPLIT (the batch norm's partials per channel) follows the batch: not specialised either.
+@triton.jit(do_not_specialize=["N", "BN_SPLIT"])
 def _conv_relu_pool_bwd_dw_kernel(
     dy_ptr, idx_ptr, y_ptr, a_ptr,  # read through _conv_relu_pool_dz
     x_ptr,  # input [N, C, H, W]
@@ -328,7 +344,7 @@ def _conv_relu_pool_bwd_dw_kernel(
     db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if BN:
         scale, mean, invstd, mean_dy, mean_dy_xhat, sum_dw, sum_db = _bn_coefficients(
-            k, i_ok, bn_mean_ptr, bn_invstd_ptr, bn_w_ptr, bn_pdw_ptr, bn_pdb_ptr, BN_SPLIT, N * OH * OW, K,
+            k, i_ok, bn_mean_ptr, bn_invstd_ptr, bn_w_ptr, bn_pdw_ptr, bn_pdb_ptr, BN_SPLIT, N * PH * PW, K,
             BN_TRAIN, BN_HAS_W, 16)
         if (pid_n == 0) & (part == 0):  # one program per channel block writes what the others computed too
             tl.store(coef_ptr + k, scale, mask=i_ok)
@@ -347,9 +363,10 @@ def _conv_relu_pool_bwd_dw_kernel(
         oh = (m // OW) % OH
         ow = m % OW
         if BN:
-            dz = _bn_dz(dy_ptr, bnx_ptr, ((n[None, :] * K + k[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
-                        i_ok[:, None] & m_ok[None, :], scale[:, None], mean[:, None], invstd[:, None],
-                        mean_dy[:, None], mean_dy_xhat[:, None], BN_TRAIN)
+            dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[None, :], k[:, None], oh[None, :],
+                                    ow[None, :], i_ok[:, None] & m_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K,
+                                    bnx_ptr, scale[:, None], mean[:, None], invstd[:, None], mean_dy[:, None],
+                                    mean_dy_xhat[:, None], BN, BN_TRAIN)
         else:
             dz = _conv_relu_pool_dz(dy_ptr, idx_ptr, y_ptr, a_ptr, slope, n[None, :], k[:, None], oh[None, :],
                                     ow[None, :], i_ok[:, None] & m_ok[None, :], K, OH, OW, PH, PW, ACT, POOL, POOL_K)
@@ -594,7 +611,7 @@ def conv_relu_pool_backward(
         precision: "ieee" or "tf32", for tl.dot.
         dx_into: a gradient x already has (its other uses'), shaped and typed like x, contiguous: dx is
             returned with it added (in the dx kernel, no launch of its own); it is only read.
-        bn: the batch norm that alone reads this conv's output (no act, no pool here), its dx not yet made
+        bn: the batch norm that alone reads this conv's (pooled) output (no act here), its dx not yet made
             (kernels/batch_norm.batch_norm_pending): dy is then its pulled-back dy', dz its dx, made in the
             GEMMs' prologue, and its dweight and dbias are written into `bn` by the dw kernel. Needs dw, and
             not a depthwise conv (`fuses_batch_norm`).
@@ -609,9 +626,9 @@ def conv_relu_pool_backward(
     slope = float(act_param or 0.0)
     dx = dw = db = None
     gemm = plan.dw_kernel is _conv_relu_pool_bwd_dw_kernel
-    if bn is not None and not (gemm and needs_dw and act == pool == "none"):
+    if bn is not None and not (gemm and needs_dw and act == "none"):
         raise ValueError("conv_relu_pool_backward: a batch norm's dx is made only by a non-depthwise conv with "
-                         "no act or pool of its own, computing dw")
+                         "no act of its own, computing dw")
     coef = None if bn is None else torch.empty((5, w.shape[0]), device=x.device, dtype=torch.float32)
     bn_flags = {} if bn is None else dict(BN=True, BN_TRAIN=bn.training)
     split, K = plan.split, w.shape[0]
@@ -621,14 +638,14 @@ def conv_relu_pool_backward(
         dw_part = torch.empty((split, K, plan.crs) if needs_dw else (0,), device=x.device, dtype=part_dtype)
         db_part = torch.empty((split, K) if needs_db else (0,), device=x.device, dtype=part_dtype)
         if gemm:
-            pend = (None,) * 9 if bn is None else (bn.x, coef, bn.weight, bn.mean, bn.invstd, bn.part_dw,
-                                                    bn.part_db, bn.dweight, bn.dbias)
+            pend = (None,) * 9 if bn is None else (bn.x if bn.training else None, coef, bn.weight, bn.mean,
+                                                    bn.invstd, bn.part_dw, bn.part_db, bn.dweight, bn.dbias)
             args = (*bufs, x, dw_part, db_part, *pend, slope, plan.N, plan.slice_rows,
                     1 if bn is None else bn.part_dw.shape[0])
             flags = bn_flags and dict(bn_flags, BN_HAS_W=bn.weight is not None, BN_DW=bn.dweight is not None,
                                       BN_DB=bn.dbias is not None)
-            launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw+bn" if bn else "dw", args),
-                   **{**plan.dw_meta, **flags})
+            site = "dw" + ("" if bn is None else "+bn" + "".join("01"[f] for f in flags.values()))
+            launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved(site, args), **{**plan.dw_meta, **flags})
         else:
             args = (*bufs, x, dw_part, db_part, slope, plan.N, plan.slice_rows)
             launch(plan.dw_kernel, plan.dw_grid, *args, nbytes=plan.moved("dw", args), **plan.dw_meta)
@@ -653,7 +670,8 @@ def conv_relu_pool_backward(
         else:
             pend = ()
         args = (*bufs, w, dx, dx_into, *pend, slope, plan.N)
-        site = ("dx" if dx_into is None else "dx+") + ("bn" if bn else "") + ("sums" if "SUM_DW" in extra else "")
+        # a launch site per variant: what it reads and writes differs with each flag
+        site = ("dx" if dx_into is None else "dx+") + "".join(f"{k}={v}" for k, v in extra.items())
         launch(plan.dx_kernel, grid, *args, nbytes=plan.moved(site, args), ACCUMULATE=dx_into is not None,
                **{**plan.dx_meta, **extra})
     if (needs_dw or needs_db) and dw is None and db is None:  # no dx launch summed them

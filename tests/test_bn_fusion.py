@@ -152,6 +152,41 @@ def test_the_conv_makes_its_batch_norms_dx_and_sums_its_split_k_partials_at_gpu_
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2)], ids=["max", "avg"])
+def test_a_conv_with_a_fused_pool_makes_the_dx_of_the_batch_norm_after_it_at_gpu_configs(pool):
+    # airbench's order, conv -> pool -> batch norm -> GELU: the batch norm's dx is made at the pooled
+    # positions in the conv's prologue, then routed through the pool (the argmax, or 1/k² of the window)
+    model = _affine(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), pool, nn.BatchNorm2d(8), nn.GELU()))
+    with use_target("gpu"), launch.recording() as launches:
+        _check(model, torch.randn(8, 4, 16, 16))
+    names = [launch.kernel_name(r.kernel) for r in launches]
+    assert names[names.index("_batch_norm_bwd_dwdb_kernel"):] == [
+        "_batch_norm_bwd_dwdb_kernel", "_conv_relu_pool_bwd_dw_kernel", "_conv_relu_pool_bwd_dx_kernel"], names
+    assert all(r.meta.get("BN") for r in launches if launch.kernel_name(r.kernel).startswith("_conv_relu_pool_bwd"))
+
+
+class ConvOutputResidual(nn.Module):
+    """relu(bn(c) + c): the batch norm reads the conv's output twice (its input and its residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)
+        return torch.relu(self.bn(c) + c)
+
+
+def test_a_batch_norm_whose_residual_is_the_conv_output_keeps_its_own_dx_kernel():
+    # the conv's output has a second reader (the residual), so it gets the sum of two gradients: the pair
+    # does not form, and the conv's backward runs once
+    c = _check(_affine(ConvOutputResidual()), torch.randn(2, 4, 6, 6))
+    kernels = c.stats()["backward"]["per_kernel"]
+    assert "_batch_norm_bwd_dx_kernel" in kernels, kernels
+    assert kernels["_conv_relu_pool_bwd_dx_kernel"]["launches"] == kernels["_conv_relu_pool_bwd_dw_kernel"]["launches"] == 1
+
+
 @pytest.mark.parametrize("frozen", ["conv weight", "none"])
 def test_a_conv_whose_weight_needs_no_gradient_leaves_the_batch_norm_its_own_dx_kernel(frozen):
     # the pair runs where the conv computes dw (its dw kernel makes the coefficients); a frozen conv keeps

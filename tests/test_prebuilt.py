@@ -48,14 +48,22 @@ def _no_general_path(compiled, monkeypatch):
                 raise AssertionError(f"{_name}: the general path ran where a replay was expected")
 
             monkeypatch.setattr(s.kernel.module, "launch", boom)
+    # recorded VJPs by their nodes: (n,), or (batch norm, conv) for a pair (autodiff.BackwardPlan.pairs)
     recorded = {n for whole, vjps in exe.backward_programs.values() for n, entry in vjps.items() if entry is not None}
     assert recorded
     for fam, r in list(autodiff.VJPS.items()):
         def vjp(n, *a, _r=r, **k):
-            assert n not in recorded, f"{n.label()}: the general backward ran where a replay was expected"
+            assert (n,) not in recorded, f"{n.label()}: the general backward ran where a replay was expected"
             return _r.vjp(n, *a, **k)
 
         monkeypatch.setitem(autodiff.VJPS, fam, dataclasses.replace(r, vjp=vjp))
+    pair = autodiff._bn_conv_vjp
+
+    def pair_vjp(bn, conv, *a, **k):
+        assert (bn, conv) not in recorded, f"{bn.label()}: the general backward ran where a replay was expected"
+        return pair(bn, conv, *a, **k)
+
+    monkeypatch.setattr(autodiff, "_bn_conv_vjp", pair_vjp)
 
 
 def _tol(f32: torch.Tensor, f64: torch.Tensor) -> float:
