@@ -20,7 +20,6 @@ import triton.language as tl
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
 from fusednn.kernels.batch_norm import BatchNormPending
-from fusednn.kernels.broadcast import sum_to
 from fusednn.kernels.plan import MeasuredBytes
 from fusednn.kernels.precision import _dot_in
 from fusednn.launch import launch
@@ -51,8 +50,8 @@ from fusednn.launch import launch
 # Determinism: every dw/db element is summed by one program over its rows in a fixed order; split-K (GPU)
 # writes per-slice partials that are added in a fixed order, BLOCK_S slices of a block of elements at once,
 # then a fixed tree (a few vectorised steps, not SPLIT dependent loads): by extra programs of the dx launch,
-# which runs after the dw kernel (`_split_sums`), or, where no dx is computed, by kernels/broadcast.py
-# `sum_to`. No atomics anywhere.
+# which runs after the dw kernel (`_split_sums`), or, where no dx launch does (no dx, or a depthwise conv),
+# by one `_conv_bwd_sums_kernel` launch for dw and db together. No atomics anywhere.
 
 
 @triton.jit
@@ -210,6 +209,18 @@ def _split_sums(dw_part_ptr, dw_ptr, db_part_ptr, db_ptr, j, DW_N: tl.constexpr,
     if SUM_DB:
         if j >= DW_TILES:
             _sum_slices(db_part_ptr, db_ptr, j - DW_TILES, DB_N, SPLIT_W, BLOCK_E, BLOCK_S)
+
+
+@triton.jit
+def _conv_bwd_sums_kernel(dw_part_ptr, dw_ptr, db_part_ptr, db_ptr, DW_N: tl.constexpr, DB_N: tl.constexpr,
+                          SUM_DW: tl.constexpr, SUM_DB: tl.constexpr, SPLIT_W: tl.constexpr):
+    """The split-K sums of a conv whose dx launch does not make them, dw's and db's in one launch."""
+    _split_sums(dw_part_ptr, dw_ptr, db_part_ptr, db_ptr, tl.program_id(0), DW_N, DB_N, SUM_DW, SUM_DB, SPLIT_W)
+
+
+def _sum_tiles(dw_n: int, db_n: int, needs_dw: bool, needs_db: bool) -> int:
+    """Programs `_split_sums` takes: BLOCK_E (128) elements each, dw's then db's."""
+    return (configs.cdiv(dw_n, 128) if needs_dw else 0) + (configs.cdiv(db_n, 128) if needs_db else 0)
 
 
 @triton.jit
@@ -662,8 +673,7 @@ def conv_relu_pool_backward(
             if sums:
                 dw = torch.empty(w.shape, device=x.device, dtype=w.dtype) if needs_dw else None
                 db = torch.empty(K, device=x.device, dtype=w.dtype) if needs_db else None
-                tiles = (configs.cdiv(K * plan.crs, 128) if needs_dw else 0) + (configs.cdiv(K, 128) if needs_db else 0)
-                grid = (grid[0] + tiles, *grid[1:])
+                grid = (grid[0] + _sum_tiles(K * plan.crs, K, needs_dw, needs_db), *grid[1:])
                 extra |= dict(SUM_DW=needs_dw, SUM_DB=needs_db, SPLIT_W=split)
             pend = ((None if bn is None or not bn.training else bn.x), coef,
                     *((dw_part if needs_dw else None, dw, db_part if needs_db else None, db) if sums else (None,) * 4))
@@ -675,8 +685,14 @@ def conv_relu_pool_backward(
         launch(plan.dx_kernel, grid, *args, nbytes=plan.moved(site, args), ACCUMULATE=dx_into is not None,
                **{**plan.dx_meta, **extra})
     if (needs_dw or needs_db) and dw is None and db is None:  # no dx launch summed them
-        if needs_dw:
-            dw = (dw_part if split == 1 else sum_to(dw_part, dw_part.shape[1:], batched=False, dtype=w.dtype)).view(w.shape)
-        if needs_db:
-            db = (db_part if split == 1 else sum_to(db_part, db_part.shape[1:], batched=False, dtype=w.dtype)).view(K)
+        if split == 1:  # a single part is the result itself
+            dw = dw_part.view(w.shape) if needs_dw else None
+            db = db_part.view(K) if needs_db else None
+        else:
+            dw = torch.empty(w.shape, device=x.device, dtype=w.dtype) if needs_dw else None
+            db = torch.empty(K, device=x.device, dtype=w.dtype) if needs_db else None
+            args = (dw_part if needs_dw else None, dw, db_part if needs_db else None, db)
+            launch(_conv_bwd_sums_kernel, (_sum_tiles(K * plan.crs, K, needs_dw, needs_db),), *args,
+                   nbytes=plan.moved("sums", args), DW_N=K * plan.crs, DB_N=K, SUM_DW=needs_dw, SUM_DB=needs_db,
+                   SPLIT_W=split)
     return dx, dw, db

@@ -106,9 +106,9 @@ _STEP_BASE = {  # every LeNet training step, at any launch config
 
 
 @pytest.mark.parametrize("batch, target, total, split_k", [
-    # split-K second passes: conv1's dw and db (conv2's run in its dx launch, which needs none of its own)
-    (64, "gpu", 19, {"_sum_to_kernel": 2}),
-    (4096, "gpu", 22, {"_sum_to_kernel": 5}),  # and fc1-fc3's [dw | db]
+    # split-K second passes: conv1's dw and db in one launch (conv2's run in its dx launch)
+    (64, "gpu", 18, {"_conv_bwd_sums_kernel": 1}),
+    (4096, "gpu", 21, {"_conv_bwd_sums_kernel": 1, "_sum_to_kernel": 3}),  # and fc1-fc3's [dw | db]
     (64, "interp", 17, {}),  # the interpreter's configs never split K
 ], ids=["gpu_batch64", "gpu_batch4096", "interpreter_batch64"])
 def test_lenet_training_step_launch_counts_are_exact(batch, target, total, split_k):
