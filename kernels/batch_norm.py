@@ -113,6 +113,21 @@ def _batch_norm_bwd_dwdb_kernel(
     tl.store(db_ptr + tl.program_id(0) * C + chans, tl.sum(acc_db, axis=0), mask=c_ok)
 
 
+@triton.jit
+def channel_sums(pdw_ptr, pdb_ptr, chans, c_ok, SPLIT, C, BLOCK_S: tl.constexpr):
+    """(Σ dy·x̂, Σ dy) of channels `chans` from the reduction kernel's [SPLIT, C] partials, added in slice
+    order (BLOCK_S slices at once, then a fixed tree): the same bits in every program that asks."""
+    part_dw = tl.zeros([BLOCK_S, chans.shape[0]], dtype=tl.float32)
+    part_db = tl.zeros([BLOCK_S, chans.shape[0]], dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        sl = s0 + tl.arange(0, BLOCK_S)
+        at = sl[:, None] * C + chans[None, :]
+        s_ok = (sl < SPLIT)[:, None] & c_ok[None, :]
+        part_dw += tl.load(pdw_ptr + at, mask=s_ok, other=0.0)
+        part_db += tl.load(pdb_ptr + at, mask=s_ok, other=0.0)
+    return tl.sum(part_dw, axis=0), tl.sum(part_db, axis=0)
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT"])
 def _batch_norm_bwd_dx_kernel(
     dy_ptr,  # [N, C, INNER] upstream gradient (of the activation's output when ACT is not "none"), or the
@@ -165,16 +180,7 @@ def _batch_norm_bwd_dx_kernel(
                    ACT, ACT_FROM_OUT, HAS_RES, HAS_WEIGHT, HAS_BIAS)
     if TRAINING:
         # the channel sums: the slices' partials added in slice order, the same in every program
-        part_dw = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-        part_db = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-        for s0 in range(0, SPLIT, BLOCK_S):
-            sl = s0 + tl.arange(0, BLOCK_S)
-            at = sl[:, None] * C + chans[None, :]
-            s_ok = (sl < SPLIT)[:, None] & c_ok[None, :]
-            part_dw += tl.load(dw_ptr + at, mask=s_ok, other=0.0)
-            part_db += tl.load(db_ptr + at, mask=s_ok, other=0.0)
-        sum_dw = tl.sum(part_dw, axis=0)
-        sum_db = tl.sum(part_db, axis=0)
+        sum_dw, sum_db = channel_sums(dw_ptr, db_ptr, chans, c_ok, SPLIT, C, BLOCK_S)
         if WRITE_SUMS:
             if tl.program_id(0) == 0:
                 tl.store(sum_dw_ptr + chans, sum_dw, mask=c_ok)

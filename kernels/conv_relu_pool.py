@@ -19,7 +19,7 @@ import triton.language as tl
 
 from fusednn.compiler import configs
 from fusednn.kernels.activation import _act_grad
-from fusednn.kernels.batch_norm import BatchNormPending
+from fusednn.kernels.batch_norm import BatchNormPending, channel_sums
 from fusednn.kernels.plan import MeasuredBytes
 from fusednn.kernels.precision import _dot_in
 from fusednn.launch import launch
@@ -120,16 +120,7 @@ def _bn_coefficients(k, k_ok, mean_ptr, invstd_ptr, w_ptr, pdw_ptr, pdb_ptr, BN_
     scale = invstd
     if BN_HAS_W:
         scale = invstd * tl.load(w_ptr + k, mask=k_ok, other=0.0)
-    part_dw = tl.zeros([BLOCK_S, k.shape[0]], dtype=tl.float32)
-    part_db = tl.zeros([BLOCK_S, k.shape[0]], dtype=tl.float32)
-    for s0 in range(0, BN_SPLIT, BLOCK_S):
-        sl = s0 + tl.arange(0, BLOCK_S)
-        at = sl[:, None] * K + k[None, :]
-        s_ok = (sl < BN_SPLIT)[:, None] & k_ok[None, :]
-        part_dw += tl.load(pdw_ptr + at, mask=s_ok, other=0.0)
-        part_db += tl.load(pdb_ptr + at, mask=s_ok, other=0.0)
-    sum_dw = tl.sum(part_dw, axis=0)
-    sum_db = tl.sum(part_db, axis=0)
+    sum_dw, sum_db = channel_sums(pdw_ptr, pdb_ptr, k, k_ok, BN_SPLIT, K, BLOCK_S)
     if BN_TRAIN:
         mean_dy = sum_db / M
         mean_dy_xhat = sum_dw / M
