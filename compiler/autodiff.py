@@ -360,8 +360,8 @@ def fuses_batch_norm(conv: Node, bn: Node, users: int) -> bool:
         return False
     w = conv.inputs[1].type.shape
     depthwise = 1 < conv.attrs["groups"] == conv.inputs[0].type.shape[1] == w[0]
-    return (users == 1 and conv.attrs.get("act", "none") == "none" and not depthwise and len(x.type.shape) == 4 and x.type.dtype in (torch.float32, torch.float64)
-            and not empty_node(conv) and not empty_node(bn))
+    return (users == 1 and conv.attrs.get("act", "none") == "none" and not depthwise and len(x.type.shape) == 4
+            and x.type.dtype in (torch.float32, torch.float64) and not empty_node(conv) and not empty_node(bn))
 
 
 def _running_norm(n: Node) -> bool:
