@@ -7,6 +7,10 @@ train: a forward and backward with autograd recording (batch norm with batch sta
 eval: `model.eval()` under `torch.no_grad()` (the inference graph: batch norm folded into the conv).
 Bytes are the distinct memory each launch is given (fusednn.launch.tensor_bytes), summed over launches.
 
+minimum: the analytic minimum bytes of the step (fusednn.compiler.bounds: compute and recomputation free, nothing
+kept on chip between kernels; what a training batch norm's batch statistics and gradient sums force to
+memory), and its number of kernels.
+
 eager: the same step in torch eager on the CPU, counted at the aten level (a TorchDispatchMode below
 autograd): every aten op that computes (views, detach and allocations excluded) and the distinct memory of
 its tensor arguments and results. It stands for eager's launches and bytes (one kernel per aten op); on a
@@ -23,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusednn
 from fusednn import launch
+from fusednn.compiler.bounds import groups, minimum_bytes
 from fusednn.compiler.configs import use_target
 from fusednn.models import MODELS
 
@@ -95,6 +100,13 @@ def measure(name: str, batch: int) -> dict:
             if mode == "train":
                 row |= {"backward_launches": st["backward"]["launches"], "backward_MB": st["backward"]["bytes"] / 1e6}
             out[f"{'fused' if fuse else 'unfused'}/{mode}"] = row
+            if not fuse:
+                m, gs = minimum_bytes(c.graph, train=mode == "train"), groups(c.graph)
+                row = {"forward_launches": len(gs), "forward_MB": m["forward"] / 1e6}
+                if mode == "train":  # a kernel with a batch norm inside takes two passes
+                    row |= {"backward_launches": sum(1 + bool(g.normalized) for g in gs),
+                            "backward_MB": m["backward"] / 1e6}
+                out[f"minimum/{mode}"] = row
     for mode in ("train", "eval"):
         out[f"eager/{mode}"] = eager(name, batch, mode)
     return out
@@ -109,7 +121,7 @@ def main() -> None:
     results = {m: measure(m, a.batch) for m in a.models.split(",")}
     print(f"batch {a.batch}; launches / MB per forward and backward (GPU launch configs, kernels not executed; "
           "eager: aten ops that compute / MB)")
-    kinds = ("fused", "unfused", "eager")
+    kinds = ("fused", "unfused", "eager", "minimum")
     print(f"{'model':<9} {'mode':<6} " + " ".join(f"{k + ' ' + d:>16}" for d in ("fwd", "bwd") for k in kinds))
     for m, r in results.items():
         for mode in ("train", "eval"):
@@ -119,6 +131,10 @@ def main() -> None:
                     e = r[f"{k}/{mode}"]
                     cells.append(f"{e[d + '_launches']} / {e[d + '_MB']:.2f}" if d + "_launches" in e else "-")
             print(f"{m:<9} {mode:<6} " + " ".join(f"{c:>16}" for c in cells))
+        f, u, lo = (r[f"{k}/train"] for k in ("fused", "unfused", "minimum"))
+        step = {k: e["forward_MB"] + e["backward_MB"] for k, e in (("fused", f), ("unfused", u), ("minimum", lo))}
+        print(f"{'':<16} train step: fused / unfused bytes {step['fused'] / step['unfused']:.2f}, "
+              f"fused / minimum {step['fused'] / step['minimum']:.2f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"batch": a.batch, "results": results}, fh, indent=1)
