@@ -970,6 +970,11 @@ class EagerCall:
         args, kwargs = pytree.tree_unflatten(flat, self.spec)
         return self.fn(*args, **kwargs)
 
+    def __deepcopy__(self, memo: dict) -> "EagerCall":
+        """Itself: passes copy graphs, never a call's function (which may be a getset descriptor, as
+        `Tensor.mT`'s, that cannot be copied) or its constants."""
+        return self
+
     def __str__(self) -> str:
         return self.name
 

@@ -58,7 +58,9 @@ _PUBLIC = {"TensorBase": "Tensor", "_VariableFunctionsClass": "torch", "_TensorB
 
 def user_name(func: Any) -> str:
     """A torch callable as users write it: `Tensor.mean` (not TensorBase.mean), `torch.cat` (not
-    _VariableFunctionsClass.cat), `F.gelu` (not torch._C._nn.gelu)."""
+    _VariableFunctionsClass.cat), `F.gelu` (not torch._C._nn.gelu), `Tensor.mT` (not its getter's __get__)."""
+    if getattr(func, "__name__", None) == "__get__" and hasattr(func, "__self__"):
+        func = func.__self__  # a property's getter: the descriptor is named as users write it
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     owner, _, attr = qual.rpartition(".")
     if owner:  # a method: TensorBase.mean, _VariableFunctionsClass.cat

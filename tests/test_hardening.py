@@ -466,6 +466,23 @@ class Unsupported(nn.Module):
         return self.c(h.clamp(min=-0.5))
 
 
+def test_strict_false_runs_a_property_in_torch():
+    """A property the registry does not know (`.mT`) runs in torch: its getter, which cannot be copied, is
+    not copied with the graph, and the IR names it as users write it."""
+
+    def f(x, w):
+        return torch.relu(x @ w.mT)
+
+    x, w = torch.randn(4, 3), torch.randn(5, 3)  # float32: the matmul runs in torch, relu is exact
+    c = fusednn.compile(f, strict=False)
+    got = [t.clone().requires_grad_() for t in (x, w)]
+    ref = [t.clone().requires_grad_() for t in (x, w)]
+    y, r = c(*got), f(*ref)
+    torch.autograd.backward((y, r), (torch.ones_like(y), torch.ones_like(r)))
+    assert torch.equal(y, r) and torch.equal(got[0].grad, ref[0].grad) and torch.equal(got[1].grad, ref[1].grad)
+    assert "eager(%w, call=mT)" in str(c.graph)
+
+
 def test_strict_false_runs_unsupported_calls_in_torch_with_one_warning(caplog):
     m = Unsupported()
     ref = copy.deepcopy(m).double()
