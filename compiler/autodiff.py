@@ -3,7 +3,8 @@ and the few forward tensors they read.
 
 What each pattern saves (and nothing more):
   conv_relu_pool  x, w, the pooled output y (for act'), a 1-byte argmax per pooled element (max pool);
-                  with avg pool and an activation, the full-size activation (act' cannot come from the mean)
+                  with avg pool and an activation, the full-size activation (act' cannot come from the mean);
+                  with an activation whose act' needs its input (GELU, SiLU, ...), the conv's result z
   linear_relu     x, w, the output y (for act')
   activations     the output (relu, sigmoid, tanh, relu6, hardtanh) or the input (the others), as
                   kernels/activation.SAVES says; neg nothing; prelu the input and weight; mul: the other operand
@@ -53,26 +54,30 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 # -- VJPs, one per kernel family ---------------------------------------------------------------------
 def _conv_saves(n: Node) -> list[Value | str]:
+    from fusednn.kernels.conv_relu_pool import conv_saves_act
+
     act, pool = n.attrs.get("act", "none"), n.attrs.get("pool", "none")
     out: list[Value | str] = [n.inputs[0], n.inputs[1]]
-    if act != "none" and pool != "avg":
+    if conv_saves_act(act, pool):  # act(z) before an avg pool, or z where act' needs the input
+        out.append("act")
+    elif act != "none":
         out.append(n.out)
     if pool == "max":
         out.append("idx")
-    if pool == "avg" and act != "none":
-        out.append("act")
     return out
 
 
 def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str,
               into: torch.Tensor | None = None, bn: object | None = None) -> Grads:
-    from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
+    from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward, conv_saves_input
 
     x, w, b = n.inputs
     a = n.attrs
     xt = env.values[x]
     OH, OW = (n.absorbed[0] if n.absorbed else n).out.type.shape[-2:]  # the conv's own output, before any pool
     y = env.values.get(n.out)
+    if conv_saves_input(a.get("act", "none")) and a.get("pool", "none") == "none":
+        y = env.extra[(n.out, "act")]  # act' reads the conv's result z, saved in y's place
     dx, dw, db = conv_relu_pool_backward(
         _as4d(dy), _as4d(xt.contiguous()), env.values[w].contiguous(), None if y is None else _as4d(y),
         env.extra.get((n.out, "idx")), env.extra.get((n.out, "act")),

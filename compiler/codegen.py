@@ -29,6 +29,7 @@ from fusednn.compiler.ops import REGISTRY, cat_dim, empty_node, norm_geometry, s
 from fusednn.compiler.templates import (batch_norm, cat, conv, dropout, linear, losses, norm, pointwise, pool,
                                         reduce, softmax)
 from fusednn.errors import CompileError, InputMismatchError, UnsupportedOpError
+from fusednn.kernels.conv_relu_pool import conv_saves_act
 from fusednn.kernels.plan import bytes_once
 
 log = logging.getLogger("fusednn")
@@ -105,7 +106,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
     K, _, R, S = w.type.shape
     a = n.attrs
     act, pool_kind, pool_k = a.get("act", "none"), a.get("pool", "none"), a.get("pool_k", 1)
-    save_act = pool_kind == "avg" and act != "none" and not inference
+    save_act = conv_saves_act(act, pool_kind) and not inference  # what act' is read from, full-size
     act_value = n.absorbed[1].out if save_act else None
     k = _emit(n, conv.generate, conv.ConvSpec, N=N, C=C, H=H, W=W, K=K, R=R, S=S, stride=a["stride"],
               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], bias=b is not None, act=act,
@@ -126,7 +127,7 @@ def _lower_conv(n: Node, precision: str) -> Step:
         if pool_kind == "max" and not inference:  # the argmax, for backward
             idx = torch.empty(_as4d(y).shape, dtype=torch.uint8, device=xt.device)
             env.extra[(n.out, "idx")] = idx
-        if save_act:  # the activation before the pool: the absorbed activation node's shape
+        if save_act:  # act(z) before the pool, or z: the absorbed activation node's shape
             act_shape = env.shape(act_value)
             aout = torch.empty((1,) * (4 - len(act_shape)) + act_shape, dtype=y.dtype, device=y.device)
             env.extra[(n.out, "act")] = aout

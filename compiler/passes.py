@@ -11,6 +11,7 @@ from typing import Callable
 
 from fusednn.compiler.ir import Graph, Node, Value
 from fusednn.compiler.ops import REGISTRY
+from fusednn.kernels.conv_relu_pool import conv_saves_act, conv_saves_input
 
 log = logging.getLogger("fusednn")
 
@@ -94,23 +95,37 @@ def fusable_pool(n: Node | None) -> bool:
     return ok and k[0] <= 15  # the window offset must fit the 1-byte argmax
 
 
+def _input_act(n: Node | None) -> str | None:
+    """The kernel activation a conv epilogue applies in training although its output cannot give act'
+    (GELU, SiLU, Mish, Hardswish, ...: kernels/activation.SAVES reads their input; no parameters): the conv
+    then also saves its result before the activation for the backward (`conv_saves_input`); None if n is
+    no such activation."""
+    if n is None or REGISTRY[n.op].kernel_act is None:
+        return None
+    kind, params = REGISTRY[n.op].kernel_act(n.attrs)
+    return kind if conv_saves_input(kind) and not params else None
+
+
 def _fuse_chain(graph: Graph, head: Node, stem: str, users: dict, allow_pool: bool) -> Node | None:
-    """Grow head -> [act] -> [pool] along sole users; return the fused node or None when nothing fuses."""
+    """Grow head -> [act] -> [pool] along sole users; return the fused node or None when nothing fuses.
+    A conv (allow_pool) also takes an activation its backward reads from the conv's result (`_input_act`),
+    then no max pool after it (the argmax's act' would need the result at the argmax)."""
     chain = [head]
     nxt = _sole_user(graph, head.out, users)
     act = None
-    if _epilogue_act(nxt):
+    kind = _input_act(nxt) if allow_pool else None
+    if _epilogue_act(nxt) or kind is not None:
         act = nxt
         chain.append(nxt)
         nxt = _sole_user(graph, nxt.out, users)
     pool = None
-    if allow_pool and fusable_pool(nxt):
+    if allow_pool and fusable_pool(nxt) and (kind is None or nxt.op == "avg_pool2d"):
         pool = nxt
         chain.append(nxt)
     if len(chain) == 1:
         return None
     attrs = dict(head.attrs)
-    attrs["act"] = act.op if act else "none"
+    attrs["act"] = kind or (act.op if act else "none")
     if act is not None and act.op == "leaky_relu":
         attrs["act_param"] = act.attrs["negative_slope"]
     if pool is not None:
@@ -312,7 +327,7 @@ def conv_batch_stats(graph: Graph) -> Graph:
         conv = producer.get(bn.inputs[0])
         if conv is None or conv.op not in ("conv2d", "conv_relu_pool") or len(conv.out.type.shape) != 4:
             continue
-        if conv.attrs.get("pool", "none") == "avg" and conv.attrs.get("act", "none") != "none":
+        if conv_saves_act(conv.attrs.get("act", "none"), conv.attrs.get("pool", "none")):
             continue
         conv.attrs = dict(conv.attrs, stats=True)
         bn.attrs = dict(bn.attrs, conv_stats=True)

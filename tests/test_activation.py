@@ -257,16 +257,20 @@ def test_chain_of_all_activations_fuses_into_one_kernel(fuse):
 
 @pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.ReLU6(), nn.ELU()],
                          ids=["gelu", "silu", "hardswish", "relu6", "elu"])
-def test_new_activations_stay_out_of_conv_and_linear_epilogues(act):
-    # epilogue=False: the conv/linear templates apply only relu, leaky_relu, sigmoid and tanh (and a max
-    # pool after a non-monotone activation would need the argmax of the activated values).
+def test_a_conv_takes_an_activation_read_from_its_input_but_not_the_max_pool_after_it(act):
+    # A conv epilogue applies an activation without parameters whose act' needs its input (GELU, SiLU,
+    # Hardswish) and saves its result for the backward, but not a max pool after it: the max of a
+    # non-monotone activation's values is not the activation of the max, and the backward would need the
+    # result at the argmax. Activations with parameters (ReLU6, ELU) stay out, and the linear template
+    # applies only relu, leaky_relu, sigmoid and tanh.
     m = nn.Sequential(nn.Conv2d(2, 3, 3), act, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 5), act)
     c = fusednn.compile(m)
     x = torch.randn(2, 2, 6, 6)
     xt = x.clone().requires_grad_()
     y = c(xt)
-    assert [n.op for n in c.fused_graph.nodes] == ["conv2d", REGISTRY_OP[type(act)], "max_pool2d", "reshape",
-                                                  "linear", REGISTRY_OP[type(act)]]
+    name = REGISTRY_OP[type(act)]
+    head = ["conv_relu_pool"] if name in ("gelu", "silu", "hardswish") else ["conv2d", name]
+    assert [n.op for n in c.fused_graph.nodes] == [*head, "max_pool2d", "reshape", "linear", name]
     m64 = copy.deepcopy(m).double()  # the same parameters, in float64
     x64 = leaf(x)
     ref = m64(x64)
@@ -275,6 +279,8 @@ def test_new_activations_stay_out_of_conv_and_linear_epilogues(act):
     ref.backward(dy.double())
     assert rel_err(y, ref) <= TOL
     assert rel_err(xt.grad, x64.grad) <= TOL
+    for p, p64 in zip(m.parameters(), m64.parameters()):
+        assert rel_err(p.grad, p64.grad) <= TOL
 
 
 REGISTRY_OP = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.ReLU6: "relu6", nn.ELU: "elu"}

@@ -55,6 +55,11 @@ def test_training_kernels_compile_for_sm90_without_spills(compiled, model, preci
     assert {c.name for c in kernels if dict(c.job.constexprs).get("BN")} == {"_conv_relu_pool_bwd_dw_kernel",
                                                                   "_conv_relu_pool_bwd_dx_kernel"}, sorted(names)
     assert any(dict(c.job.constexprs).get("SUM_DW") for c in kernels), sorted(names)
+    if model == "airbench":  # the whitening conv + GELU: its backward's prologue makes dz from the saved z
+        gelu = {c.name for c in kernels if dict(c.job.constexprs).get("ACT") == "gelu" and c.name.startswith("_conv")}
+        assert gelu == {"_conv_relu_pool_bwd_dw_kernel"}, sorted(names)  # (the first conv: no dx)
+        forward = [c for c in kernels if c.name.startswith("fnn_conv_relu_pool")]
+        assert any("= _gelu(" in open(c.job.file).read() for c in forward), sorted(names)
     spilled = [c for c in kernels if c.resources.spills]
     assert not spilled, "\n" + aot.report_table(spilled)
 

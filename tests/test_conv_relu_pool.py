@@ -12,7 +12,7 @@ import fusednn  # noqa: F401  (before any kernel is defined: picks the interpret
 from fusednn.compiler import configs
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.conv import ConvSpec, generate
-from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
+from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward, conv_saves_act, conv_saves_input
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
 
@@ -24,6 +24,16 @@ ACTS = {
     "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    # act' read from the conv's result z, which the forward saves (conv_saves_input): no max pool
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+    "mish": F.mish,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "softsign": F.softsign,
+    "tanhshrink": F.tanhshrink,
+    "logsigmoid": F.logsigmoid,
 }
 
 
@@ -32,7 +42,7 @@ def make_spec(**kw) -> ConvSpec:
     act, pool = kw.get("act", "none"), kw.get("pool", "none")
     labels = ("%1 conv2d",) + ((f"%2 {act}",) if act != "none" else ())
     labels += (f"%3 {pool}_pool2d",) if pool != "none" else ()
-    kw.setdefault("save_act", pool == "avg" and act != "none")
+    kw.setdefault("save_act", conv_saves_act(act, pool))
     kw.setdefault("act_param", SLOPE)
     name = kw.pop("name", "fnn_conv_relu_pool_test")
     return ConvSpec(name=name, header=header(name, list(labels), ["conv"], "kernels/conv_relu_pool.py"),
@@ -60,6 +70,8 @@ def forward(spec: ConvSpec, x, w, b):
 
 
 def backward(spec: ConvSpec, dy, x, w, y, idx, a, needs_dx=True, needs_dw=True, needs_db=None):
+    if conv_saves_input(spec.act) and spec.pool == "none":
+        y = a  # act' reads the saved z where the output is read otherwise (compiler/autodiff.py does the same)
     return conv_relu_pool_backward(
         dy, x, w, y, idx, a, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
         groups=spec.groups, act=spec.act, act_param=spec.act_param, pool=spec.pool, pool_k=spec.pool_k,
@@ -68,7 +80,8 @@ def backward(spec: ConvSpec, dy, x, w, y, idx, a, needs_dx=True, needs_dw=True, 
 
 
 def reference(spec: ConvSpec, x, w, b, dy):
-    """torch in float64: y, the pool's window offsets, a = act(z), and dx, dw, db for upstream dy."""
+    """torch in float64: y, the pool's window offsets, what the forward saves for act' (a = act(z), or z where
+    act' needs the input), and dx, dw, db for upstream dy."""
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
     bd = b.double().requires_grad_() if b is not None else None
     z = F.conv2d(xd, wd, bd, spec.stride, spec.padding, spec.dilation, spec.groups)
@@ -85,7 +98,9 @@ def reference(spec: ConvSpec, x, w, b, dy):
     else:
         y = a
     grads = torch.autograd.grad(y, [xd, wd] + ([bd] if bd is not None else []), dy.double())
-    return dict(y=y.detach(), win=win, a=a.detach(), dx=grads[0], dw=grads[1], db=grads[2] if b is not None else None)
+    saved = z if conv_saves_input(spec.act) else a
+    return dict(y=y.detach(), win=win, a=saved.detach(), dx=grads[0], dw=grads[1],
+                db=grads[2] if b is not None else None)
 
 
 def _clear_maxima(spec: ConvSpec, x, w, b) -> bool:
@@ -161,6 +176,18 @@ CASES = {
     "save_act_max_pool_partial_windows": dict(N=2, C=2, H=9, W=8, K=3, R=3, S=2, act="sigmoid", pool="max",
                                               pool_k=2, save_act=True),
     "save_act_no_pool": dict(N=1, C=2, H=6, W=6, K=3, R=3, S=3, act="tanh", save_act=True),
+    # an activation whose act' needs its input: the forward saves z
+    "gelu": dict(N=2, C=3, H=8, W=8, K=4, R=3, S=3, padding=1, act="gelu"),
+    "gelu_tanh_stride_2_no_bias": dict(N=2, C=3, H=9, W=9, K=4, R=3, S=3, stride=2, bias=False, act="gelu_tanh"),
+    "silu_avg_pool": dict(N=2, C=2, H=10, W=9, K=3, R=3, S=2, act="silu", pool="avg", pool_k=2),
+    "mish_groups_2": dict(N=2, C=4, H=8, W=8, K=6, R=3, S=3, groups=2, act="mish"),
+    "hardswish_avg_pool_3_partial": dict(N=1, C=3, H=9, W=8, K=4, R=2, S=2, act="hardswish", pool="avg",
+                                         pool_k=3),
+    "hardsigmoid_dilation_2": dict(N=2, C=2, H=10, W=10, K=3, R=3, S=3, dilation=2, act="hardsigmoid"),
+    "softsign_1x1": dict(N=2, C=5, H=6, W=7, K=4, R=1, S=1, act="softsign"),
+    "tanhshrink_depthwise": dict(N=2, C=4, H=9, W=9, K=4, R=3, S=3, groups=4, padding=1, act="tanhshrink"),
+    "logsigmoid_depthwise_avg_pool": dict(N=1, C=3, H=8, W=8, K=3, R=3, S=3, groups=3, padding=1,
+                                          act="logsigmoid", pool="avg", pool_k=2),
 }
 
 
@@ -233,6 +260,27 @@ def test_conv_relu_pool_split_k_grad_matches_torch_and_is_deterministic():
     assert [kernel_name(r.kernel) for r in launches][-2:] == ["_conv_relu_pool_bwd_dw_kernel", "_conv_bwd_sums_kernel"]
     assert torch.equal(dx, dx2) and torch.equal(dw, dw2) and torch.equal(db, db2)
     assert rel_err(dw3, ref["dw"]) <= TOL and rel_err(db3, ref["db"]) <= TOL
+
+
+@pytest.mark.parametrize("target", ["interp", "gpu"])
+def test_a_conv_with_gelu_saves_z_and_its_backward_reads_it(target):
+    """conv + GELU in training: the forward writes y and z (what act' needs), the dw and dx kernels make
+    dz = dy * gelu'(z) in their prologue; at the GPU's tiles too (split-K dw summed in the dx launch)."""
+    spec = make_spec(N=4, C=8, H=12, W=12, K=16, R=3, S=3, padding=1, act="gelu")
+    assert spec.save_act and "tl.store(a_ptr + y_off, conv2d_1, " in generate(spec)  # %1 conv2d: z
+    x, w, b = make_inputs(spec)
+    dy = torch.randn(spec.N, spec.K, *spec.pooled_hw)
+    with configs.use_target(target), recording() as launches:
+        y, idx, a = forward(spec, x, w, b)
+        grads = backward(spec, dy, x, w, y, idx, a)
+    ref = reference(spec, x, w, b, dy)
+    assert rel_err(y, ref["y"]) <= TOL and rel_err(a, ref["a"]) <= TOL
+    for out, name in zip(grads, ("dx", "dw", "db")):
+        assert rel_err(out, ref[name]) <= TOL, name
+    names = [kernel_name(r.kernel) for r in launches]
+    assert names == [spec.name, "_conv_relu_pool_bwd_dw_kernel", "_conv_relu_pool_bwd_dx_kernel"], names
+    if target == "gpu":
+        assert launches[1].meta["SPLIT"] > 1 and launches[2].meta.get("SUM_DW"), [r.meta for r in launches]
 
 
 @pytest.mark.parametrize("target", ["interp", "gpu"])
@@ -368,6 +416,10 @@ def test_conv_spec_rejects_inconsistent_fields():
         ConvSpec(N=1, C=1, H=8, W=8, K=2, R=3, S=3, act="relu", labels=("%1 conv2d",))
     with pytest.raises(ValueError, match="pool_k"):
         make_spec(N=1, C=1, H=4, W=4, K=2, R=3, S=3, pool="max", pool_k=3)
+    with pytest.raises(ValueError, match="max pool"):  # the argmax's act' would need z there
+        make_spec(N=1, C=1, H=8, W=8, K=2, R=3, S=3, act="gelu", pool="max", pool_k=2)
+    with pytest.raises(ValueError, match="act"):  # a GELU epilogue that saves nothing has no backward
+        make_spec(N=1, C=1, H=8, W=8, K=2, R=3, S=3, act="gelu", save_act=False)
 
 
 @st.composite
@@ -385,6 +437,8 @@ def conv_cases(draw):
     (sh, sw), (ph, pw), (dh, dw) = kw["stride"], kw["padding"], kw["dilation"]
     oh = (kw["H"] + 2 * ph - dh * (kw["R"] - 1) - 1) // sh + 1
     ow = (kw["W"] + 2 * pw - dw * (kw["S"] - 1) - 1) // sw + 1
+    if kw["pool"] == "max" and conv_saves_input(kw["act"]):
+        kw["pool"] = "avg"  # no max pool after an activation whose act' needs its input
     need = kw["pool_k"] if kw["pool"] != "none" else 1
     if kw["pool"] == "none":
         kw["pool_k"] = 1

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 from fusednn.compiler.source import Source, header as file_header
 from fusednn.kernels.activation import SAVES
-from fusednn.kernels.conv_relu_pool import conv_out_hw
+from fusednn.kernels.conv_relu_pool import EPILOGUE_ACTS as ACTS, conv_out_hw, conv_saves_input
 
 _BACKWARD = "kernels/conv_relu_pool.py"
 
-ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
 POOLS = ("none", "max", "avg")
 
 
@@ -43,9 +42,11 @@ class ConvSpec:
         stride, padding, dilation: (h, w) pairs (an int means both); padding is explicit zeros.
         groups: C and K are split into this many groups (groups == C is depthwise).
         bias: whether the conv adds a bias [K].
-        act: one of ACTS; act_param: leaky_relu's negative slope.
+        act: one of ACTS; act_param: leaky_relu's negative slope. With save_act (training), also an
+            activation without parameters whose act' needs its input (`conv_saves_input`: GELU, SiLU, ...).
         pool: one of POOLS; pool_k: window == stride, no padding, floor mode.
-        save_act: also write the full-size activation a = act(z) [N, K, OH, OW].
+        save_act: also write, full-size [N, K, OH, OW], what the backward reads act' from: a = act(z), or
+            z itself for an activation whose act' needs its input (then no max pool, batch norm or residual).
         bn: a batch norm with running statistics follows the conv (inference): (z - mean) * scale + shift
             per channel, scale = weight / sqrt(var + bn_eps) and shift = bias, from the live tensors on
             every call; bn_weight, bn_bias: whether it has each affine parameter.
@@ -106,7 +107,8 @@ class ConvSpec:
             object.__setattr__(self, "header", file_header(self.name, list(self.labels), [], _BACKWARD))
         if self.C % self.groups or self.K % self.groups:
             raise ValueError(f"ConvSpec {self.name}: groups={self.groups} must divide C={self.C} and K={self.K}")
-        known_act = self.act in ACTS or (self.inference and self.act in SAVES)
+        known_act = self.act in ACTS or (self.inference and self.act in SAVES) or (
+            self.save_act and conv_saves_input(self.act) and not self.act_params)
         if not known_act or self.pool not in POOLS or self.precision not in ("ieee", "tf32"):
             raise ValueError(f"ConvSpec {self.name}: act {self.act!r} / pool {self.pool!r} / precision "
                              f"{self.precision!r} not in {ACTS} / {POOLS} / ('ieee', 'tf32')")
@@ -119,6 +121,10 @@ class ConvSpec:
             raise ValueError(f"ConvSpec {self.name}: bn_weight / bn_bias without bn")
         if self.bn_after_pool and (not self.bn or self.pool == "none" or self.residual or self.save_act):
             raise ValueError(f"ConvSpec {self.name}: bn_after_pool needs a batch norm and a pool, no residual or save_act")
+        if conv_saves_input(self.act) and self.save_act and (self.pool == "max" or self.bn or self.residual
+                                                             or self.inference):
+            raise ValueError(f"ConvSpec {self.name}: saving z for {self.act}'s backward is for a training conv "
+                             "with no max pool, batch norm or residual")
         if self.stats and (self.bn or self.inference or self.save_act):
             raise ValueError(f"ConvSpec {self.name}: stats are for a training batch norm of y (no bn, inference or save_act)")
         n_stages = 1 + self.bn + self.residual + (self.act != "none") + (self.pool != "none")
@@ -170,6 +176,8 @@ def _act_lines(spec: ConvSpec, z: str, out: str) -> list[str]:
     kernels/activation.py (shared with the pointwise and linear kernels); NaN propagates as in torch."""
     if spec.act == "leaky_relu" and not spec.act_params:
         return [f"{out} = _leaky_relu({z}, ACT_PARAM)"]
+    if spec.act == "neg":
+        return [f"{out} = -{z}"]
     if spec.act in ACTS and not spec.act_params:
         return [f"{out} = _{spec.act}({z})"]
     if spec.act in SAVES:
@@ -228,7 +236,7 @@ def generate(spec: ConvSpec) -> str:
         from fusednn.kernels.precision import _dot_in
         from fusednn.launch import launch as launch_kernel
     """)
-    if spec.act not in ACTS:
+    if spec.act not in (*ACTS, "neg"):
         src.writeline(f"from fusednn.kernels.activation import _{spec.act}")
     src.writeline()
     src.writeline()
@@ -250,7 +258,8 @@ def generate(spec: ConvSpec) -> str:
     if store_idx:
         ptrs.append(("idx_ptr", "uint8 [N, K, PH, PW]: window offset dh * POOL_K + dw of each max"))
     if spec.save_act:
-        ptrs.append(("a_ptr", "activation before the pool [N, K, OH, OW], saved for backward"))
+        ptrs.append(("a_ptr", "the conv's result before the activation [N, K, OH, OW], saved for backward"
+                     if conv_saves_input(spec.act) else "activation before the pool [N, K, OH, OW], saved for backward"))
     if spec.stats:
         ptrs.append(("st_ptr", "float32 [T * (2 * K + 1)], T row tiles: the tiles' means [T, K], sums of "
                                "squared deviations [T, K], row counts [T]"))
@@ -378,8 +387,8 @@ def generate(spec: ConvSpec) -> str:
         src.writeline(f"tl.store(y_ptr + y_off, {final}, mask=y_ok)")
         if store_idx:
             src.writeline("tl.store(idx_ptr + y_off, win.to(tl.uint8), mask=y_ok)")
-        if spec.save_act and not pooled:
-            src.writeline(f"tl.store(a_ptr + y_off, {act_t}, mask=y_ok)")
+        if spec.save_act and not pooled:  # what act' is read from: z where it needs the input, else act(z)
+            src.writeline(f"tl.store(a_ptr + y_off, {conv_t if conv_saves_input(spec.act) else act_t}, mask=y_ok)")
         if spec.stats:
             _stats_lines(src, final, f"{rows_h} * {rows_w}")
     src.writeline()
@@ -499,10 +508,11 @@ def _epilogue_lines(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t
         for line in _act_lines(spec, pre, act_t):
             src.writeline(line)
     if spec.save_act and spec.pool != "none":
+        saved, what = (pre, "z") if conv_saves_input(spec.act) else (act_t, "a = act(z)")
         src.writelines(f"""
-            # a = act(z) at every conv position, saved for backward (avg pool's act' needs them all)
+            # {what} at every conv position, saved for backward (avg pool's act' needs them all)
             a_off = ((n[:, None] * K + k[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
-            tl.store(a_ptr + a_off, {act_t}, mask={ok}[:, None] & j_ok[None, :])
+            tl.store(a_ptr + a_off, {saved}, mask={ok}[:, None] & j_ok[None, :])
         """)
     if spec.pool == "max":
         src.writelines(f"""
