@@ -5,7 +5,7 @@ What each pattern saves (and nothing more):
   conv_relu_pool  x, w, the pooled output y (for act'), a 1-byte argmax per pooled element (max pool);
                   with avg pool and an activation, the full-size activation (act' cannot come from the mean);
                   with an activation whose act' needs its input (GELU, SiLU, ...), the conv's result z
-  linear_relu     x, w, the output y (for act')
+  linear_relu     x, w, the output y (for act'), or z where act' needs the input (GELU, SiLU, ...)
   activations     the output (relu, sigmoid, tanh, relu6, hardtanh) or the input (the others), as
                   kernels/activation.SAVES says; neg nothing; prelu the input and weight; mul: the other operand
   max pools       the int32 flat argmax per output; avg pools: nothing; lp_pool2d: its input and output
@@ -69,14 +69,15 @@ def _conv_saves(n: Node) -> list[Value | str]:
 
 def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision: str,
               into: torch.Tensor | None = None, bn: object | None = None) -> Grads:
-    from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward, conv_saves_input
+    from fusednn.kernels.activation import saves_input
+    from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward
 
     x, w, b = n.inputs
     a = n.attrs
     xt = env.values[x]
     OH, OW = (n.absorbed[0] if n.absorbed else n).out.type.shape[-2:]  # the conv's own output, before any pool
     y = env.values.get(n.out)
-    if conv_saves_input(a.get("act", "none")) and a.get("pool", "none") == "none":
+    if saves_input(a.get("act", "none")) and a.get("pool", "none") == "none":
         y = env.extra[(n.out, "act")]  # act' reads the conv's result z, saved in y's place
     dx, dw, db = conv_relu_pool_backward(
         _as4d(dy), _as4d(xt.contiguous()), env.values[w].contiguous(), None if y is None else _as4d(y),
@@ -92,6 +93,8 @@ def _conv_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precision:
 
 
 def _linear_saves(n: Node) -> list[Value | str]:
+    if n.attrs.get("save_input"):  # z, for an activation whose act' needs its input
+        return [n.inputs[0], n.inputs[1], "act"]
     return [n.inputs[0], n.inputs[1]] + ([n.out] if n.attrs.get("act", "none") != "none" else [])
 
 
@@ -102,7 +105,7 @@ def _linear_vjp(n: Node, env: Env, dy: torch.Tensor, needs: list[bool], precisio
     K = w.type.shape[1]
     Nout = w.type.shape[0]
     xt = env.values[x].contiguous().reshape(-1, K)
-    y = env.values.get(n.out)
+    y = env.extra[(n.out, "act")] if n.attrs.get("save_input") else env.values.get(n.out)  # what act' reads
     dx, dw, db = linear_relu_backward(
         dy.reshape(-1, Nout), xt, env.values[w].contiguous(), None if y is None else y.reshape(-1, Nout),
         act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), needs_dx=needs[0],

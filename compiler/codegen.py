@@ -157,7 +157,9 @@ def _lower_linear(n: Node, precision: str) -> Step:
     Nout, K = w.type.shape
     M = _numel(x.type.shape[:-1])
     k = _emit(n, linear.generate, linear.LinearSpec, M=M, N=Nout, K=K, bias=b is not None,
-              act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision)
+              act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision,
+              save_input=n.attrs.get("save_input", False))
+    save = n.attrs.get("save_input", False)
 
     moved: dict = {}
 
@@ -165,6 +167,9 @@ def _lower_linear(n: Node, precision: str) -> Step:
         xt = _c(env.values[x]).reshape(-1, K)  # [M, K]; M follows the batch
         y = _empty(env, n.out, xt)
         args = (xt, _c(env.values[w]), _c(env.values[b]) if b is not None else None, y.view(-1, Nout))
+        if save:  # z, the result before the activation, for act' (kernels/activation.saves_input)
+            z = env.extra[(n.out, "act")] = torch.empty_like(y)
+            args += (z.view(-1, Nout),)
         k.module.launch(*args, nbytes=_moved(moved, env.batch, *args))
         env.values[n.out] = y
 

@@ -11,7 +11,8 @@ from typing import Callable
 
 from fusednn.compiler.ir import Graph, Node, Value
 from fusednn.compiler.ops import REGISTRY
-from fusednn.kernels.conv_relu_pool import conv_saves_act, conv_saves_input
+from fusednn.kernels.activation import saves_input
+from fusednn.kernels.conv_relu_pool import conv_saves_act
 
 log = logging.getLogger("fusednn")
 
@@ -96,24 +97,24 @@ def fusable_pool(n: Node | None) -> bool:
 
 
 def _input_act(n: Node | None) -> str | None:
-    """The kernel activation a conv epilogue applies in training although its output cannot give act'
-    (GELU, SiLU, Mish, Hardswish, ...: kernels/activation.SAVES reads their input; no parameters): the conv
-    then also saves its result before the activation for the backward (`conv_saves_input`); None if n is
-    no such activation."""
+    """The kernel activation a conv or linear epilogue applies although its output cannot give act' (GELU,
+    SiLU, Mish, Hardswish, ...: kernels/activation.SAVES reads their input; no parameters): the training
+    forward then also saves the GEMM's result before the activation for the backward (`saves_input`); None
+    if n is no such activation."""
     if n is None or REGISTRY[n.op].kernel_act is None:
         return None
     kind, params = REGISTRY[n.op].kernel_act(n.attrs)
-    return kind if conv_saves_input(kind) and not params else None
+    return kind if saves_input(kind) and not params else None
 
 
 def _fuse_chain(graph: Graph, head: Node, stem: str, users: dict, allow_pool: bool) -> Node | None:
     """Grow head -> [act] -> [pool] along sole users; return the fused node or None when nothing fuses.
-    A conv (allow_pool) also takes an activation its backward reads from the conv's result (`_input_act`),
-    then no max pool after it (the argmax's act' would need the result at the argmax)."""
+    The activation may be one the backward reads from the GEMM's result (`_input_act`), then with no max
+    pool after it (the argmax's act' would need the result at the argmax)."""
     chain = [head]
     nxt = _sole_user(graph, head.out, users)
     act = None
-    kind = _input_act(nxt) if allow_pool else None
+    kind = _input_act(nxt)
     if _epilogue_act(nxt) or kind is not None:
         act = nxt
         chain.append(nxt)
@@ -140,8 +141,10 @@ def _fuse_chain(graph: Graph, head: Node, stem: str, users: dict, allow_pool: bo
                 absorbed=tuple(chain), tag=",".join(tag))
 
 
-def fuse(graph: Graph) -> Graph:
-    """conv2d -> [act] -> [pool] becomes conv_relu_pool; linear -> [act] becomes linear_relu."""
+def fuse(graph: Graph, inference: bool = False) -> Graph:
+    """conv2d -> [act] -> [pool] becomes conv_relu_pool; linear -> [act] becomes linear_relu. A linear whose
+    activation's act' needs its input saves its result for the backward (attr save_input), except in an
+    inference graph (`fuse_inference`)."""
     users = graph.users()
     absorbed: set[int] = set()
     out: list[Node] = []
@@ -153,6 +156,8 @@ def fuse(graph: Graph) -> Graph:
             fused = _fuse_chain(graph, n, "conv_relu_pool", users, allow_pool=True)
         elif n.op == "linear":
             fused = _fuse_chain(graph, n, "linear_relu", users, allow_pool=False)
+            if fused is not None and saves_input(fused.attrs["act"]):
+                fused.attrs["save_input"] = not inference
         if fused is not None:
             absorbed.update(id(a) for a in fused.absorbed)
             out.append(fused)
@@ -160,6 +165,11 @@ def fuse(graph: Graph) -> Graph:
             out.append(n)
     graph.nodes = out
     return graph
+
+
+def fuse_inference(graph: Graph) -> Graph:
+    """`fuse` for inference graphs (calls autograd does not record): nothing is saved for a backward."""
+    return fuse(graph, inference=True)
 
 
 def _inference_bn(n: Node | None, x: Value) -> bool:
@@ -378,8 +388,8 @@ def pipeline(fuse_ops: bool, inference: bool = False) -> list[Pass]:
     (training ones, and those after no conv) take the residual add and activation after them."""
     if not fuse_ops:
         return [canonicalize, dce]
-    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse_batch_norm, fuse, conv_batch_stats,
-            fuse_pointwise, dce]
+    return [canonicalize, *([fuse_conv_inference] if inference else []), fuse_batch_norm,
+            fuse_inference if inference else fuse, conv_batch_stats, fuse_pointwise, dce]
 
 
 def run(graph: Graph, passes: list[Pass], debug: bool = False) -> Graph:

@@ -136,13 +136,14 @@ class Specialization:
 
     def _inference_executable(self) -> Any:
         """The executable of calls autograd does not record, where its graph differs (a batch norm in eval
-        mode folds into the conv before it); built on the first such call."""
+        mode folds into the conv before it; a linear saves nothing for its activation's backward); built on
+        the first such call."""
         from fusednn.runtime import TritonExecutable
 
         if not self.options.fuse:
             return None
         g = _transform(self.traced, self.options, inference=True)
-        if not any(n.op == "conv_infer" for n in g.nodes):
+        if not any(n.op == "conv_infer" or n.attrs.get("save_input") is False for n in g.nodes):
             return None
         # the same values as the traced graph's (fused nodes keep their last value's name): the same batch
         g.dynamic = self.traced.dynamic if self.min_batch is not None else frozenset()

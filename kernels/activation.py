@@ -445,6 +445,18 @@ SAVES: dict[str, str | None] = {
     "gelu_tanh": "x", "silu": "x", "mish": "x", "hardswish": "x", "hardsigmoid": "x", "softplus": "x",
     "softsign": "x", "tanhshrink": "x", "threshold": "x", "logsigmoid": "x", "neg": None,
 }
+# The activations a GEMM epilogue (conv_relu_pool, linear_relu) applies with act' read from its output: monotone
+# non-decreasing, so a fused max pool may follow.
+EPILOGUE_ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
+
+
+def saves_input(act: str) -> bool:
+    """Whether a GEMM epilogue's activation is one whose act' its backward reads from the GEMM's result z,
+    which the training forward then also writes: an activation that needs its input (`SAVES`), not one of
+    EPILOGUE_ACTS (GELU, SiLU, Mish, Hardswish, ...)."""
+    return act not in EPILOGUE_ACTS and SAVES.get(act) == "x"
+
+
 # How many parameters each activation's forward helper `_<act>` and `_act_grad3` take (p0, p1, p2).
 NPARAMS: dict[str, int] = {"leaky_relu": 1, "hardtanh": 2, "elu": 3, "softplus": 2, "threshold": 2}
 _ACTS = tuple(SAVES)

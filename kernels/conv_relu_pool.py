@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
-from fusednn.kernels.activation import SAVES, _act_grad
+from fusednn.kernels.activation import _act_grad, saves_input
 from fusednn.kernels.batch_norm import BatchNormPending, channel_sums
 from fusednn.kernels.plan import MeasuredBytes
 from fusednn.kernels.precision import _dot_in
@@ -35,13 +35,13 @@ from fusednn.launch import launch
 #   da[n,k,oh,ow] = dy[n,k, oh//P, ow//P] * [idx == (oh%P)*P + ow%P]      (max pool)
 #                 = dy[n,k, oh//P, ow//P] / P^2                            (avg pool)
 #                 = 0 where oh >= PH*P or ow >= PW*P                       (floor mode dropped them)
-#   dz = da * act'(z), act' read from the activation's output o = act(z) (EPILOGUE_ACTS):
+#   dz = da * act'(z), act' read from the activation's output o = act(z) (kernels/activation.EPILOGUE_ACTS):
 #        relu: o > 0 (0 at z == 0, torch's choice)   leaky_relu: o > 0 ? 1 : slope
 #        sigmoid: o (1 - o)                           tanh: 1 - o^2
 #     These are monotone non-decreasing, so under max pool o at the argmax is y itself; under avg pool
 #     every position needs its own o: the full-size a saved by the forward (save_act).
 #     Any other activation without parameters whose act' needs its input (GELU, SiLU, Mish, Hardswish, ...;
-#     `conv_saves_input`) reads z itself, saved by the forward in place of a (save_act), with no pool or
+#     `saves_input`) reads z itself, saved by the forward in place of a (save_act), with no pool or
 #     under an avg pool; act' is kernels/activation.py's formula of the input.
 #   db[k]       = sum_{n,oh,ow} dz[n,k,oh,ow]
 #   dw[k,c,r,s] = sum_{n,oh,ow} dz[n,k,oh,ow] * x[n,c, oh*SH - PAD_H + r*DH, ow*SW - PAD_W + s*DW]
@@ -57,28 +57,18 @@ from fusednn.launch import launch
 # by one `_conv_bwd_sums_kernel` launch for dw and db together. No atomics anywhere.
 
 
-EPILOGUE_ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")  # act' from the output: every fused pool
-
-
-def conv_saves_input(act: str) -> bool:
-    """Whether a conv's fused activation is one whose act' its backward reads from the conv's result z (the
-    forward saves z, `save_act`): an activation of kernels/activation.py that needs its input, not one of
-    EPILOGUE_ACTS."""
-    return act not in EPILOGUE_ACTS and SAVES.get(act) == "x"
-
-
 def conv_saves_act(act: str, pool: str) -> bool:
     """Whether a conv's training forward saves a full-size tensor for act' (`save_act`, the backward's `a`):
     act(z) under an avg pool, or z for an activation whose act' needs its input."""
-    return act != "none" and (pool == "avg" or conv_saves_input(act))
+    return act != "none" and (pool == "avg" or saves_input(act))
 
 
 @triton.jit
 def _conv_relu_pool_dz(
     dy_ptr,  # upstream gradient [N, K, PH, PW] (pooled) or [N, K, OH, OW] (no pool)
     idx_ptr,  # uint8 [N, K, PH, PW]: window offset of each max (max pool)
-    y_ptr,  # forward output, shaped as dy: act' under max pool or no pool (z itself: `conv_saves_input`)
-    a_ptr,  # full-size act(z) [N, K, OH, OW], or z (`conv_saves_input`): act' under avg pool
+    y_ptr,  # forward output, shaped as dy: act' under max pool or no pool (z itself: `saves_input`)
+    a_ptr,  # full-size act(z) [N, K, OH, OW], or z (`saves_input`): act' under avg pool
     slope,  # leaky_relu's negative slope
     n, k, oh, ow,  # conv-output coordinates of the tile (broadcastable integer tensors)
     ok,  # the tile's mask: coordinates inside the conv output
@@ -583,7 +573,7 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tupl
     cfg = configs.gemm(configs.nominal(N * H * W), CG, KG * R * S, gather=True)
     dx_grid = (configs.cdiv(N * H * W, cfg["BLOCK_M"]), configs.cdiv(CG, cfg["BLOCK_N"]), groups)
     dx_meta = {**meta, "BN": False, "BN_TRAIN": False, "SUM_DW": False, "SUM_DB": False, "SPLIT_W": 1, **cfg}
-    cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=gather, heavy_prologue=conv_saves_input(act))
+    cfg = configs.gemm(KG, crs, configs.nominal(rows), gather=gather, heavy_prologue=saves_input(act))
     tiles_m, tiles_n = configs.cdiv(KG, cfg["BLOCK_M"]), configs.cdiv(crs, cfg["BLOCK_N"]) if needs_dw else 1
     # SPLIT is a constexpr: chosen at the nominal batch; the slices cut the actual rows (an empty slice
     # writes zero partials).
@@ -624,7 +614,7 @@ def conv_relu_pool_backward(
         dy: gradient of the forward output: pooled [N, K, PH, PW], or [N, K, OH, OW] when pool == "none".
         x, w: the forward's input [N, C, H, W] and filters [K, C // groups, R, S].
         y: the forward output (act' under max pool or no pool; may be None when act == "none"); for an
-            activation whose act' needs its input (`conv_saves_input`), the conv's result z saved instead.
+            activation whose act' needs its input (`saves_input`), the conv's result z saved instead.
         idx: uint8 window offsets of the maxima [N, K, PH, PW] (max pool only, else None).
         a: the saved full-size act(z) [N, K, OH, OW] (avg pool with an activation only, else None); z for
             an activation whose act' needs its input.

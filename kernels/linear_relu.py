@@ -11,13 +11,13 @@ import triton
 import triton.language as tl
 
 from fusednn.compiler import configs
-from fusednn.kernels.activation import _act_grad
+from fusednn.kernels.activation import EPILOGUE_ACTS, NPARAMS, _act_grad, saves_input
 from fusednn.kernels.broadcast import sum_to
 from fusednn.kernels.plan import MeasuredBytes
 from fusednn.kernels.precision import _dot_in
 from fusednn.launch import launch
 
-ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
+ACTS = EPILOGUE_ACTS
 PRECISIONS = ("ieee", "tf32")
 
 # VJP.  z = x @ wᵀ + b,  y = act(z),  dy = ∂L/∂y;  z, y, dy are [M, N], x is [M, K], w is [N, K].
@@ -28,6 +28,8 @@ PRECISIONS = ("ieee", "tf32")
 #              sigmoid     y (1 − y)
 #              tanh        1 − y²
 #              none        1
+#   An activation whose act' needs its input (GELU, SiLU, Mish, Hardswish, ...: activation.saves_input) reads
+#   z itself, which the training forward saves in y's place; act' is kernels/activation.py's formula.
 #   dx[m, k] = Σ_n dz[m, n] w[n, k]           dx = dz @ w     [M, K]   (reduce over N)
 #   dw[n, k] = Σ_m dz[m, n] x[m, k]           dw = dzᵀ @ x    [N, K]   (reduce over M)
 #   db[n]    = Σ_m dz[m, n]                   column sums of dz
@@ -42,7 +44,7 @@ PRECISIONS = ("ieee", "tf32")
 @triton.jit
 def _linear_relu_dz(
     dy_ptr,  # [M, N] upstream gradient
-    y_ptr,  # [M, N] forward output y = act(z), same strides as dy; None when ACT == "none"
+    y_ptr,  # [M, N] forward output y = act(z) (or z: saves_input), same strides as dy; None when ACT == "none"
     offs,  # element offsets of the tile in dy and y
     mask,
     slope,  # leaky_relu negative slope
@@ -59,7 +61,7 @@ def _linear_relu_dz(
 @triton.jit(do_not_specialize=["M"])
 def _linear_relu_bwd_dx_kernel(
     dy_ptr,  # [M, N] upstream gradient
-    y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
+    y_ptr,  # [M, N] forward output, or z (saves_input), for act' (None when ACT == "none")
     w_ptr,  # [N, K] weight
     dx_ptr,  # [M, K] out: input gradient
     M, N, K,
@@ -120,7 +122,7 @@ def _linear_relu_dw_step(acc, db, dy_ptr, y_ptr, x_ptr, rows, offs_n, offs_k, M,
 @triton.jit(do_not_specialize=["M"])
 def _linear_relu_bwd_dw_kernel(
     dy_ptr,  # [M, N] upstream gradient
-    y_ptr,  # [M, N] forward output, for act' (None when ACT == "none")
+    y_ptr,  # [M, N] forward output, or z (saves_input), for act' (None when ACT == "none")
     x_ptr,  # [M, K] forward input
     dw_ptr,  # [SPLIT, N, K] out: per M slice, its part of the weight gradient (None unless HAS_DW)
     db_ptr,  # [SPLIT, N] out: per M slice, its part of the bias gradient (None unless HAS_DB)
@@ -195,8 +197,9 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, y_shape: tup
                    x_stride: tuple, w_stride: tuple, y_stride: tuple | None, act: str, act_param: float,
                    precision: str, needs_dx: bool, needs_dw: bool, needs_db: bool, dtypes: tuple = ()) -> _Plan:
     """dtypes: of dy, x and w; not read, but the bytes each launch moves depend on them."""
-    if act not in ACTS:
-        raise ValueError(f"linear_relu_backward: act must be one of {ACTS}, got {act!r}")
+    if act not in ACTS and not (saves_input(act) and not NPARAMS.get(act)):
+        raise ValueError(f"linear_relu_backward: act must be one of {ACTS} or a parameter-free activation whose "
+                         f"act' needs its input, got {act!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"linear_relu_backward: precision must be one of {PRECISIONS}, got {precision!r}")
     if act == "leaky_relu" and not act_param >= 0.0:
@@ -258,8 +261,10 @@ def linear_relu_backward(
 
     Args:
         dy: [M, N] upstream gradient.  x: [M, K] forward input.  w: [N, K] weight.
-        y: [M, N] forward output act(z), read for act'; may be None when act == "none".
-        act: "none" | "relu" | "leaky_relu" | "sigmoid" | "tanh";  act_param: leaky_relu's slope (>= 0).
+        y: [M, N] forward output act(z), read for act'; may be None when act == "none"; z itself for an
+            activation whose act' needs its input (kernels/activation.saves_input).
+        act: "none" | "relu" | "leaky_relu" | "sigmoid" | "tanh", or one whose act' needs its input (gelu,
+            silu, ...);  act_param: leaky_relu's slope (>= 0).
         precision: "ieee" (exact fp32 tl.dot) or "tf32".
     """
     if act == "none":

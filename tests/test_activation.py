@@ -258,19 +258,21 @@ def test_chain_of_all_activations_fuses_into_one_kernel(fuse):
 @pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.ReLU6(), nn.ELU()],
                          ids=["gelu", "silu", "hardswish", "relu6", "elu"])
 def test_a_conv_takes_an_activation_read_from_its_input_but_not_the_max_pool_after_it(act):
-    # A conv epilogue applies an activation without parameters whose act' needs its input (GELU, SiLU,
-    # Hardswish) and saves its result for the backward, but not a max pool after it: the max of a
-    # non-monotone activation's values is not the activation of the max, and the backward would need the
-    # result at the argmax. Activations with parameters (ReLU6, ELU) stay out, and the linear template
-    # applies only relu, leaky_relu, sigmoid and tanh.
+    # A conv or linear epilogue applies an activation without parameters whose act' needs its input (GELU,
+    # SiLU, Hardswish) and saves its result for the backward, but a conv not a max pool after it: the max of
+    # a non-monotone activation's values is not the activation of the max, and the backward would need the
+    # result at the argmax. Activations with parameters (ReLU6, ELU) stay out of both.
     m = nn.Sequential(nn.Conv2d(2, 3, 3), act, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 5), act)
     c = fusednn.compile(m)
     x = torch.randn(2, 2, 6, 6)
     xt = x.clone().requires_grad_()
     y = c(xt)
     name = REGISTRY_OP[type(act)]
-    head = ["conv_relu_pool"] if name in ("gelu", "silu", "hardswish") else ["conv2d", name]
-    assert [n.op for n in c.fused_graph.nodes] == [*head, "max_pool2d", "reshape", "linear", name]
+    if name in ("gelu", "silu", "hardswish"):
+        expected = ["conv_relu_pool", "max_pool2d", "reshape", "linear_relu"]
+    else:
+        expected = ["conv2d", name, "max_pool2d", "reshape", "linear", name]
+    assert [n.op for n in c.fused_graph.nodes] == expected
     m64 = copy.deepcopy(m).double()  # the same parameters, in float64
     x64 = leaf(x)
     ref = m64(x64)

@@ -12,7 +12,8 @@ import fusednn  # noqa: F401  (before any kernel is defined: picks the interpret
 from fusednn.compiler import configs
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.conv import ConvSpec, generate
-from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward, conv_saves_act, conv_saves_input
+from fusednn.kernels.activation import saves_input
+from fusednn.kernels.conv_relu_pool import conv_relu_pool_backward, conv_saves_act
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
 
@@ -24,7 +25,7 @@ ACTS = {
     "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
-    # act' read from the conv's result z, which the forward saves (conv_saves_input): no max pool
+    # act' read from the conv's result z, which the forward saves (saves_input): no max pool
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
@@ -70,7 +71,7 @@ def forward(spec: ConvSpec, x, w, b):
 
 
 def backward(spec: ConvSpec, dy, x, w, y, idx, a, needs_dx=True, needs_dw=True, needs_db=None):
-    if conv_saves_input(spec.act) and spec.pool == "none":
+    if saves_input(spec.act) and spec.pool == "none":
         y = a  # act' reads the saved z where the output is read otherwise (compiler/autodiff.py does the same)
     return conv_relu_pool_backward(
         dy, x, w, y, idx, a, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
@@ -98,7 +99,7 @@ def reference(spec: ConvSpec, x, w, b, dy):
     else:
         y = a
     grads = torch.autograd.grad(y, [xd, wd] + ([bd] if bd is not None else []), dy.double())
-    saved = z if conv_saves_input(spec.act) else a
+    saved = z if saves_input(spec.act) else a
     return dict(y=y.detach(), win=win, a=saved.detach(), dx=grads[0], dw=grads[1],
                 db=grads[2] if b is not None else None)
 
@@ -437,7 +438,7 @@ def conv_cases(draw):
     (sh, sw), (ph, pw), (dh, dw) = kw["stride"], kw["padding"], kw["dilation"]
     oh = (kw["H"] + 2 * ph - dh * (kw["R"] - 1) - 1) // sh + 1
     ow = (kw["W"] + 2 * pw - dw * (kw["S"] - 1) - 1) // sw + 1
-    if kw["pool"] == "max" and conv_saves_input(kw["act"]):
+    if kw["pool"] == "max" and saves_input(kw["act"]):
         kw["pool"] = "avg"  # no max pool after an activation whose act' needs its input
     need = kw["pool_k"] if kw["pool"] != "none" else 1
     if kw["pool"] == "none":

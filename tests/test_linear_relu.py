@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fusednn.compiler import configs
 from fusednn.compiler.source import header, load
 from fusednn.compiler.templates.linear import LinearSpec, generate
+from fusednn.kernels.activation import saves_input
 from fusednn.kernels.linear_relu import linear_relu_backward
 from fusednn.launch import kernel_name, recording
 from tests.helpers import rel_err
@@ -27,17 +28,26 @@ SLOPE = 0.2  # not torch's default 0.01, so a kernel that ignores act_param fail
 TOL = 1e-5  # fp32 with ieee tl.dot against float64
 
 
+# activations whose act' needs their input: the training forward saves z for the backward (saves_input)
+INPUT_ACTS = ["gelu", "gelu_tanh", "silu", "mish", "hardswish", "hardsigmoid", "softsign", "tanhshrink",
+              "logsigmoid"]
+
+
 def make_spec(M: int, N: int, K: int, bias: bool, act: str, precision: str = "ieee") -> LinearSpec:
     labels = ("%7 linear",) if act == "none" else ("%7 linear", f"%8 {act}")
     name = "fnn_linear_relu_0"
     modules = ["fc1"] if act == "none" else ["fc1", f"F.{act}"]
     return LinearSpec(name, header(name, list(labels), modules, "kernels/linear_relu.py"), labels,
-                      M, N, K, bias, act, SLOPE, precision)
+                      M, N, K, bias, act, SLOPE, precision, save_input=saves_input(act))
 
 
 def torch_act(z: torch.Tensor, act: str) -> torch.Tensor:
     if act == "leaky_relu":
         return F.leaky_relu(z, SLOPE)
+    if act == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if act in INPUT_ACTS:
+        return getattr(F, act)(z)
     return {"none": lambda v: v, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act](z)
 
 
@@ -61,9 +71,15 @@ def make_inputs(M: int, N: int, K: int, bias: bool, positive: bool = False):
 
 
 def forward(spec: LinearSpec, x, w, b) -> torch.Tensor:
+    return forward_saving(spec, x, w, b)[0]
+
+
+def forward_saving(spec: LinearSpec, x, w, b) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y, and z where the spec saves it for act' (else None)."""
     y = torch.empty(spec.M, spec.N)
-    load(generate(spec), spec.name).launch(x, w, b, y)
-    return y
+    z = torch.empty(spec.M, spec.N) if spec.save_input else None
+    load(generate(spec), spec.name).launch(x, w, b, y, z)
+    return y, z
 
 
 def reference(x, w, b, act, dy):
@@ -80,12 +96,14 @@ def check_stem(M: int, N: int, K: int, bias: bool, act: str, x=None, w=None, b=N
     """Forward and every gradient of the stem match float64 torch."""
     if x is None:
         x, w, b = make_inputs(M, N, K, bias, positive)
-    y = forward(make_spec(M, N, K, bias, act), x, w, b)
+    y, z = forward_saving(make_spec(M, N, K, bias, act), x, w, b)
     dy = 0.1 + torch.rand(M, N) if positive else torch.randn(M, N)
     y_ref, dx_ref, dw_ref, db_ref = reference(x, w, b, act, dy)
-    dx, dw, db = linear_relu_backward(dy, x, w, y, act=act, act_param=SLOPE,
+    dx, dw, db = linear_relu_backward(dy, x, w, y if z is None else z, act=act, act_param=SLOPE,
                                       needs_dx=True, needs_dw=True, needs_db=bias)
     assert rel_err(y, y_ref) <= TOL
+    if z is not None:  # the saved z is the linear's result
+        assert rel_err(z, F.linear(x.double(), w.double(), None if b is None else b.double())) <= TOL
     assert rel_err(dx, dx_ref) <= TOL
     assert rel_err(dw, dw_ref) <= TOL
     if bias:
@@ -137,12 +155,18 @@ def test_linear_act_one_wide_matches_torch(shape, act):
     check_stem(*shape, True, act, positive=True)
 
 
+@pytest.mark.parametrize("act", INPUT_ACTS)
+@pytest.mark.parametrize("shape", [(3, 10, 84), (300, 130, 257)], ids=lambda s: "x".join(map(str, s)))
+def test_linear_act_that_reads_its_input_saves_z_and_matches_torch(shape, act):
+    check_stem(*shape, True, act)
+
+
 def split_in_3(tiles: int, steps: int) -> int:
     """configs.split_k stand-in: 3 slices whatever the GPU heuristic says (19 steps -> 7 + 7 + 5)."""
     return 3
 
 
-@pytest.mark.parametrize("act", ["relu", "sigmoid"])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "gelu"])
 def test_linear_act_matches_torch_with_gpu_tiles(act, monkeypatch):
     """The GPU's small tiles (run here in the interpreter): several program groups along M, N tiles,
     K loops, and a dw reduction over M split into 3 slices added by a second kernel."""
@@ -239,7 +263,7 @@ def test_generated_source_has_header_and_labels():
     body = text.splitlines()
     i_linear, i_relu = body.index("    # %7 linear"), body.index("    # %8 relu")
     assert i_linear < i_relu
-    assert "def fnn_linear_relu_0(" in text and "\ndef launch(x, w, b, y, nbytes=None):" in text
+    assert "def fnn_linear_relu_0(" in text and "\ndef launch(x, w, b, y, z=None, nbytes=None):" in text
     assert "v7 = acc + b[None, :]" in text and "v8 = " in text  # temporaries carry IR names
     no_bias = generate(make_spec(4, 6, 8, False, "none"))
     assert "b_ptr" not in no_bias and "# %8" not in no_bias and "    # %7 linear" in no_bias
@@ -260,8 +284,8 @@ def test_generated_launch_rejects_wrong_shapes():
 
 def test_generate_rejects_bad_specs():
     good = make_spec(4, 6, 8, True, "relu")
-    for bad in [dict(act="gelu"), dict(precision="bf16"), dict(labels=("%7 linear",)),
-                dict(act="leaky_relu", act_param=-0.1), dict(K=0)]:
+    for bad in [dict(act="elu"), dict(act="hardtanh"), dict(save_input=True), dict(precision="bf16"),
+                dict(labels=("%7 linear",)), dict(act="leaky_relu", act_param=-0.1), dict(K=0)]:
         with pytest.raises(ValueError):
             generate(dataclasses.replace(good, **bad))
 
@@ -285,7 +309,7 @@ def test_linear_relu_backward_rejects_bad_arguments():
     dy = torch.randn(4, 6)
     kw = dict(act_param=0.0, needs_dx=True, needs_dw=True, needs_db=False)
     with pytest.raises(ValueError, match="act"):
-        linear_relu_backward(dy, x, w, dy, act="gelu", **kw)
+        linear_relu_backward(dy, x, w, dy, act="elu", **kw)  # parameters: not an epilogue's
     with pytest.raises(ValueError, match="needs the forward output"):
         linear_relu_backward(dy, x, w, None, act="relu", **kw)
     with pytest.raises(ValueError, match="shapes"):

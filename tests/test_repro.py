@@ -80,16 +80,18 @@ def test_a_repro_script_fails_when_its_kernel_is_wrong(tmp_path):
 
 def test_repro_scripts_of_convs_that_save_what_their_activation_needs_match_torch(tmp_path):
     # conv -> GELU saves z (GELU' needs its input); conv -> SiLU -> avg pool saves z at every conv position;
-    # conv -> tanh -> avg pool saves tanh(z): each forward script rebuilds the saved tensor from the reference.
+    # conv -> tanh -> avg pool saves tanh(z); linear -> Mish saves z: each forward script rebuilds the saved
+    # tensor from the reference.
     torch.manual_seed(0)
     nn = torch.nn
     net = fusednn.compile(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 5, 3, padding=1),
-                                        nn.SiLU(), nn.AvgPool2d(2), nn.Conv2d(5, 4, 1), nn.Tanh(), nn.AvgPool2d(2)))
+                                        nn.SiLU(), nn.AvgPool2d(2), nn.Conv2d(5, 4, 1), nn.Tanh(), nn.AvgPool2d(2),
+                                        nn.Flatten(), nn.Linear(16, 6), nn.Mish(), nn.Linear(6, 3)))
     y = net(torch.randn(2, 3, 8, 8))
     y.sum().backward()
     net.dump(str(tmp_path), aot=False)
-    scripts = [p for p in _scripts(tmp_path / "repro") if p.name.startswith("fnn_conv_relu_pool")]
-    assert len(scripts) == 3
+    scripts = [p for p in _scripts(tmp_path / "repro") if p.name.startswith(("fnn_conv_relu_pool", "fnn_linear_relu"))]
+    assert len(scripts) == 4
     for script in scripts:
         r = _run(script)
         assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source, header as file_header
-from fusednn.kernels.activation import SAVES
-from fusednn.kernels.conv_relu_pool import EPILOGUE_ACTS as ACTS, conv_out_hw, conv_saves_input
+from fusednn.kernels.activation import EPILOGUE_ACTS as ACTS, SAVES, saves_input
+from fusednn.kernels.conv_relu_pool import conv_out_hw
 
 _BACKWARD = "kernels/conv_relu_pool.py"
 
@@ -43,7 +43,7 @@ class ConvSpec:
         groups: C and K are split into this many groups (groups == C is depthwise).
         bias: whether the conv adds a bias [K].
         act: one of ACTS; act_param: leaky_relu's negative slope. With save_act (training), also an
-            activation without parameters whose act' needs its input (`conv_saves_input`: GELU, SiLU, ...).
+            activation without parameters whose act' needs its input (`saves_input`: GELU, SiLU, ...).
         pool: one of POOLS; pool_k: window == stride, no padding, floor mode.
         save_act: also write, full-size [N, K, OH, OW], what the backward reads act' from: a = act(z), or
             z itself for an activation whose act' needs its input (then no max pool, batch norm or residual).
@@ -108,7 +108,7 @@ class ConvSpec:
         if self.C % self.groups or self.K % self.groups:
             raise ValueError(f"ConvSpec {self.name}: groups={self.groups} must divide C={self.C} and K={self.K}")
         known_act = self.act in ACTS or (self.inference and self.act in SAVES) or (
-            self.save_act and conv_saves_input(self.act) and not self.act_params)
+            self.save_act and saves_input(self.act) and not self.act_params)
         if not known_act or self.pool not in POOLS or self.precision not in ("ieee", "tf32"):
             raise ValueError(f"ConvSpec {self.name}: act {self.act!r} / pool {self.pool!r} / precision "
                              f"{self.precision!r} not in {ACTS} / {POOLS} / ('ieee', 'tf32')")
@@ -121,7 +121,7 @@ class ConvSpec:
             raise ValueError(f"ConvSpec {self.name}: bn_weight / bn_bias without bn")
         if self.bn_after_pool and (not self.bn or self.pool == "none" or self.residual or self.save_act):
             raise ValueError(f"ConvSpec {self.name}: bn_after_pool needs a batch norm and a pool, no residual or save_act")
-        if conv_saves_input(self.act) and self.save_act and (self.pool == "max" or self.bn or self.residual
+        if saves_input(self.act) and self.save_act and (self.pool == "max" or self.bn or self.residual
                                                              or self.inference):
             raise ValueError(f"ConvSpec {self.name}: saving z for {self.act}'s backward is for a training conv "
                              "with no max pool, batch norm or residual")
@@ -259,7 +259,7 @@ def generate(spec: ConvSpec) -> str:
         ptrs.append(("idx_ptr", "uint8 [N, K, PH, PW]: window offset dh * POOL_K + dw of each max"))
     if spec.save_act:
         ptrs.append(("a_ptr", "the conv's result before the activation [N, K, OH, OW], saved for backward"
-                     if conv_saves_input(spec.act) else "activation before the pool [N, K, OH, OW], saved for backward"))
+                     if saves_input(spec.act) else "activation before the pool [N, K, OH, OW], saved for backward"))
     if spec.stats:
         ptrs.append(("st_ptr", "float32 [T * (2 * K + 1)], T row tiles: the tiles' means [T, K], sums of "
                                "squared deviations [T, K], row counts [T]"))
@@ -388,7 +388,7 @@ def generate(spec: ConvSpec) -> str:
         if store_idx:
             src.writeline("tl.store(idx_ptr + y_off, win.to(tl.uint8), mask=y_ok)")
         if spec.save_act and not pooled:  # what act' is read from: z where it needs the input, else act(z)
-            src.writeline(f"tl.store(a_ptr + y_off, {conv_t if conv_saves_input(spec.act) else act_t}, mask=y_ok)")
+            src.writeline(f"tl.store(a_ptr + y_off, {conv_t if saves_input(spec.act) else act_t}, mask=y_ok)")
         if spec.stats:
             _stats_lines(src, final, f"{rows_h} * {rows_w}")
     src.writeline()
@@ -508,7 +508,7 @@ def _epilogue_lines(src: Source, spec: ConvSpec, conv_t: str, act_t: str, pool_t
         for line in _act_lines(spec, pre, act_t):
             src.writeline(line)
     if spec.save_act and spec.pool != "none":
-        saved, what = (pre, "z") if conv_saves_input(spec.act) else (act_t, "a = act(z)")
+        saved, what = (pre, "z") if saves_input(spec.act) else (act_t, "a = act(z)")
         src.writelines(f"""
             # {what} at every conv position, saved for backward (avg pool's act' needs them all)
             a_off = ((n[:, None] * K + k[None, :]) * OH + oh[:, None]) * OW + ow[:, None]

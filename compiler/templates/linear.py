@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 
 from fusednn.compiler.source import Source
+from fusednn.kernels.activation import EPILOGUE_ACTS as ACTS, NPARAMS, saves_input
 
-ACTS = ("none", "relu", "leaky_relu", "sigmoid", "tanh")
 PRECISIONS = ("ieee", "tf32")
 
 # Activation epilogues: the line computing the activation `{v}` of the linear stage's value `{z}`, through
@@ -32,8 +32,12 @@ class LinearSpec:
     """One fused linear (+bias) (+activation) kernel: what `generate` needs to write it.
 
     labels: IR labels of the stages present, linear first, e.g. ("%7 linear", "%8 relu");
+    act: one of ACTS, or a parameter-free activation whose act' needs its input (kernels/activation
+        .saves_input: gelu, silu, mish, hardswish, ...);
     act_param: negative slope of leaky_relu (ignored by other activations);
-    precision: "ieee" (exact fp32 tl.dot) or "tf32".
+    precision: "ieee" (exact fp32 tl.dot) or "tf32";
+    save_input: also write the result before the activation, z [M, N], which such an activation's
+        backward reads (a training graph).
     """
 
     name: str
@@ -46,11 +50,15 @@ class LinearSpec:
     act: str
     act_param: float
     precision: str
+    save_input: bool = False
 
 
 def _check(spec: LinearSpec) -> None:
-    if spec.act not in ACTS:
-        raise ValueError(f"{spec.name}: act must be one of {ACTS}, got {spec.act!r}")
+    if spec.act not in ACTS and not (saves_input(spec.act) and not NPARAMS.get(spec.act)):
+        raise ValueError(f"{spec.name}: act must be one of {ACTS} or a parameter-free activation whose act' "
+                         f"needs its input, got {spec.act!r}")
+    if spec.save_input and not saves_input(spec.act):
+        raise ValueError(f"{spec.name}: save_input is for an activation whose act' needs its input, not {spec.act!r}")
     if spec.precision not in PRECISIONS:
         raise ValueError(f"{spec.name}: precision must be one of {PRECISIONS}, got {spec.precision!r}")
     if min(spec.M, spec.N, spec.K) < 1:
@@ -73,6 +81,7 @@ def generate(spec: LinearSpec) -> str:
     """The text of a Python file with the Triton kernel `spec.name` and its `launch(x, w, b, y)`."""
     _check(spec)
     z = _var(spec.labels[0])
+    extra_import = "" if spec.act in ACTS else f", _{spec.act}"
     s = Source()
     s.writelines(spec.header)
     s.writelines(
@@ -83,7 +92,7 @@ def generate(spec: LinearSpec) -> str:
         import triton.language as tl
 
         from fusednn.compiler import configs
-        from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh
+        from fusednn.kernels.activation import _leaky_relu, _relu, _sigmoid, _tanh{extra_import}
         from fusednn.kernels.precision import _dot_in
         from fusednn.launch import launch as _launch
 
@@ -105,6 +114,12 @@ def generate(spec: LinearSpec) -> str:
         s.writelines(
             """
             y_ptr,  # [M, N] output
+            """
+        )
+        if spec.save_input:
+            s.writeline("z_ptr,  # [M, N] the result before the activation, saved for backward (y's strides)")
+        s.writelines(
+            """
             M, N, K,
             stride_xm, stride_xk,
             stride_wn, stride_wk,
@@ -159,29 +174,35 @@ def generate(spec: LinearSpec) -> str:
             out = _var(spec.labels[1])
             s.writeline()
             s.writeline(f"# {spec.labels[1]}")
-            for line in _EPILOGUES[spec.act]:
+            for line in _EPILOGUES.get(spec.act, ["{v} = _" + spec.act + "({z})"]):
                 s.writeline(line.format(v=out, z=z, slope=repr(float(spec.act_param))))
         s.writeline()
         s.writelines(
             f"""
-            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-            tl.store(y_ptrs, {out}, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+            y_off = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            y_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            tl.store(y_ptr + y_off, {out}, mask=y_ok)
             """
         )
+        if spec.save_input:
+            s.writeline(f"tl.store(z_ptr + y_off, {z}, mask=y_ok)  # what act' is read from")
     what = "x @ w.T + b" if spec.bias else "x @ w.T"
     if spec.act != "none":
         what = f"{spec.act}({what})"
     b_check = "b is not None and b.shape == (N,)" if spec.bias else "b is None"
     b_doc = "[N]" if spec.bias else "None"
     b_pass = "b, " if spec.bias else ""
+    z_pass = "z, " if spec.save_input else ""
+    z_check = " and z is not None and z.shape == y.shape and z.stride() == y.stride()" if spec.save_input else ""
     s.writeline()
     s.writeline()
     s.writelines(
         f"""
-        def launch(x, w, b, y, nbytes=None):
-            \"\"\"y[m, N] = {what}; x [m, K], w [N, K], b {b_doc}; fp32, contiguous; any row count m.\"\"\"
+        def launch(x, w, b, y, z=None, nbytes=None):
+            \"\"\"y[m, N] = {what}; x [m, K], w [N, K], b {b_doc}; fp32, contiguous; any row count m;
+            z: the result before the activation, written where this variant saves it (else None).\"\"\"
             m = x.shape[0]
-            if not (x.shape == (m, K) and w.shape == (N, K) and y.shape == (m, N) and {b_check}):
+            if not (x.shape == (m, K) and w.shape == (N, K) and y.shape == (m, N) and {b_check}{z_check}):
                 shapes = [None if t is None else tuple(t.shape) for t in (x, w, b, y)]
                 raise ValueError(f"{spec.name}: launch(x, w, b, y) got shapes {{shapes}}, "
                                  f"built for [rows, K={{K}}] @ [N={{N}}, K]")
@@ -189,7 +210,7 @@ def generate(spec: LinearSpec) -> str:
             grid = (configs.cdiv(m, cfg["BLOCK_M"]) * configs.cdiv(N, cfg["BLOCK_N"]),)
             _launch(
                 {spec.name}, grid,
-                x, w, {b_pass}y, m, N, K,
+                x, w, {b_pass}y, {z_pass}m, N, K,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
                 GROUP_M=GROUP_M, PRECISION={spec.precision!r}, nbytes=nbytes, **cfg,
             )

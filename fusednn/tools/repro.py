@@ -365,9 +365,10 @@ def extra(key, node, env, shape):
         x = env[ins[0]]
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
         return flat.mean(1) if key == "mean" else 1 / torch.sqrt(flat.var(1, unbiased=False) + a["eps"])
-    if key == "act":  # what a fused conv saves for act' (conv.py `save_act`): act(z) before its avg pool, or
-        # z itself for an activation whose act' needs its input (kernels/conv_relu_pool.conv_saves_input)
-        act = next(n for n in SPEC["nodes"] if n[0] not in ("conv2d", "max_pool2d", "avg_pool2d"))
+    if key == "act":  # what a fused conv or linear saves for act' (conv.py `save_act`, linear.py `save_input`):
+        # act(z) before a conv's avg pool, or z itself for an activation whose act' needs its input
+        # (kernels/activation.saves_input)
+        act = next(n for n in SPEC["nodes"] if n[0] not in ("conv2d", "linear", "max_pool2d", "avg_pool2d"))
         return env[act[3] if act[0] in ("relu", "leaky_relu", "sigmoid", "tanh") else act[1][0]].detach()
     if op == "max_pool2d" and key == "idx":  # a fused conv's 1-byte window offset of the maximum
         k = a["kernel"][0]
