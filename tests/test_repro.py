@@ -96,3 +96,22 @@ def test_repro_scripts_of_convs_that_save_what_their_activation_needs_match_torc
         r = _run(script)
         assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
         assert "max error" in r.stdout
+
+
+def test_repro_scripts_of_a_pool_kernel_and_of_split_k_partials_match_torch(tmp_path):
+    # A max pool kernel of its own writes torch's flat h * W + w argmax (a fused conv's is a 1-byte window
+    # offset); the conv's dw kernel at batch 16 writes split-K partials (SPLIT > 1 at the recorded GPU
+    # configs), which its script compares by their sum over the splits.
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = fusednn.compile(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)))
+    net(torch.randn(16, 8, 16, 16, requires_grad=True)).sum().backward()
+    net.dump(str(tmp_path), aot=False)
+    scripts = [p for p in _scripts(tmp_path / "repro") if "pool" in p.name]
+    dw = next(p for p in scripts if p.name == "_conv_relu_pool_bwd_dw_kernel.py")
+    assert re.search(r"'SPLIT': ([2-9]|\d\d)", dw.read_text())
+    assert {p.name for p in scripts} >= {"fnn_max_pool2d_1.py", "_pool_bwd_dx_kernel.py", dw.name}
+    for script in scripts:
+        r = _run(script)
+        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
+        assert "max error" in r.stdout

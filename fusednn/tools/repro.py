@@ -370,11 +370,14 @@ def extra(key, node, env, shape):
         # (kernels/activation.saves_input)
         act = next(n for n in SPEC["nodes"] if n[0] not in ("conv2d", "linear", "max_pool2d", "avg_pool2d"))
         return env[act[3] if act[0] in ("relu", "leaky_relu", "sigmoid", "tanh") else act[1][0]].detach()
-    if op == "max_pool2d" and key == "idx":  # a fused conv's 1-byte window offset of the maximum
+    if op == "max_pool2d" and key == "idx":
         k = a["kernel"][0]
         z = env[ins[0]]
-        _, flat = F.max_pool2d(z, a["kernel"], a["stride"], return_indices=True)
-        ih, iw = flat // z.shape[-1], flat % z.shape[-1]
+        _, flat = F.max_pool2d(z, a["kernel"], a["stride"], a.get("padding", 0), a.get("dilation", 1),
+                               a.get("ceil_mode", False), return_indices=True)
+        if not any(n[0] == "conv2d" for n in SPEC["nodes"]):  # a pool kernel's own: torch's flat h * W + w
+            return flat
+        ih, iw = flat // z.shape[-1], flat % z.shape[-1]  # a fused conv's 1-byte window offset of the maximum
         return ((ih % k) * k + iw % k).to(torch.uint8)
     raise NotImplementedError(f"no reference for the extra tensor {key!r} of {op}")
 
@@ -445,7 +448,8 @@ def partial_target(row, expected):
 
 
 def build(inputs, expected):
-    """The launch's arguments, and [(name, tensor view, expected)] of what the kernel must write."""
+    """The launch's arguments, and [(name, tensor view, expected)] of what the kernel must write (a callable in
+    the view's place: what to compare, read after the launch)."""
     args, checks = [], []
     known = {**inputs, **expected}
     for i, d in enumerate(SPEC["args"]):
@@ -480,7 +484,9 @@ def build(inputs, expected):
         if d["role"] is None and not d["inside"] and t.numel():  # split-K partial sums over dim 0
             target = partial_target(t[0].numel(), expected)
             if d["written"]:
-                checks.append((f"arg {i} summed over its {t.shape[0]} splits", t, target))
+                # read after the launch: the sum over the splits, in float64
+                checks.append((f"arg {i} summed over its {t.shape[0]} splits",
+                               lambda t=t: t.double().reshape(t.shape[0], -1).sum(0), target))
             else:
                 parts = torch.randn(t.shape, dtype=torch.float64).reshape(t.shape[0], -1)
                 parts[-1] = target - parts[:-1].sum(0)
@@ -527,6 +533,7 @@ def main():
     kernel[tuple(SPEC["grid"])](*args, **SPEC["meta"])
     worst, failed = 0.0, False
     for name, out, ref in checks:
+        out = out() if callable(out) else out  # split-K partials: their sum
         out, ref = out.detach().cpu().double().reshape(ref.shape), ref.detach().cpu().double()
         err = (out - ref).abs().max().item() if out.numel() else 0.0
         rel = ((out - ref).norm() / ref.norm()).item() if ref.norm() > 0 else (out - ref).norm().item()
