@@ -346,18 +346,20 @@ _AOT_SCRIPT = textwrap.dedent(
 
     M, N, K = 64, 120, 400  # LeNet's fc1 at batch 64
     with configs.use_target("gpu"):
-        for bias, act in [(True, "relu"), (False, "tanh")]:
+        for bias, act in [(True, "relu"), (False, "tanh"), (True, "gelu")]:  # gelu: z saved too
             spec = make_spec(M, N, K, bias, act)
             c = configs.gemm(M, N, K)
             build(getattr(load(generate(spec), spec.name), spec.name),
                   dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=8,
                        PRECISION="ieee"))
         c = configs.gemm(M, K, N)
-        build(lr._linear_relu_bwd_dx_kernel, dict(ACT="leaky_relu", BLOCK_M=c["BLOCK_M"],
-              BLOCK_K=c["BLOCK_N"], BLOCK_N=c["BLOCK_K"], PRECISION="tf32"))
+        for act in ("leaky_relu", "gelu"):
+            build(lr._linear_relu_bwd_dx_kernel, dict(ACT=act, BLOCK_M=c["BLOCK_M"],
+                  BLOCK_K=c["BLOCK_N"], BLOCK_N=c["BLOCK_K"], PRECISION="tf32"))
         c = configs.gemm(N, K, M)
         blocks = dict(BLOCK_N=c["BLOCK_M"], BLOCK_K=c["BLOCK_N"], BLOCK_M=c["BLOCK_K"], PRECISION="ieee")
         build(lr._linear_relu_bwd_dw_kernel, dict(ACT="sigmoid", HAS_DW=True, HAS_DB=True, **blocks))
+        build(lr._linear_relu_bwd_dw_kernel, dict(ACT="silu", HAS_DW=True, HAS_DB=True, **blocks))
         build(lr._linear_relu_bwd_dw_kernel, dict(ACT="none", HAS_DW=False, HAS_DB=True, y_ptr=None,
               dw_ptr=None, **blocks), dot=False)
     print("compiled for sm_90 with triton", triton.__version__)
