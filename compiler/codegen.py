@@ -69,8 +69,10 @@ def _modules(n: Node) -> list[str]:
     return [a.module or a.op for a in (n.absorbed or (n,))]
 
 
-def _emit(n: Node, gen: Callable[..., str], spec_cls: type, **fields: Any) -> Kernel:
-    name = f"fnn_{n.op}_{n.out.name}"
+def _emit(n: Node, gen: Callable[..., str], spec_cls: type, suffix: str = "", **fields: Any) -> Kernel:
+    """The kernel of node n: `fnn_<op>_<value>` (+ suffix: a variant of the same node in the inference graph
+    whose source differs, so that kernels() and a dump show both)."""
+    name = f"fnn_{n.op}_{n.out.name}{suffix}"
     header = source.header(name, list(_labels(n)), _modules(n), REGISTRY[n.op].backward_file)
     text = gen(spec_cls(name=name, header=header, labels=_labels(n), **fields))
     return Kernel(name, text, source.load(text, name))
@@ -156,7 +158,9 @@ def _lower_linear(n: Node, precision: str) -> Step:
     x, w, b = n.inputs
     Nout, K = w.type.shape
     M = _numel(x.type.shape[:-1])
-    k = _emit(n, linear.generate, linear.LinearSpec, M=M, N=Nout, K=K, bias=b is not None,
+    # a linear that saves z in training saves nothing in the inference graph (passes.fuse_inference)
+    suffix = "_infer" if n.attrs.get("save_input") is False else ""
+    k = _emit(n, linear.generate, linear.LinearSpec, suffix=suffix, M=M, N=Nout, K=K, bias=b is not None,
               act=n.attrs.get("act", "none"), act_param=n.attrs.get("act_param", 0.0), precision=precision,
               save_input=n.attrs.get("save_input", False))
     save = n.attrs.get("save_input", False)

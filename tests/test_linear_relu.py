@@ -2,6 +2,7 @@
 (kernels/linear_relu.py) against float64 torch, on fresh random inputs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -379,3 +380,22 @@ def test_linear_relu_kernels_compile_for_sm90(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "compiled for sm_90" in run.stdout
+
+
+def test_a_linear_that_saves_z_in_training_and_not_in_inference_shows_both_kernels():
+    """Training writes z for GELU's backward; calls autograd does not record run a kernel that saves nothing.
+    Both are generated kernels with their own names: kernels() (and a dump) show each source."""
+    import fusednn
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    c = fusednn.compile(m)
+    x = torch.randn(4, 6)
+    c(x.requires_grad_()).sum().backward()
+    with torch.no_grad():
+        y = c(x)
+    ks = c.kernels()
+    train = [k for k in ks if k.startswith("fnn_linear_relu") and "z_ptr" in ks[k]]
+    infer = [k for k in ks if k.startswith("fnn_linear_relu") and "z_ptr" not in ks[k]]
+    assert len(train) == 1 and len(infer) == 1 and train != infer, sorted(ks)
+    assert rel_err(y, copy.deepcopy(m).double()(x.double())) <= TOL

@@ -115,3 +115,22 @@ def test_repro_scripts_of_a_pool_kernel_and_of_split_k_partials_match_torch(tmp_
         r = _run(script)
         assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
         assert "max error" in r.stdout
+
+
+def test_repro_scripts_of_a_batch_norm_with_running_statistics_match_torch(tmp_path):
+    # conv -> BatchNorm2d (eval) -> ReLU recorded under autograd: the batch norm normalises with its running
+    # statistics, which its scripts rebuild (not the batch's).
+    torch.manual_seed(0)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    net = fusednn.compile(m.eval())
+    net(torch.randn(2, 3, 8, 8, requires_grad=True)).sum().backward()
+    net.dump(str(tmp_path), aot=False)
+    scripts = [p for p in _scripts(tmp_path / "repro") if "batch_norm" in p.name]
+    assert len(scripts) >= 2
+    for script in scripts:
+        r = _run(script)
+        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"

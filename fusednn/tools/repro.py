@@ -362,6 +362,8 @@ def extra(key, node, env, shape):
         counts = torch.tensor([float(p.shape[1]) for p in parts], dtype=torch.float64)
         return torch.cat([mean.flatten(), m2.flatten(), counts])
     if op == "batch_norm" and key in ("mean", "invstd"):
+        if not a["training"] and ins[1] is not None:  # eval: the running statistics it normalises with
+            return env[ins[1]] if key == "mean" else 1 / torch.sqrt(env[ins[2]] + a["eps"])
         x = env[ins[0]]
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
         return flat.mean(1) if key == "mean" else 1 / torch.sqrt(flat.var(1, unbiased=False) + a["eps"])
