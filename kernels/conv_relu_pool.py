@@ -53,8 +53,9 @@ from fusednn.launch import launch
 # Determinism: every dw/db element is summed by one program over its rows in a fixed order; split-K (GPU)
 # writes per-slice partials that are added in a fixed order, BLOCK_S slices of a block of elements at once,
 # then a fixed tree (a few vectorised steps, not SPLIT dependent loads): by extra programs of the dx launch,
-# which runs after the dw kernel (`_split_sums`), or, where no dx launch does (no dx, or a depthwise conv),
-# by one `_conv_bwd_sums_kernel` launch for dw and db together. No atomics anywhere.
+# which runs after the dw kernel (`_split_sums`; a depthwise conv's row-slice partials too), or, where no dx
+# launch does (the network's first conv), by one `_conv_bwd_sums_kernel` launch for dw and db together.
+# No atomics anywhere.
 
 
 def conv_saves_act(act: str, pool: str) -> bool:
@@ -408,6 +409,8 @@ def _depthwise_bwd_dx_kernel(
     w_ptr,  # filters [C, 1, R, S]
     dx_ptr,  # out: input gradient [N, C, H, W]
     into_ptr,  # [N, C, H, W] a gradient x already has, added to dx (ACCUMULATE)
+    dw_part_ptr, dw_ptr,  # [SPLIT_W, C * R * S] the dw kernel's partials, summed into [C * R * S] (SUM_DW)
+    db_part_ptr, db_ptr,  # [SPLIT_W, C] and [C], the same for db (SUM_DB)
     slope,  # leaky_relu's negative slope
     N,  # batch
     C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -416,10 +419,35 @@ def _depthwise_bwd_dx_kernel(
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SUM_DW: tl.constexpr, SUM_DB: tl.constexpr, SPLIT_W: tl.constexpr,  # the dw kernel's split sums, here
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    dx_tiles = tl.cdiv(N * H * W, BLOCK_M)
+    pid_m = tl.program_id(0)
+    if SUM_DW or SUM_DB:
+        if pid_m >= dx_tiles:  # programs past dx's rows: the dw kernel's row-slice partials, summed (column 0)
+            if tl.program_id(1) == 0:
+                _split_sums(dw_part_ptr, dw_ptr, db_part_ptr, db_ptr, pid_m - dx_tiles, C * R * S, C, SUM_DW,
+                            SUM_DB, SPLIT_W)
+    if pid_m < dx_tiles:
+        _depthwise_bwd_dx_tile(dy_ptr, idx_ptr, y_ptr, a_ptr, w_ptr, dx_ptr, into_ptr, slope, pid_m, N, C, H, W, K,
+                               R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, OH, OW, PH, PW, ACT, POOL,
+                               POOL_K, ACCUMULATE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _depthwise_bwd_dx_tile(
+    dy_ptr, idx_ptr, y_ptr, a_ptr, w_ptr, dx_ptr, into_ptr, slope, pid_m, N,
+    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, POOL_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_M input positions, BLOCK_N channels] tile of a depthwise conv's dx."""
     #   rows m = (n, ih, iw) input positions, columns c = channels; R * S multiply-adds per element
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N * H * W
     rows = tl.minimum(offs_m, N * H * W - 1)  # past the end: the last row again, so only the store is masked
     n = rows // (H * W)
@@ -564,7 +592,8 @@ def _backward_plan(dy_shape: tuple, x_shape: tuple, w_shape: tuple, stride: tupl
         split = configs.split_k(c_blocks, configs.cdiv(configs.nominal(rows), cfg_w["BLOCK_M"]))
         slice_rows = configs.cdiv(configs.cdiv(rows, cfg_w["BLOCK_M"]), split) * cfg_w["BLOCK_M"]
         dw_meta = {**meta, "SPLIT": split, "COMPUTE_DW": needs_dw, "COMPUTE_DB": needs_db, **cfg_w}
-        return _Plan(N, crs, split, slice_rows, dx_grid, {**meta, **cfg}, (split, c_blocks), dw_meta,
+        dx_meta = {**meta, "SUM_DW": False, "SUM_DB": False, "SPLIT_W": 1, **cfg}
+        return _Plan(N, crs, split, slice_rows, dx_grid, dx_meta, (split, c_blocks), dw_meta,
                      _depthwise_bwd_dx_kernel, _depthwise_bwd_dw_kernel)
     # dw of a plain 1x1 conv (stride 1, no padding, nothing fused) gathers nothing: GEMM tiles, not gather
     # tiles. Its dx keeps gather tiles: at 32 x 64 x 32 its ieee kernel took an 8-byte stack on sm_90
@@ -669,18 +698,19 @@ def conv_relu_pool_backward(
                              f"a contiguous {tuple(x.shape)} {x.dtype}")
         dx = torch.empty_like(x)
         grid, extra = plan.dx_grid, dict(bn_flags)
+        # the dw kernel's split-K (GEMM) or row-slice (depthwise) partials are summed by extra programs of this
+        # launch (`_split_sums`)
+        sums = split > 1 and (needs_dw or needs_db)
+        if sums:
+            dw = torch.empty(w.shape, device=x.device, dtype=w.dtype) if needs_dw else None
+            db = torch.empty(K, device=x.device, dtype=w.dtype) if needs_db else None
+            grid = (grid[0] + _sum_tiles(K * plan.crs, K, needs_dw, needs_db), *grid[1:])
+            extra |= dict(SUM_DW=needs_dw, SUM_DB=needs_db, SPLIT_W=split)
+        summed = (dw_part if needs_dw else None, dw, db_part if needs_db else None, db) if sums else (None,) * 4
         if gemm:
-            # the dw kernel's split-K partials are summed by extra programs of this launch (`_split_sums`)
-            sums = split > 1 and (needs_dw or needs_db)
-            if sums:
-                dw = torch.empty(w.shape, device=x.device, dtype=w.dtype) if needs_dw else None
-                db = torch.empty(K, device=x.device, dtype=w.dtype) if needs_db else None
-                grid = (grid[0] + _sum_tiles(K * plan.crs, K, needs_dw, needs_db), *grid[1:])
-                extra |= dict(SUM_DW=needs_dw, SUM_DB=needs_db, SPLIT_W=split)
-            pend = ((None if bn is None or not bn.training else bn.x), coef,
-                    *((dw_part if needs_dw else None, dw, db_part if needs_db else None, db) if sums else (None,) * 4))
+            pend = ((None if bn is None or not bn.training else bn.x), coef, *summed)
         else:
-            pend = ()
+            pend = summed
         args = (*bufs, w, dx, dx_into, *pend, slope, plan.N)
         # a launch site per variant: what it reads and writes differs with each flag
         site = ("dx" if dx_into is None else "dx+") + "".join(f"{k}={v}" for k, v in extra.items())

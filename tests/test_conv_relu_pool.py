@@ -301,9 +301,11 @@ def test_depthwise_conv_runs_direct_kernels_and_matches_torch(target):
     for out, name in zip(grads, ("dx", "dw", "db")):
         assert rel_err(out, ref[name]) <= TOL, name
     names = [kernel_name(r.kernel) for r in launches]
-    assert names[1:3] == ["_depthwise_bwd_dw_kernel", "_depthwise_bwd_dx_kernel"], names
+    # the dx launch sums the dw kernel's row-slice partials: no launch of their own
+    assert names[1:] == ["_depthwise_bwd_dw_kernel", "_depthwise_bwd_dx_kernel"], names
     if target == "gpu":
         assert launches[0].grid[1] == 2 and launches[1].grid[0] == 4, [r.grid for r in launches]
+        assert launches[2].meta["SUM_DW"] and launches[2].meta["SPLIT_W"] == 4, launches[2].meta
         with configs.use_target(target):
             again = backward(spec, dy, x, w, y, idx, a)
         assert all(torch.equal(g, h) for g, h in zip(grads, again))
@@ -506,6 +508,7 @@ def test_depthwise_kernels_compile_for_sm90_without_spills():
     launches = aot.collect(step)
     names = {kernel_name(r.kernel) for r in launches}
     assert {"_depthwise_bwd_dx_kernel", "_depthwise_bwd_dw_kernel"} <= names, names
+    assert any(r.meta.get("SUM_DW") for r in launches)  # the dw partials' sums, in the dx launch
     compiled = aot.compile_launches(launches)
     spilled = [c for c in compiled if c.resources.spills]
     assert not spilled, "\n" + aot.report_table(spilled)
