@@ -36,6 +36,14 @@ def _scripts(d: Path) -> list[Path]:
     return sorted(p for p in d.glob("*.py") if not p.name.startswith("src_"))
 
 
+def _assert_pass(scripts: list[Path]) -> None:
+    """Each script runs alone and its kernel matches the float64 reference."""
+    for script in scripts:
+        r = _run(script)
+        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
+        assert "max error" in r.stdout
+
+
 @pytest.mark.parametrize("model,kernels", [("lenet", 10), ("resnet8", None)])
 def test_every_repro_script_of_the_training_step_runs_standalone_and_matches_torch(tmp_path, model, kernels):
     d = _dump(model, tmp_path)
@@ -92,10 +100,7 @@ def test_repro_scripts_of_convs_that_save_what_their_activation_needs_match_torc
     net.dump(str(tmp_path), aot=False)
     scripts = [p for p in _scripts(tmp_path / "repro") if p.name.startswith(("fnn_conv_relu_pool", "fnn_linear_relu"))]
     assert len(scripts) == 4
-    for script in scripts:
-        r = _run(script)
-        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
-        assert "max error" in r.stdout
+    _assert_pass(scripts)
 
 
 def test_repro_scripts_of_a_pool_kernel_and_of_split_k_partials_match_torch(tmp_path):
@@ -111,10 +116,7 @@ def test_repro_scripts_of_a_pool_kernel_and_of_split_k_partials_match_torch(tmp_
     dw = next(p for p in scripts if p.name == "_conv_relu_pool_bwd_dw_kernel.py")
     assert re.search(r"'SPLIT': ([2-9]|\d\d)", dw.read_text())
     assert {p.name for p in scripts} >= {"fnn_max_pool2d_1.py", "_pool_bwd_dx_kernel.py", dw.name}
-    for script in scripts:
-        r = _run(script)
-        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
-        assert "max error" in r.stdout
+    _assert_pass(scripts)
 
 
 def test_repro_scripts_of_a_batch_norm_with_running_statistics_match_torch(tmp_path):
@@ -131,6 +133,4 @@ def test_repro_scripts_of_a_batch_norm_with_running_statistics_match_torch(tmp_p
     net.dump(str(tmp_path), aot=False)
     scripts = [p for p in _scripts(tmp_path / "repro") if "batch_norm" in p.name]
     assert len(scripts) >= 2
-    for script in scripts:
-        r = _run(script)
-        assert r.returncode == 0, f"{script.name}:\n{r.stdout}\n{r.stderr[-3000:]}"
+    _assert_pass(scripts)
